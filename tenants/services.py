@@ -1,0 +1,89 @@
+"""Writes on tenants, members and API keys."""
+import hashlib
+import secrets
+from datetime import datetime
+
+from django.contrib.auth import get_user_model
+from django.db import transaction
+from django.utils import timezone
+
+from config.redis import invalidation_publish
+
+from .models import ApiKey, Membership, Tenant
+
+API_KEY_PREFIX = "sk-"
+# Characters of the key kept in clear for display ("sk-" and 9 more).
+API_KEY_VISIBLE_CHARS = 12
+
+
+def api_key_hash(raw_key: str) -> str:
+    return hashlib.sha256(raw_key.encode()).hexdigest()
+
+
+def tenant_create(*, slug: str, name: str, tier: str = Tenant.Tier.FREE) -> Tenant:
+    tenant = Tenant(slug=slug, name=name, tier=tier)
+    tenant.full_clean()
+    tenant.save()
+    return tenant
+
+
+def tenant_suspend(*, tenant: Tenant, reason: str = "") -> Tenant:
+    tenant.status = Tenant.Status.SUSPENDED
+    tenant.suspended_reason = reason
+    tenant.save(update_fields=["status", "suspended_reason", "updated_at"])
+    transaction.on_commit(lambda: invalidation_publish(kind="tenant", tenant_id=tenant.pk))
+    return tenant
+
+
+def tenant_activate(*, tenant: Tenant) -> Tenant:
+    tenant.status = Tenant.Status.ACTIVE
+    tenant.suspended_reason = ""
+    tenant.save(update_fields=["status", "suspended_reason", "updated_at"])
+    transaction.on_commit(lambda: invalidation_publish(kind="tenant", tenant_id=tenant.pk))
+    return tenant
+
+
+def user_create(*, username: str, email: str = "", password: str | None = None):
+    user_model = get_user_model()
+    user = user_model(username=username, email=email)
+    if password:
+        user.set_password(password)
+    else:
+        user.set_unusable_password()
+    user.full_clean()
+    user.save()
+    return user
+
+
+def membership_create(*, tenant: Tenant, user, role: str = Membership.Role.MEMBER) -> Membership:
+    membership = Membership(tenant=tenant, user=user, role=role)
+    membership.full_clean()
+    membership.save()
+    return membership
+
+
+def api_key_create(
+    *, tenant: Tenant, name: str, expires_at: datetime | None = None, created_by=None
+) -> tuple[ApiKey, str]:
+    """Returns the key row and the secret, which exists only in this return value."""
+    raw_key = API_KEY_PREFIX + secrets.token_urlsafe(32)  # 32 bytes = 256 random bits
+    api_key = ApiKey(
+        tenant=tenant,
+        name=name,
+        prefix=raw_key[:API_KEY_VISIBLE_CHARS],
+        key_hash=api_key_hash(raw_key),
+        expires_at=expires_at,
+        created_by=created_by,
+    )
+    api_key.full_clean()
+    api_key.save()
+    return api_key, raw_key
+
+
+def api_key_revoke(*, api_key: ApiKey) -> ApiKey:
+    if api_key.revoked_at is None:
+        api_key.revoked_at = timezone.now()
+        api_key.save(update_fields=["revoked_at", "updated_at"])
+    key_hash = api_key.key_hash
+    transaction.on_commit(lambda: invalidation_publish(kind="api_key", key_hash=key_hash))
+    return api_key
