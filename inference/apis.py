@@ -1,0 +1,176 @@
+"""The public /v1/ HTTP API as a raw ASGI app: Django's request machinery costs
+2-4x the CPU of this path and adds thread hops per request
+(shared/async-streaming.md), so /v1/ bypasses it; admin, portal and DRF stay on
+Django. Responses follow OpenAI's shapes; streams are Server-Sent Events."""
+import asyncio
+import contextlib
+
+import orjson
+from django.conf import settings
+
+from . import errors
+from .auth import bearer_token
+from .errors import ApiError
+from .runtime import GatewayRuntime, runtime_get
+from .streaming import CHAT, COMPLETIONS, completion_request_build
+
+JSON_CONTENT = (b"content-type", b"application/json")
+SSE_HEADERS = [
+    (b"content-type", b"text/event-stream; charset=utf-8"),
+    (b"cache-control", b"no-cache"),
+    (b"x-accel-buffering", b"no"),
+]
+COMPLETION_PATHS = {"/v1/chat/completions": CHAT, "/v1/completions": COMPLETIONS}
+DONE_EVENT = b"data: [DONE]\n\n"
+
+
+class ClientGone(Exception):
+    """The client disconnected before its request body was read."""
+
+
+def _header(scope: dict, name: bytes) -> str | None:
+    for key, value in scope["headers"]:
+        if key == name:
+            return value.decode("latin-1")
+    return None
+
+
+async def _json_send(send, status: int, body: bytes, headers: dict[str, str] | None = None) -> None:
+    response_headers = [JSON_CONTENT, (b"content-length", str(len(body)).encode())]
+    if headers:
+        response_headers.extend((k.encode(), v.encode()) for k, v in headers.items())
+    await send({"type": "http.response.start", "status": status, "headers": response_headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+async def _error_send(send, error: ApiError, request_id: str | None = None) -> None:
+    headers = dict(error.headers)
+    if request_id:
+        headers["x-request-id"] = request_id
+    await _json_send(send, error.status, error.body(), headers)
+
+
+async def _body_read(receive) -> bytes:
+    limit = settings.GATEWAY_MAX_BODY_BYTES
+    chunks = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ClientGone
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            raise errors.body_too_large(limit)
+        chunks.append(chunk)
+        if not message.get("more_body"):
+            return b"".join(chunks)
+
+
+def _model_card(model) -> dict:
+    return {"id": model.name, "object": "model", "created": model.created, "owned_by": model.owned_by}
+
+
+class _DisconnectWatch:
+    """Cancels the request's task when the client goes away before the response is
+    complete, so the stream (and its backend request) stops at once."""
+
+    def __init__(self, receive) -> None:
+        self.complete = False
+        self.disconnected = False
+        self._task = asyncio.current_task()
+        self._watcher = asyncio.ensure_future(receive())
+        self._watcher.add_done_callback(self._on_message)
+
+    def _on_message(self, future: asyncio.Future) -> None:
+        if future.cancelled() or self.complete:
+            return
+        if future.exception() is None and future.result().get("type") == "http.disconnect":
+            self.disconnected = True
+            self._task.cancel()
+
+    def close(self) -> None:
+        self.complete = True
+        self._watcher.cancel()
+
+
+async def _completion_respond(runtime: GatewayRuntime, scope, receive, send, principal, endpoint: str) -> None:
+    raw = await _body_read(receive)
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        raise errors.invalid_json() from None
+    request = completion_request_build(principal=principal, endpoint=endpoint, body=body, transport="http")
+    service = runtime.completions
+    watch = _DisconnectWatch(receive)
+    try:
+        if not request.stream:
+            result = await service.completion_create(request)
+            watch.complete = True
+            await _json_send(send, 200, orjson.dumps(result), {"x-request-id": request.request_id})
+            return
+        async with contextlib.aclosing(service.completion_stream(request)) as chunks:
+            try:
+                first = await anext(chunks)
+            except ApiError as error:
+                watch.complete = True
+                await _error_send(send, error, request.request_id)
+                return
+            except StopAsyncIteration:
+                first = None
+            await send({
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [*SSE_HEADERS, (b"x-request-id", request.request_id.encode())],
+            })
+            try:
+                if first is not None:
+                    await send({"type": "http.response.body", "body": b"data: " + orjson.dumps(first) + b"\n\n",
+                                "more_body": True})
+                    async for chunk in chunks:
+                        await send({"type": "http.response.body",
+                                    "body": b"data: " + orjson.dumps(chunk) + b"\n\n", "more_body": True})
+                tail = DONE_EVENT
+            except ApiError as error:
+                # Headers are gone: the error travels as an SSE event, as OpenAI sends it.
+                tail = b"data: " + error.body() + b"\n\n"
+            watch.complete = True
+            await send({"type": "http.response.body", "body": tail})
+    except asyncio.CancelledError:
+        if watch.disconnected:
+            asyncio.current_task().uncancel()
+            return
+        raise
+    finally:
+        watch.close()
+
+
+async def api_app(scope, receive, send) -> None:
+    """ASGI entry for http requests whose path starts with /v1/."""
+    runtime = await runtime_get()
+    path = scope["path"]
+    method = scope["method"]
+    try:
+        endpoint = COMPLETION_PATHS.get(path)
+        is_models = path == "/v1/models" or path.startswith("/v1/models/")
+        if endpoint is None and not is_models:
+            raise errors.not_found(path)
+        if endpoint is not None and method != "POST":
+            raise errors.method_not_allowed(method, path)
+        if is_models and method != "GET":
+            raise errors.method_not_allowed(method, path)
+        principal = await runtime.auth.authenticate(bearer_token(_header(scope, b"authorization")))
+        if endpoint is not None:
+            await _completion_respond(runtime, scope, receive, send, principal, endpoint)
+        elif path == "/v1/models":
+            cards = [_model_card(m) for m in runtime.registry.models()]
+            await _json_send(send, 200, orjson.dumps({"object": "list", "data": cards}))
+        else:
+            resolution = runtime.registry.resolve(path[len("/v1/models/"):])
+            await _json_send(send, 200, orjson.dumps(_model_card(resolution.model)))
+    except ApiError as error:
+        await _error_send(send, error)
+    except ClientGone:
+        pass
+
+

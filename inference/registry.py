@@ -1,0 +1,90 @@
+"""The one place model names resolve: a per-process snapshot of the served models
+and their backend pools, reloaded from PostgreSQL periodically and on change."""
+import time
+from dataclasses import dataclass, field
+
+from . import errors
+
+
+@dataclass(slots=True)
+class BackendState:
+    """A backend as one gateway process sees it. Survives registry reloads, so
+    in-flight counts and cooldowns are not reset by an unrelated change."""
+
+    url: str
+    api_key: str = ""
+    status: str = "active"
+    # Requests this process has in flight on the backend.
+    outstanding: int = 0
+    # Monotonic time before which the backend is skipped (it refused a connection).
+    cooldown_until: float = 0.0
+
+    def available(self, now: float) -> bool:
+        return self.status == "active" and self.cooldown_until <= now
+
+
+@dataclass(slots=True)
+class ModelEntry:
+    name: str
+    upstream_name: str
+    context_length: int
+    owned_by: str
+    created: int  # epoch seconds
+    backends: list[BackendState] = field(default_factory=list)
+    # Rotates the tie-break between equally loaded backends.
+    next_index: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Resolution:
+    model: ModelEntry
+    # The LoRA adapter asked for with "base:adapter"; adapters arrive in a later release.
+    adapter: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ModelRow:
+    """What a reload reads from the database for one model."""
+
+    name: str
+    upstream_name: str
+    context_length: int
+    owned_by: str
+    created: int
+    backends: tuple[tuple[str, str, str], ...]  # (url, api_key, status)
+
+
+class Registry:
+    def __init__(self) -> None:
+        self._models: dict[str, ModelEntry] = {}
+        self._backends: dict[str, BackendState] = {}
+        self.loaded_at = 0.0
+
+    def replace(self, rows: list[ModelRow]) -> None:
+        models: dict[str, ModelEntry] = {}
+        backends: dict[str, BackendState] = {}
+        for row in rows:
+            entry = ModelEntry(row.name, row.upstream_name, row.context_length, row.owned_by, row.created)
+            for url, api_key, status in row.backends:
+                state = self._backends.get(url) or backends.get(url) or BackendState(url)
+                state.api_key, state.status = api_key, status
+                backends[url] = state
+                entry.backends.append(state)
+            previous = self._models.get(row.name)
+            entry.next_index = previous.next_index if previous else 0
+            models[row.name] = entry
+        self._models, self._backends = models, backends
+        self.loaded_at = time.monotonic()
+
+    def resolve(self, name: object) -> Resolution:
+        if name is None or name == "":
+            raise errors.missing_parameter("model")
+        if not isinstance(name, str):
+            raise errors.invalid_parameter("model", "'model' must be a string.")
+        entry = self._models.get(name)
+        if entry is not None:
+            return Resolution(entry)
+        raise errors.model_not_found(name)
+
+    def models(self) -> list[ModelEntry]:
+        return list(self._models.values())

@@ -1,0 +1,162 @@
+"""The gateway's per-process state: the upstream HTTP session, the registry
+snapshot, the API key cache, the usage recorder and the completion service.
+Started by the ASGI lifespan (or on first use), stopped at shutdown."""
+import asyncio
+import logging
+
+import orjson
+import redis.asyncio as aioredis
+from asgiref.sync import sync_to_async
+from django.conf import settings
+from django.db import close_old_connections
+
+from config.redis import INVALIDATION_CHANNEL
+from tenants.selectors import ApiKeyPrincipal, api_key_principal_get
+
+from .auth import ApiKeyAuthenticator
+from .metering import UsageRecorder
+from .models import ServedModel
+from .registry import ModelRow, Registry
+from .sglang import session_create
+from .streaming import CompletionService
+
+logger = logging.getLogger(__name__)
+
+# Seconds between reconnection attempts of the invalidation listener.
+LISTENER_RETRY_SECONDS = 1.0
+
+
+def _principal_load(key_hash: str) -> ApiKeyPrincipal | None:
+    close_old_connections()
+    return api_key_principal_get(key_hash=key_hash)
+
+
+def _registry_rows() -> list[ModelRow]:
+    close_old_connections()
+    rows = []
+    for model in ServedModel.objects.filter(status=ServedModel.Status.ACTIVE).prefetch_related("backends"):
+        rows.append(
+            ModelRow(
+                name=model.name,
+                upstream_name=model.backend_model_name,
+                context_length=model.context_length,
+                owned_by=model.owned_by,
+                created=int(model.created_at.timestamp()),
+                backends=tuple((b.url, b.api_key, b.status) for b in model.backends.all()),
+            )
+        )
+    return rows
+
+
+class GatewayRuntime:
+    def __init__(self) -> None:
+        self.session = session_create(
+            max_connections=settings.GATEWAY_UPSTREAM_MAX_CONNECTIONS,
+            connect_timeout=settings.GATEWAY_UPSTREAM_CONNECT_TIMEOUT,
+            read_timeout=settings.GATEWAY_UPSTREAM_READ_TIMEOUT,
+        )
+        self.registry = Registry()
+        self.auth = ApiKeyAuthenticator(
+            load=sync_to_async(_principal_load, thread_sensitive=True),
+            ttl_seconds=settings.GATEWAY_API_KEY_CACHE_SECONDS,
+        )
+        self.usage = UsageRecorder(
+            batch_rows=settings.GATEWAY_USAGE_BATCH_ROWS, flush_seconds=settings.GATEWAY_USAGE_FLUSH_SECONDS
+        )
+        self.completions = CompletionService(
+            session=self.session,
+            registry=self.registry,
+            record_usage=self.usage.record,
+            cooldown_seconds=settings.GATEWAY_BACKEND_COOLDOWN_SECONDS,
+        )
+        self._tasks: list[asyncio.Task] = []
+
+    async def start(self) -> None:
+        await self.registry_reload()
+        self.usage.start()
+        loop = asyncio.get_running_loop()
+        self._tasks = [
+            loop.create_task(self._registry_refresh_loop(), name="registry-refresh"),
+            loop.create_task(self._invalidation_listen_loop(), name="invalidation-listener"),
+        ]
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.usage.stop()
+        await self.session.close()
+
+    async def registry_reload(self) -> None:
+        rows = await sync_to_async(_registry_rows, thread_sensitive=True)()
+        self.registry.replace(rows)
+
+    async def _registry_refresh_loop(self) -> None:
+        interval = settings.GATEWAY_REGISTRY_REFRESH_SECONDS
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await self.registry_reload()
+            except Exception:
+                logger.exception("registry reload failed; keeping the previous snapshot")
+
+    async def _invalidation_listen_loop(self) -> None:
+        while True:
+            client = aioredis.Redis.from_url(settings.REDIS_URL, socket_connect_timeout=2)
+            try:
+                async with client.pubsub() as pubsub:
+                    await pubsub.subscribe(INVALIDATION_CHANNEL)
+                    async for message in pubsub.listen():
+                        if message.get("type") == "message":
+                            await self._invalidation_apply(message["data"])
+            except asyncio.CancelledError:
+                raise
+            except Exception as error:
+                logger.warning("invalidation listener: %s; reconnecting", error)
+            finally:
+                await client.aclose()
+            await asyncio.sleep(LISTENER_RETRY_SECONDS)
+
+    async def _invalidation_apply(self, data: bytes) -> None:
+        try:
+            message = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            return
+        kind = message.get("kind")
+        if kind == "api_key":
+            self.auth.forget_key(str(message.get("key_hash")))
+        elif kind == "tenant":
+            self.auth.forget_tenant(int(message.get("tenant_id", 0)))
+        elif kind == "registry":
+            try:
+                await self.registry_reload()
+            except Exception:
+                logger.exception("registry reload on change failed")
+
+
+_runtime: GatewayRuntime | None = None
+_runtime_lock: asyncio.Lock | None = None
+
+
+async def runtime_get() -> GatewayRuntime:
+    """The process's runtime, started on first use."""
+    global _runtime, _runtime_lock
+    if _runtime is not None:
+        return _runtime
+    if _runtime_lock is None:
+        _runtime_lock = asyncio.Lock()
+    async with _runtime_lock:
+        if _runtime is None:
+            runtime = GatewayRuntime()
+            await runtime.start()
+            _runtime = runtime
+    return _runtime
+
+
+async def runtime_stop() -> None:
+    global _runtime
+    if _runtime is not None:
+        runtime, _runtime = _runtime, None
+        await runtime.stop()
+
+

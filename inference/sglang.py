@@ -1,0 +1,84 @@
+"""Async client for SGLang servers (OpenAI-compatible and native endpoints), on one
+aiohttp session per process. Facts of the protocol: shared/sglang-protocol.md."""
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+
+import aiohttp
+import orjson
+
+from .registry import BackendState
+
+logger = logging.getLogger(__name__)
+
+JSON_HEADERS = {"Content-Type": "application/json"}
+
+
+class BackendUnreachable(Exception):
+    """No connection could be made; nothing was sent, so another backend may be tried."""
+
+
+def session_create(*, max_connections: int, connect_timeout: float, read_timeout: float) -> aiohttp.ClientSession:
+    connector = aiohttp.TCPConnector(
+        limit=max_connections,
+        keepalive_timeout=60,  # seconds an idle upstream connection is kept
+        enable_cleanup_closed=True,
+    )
+    # No total timeout: a stream may run for minutes. sock_read bounds the gap
+    # between two chunks, sock_connect the TCP handshake.
+    timeout = aiohttp.ClientTimeout(total=None, sock_connect=connect_timeout, sock_read=read_timeout)
+    return aiohttp.ClientSession(
+        connector=connector, timeout=timeout, json_serialize=lambda o: orjson.dumps(o).decode(),
+        auto_decompress=False, skip_auto_headers=("User-Agent",),
+    )
+
+
+def _headers(backend: BackendState) -> dict[str, str]:
+    if backend.api_key:
+        return {**JSON_HEADERS, "Authorization": f"Bearer {backend.api_key}"}
+    return JSON_HEADERS
+
+
+async def backend_post(
+    session: aiohttp.ClientSession, backend: BackendState, path: str, body: bytes
+) -> aiohttp.ClientResponse:
+    """Sends a request and returns the response once its headers arrived; the caller
+    reads and releases it. Raises BackendUnreachable when no connection was made."""
+    try:
+        return await session.post(backend.url + path, data=body, headers=_headers(backend))
+    except (aiohttp.ClientConnectorError, aiohttp.ServerDisconnectedError, ConnectionError) as error:
+        raise BackendUnreachable(f"{backend.url}: {error}") from error
+    except asyncio.TimeoutError as error:
+        raise BackendUnreachable(f"{backend.url}: timed out") from error
+
+
+async def sse_data(response: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
+    """The payloads of an SSE response's `data:` lines, up to `[DONE]`."""
+    async for line in response.content:
+        if not line.startswith(b"data:"):
+            continue
+        payload = line[5:].strip()
+        if payload == b"[DONE]":
+            return
+        if payload:
+            yield payload
+
+
+async def backend_abort(session: aiohttp.ClientSession, backend: BackendState, rid: str) -> None:
+    """Asks the backend to stop generating for `rid` (SGLang `/abort_request`)."""
+    try:
+        async with session.post(
+            backend.url + "/abort_request",
+            data=orjson.dumps({"rid": rid}),
+            headers=_headers(backend),
+            timeout=aiohttp.ClientTimeout(total=5),
+        ) as response:
+            await response.read()
+    except (aiohttp.ClientError, asyncio.TimeoutError) as error:
+        logger.warning("abort_request for %s on %s failed: %s", rid, backend.url, error)
+
+
+async def backend_get_json(session: aiohttp.ClientSession, backend: BackendState, path: str) -> object:
+    async with session.get(backend.url + path, headers=_headers(backend)) as response:
+        response.raise_for_status()
+        return orjson.loads(await response.read())

@@ -1,0 +1,600 @@
+"""aiohttp application: SGLang's HTTP endpoints plus the simulator's /sim/* hooks.
+
+Handlers parse with `protocol`, hand a `GenerationRequest` to the engine and
+write SGLang-shaped replies. Streaming details that matter to clients:
+- OpenAI streams send their headers together with the first chunk, after
+  the first token (SGLang kick-starts the generator so that validation errors
+  can still be a 400 JSON answer); native `/generate` streams send headers
+  at once, so errors found by the engine arrive as an SSE error event;
+- chunks ready at the same moment (no inter-token delay) go out in one write.
+
+Client disconnects cancel the handler (`handler_cancellation=True`); the
+engine then records the request's rid as `disconnected`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+import time
+from datetime import datetime, timezone
+
+import orjson
+from aiohttp import web
+
+from . import __version__ as SIM_VERSION
+from .config import RuntimeSettings, ServerConfig
+from .engine import InjectedFailure, RequestRejected, RunningRequest, SimEngine
+from .metrics import render_prometheus
+from .protocol import (
+    SSE_DONE,
+    ApiError,
+    ChatChunkWriter,
+    CompletionChunkWriter,
+    OpenAIRequest,
+    chat_response,
+    completion_response,
+    invalid_json_error,
+    native_error,
+    native_output,
+    native_sse,
+    native_stream_error_sse,
+    openai_error,
+    openai_stream_error_sse,
+    parse_chat_request,
+    parse_completion_request,
+    parse_generate_request,
+    running_usage,
+    unsupported_media_type_error,
+    usage_object,
+)
+
+logger = logging.getLogger("inference.sim")
+
+# Version string SGLang reports; the simulator mimics this release.
+SGLANG_VERSION = "0.5.23"
+
+# Flush pending SSE chunks after this many even when more are ready, so a long
+# zero-latency generation does not buffer its whole output.
+MAX_COALESCED_CHUNKS = 64
+
+ENGINE_KEY = web.AppKey("engine", SimEngine)
+CONFIG_KEY = web.AppKey("config", ServerConfig)
+STARTED_AT_KEY = web.AppKey("started_at", float)
+
+_SSE_HEADERS = {"Content-Type": "text/event-stream; charset=utf-8", "Cache-Control": "no-cache"}
+_CLIENT_GONE = (ConnectionResetError, ConnectionError)
+
+
+def _json(body, status: int = 200) -> web.Response:
+    return web.Response(body=orjson.dumps(body), status=status, content_type="application/json")
+
+
+async def _read_json_body(request: web.Request, *, require_json_content_type: bool):
+    if require_json_content_type:
+        media_type = request.headers.get("Content-Type", "").split(";", 1)[0].strip().lower()
+        if media_type != "application/json":
+            raise unsupported_media_type_error()
+    raw = await request.read()
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError as error:
+        raise invalid_json_error(error) from error
+
+
+# ---------------------------------------------------------------- middleware
+
+def _auth_middleware(api_key: str | None):
+    @web.middleware
+    async def check_api_key(request: web.Request, handler):
+        path = request.path
+        # SGLang leaves health, readiness and metrics open; /sim/* are the
+        # simulator's own test hooks and stay open too.
+        if (api_key is None or request.method == "OPTIONS" or path.startswith(("/health", "/ready", "/metrics", "/sim/"))):
+            return await handler(request)
+        authorization = request.headers.get("Authorization", "")
+        scheme, _, token = authorization.partition(" ")
+        if scheme.lower() != "bearer" or not secrets.compare_digest(token.encode(), api_key.encode()):
+            return _json({"error": "Unauthorized"}, status=401)
+        return await handler(request)
+
+    return check_api_key
+
+
+@web.middleware
+async def _debug_log_middleware(request: web.Request, handler):
+    """Log every request and its status (installed with --log-level debug only)."""
+    try:
+        response = await handler(request)
+    except web.HTTPException as error:  # e.g. 404 / 405 raised by the router
+        logger.debug("%s %s -> %s", request.method, request.path_qs, error.status)
+        raise
+    logger.debug("%s %s -> %s", request.method, request.path_qs, response.status)
+    return response
+
+
+@web.middleware
+async def _api_error_middleware(request: web.Request, handler):
+    try:
+        return await handler(request)
+    except ApiError as error:
+        return _json(error.body, status=error.status)
+
+
+# ---------------------------------------------------------------- generation
+
+class GenerationHandlers:
+    def __init__(self, engine: SimEngine, config: ServerConfig) -> None:
+        self.engine = engine
+        self.config = config
+
+    def _admit_openai(self, generation) -> RunningRequest:
+        try:
+            return self.engine.admit(generation)
+        except RequestRejected as error:
+            self.engine.stats.requests_rejected += 1
+            raise openai_error(error.message, error_type=error.error_type, status=error.status_code) from error
+        except InjectedFailure as error:
+            raise openai_error(f"Internal server error: {error}", error_type="InternalServerError",
+                               status=500) from error
+
+    # ---- OpenAI chat
+
+    async def chat_completions(self, request: web.Request) -> web.StreamResponse:
+        parsed = parse_chat_request(await _read_json_body(request, require_json_content_type=True))
+        running = self._admit_openai(parsed.generation)
+        try:
+            if not parsed.generation.stream:
+                return await self._openai_unary(parsed, running, chat_response)
+            return await self._chat_stream(request, parsed, running)
+        finally:
+            self.engine.finalize(running)
+
+    async def _openai_unary(self, parsed: OpenAIRequest, running: RunningRequest, build) -> web.Response:
+        error = None
+        async with contextlib.aclosing(self.engine.run(running)) as steps:
+            async for step in steps:
+                if step.error is not None:
+                    error = step.error
+        if error is not None:
+            # SGLang raises HTTPException(status) for an abort with a status
+            # code; the OpenAI layer answers it in the flat shape, type = code.
+            status = error["status_code"]
+            raise openai_error(error["message"], error_type=str(status), status=status)
+        return _json(build(parsed, running, enable_cache_report=self.config.enable_cache_report))
+
+    async def _chat_stream(self, request: web.Request, parsed: OpenAIRequest,
+                           running: RunningRequest) -> web.StreamResponse:
+        enable_cache_report = self.config.enable_cache_report
+        writer = ChatChunkWriter(rid=running.rid, model=parsed.model, created=int(time.time()))
+        continuous = parsed.continuous_usage_stats
+        response: web.StreamResponse | None = None
+        pending: list[bytes] = []
+        first_output = True
+        try:
+            async with contextlib.aclosing(self.engine.run(running)) as steps:
+                async for step in steps:
+                    if step.error is not None:
+                        pending.append(openai_stream_error_sse(step.error["message"], step.error["status_code"]))
+                        break
+                    if first_output:
+                        first_output = False
+                        pending.append(writer.role_chunk())
+                    if step.delta_text:
+                        usage = running_usage(running, enable_cache_report) if continuous else None
+                        pending.append(writer.content_chunk(step.delta_text, usage))
+                    if step.finish_reason is not None:
+                        pending.append(writer.finish_chunk(step.finish_reason["type"],
+                                                           step.finish_reason.get("matched")))
+                    elif step.more_ready and len(pending) < MAX_COALESCED_CHUNKS:
+                        continue
+                    response = await self._flush_sse(request, response, pending)
+            if parsed.include_usage:
+                pending.append(writer.usage_chunk(running_usage(running, enable_cache_report)))
+            pending.append(SSE_DONE)
+            response = await self._flush_sse(request, response, pending)
+            await response.write_eof()
+        except _CLIENT_GONE:
+            self.engine.mark_disconnected(running)
+        return response if response is not None else web.Response(status=499)
+
+    async def _flush_sse(self, request: web.Request, response: web.StreamResponse | None,
+                         pending: list[bytes]) -> web.StreamResponse:
+        if response is None:
+            response = web.StreamResponse(status=200, headers=_SSE_HEADERS)
+            await response.prepare(request)
+        if pending:
+            await response.write(b"".join(pending))
+            pending.clear()
+        return response
+
+    # ---- OpenAI completions
+
+    async def completions(self, request: web.Request) -> web.StreamResponse:
+        parsed = parse_completion_request(await _read_json_body(request, require_json_content_type=True))
+        running = self._admit_openai(parsed.generation)
+        try:
+            if not parsed.generation.stream:
+                return await self._openai_unary(parsed, running, completion_response)
+            return await self._completion_stream(request, parsed, running)
+        finally:
+            self.engine.finalize(running)
+
+    async def _completion_stream(self, request: web.Request, parsed: OpenAIRequest,
+                                 running: RunningRequest) -> web.StreamResponse:
+        writer = CompletionChunkWriter(rid=running.rid, model=parsed.model, created=int(time.time()))
+        continuous = parsed.continuous_usage_stats
+        response: web.StreamResponse | None = None
+        pending: list[bytes] = []
+        try:
+            async with contextlib.aclosing(self.engine.run(running)) as steps:
+                first = True
+                async for step in steps:
+                    if step.error is not None:
+                        pending.append(openai_stream_error_sse(step.error["message"], step.error["status_code"]))
+                        break
+                    delta = step.delta_text
+                    if first and parsed.echo_text is not None:
+                        delta = parsed.echo_text + delta
+                    first = False
+                    # Completions' continuous usage carries no cached-token details in SGLang.
+                    usage = usage_object(prompt_tokens=running.prompt_tokens,
+                                         completion_tokens=running.completion_tokens, cached_tokens=0,
+                                         enable_cache_report=False) if continuous else None
+                    pending.append(writer.text_chunk(delta, step.finish_reason, usage))
+                    if step.finish_reason is None and step.more_ready and len(pending) < MAX_COALESCED_CHUNKS:
+                        continue
+                    response = await self._flush_sse(request, response, pending)
+            if parsed.include_usage:
+                pending.append(writer.usage_chunk(running_usage(running, self.config.enable_cache_report)))
+            pending.append(SSE_DONE)
+            response = await self._flush_sse(request, response, pending)
+            await response.write_eof()
+        except _CLIENT_GONE:
+            self.engine.mark_disconnected(running)
+        return response if response is not None else web.Response(status=499)
+
+    # ---- native /generate
+
+    async def generate(self, request: web.Request) -> web.StreamResponse:
+        generation = parse_generate_request(await _read_json_body(request, require_json_content_type=False))
+        if not generation.stream:
+            running = self._admit_native(generation)
+            try:
+                return await self._generate_unary(running)
+            finally:
+                self.engine.finalize(running)
+
+        # SGLang starts the SSE response before the engine validates the
+        # request, so a rejection arrives as an SSE error event; injected
+        # failures are still answered (500) before any byte.
+        try:
+            running = self._admit_native(generation)
+        except ApiError as error:
+            if error.status == 500:
+                raise
+            response = web.StreamResponse(status=200, headers=_SSE_HEADERS)
+            await response.prepare(request)
+            await response.write(native_stream_error_sse(error.body["error"]["message"], error.status) + SSE_DONE)
+            await response.write_eof()
+            return response
+        try:
+            return await self._generate_stream(request, running)
+        finally:
+            self.engine.finalize(running)
+
+    async def _generate_unary(self, running: RunningRequest) -> web.Response:
+        error = None
+        async with contextlib.aclosing(self.engine.run(running)) as steps:
+            async for step in steps:
+                if step.error is not None:
+                    error = step.error
+        if error is not None:
+            # An abort with a status code becomes an HTTPException in SGLang,
+            # answered in the flat error shape with type = the status code.
+            status = error["status_code"]
+            raise ApiError(status, {"object": "error", "message": error["message"], "type": str(status),
+                                    "param": None, "code": status})
+        return _json(native_output(running, final=True))
+
+    async def _generate_stream(self, request: web.Request, running: RunningRequest) -> web.StreamResponse:
+        response = web.StreamResponse(status=200, headers=_SSE_HEADERS)
+        pending: list[bytes] = []
+        try:
+            await response.prepare(request)
+            async with contextlib.aclosing(self.engine.run(running)) as steps:
+                async for step in steps:
+                    if step.error is not None:
+                        pending.append(native_stream_error_sse(step.error["message"], step.error["status_code"]))
+                        break
+                    final = step.finish_reason is not None
+                    pending.append(native_sse(running, final=final))
+                    if not final and step.more_ready and len(pending) < MAX_COALESCED_CHUNKS:
+                        continue
+                    await response.write(b"".join(pending))
+                    pending.clear()
+            pending.append(SSE_DONE)
+            await response.write(b"".join(pending))
+            await response.write_eof()
+        except _CLIENT_GONE:
+            self.engine.mark_disconnected(running)
+        return response
+
+    def _admit_native(self, generation) -> RunningRequest:
+        try:
+            return self.engine.admit(generation)
+        except RequestRejected as error:
+            self.engine.stats.requests_rejected += 1
+            raise native_error(error.message, error.status_code) from error
+        except InjectedFailure as error:
+            raise native_error(f"Internal server error: {error}", 500) from error
+
+
+# ---------------------------------------------------------------- info / control
+
+class InfoHandlers:
+    def __init__(self, engine: SimEngine, config: ServerConfig, started_at: float) -> None:
+        self.engine = engine
+        self.config = config
+        self.started_at = started_at
+
+    async def health(self, request: web.Request) -> web.Response:
+        return web.Response(status=503 if self.engine.settings.unhealthy else 200)
+
+    async def ready(self, request: web.Request) -> web.Response:
+        return web.Response(status=503 if self.engine.settings.unhealthy else 200)
+
+    def _model_card(self, model_id: str) -> dict:
+        return {"id": model_id, "object": "model", "created": int(self.started_at), "owned_by": "sglang",
+                "root": model_id, "parent": None, "max_model_len": self.config.context_length}
+
+    async def list_models(self, request: web.Request) -> web.Response:
+        return _json({"object": "list", "data": [self._model_card(self.config.served_model_name)]})
+
+    async def retrieve_model(self, request: web.Request) -> web.Response:
+        model = request.match_info["model"]
+        if model != self.config.served_model_name:
+            return _json({"error": {"message": f"The model '{model}' does not exist",
+                                    "type": "invalid_request_error", "param": "model",
+                                    "code": "model_not_found"}}, status=404)
+        return _json(self._model_card(model))
+
+    async def model_info(self, request: web.Request) -> web.Response:
+        config = self.config
+        return _json({
+            "model_path": config.model_path,
+            "served_model_name": config.served_model_name,
+            "tokenizer_path": config.model_path,
+            "is_generation": True,
+            "preferred_sampling_params": None,
+            "weight_version": "default",
+            "load_format": "auto",
+            "reasoning_parser": None,
+            "tool_call_parser": None,
+            "disaggregation_mode": "null",
+            "has_image_understanding": False,
+            "has_audio_understanding": False,
+            "model_type": "sglang_sim",
+            "architectures": ["SGLangSimulatorForCausalLM"],
+        })
+
+    def _server_args(self) -> dict:
+        config = self.config
+        return {
+            "model_path": config.model_path,
+            "tokenizer_path": config.model_path,
+            "served_model_name": config.served_model_name,
+            "host": config.host,
+            "port": config.port,
+            "context_length": config.context_length,
+            "enable_cache_report": config.enable_cache_report,
+            "api_key": None,  # never echoed
+            "max_running_requests": config.max_running_requests,
+            "max_total_tokens": config.cache_capacity_tokens,
+            "page_size": 1,
+            "disable_radix_cache": False,
+            "radix_eviction_policy": "lru",
+            "schedule_policy": "fcfs",
+            "stream_interval": 1,
+            "incremental_streaming_output": False,
+            "stream_response_default_include_usage": False,
+            "tp_size": 1,
+            "dp_size": 1,
+            "pp_size": 1,
+            "load_balance_method": "round_robin",
+            "disaggregation_mode": "null",
+            "enable_lora": False,
+            "enable_metrics": True,
+            "is_embedding": False,
+            "skip_tokenizer_init": False,
+            "weight_version": "default",
+            "random_seed": config.seed,
+        }
+
+    async def server_info(self, request: web.Request) -> web.Response:
+        engine = self.engine
+        return _json({
+            **self._server_args(),
+            "startup_time": self.started_at,
+            "internal_states": [{
+                "last_gen_throughput": 0.0,
+                "num_running_reqs": engine.num_running_requests,
+                "max_total_num_tokens": self.config.cache_capacity_tokens,
+                "effective_max_running_requests_per_dp": self.config.max_running_requests,
+            }],
+            "version": SGLANG_VERSION,
+            "frontend": "python",
+            "simulator": {"name": "inference.sim", "version": SIM_VERSION},
+        })
+
+    def _load_core(self) -> dict:
+        engine = self.engine
+        running_tokens = engine.running_tokens()
+        return {
+            "timestamp": time.time(),
+            "dp_rank": 0,
+            "num_running_reqs": engine.num_running_requests,
+            "num_waiting_reqs": 0,
+            "num_waiting_uncached_tokens": 0,
+            "num_used_tokens": running_tokens,
+            "num_total_tokens": running_tokens,
+            "num_active_tokens": running_tokens,
+            "num_prealloc_ready_tokens": 0,
+            "max_total_num_tokens": self.config.cache_capacity_tokens,
+            "max_running_requests": self.config.max_running_requests,
+            "token_usage": round(engine.token_usage(), 4),
+            "gen_throughput": 0.0,
+            "cache_hit_rate": round(engine.cache_hit_rate(), 4),
+            "utilization": round(engine.num_running_requests / max(1, self.config.max_running_requests), 4),
+            "total_prefill_uncached_tokens": engine.stats.prompt_tokens_total - engine.stats.cached_tokens_total,
+            "total_prefill_busy_us": 0,
+            "decode_moments": None,
+        }
+
+    async def get_load(self, request: web.Request) -> web.Response:
+        """Pre-0.5.23 shape: one dict per DP rank (what sglang-router polls)."""
+        engine = self.engine
+        return _json([{"dp_rank": 0, "num_reqs": engine.num_running_requests, "num_waiting_reqs": 0,
+                       "num_tokens": engine.running_tokens()}])
+
+    async def v1_loads(self, request: web.Request) -> web.Response:
+        valid_sections = {"core", "memory", "spec", "lora", "disagg", "queues", "all"}
+        include = request.query.get("include")
+        include_set = {item.strip() for item in include.split(",")} if include else None
+        if include_set is not None and not include_set <= valid_sections:
+            return _json({"object": "error", "type": "400", "param": None, "code": 400,
+                          "message": f"Invalid include sections: {include_set - valid_sections}. "
+                                     f"Valid options: {sorted(valid_sections)}"}, status=400)
+        dp_rank = request.query.get("dp_rank")
+        load = self._load_core()
+        if include_set is None or "all" in include_set or "memory" in include_set:
+            load["memory"] = {"weight_gb": 0.0, "kv_cache_gb": 0.0, "graph_gb": 0.0,
+                              "token_capacity": self.config.cache_capacity_tokens}
+        if include_set is None or "all" in include_set or "queues" in include_set:
+            load["queues"] = {"waiting": 0, "grammar": 0, "paused": 0, "retracted": 0, "prealloc_ready": 0}
+        loads = [load] if dp_rank in (None, "0") else []
+        if request.query.get("format") == "prometheus":
+            lines = []
+            for entry in loads:
+                for key, value in entry.items():
+                    samples = value.items() if isinstance(value, dict) else [(None, value)]
+                    prefix = {"queues": "queues", "memory": "memory"}.get(key, key)
+                    for sub_key, sub_value in samples:
+                        if isinstance(sub_value, bool) or not isinstance(sub_value, (int, float)) or key == "dp_rank":
+                            continue
+                        name = f"sglang_{prefix}_{sub_key}" if sub_key else f"sglang_{key}"
+                        lines.append(f"# TYPE {name} gauge")
+                        lines.append(f'{name}{{dp_rank="0"}} {sub_value}')
+            return web.Response(text="\n".join(lines) + "\n", content_type="text/plain",
+                                headers={"X-Content-Type-Version": "0.0.4"})
+        return _json({"timestamp": datetime.now(timezone.utc).isoformat(), "version": SGLANG_VERSION,
+                      "accelerator": None, "num_accelerators": 1, "loads": loads})
+
+    async def metrics(self, request: web.Request) -> web.Response:
+        engine = self.engine
+        text = render_prometheus(
+            stats=engine.stats, model_name=self.config.served_model_name,
+            num_running_reqs=engine.num_running_requests, num_queue_reqs=0,
+            token_usage=engine.token_usage(), cache_hit_rate=engine.cache_hit_rate(),
+            gen_throughput=engine.gen_throughput())
+        return web.Response(text=text, content_type="text/plain", charset="utf-8",
+                            headers={"X-Prometheus-Version": "0.0.4"})
+
+    async def flush_cache(self, request: web.Request) -> web.Response:
+        if self.engine.flush_cache():
+            return web.Response(text=(
+                "Cache flushed.\nPlease check backend logs for more details. "
+                "(When there are running or waiting requests, the operation will not be performed.)\n"))
+        return web.Response(text="Flush cache failed.\n", status=400)
+
+    async def abort_request(self, request: web.Request) -> web.Response:
+        body = await _read_json_body(request, require_json_content_type=False) if request.can_read_body else {}
+        if not isinstance(body, dict):
+            return _json({"error": {"message": "Request body must be a JSON object."}}, status=400)
+        rid = body.get("rid") or ""
+        abort_all = bool(body.get("abort_all", False))
+        if not isinstance(rid, str):
+            return _json({"error": {"message": "rid must be a string."}}, status=400)
+        self.engine.abort(rid=rid, abort_all=abort_all)
+        return web.Response(status=200)
+
+    # ---- simulator hooks
+
+    async def get_faults(self, request: web.Request) -> web.Response:
+        return _json(self.engine.settings.as_dict())
+
+    async def update_faults(self, request: web.Request) -> web.Response:
+        body = await _read_json_body(request, require_json_content_type=False)
+        if not isinstance(body, dict):
+            return _json({"error": "Body must be a JSON object of fault settings."}, status=400)
+        was_hanging = self.engine.settings.hang
+        try:
+            self.engine.settings.update_from(body)
+        except ValueError as error:
+            return _json({"error": str(error)}, status=400)
+        if was_hanging and not self.engine.settings.hang:
+            self.engine.release_hung_requests()
+        return _json(self.engine.settings.as_dict())
+
+    async def get_stats(self, request: web.Request) -> web.Response:
+        return _json(self.engine.stats_snapshot())
+
+    async def reset_stats(self, request: web.Request) -> web.Response:
+        self.engine.reset_stats()
+        return _json(self.engine.stats_snapshot())
+
+
+def build_app(*, config: ServerConfig, settings: RuntimeSettings) -> web.Application:
+    engine = SimEngine(config=config, settings=settings)
+    middlewares = [_api_error_middleware, _auth_middleware(config.api_key)]
+    if logger.isEnabledFor(logging.DEBUG):
+        middlewares.insert(0, _debug_log_middleware)
+    app = web.Application(middlewares=middlewares, client_max_size=64 * 1024 * 1024)
+    app[ENGINE_KEY] = engine
+    app[CONFIG_KEY] = config
+    app[STARTED_AT_KEY] = time.time()
+    generation = GenerationHandlers(engine, config)
+    info = InfoHandlers(engine, config, app[STARTED_AT_KEY])
+    router = app.router
+    router.add_post("/generate", generation.generate)
+    router.add_put("/generate", generation.generate)
+    router.add_post("/v1/chat/completions", generation.chat_completions)
+    router.add_post("/v1/completions", generation.completions)
+    router.add_get("/v1/models", info.list_models)
+    router.add_get("/v1/models/{model:.+}", info.retrieve_model)
+    for path in ("/health", "/health_generate"):
+        router.add_get(path, info.health)
+    router.add_get("/ready", info.ready)
+    for path in ("/model_info", "/get_model_info"):
+        router.add_get(path, info.model_info)
+    for path in ("/server_info", "/get_server_info"):
+        router.add_get(path, info.server_info)
+    router.add_get("/get_load", info.get_load)
+    router.add_get("/v1/loads", info.v1_loads)
+    router.add_get("/metrics", info.metrics)
+    router.add_route("GET", "/flush_cache", info.flush_cache)
+    router.add_route("POST", "/flush_cache", info.flush_cache)
+    router.add_post("/abort_request", info.abort_request)
+    router.add_get("/sim/faults", info.get_faults)
+    router.add_post("/sim/faults", info.update_faults)
+    router.add_get("/sim/stats", info.get_stats)
+    router.add_post("/sim/stats/reset", info.reset_stats)
+    return app
+
+
+async def serve(*, config: ServerConfig, settings: RuntimeSettings) -> None:
+    """Run until cancelled (SIGINT/SIGTERM handled by the caller)."""
+    app = build_app(config=config, settings=settings)
+    # handler_cancellation: a client disconnect cancels its handler, which is
+    # how an idle (waiting, hung) request learns that its client is gone.
+    runner = web.AppRunner(app, access_log=None, handler_cancellation=True)
+    await runner.setup()
+    site = web.TCPSite(runner, config.host, config.port, backlog=4096, reuse_address=True)
+    await site.start()
+    logger.warning("SGLang simulator serving %s on http://%s:%d", config.served_model_name, config.host, config.port)
+    try:
+        await asyncio.Event().wait()
+    finally:
+        await runner.cleanup()

@@ -1,0 +1,117 @@
+"""Counters behind `/sim/stats` and the Prometheus text behind `/metrics`.
+
+Metric names and labels follow SGLang's collectors (`sglang:` prefix, labels
+`model_name` and `engine_type`, plus `is_streaming` on per-request series and
+`cache_source` on cached tokens). Histogram buckets are SGLang's defaults.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections import deque
+from dataclasses import dataclass, field
+
+# Number of rids kept in each "recent aborts" list of /sim/stats.
+RECENT_RIDS_KEPT = 100
+
+TTFT_BUCKETS_S = (0.1, 0.2, 0.4, 0.6, 0.8, 1, 2, 4, 6, 8, 10, 20, 40, 60, 80, 100, 200, 400)
+ITL_BUCKETS_S = (0.002, 0.004, 0.006, 0.008, 0.010, 0.015, 0.020, 0.025, 0.030, 0.035, 0.040,
+                 0.060, 0.080, 0.100, 0.200, 0.400, 0.600, 0.800, 1.0, 2.0, 4.0, 6.0, 8.0)
+E2E_BUCKETS_S = (0.1, 0.2, 0.4, 0.6, 0.8, 1, 2, 4, 6, 8, 10, 20, 40, 60, 80, 100, 200, 400, 600,
+                 1200, 1800, 2400)
+
+
+class Histogram:
+    __slots__ = ("bounds", "bucket_counts", "count", "total")
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds = bounds
+        self.bucket_counts = [0] * (len(bounds) + 1)  # last slot is +Inf only
+        self.count = 0
+        self.total = 0.0
+
+    def observe(self, value: float) -> None:
+        self.bucket_counts[bisect.bisect_left(self.bounds, value)] += 1
+        self.count += 1
+        self.total += value
+
+    def render(self, name: str, labels: str, lines: list[str]) -> None:
+        cumulative = 0
+        for bound, bucket_count in zip(self.bounds, self.bucket_counts):
+            cumulative += bucket_count
+            lines.append(f'{name}_bucket{{{labels},le="{float(bound)}"}} {cumulative}')
+        lines.append(f'{name}_bucket{{{labels},le="+Inf"}} {self.count}')
+        lines.append(f"{name}_sum{{{labels}}} {self.total}")
+        lines.append(f"{name}_count{{{labels}}} {self.count}")
+
+
+@dataclass(slots=True)
+class SimStats:
+    """Process-wide counters. Token totals count finished and aborted requests."""
+
+    requests_received: int = 0  # generation requests that passed parsing
+    requests_finished: int = 0  # ended with stop/length (not abort, not error)
+    requests_failed: int = 0  # answered with an injected error or crash
+    requests_aborted: int = 0  # ended by /abort_request or by a client disconnect
+    requests_rejected: int = 0  # 4xx before generation (validation, context length)
+    abort_requests_received: int = 0  # POST /abort_request calls
+    prompt_tokens_total: int = 0
+    completion_tokens_total: int = 0
+    cached_tokens_total: int = 0
+    streaming_requests: int = 0
+    aborted_rids: deque = field(default_factory=lambda: deque(maxlen=RECENT_RIDS_KEPT))
+    aborted_by_request: deque = field(default_factory=lambda: deque(maxlen=RECENT_RIDS_KEPT))
+    disconnected: deque = field(default_factory=lambda: deque(maxlen=RECENT_RIDS_KEPT))
+    # rids named by POST /abort_request, in flight or not ("*" for abort_all)
+    abort_request_rids: deque = field(default_factory=lambda: deque(maxlen=RECENT_RIDS_KEPT))
+    ttft: Histogram = field(default_factory=lambda: Histogram(TTFT_BUCKETS_S))
+    itl: Histogram = field(default_factory=lambda: Histogram(ITL_BUCKETS_S))
+    e2e: Histogram = field(default_factory=lambda: Histogram(E2E_BUCKETS_S))
+
+    def record_abort(self, rid: str, *, by_disconnect: bool) -> None:
+        self.requests_aborted += 1
+        self.aborted_rids.append(rid)
+        (self.disconnected if by_disconnect else self.aborted_by_request).append(rid)
+
+
+def render_prometheus(*, stats: SimStats, model_name: str, num_running_reqs: int, num_queue_reqs: int,
+                      token_usage: float, cache_hit_rate: float, gen_throughput: float) -> str:
+    labels = f'model_name="{_escape_label(model_name)}",engine_type="unified"'
+    lines: list[str] = []
+
+    def gauge(name: str, help_text: str, value: float) -> None:
+        lines.append(f"# HELP {name} {help_text}")
+        lines.append(f"# TYPE {name} gauge")
+        lines.append(f"{name}{{{labels}}} {float(value)}")
+
+    def counter(name: str, help_text: str, value: int, extra: str = "") -> None:
+        lines.append(f"# HELP {name} {help_text}")
+        lines.append(f"# TYPE {name} counter")
+        lines.append(f"{name}{{{labels}{extra}}} {float(value)}")
+
+    gauge("sglang:num_running_reqs", "The number of running requests.", num_running_reqs)
+    gauge("sglang:num_queue_reqs", "The number of requests in the waiting queue.", num_queue_reqs)
+    gauge("sglang:token_usage", "The token usage.", token_usage)
+    gauge("sglang:cache_hit_rate", "The prefix cache hit rate.", cache_hit_rate)
+    gauge("sglang:gen_throughput", "The generation throughput (token/s).", gen_throughput)
+    counter("sglang:prompt_tokens_total", "Number of prefill tokens processed.", stats.prompt_tokens_total)
+    counter("sglang:generation_tokens_total", "Number of generation tokens processed.",
+            stats.completion_tokens_total)
+    counter("sglang:cached_tokens_total", "Number of cached prompt tokens by source (device/host/storage).",
+            stats.cached_tokens_total, ',cache_source="device"')
+    counter("sglang:num_requests_total", "Number of requests processed.",
+            stats.requests_finished + stats.requests_failed + stats.requests_aborted)
+    for name, help_text, histogram in (
+        ("sglang:time_to_first_token_seconds", "Histogram of time to first token in seconds.", stats.ttft),
+        ("sglang:inter_token_latency_seconds", "Histogram of inter-token latency in seconds.", stats.itl),
+        ("sglang:e2e_request_latency_seconds", "Histogram of End-to-end request latency in seconds",
+         stats.e2e),
+    ):
+        lines.append(f"# HELP {name} {help_text}")
+        lines.append(f"# TYPE {name} histogram")
+        histogram.render(name, labels, lines)
+    return "\n".join(lines) + "\n"
+
+
+def _escape_label(value: str) -> str:
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")

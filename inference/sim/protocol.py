@@ -1,0 +1,484 @@
+"""SGLang's wire formats: request parsing and response/chunk shaping.
+
+Parsing turns the three generation APIs (native `/generate`, OpenAI chat and
+completions) into one `engine.GenerationRequest`; shaping builds the exact
+JSON objects SGLang 0.5.23 sends (field names, order, nulls). No I/O here.
+
+Error bodies, as SGLang sends them:
+- OpenAI routes, flat: {"object":"error","message","type","param":null,"code"};
+  schema violations use type "Bad Request", checks in the serving layer
+  (empty messages, context length, sampling params) "BadRequestError";
+- native `/generate`: 400 {"error": "<text>"} for schema violations, otherwise
+  {"error": {"message"}}.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass
+from http import HTTPStatus
+from typing import Any
+
+import orjson
+
+from .engine import GenerationRequest, RunningRequest
+from .tokenizer import render_chat_prompt, tokenize
+
+WEIGHT_VERSION = "default"  # SGLang's default --weight-version
+SSE_DONE = b"data: [DONE]\n\n"
+
+
+class ApiError(Exception):
+    """An error answer: HTTP status plus the JSON body to send."""
+
+    def __init__(self, status: int, body: Any) -> None:
+        super().__init__(status, body)
+        self.status = status
+        self.body = body
+
+
+def openai_error_body(message: str, *, error_type: str = "BadRequestError", code: int = 400,
+                      param: str | None = None) -> dict:
+    return {"object": "error", "message": message, "type": error_type, "param": param, "code": code}
+
+
+def openai_error(message: str, *, error_type: str = "BadRequestError", status: int = 400) -> ApiError:
+    return ApiError(status, openai_error_body(message, error_type=error_type, code=status))
+
+
+def openai_schema_error(location: str, problem: str, model_name: str) -> ApiError:
+    """What FastAPI's RequestValidationError becomes on SGLang's OpenAI routes."""
+    message = f"1 validation error for {model_name}\n{location}\n  {problem}"
+    return ApiError(400, openai_error_body(message, error_type="Bad Request"))
+
+
+def unsupported_media_type_error() -> ApiError:
+    detail = {"loc": ("header", "content-type"),
+              "msg": "Unsupported Media Type: Only 'application/json' is allowed", "type": "value_error"}
+    return ApiError(400, openai_error_body(f"1 validation error:\n  {detail}", error_type="Bad Request"))
+
+
+def invalid_json_error(error: Exception) -> ApiError:
+    detail = {"loc": ("body", 0), "msg": "JSON decode error", "type": "json_invalid",
+              "ctx": {"error": str(error)}}
+    return ApiError(400, openai_error_body(f"1 validation error:\n  {detail}", error_type="Bad Request"))
+
+
+def new_rid() -> str:
+    return uuid.uuid4().hex
+
+
+# ------------------------------------------------------------------ field readers
+
+class _Fields:
+    """Typed access to a JSON object, raising the route's schema error."""
+
+    def __init__(self, body: Any, schema_name: str, make_error) -> None:
+        if not isinstance(body, dict):
+            raise make_error("body", "Input should be a valid dictionary or object", schema_name)
+        self.body = body
+        self.schema_name = schema_name
+        self.make_error = make_error
+
+    def _fail(self, name: str, problem: str):
+        raise self.make_error(name, problem, self.schema_name)
+
+    def optional_int(self, name: str, source: dict | None = None) -> int | None:
+        value = (source if source is not None else self.body).get(name)
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            self._fail(name, "Input should be a valid integer")
+        return value
+
+    def optional_float(self, name: str, source: dict | None = None) -> float | None:
+        value = (source if source is not None else self.body).get(name)
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            self._fail(name, "Input should be a valid number")
+        return float(value)
+
+    def boolean(self, name: str, default: bool = False, source: dict | None = None) -> bool:
+        value = (source if source is not None else self.body).get(name, default)
+        if value is None:
+            return default
+        if not isinstance(value, bool):
+            self._fail(name, "Input should be a valid boolean")
+        return value
+
+    def optional_str(self, name: str, source: dict | None = None) -> str | None:
+        value = (source if source is not None else self.body).get(name)
+        if value is None:
+            return None
+        if not isinstance(value, str):
+            self._fail(name, "Input should be a valid string")
+        return value
+
+    def stop_strings(self, name: str = "stop", source: dict | None = None) -> tuple[str, ...]:
+        value = (source if source is not None else self.body).get(name)
+        if value is None:
+            return ()
+        if isinstance(value, str):
+            return (value,) if value else ()
+        if isinstance(value, list) and all(isinstance(item, str) for item in value):
+            return tuple(item for item in value if item)
+        self._fail(name, "Input should be a valid string or list of strings")
+
+    def token_ids(self, name: str, source: dict | None = None) -> tuple[int, ...]:
+        value = (source if source is not None else self.body).get(name)
+        if value is None:
+            return ()
+        if isinstance(value, list) and all(isinstance(item, int) and not isinstance(item, bool) for item in value):
+            return tuple(value)
+        self._fail(name, "Input should be a valid list of integers")
+
+
+def _cache_namespace(cache_salt: str | None, extra_key: str | None):
+    if cache_salt is None and extra_key is None:
+        return None
+    return (cache_salt, extra_key)
+
+
+def _check_sampling(temperature: float | None, top_p: float | None, make_error) -> None:
+    """SGLang's SamplingParams.verify wording for the params we accept."""
+    if temperature is not None and temperature < 0:
+        raise make_error(f"temperature must be a non-negative finite number, got {temperature}.")
+    if top_p is not None and not 0.0 < top_p <= 1.0:
+        raise make_error(f"top_p must be in (0, 1], got {top_p}.")
+
+
+# ------------------------------------------------------------------ OpenAI requests
+
+@dataclass(slots=True)
+class OpenAIRequest:
+    """A parsed chat or completions request plus what shaping needs."""
+
+    generation: GenerationRequest
+    model: str
+    include_usage: bool
+    continuous_usage_stats: bool
+    echo_text: str | None = None  # completions `echo`: prompt text to prepend
+
+
+def _openai_common(fields: _Fields, *, prompt_ids: list[int], max_tokens: int | None) -> tuple[GenerationRequest, str, bool, bool]:
+    body = fields.body
+    model = body.get("model", "default")
+    if not isinstance(model, str):
+        fields._fail("model", "Input should be a valid string")
+    n = fields.optional_int("n")
+    if n is not None and n != 1:
+        raise openai_error("The simulator supports only n=1.")
+    temperature = fields.optional_float("temperature")
+    top_p = fields.optional_float("top_p")
+    _check_sampling(temperature, top_p, openai_error)
+    stream = fields.boolean("stream")
+    stream_options = body.get("stream_options")
+    include_usage = continuous_usage_stats = False
+    if stream_options is not None:
+        if not isinstance(stream_options, dict):
+            fields._fail("stream_options", "Input should be a valid dictionary or object")
+        include_usage = fields.boolean("include_usage", source=stream_options)
+        continuous_usage_stats = fields.boolean("continuous_usage_stats", source=stream_options)
+    rid = body.get("rid")
+    if rid is not None and not isinstance(rid, str):
+        raise openai_error("The simulator accepts only a single string rid.")
+    for name in ("cache_salt", "extra_key"):
+        if body.get(name) is not None and not isinstance(body.get(name), str):
+            raise openai_error(f"The simulator accepts only a single string {name}.")
+    lora_path = body.get("lora_path")
+    generation = GenerationRequest(
+        rid=rid or new_rid(),
+        prompt_ids=prompt_ids,
+        max_new_tokens=max_tokens,
+        stop=fields.stop_strings(),
+        stop_token_ids=fields.token_ids("stop_token_ids"),
+        ignore_eos=fields.boolean("ignore_eos"),
+        seed=fields.optional_int("seed"),
+        cache_namespace=_cache_namespace(body.get("cache_salt"), body.get("extra_key")),
+        stream=stream,
+        lora_path=lora_path if isinstance(lora_path, str) else None,
+    )
+    return generation, model, include_usage, continuous_usage_stats
+
+
+def parse_chat_request(body: Any) -> OpenAIRequest:
+    fields = _Fields(body, "ChatCompletionRequest", openai_schema_error)
+    messages = body.get("messages")
+    if messages is None:
+        fields._fail("messages", "Field required")
+    if not isinstance(messages, list):
+        fields._fail("messages", "Input should be a valid list")
+    if not messages:
+        raise openai_error("Messages cannot be empty.")
+    try:
+        prompt_text = render_chat_prompt(messages)
+    except ValueError as error:
+        raise openai_error(str(error), error_type="BadRequest") from error
+    # max_completion_tokens wins over the deprecated max_tokens, as in SGLang.
+    max_tokens = fields.optional_int("max_completion_tokens") or fields.optional_int("max_tokens")
+    generation, model, include_usage, continuous = _openai_common(
+        fields, prompt_ids=tokenize(prompt_text), max_tokens=max_tokens)
+    return OpenAIRequest(generation, model, include_usage, continuous)
+
+
+def parse_completion_request(body: Any) -> OpenAIRequest:
+    fields = _Fields(body, "CompletionRequest", openai_schema_error)
+    if "prompt" not in body:
+        fields._fail("prompt", "Field required")
+    prompt = body.get("prompt")
+    if not prompt or (isinstance(prompt, list) and all(not item for item in prompt)):
+        raise openai_error("Prompt cannot be empty")
+    echo_text = None
+    if isinstance(prompt, str):
+        prompt_ids = tokenize(prompt)
+        echo_text = prompt
+    elif isinstance(prompt, list) and all(isinstance(item, int) and not isinstance(item, bool) for item in prompt):
+        prompt_ids = list(prompt)
+    elif isinstance(prompt, list) and all(isinstance(item, (str, list)) for item in prompt):
+        if len(prompt) != 1:
+            raise openai_error("The simulator does not support batched prompts; send one prompt per request.")
+        return parse_completion_request({**body, "prompt": prompt[0]})
+    else:
+        fields._fail("prompt", "Input should be a valid string or list of token ids")
+    max_tokens = fields.optional_int("max_tokens")
+    if "max_tokens" not in body:
+        max_tokens = 16  # CompletionRequest's default
+    generation, model, include_usage, continuous = _openai_common(
+        fields, prompt_ids=prompt_ids, max_tokens=max_tokens)
+    echo = fields.boolean("echo")
+    return OpenAIRequest(generation, model, include_usage, continuous, echo_text if echo else None)
+
+
+# ------------------------------------------------------------------ native requests
+
+def native_schema_error(location: str, problem: str, _schema_name: str) -> ApiError:
+    return ApiError(400, {"error": f"{location}: {problem}"})
+
+
+def native_error(message: str, status: int = 400) -> ApiError:
+    return ApiError(status, {"error": {"message": message}})
+
+
+def parse_generate_request(body: Any) -> GenerationRequest:
+    fields = _Fields(body, "GenerateReqInput", native_schema_error)
+    text = body.get("text")
+    input_ids = body.get("input_ids")
+    if body.get("input_embeds") is not None:
+        raise native_error("The simulator does not support input_embeds.")
+    if (text is None) == (input_ids is None):
+        raise native_schema_error("text", "Either text or input_ids should be provided.", "")
+    if text is not None:
+        if isinstance(text, list):
+            if len(text) != 1 or not isinstance(text[0], str):
+                raise native_error("The simulator does not support batch generate requests.")
+            text = text[0]
+        if not isinstance(text, str):
+            fields._fail("text", "Input should be a valid string")
+        prompt_ids = tokenize(text)
+    else:
+        if isinstance(input_ids, list) and input_ids and isinstance(input_ids[0], list):
+            if len(input_ids) != 1:
+                raise native_error("The simulator does not support batch generate requests.")
+            input_ids = input_ids[0]
+        if not isinstance(input_ids, list) or not all(
+                isinstance(item, int) and not isinstance(item, bool) for item in input_ids):
+            fields._fail("input_ids", "Input should be a valid list of integers")
+        prompt_ids = list(input_ids)
+    sampling = body.get("sampling_params") or {}
+    if isinstance(sampling, list):
+        if len(sampling) != 1:
+            raise native_error("The simulator does not support batch generate requests.")
+        sampling = sampling[0]
+    if not isinstance(sampling, dict):
+        fields._fail("sampling_params", "Input should be a valid dictionary")
+    max_new_tokens = fields.optional_int("max_new_tokens", source=sampling) if "max_new_tokens" in sampling else 128
+    n = fields.optional_int("n", source=sampling)
+    if n is not None and n != 1:
+        raise native_error("The simulator supports only n=1.")
+    _check_sampling(fields.optional_float("temperature", source=sampling),
+                    fields.optional_float("top_p", source=sampling), native_error)
+    rid = body.get("rid")
+    if isinstance(rid, list) and len(rid) == 1:
+        rid = rid[0]
+    if rid is not None and not isinstance(rid, str):
+        fields._fail("rid", "Input should be a valid string")
+    lora_path = body.get("lora_path")
+    return GenerationRequest(
+        rid=rid or new_rid(),
+        prompt_ids=prompt_ids,
+        max_new_tokens=max_new_tokens,
+        stop=fields.stop_strings(source=sampling),
+        stop_token_ids=fields.token_ids("stop_token_ids", source=sampling),
+        ignore_eos=fields.boolean("ignore_eos", source=sampling),
+        seed=fields.optional_int("sampling_seed", source=sampling),
+        cache_namespace=_cache_namespace(fields.optional_str("cache_salt"), fields.optional_str("extra_key")),
+        stream=fields.boolean("stream"),
+        lora_path=lora_path if isinstance(lora_path, str) else None,
+    )
+
+
+# ------------------------------------------------------------------ native responses
+
+def native_meta_info(running: RunningRequest, *, final: bool) -> dict:
+    meta_info = {
+        "id": running.rid,
+        "finish_reason": running.finish_reason if final else None,
+        "prompt_tokens": running.prompt_tokens,
+        "weight_version": WEIGHT_VERSION,
+        "num_retractions": 0,
+        "reasoning_tokens": 0,
+        "completion_tokens": running.completion_tokens,
+        "cached_tokens": running.cached_tokens,
+    }
+    if final:
+        meta_info["e2e_latency"] = running.e2e_latency_s()
+    return meta_info
+
+
+def native_output(running: RunningRequest, *, final: bool) -> dict:
+    return {"text": running.text, "output_ids": list(running.output_ids),
+            "meta_info": native_meta_info(running, final=final)}
+
+
+def native_sse(running: RunningRequest, *, final: bool) -> bytes:
+    return b"data: " + orjson.dumps(native_output(running, final=final)) + b"\n\n"
+
+
+def native_stream_error_sse(message: str, code: int) -> bytes:
+    error = {"error": {"message": message, "type": "invalid_request_error", "code": code, "retryable": False}}
+    return b"data: " + orjson.dumps(error) + b"\n\n"
+
+
+# ------------------------------------------------------------------ OpenAI responses
+
+def usage_object(*, prompt_tokens: int, completion_tokens: int, cached_tokens: int,
+                 enable_cache_report: bool) -> dict:
+    """SGLang's UsageInfo (reasoning_tokens 0, so completion_tokens_details null)."""
+    return {
+        "prompt_tokens": prompt_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+        "completion_tokens": completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": cached_tokens} if enable_cache_report else None,
+        "reasoning_tokens": 0,
+        "completion_tokens_details": None,
+    }
+
+
+def running_usage(running: RunningRequest, enable_cache_report: bool) -> dict:
+    return usage_object(prompt_tokens=running.prompt_tokens, completion_tokens=running.completion_tokens,
+                        cached_tokens=running.cached_tokens, enable_cache_report=enable_cache_report)
+
+
+def _matched_stop(finish_reason: dict | None):
+    return finish_reason.get("matched") if finish_reason else None
+
+
+def chat_response(parsed: OpenAIRequest, running: RunningRequest, *, enable_cache_report: bool) -> dict:
+    finish_reason = running.finish_reason
+    return {
+        "id": running.rid,
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": parsed.model,
+        "choices": [{
+            "index": 0,
+            # SGLang drops tool_calls when there are none.
+            "message": {"role": "assistant", "content": running.text, "reasoning_content": None},
+            "logprobs": None,
+            "finish_reason": finish_reason["type"] if finish_reason else None,
+            "matched_stop": _matched_stop(finish_reason),
+        }],
+        "usage": running_usage(running, enable_cache_report),
+        "metadata": {"weight_version": WEIGHT_VERSION},
+    }
+
+
+def completion_response(parsed: OpenAIRequest, running: RunningRequest, *, enable_cache_report: bool) -> dict:
+    finish_reason = running.finish_reason
+    text = running.text if parsed.echo_text is None else parsed.echo_text + running.text
+    return {
+        "id": running.rid,
+        "object": "text_completion",
+        "created": int(time.time()),
+        "model": parsed.model,
+        "choices": [{
+            "index": 0,
+            "text": text,
+            "logprobs": None,
+            "finish_reason": finish_reason["type"] if finish_reason else None,
+            "matched_stop": _matched_stop(finish_reason),
+        }],
+        "usage": running_usage(running, enable_cache_report),
+        "metadata": {"weight_version": WEIGHT_VERSION},
+    }
+
+
+def openai_stream_error_sse(message: str, code: int) -> bytes:
+    """SGLang's mid-stream error: the flat error object wrapped in "error"."""
+    body = {"error": openai_error_body(message, error_type=HTTPStatus(code).name, code=code)}
+    return b"data: " + orjson.dumps(body) + b"\n\n"
+
+
+class ChatChunkWriter:
+    """Pre-encoded pieces of one request's chat.completion.chunk events.
+
+    Field order and nulls follow SGLang's msgspec StreamChunk: `delta` always
+    carries `reasoning_content` (null), `usage` appears only when set.
+    """
+
+    __slots__ = ("_head", "_choice_tail", "_usage_head", "model", "rid", "created")
+
+    def __init__(self, *, rid: str, model: str, created: int) -> None:
+        self.rid = rid
+        self.model = model
+        self.created = created
+        head = b'{"id":' + orjson.dumps(rid) + b',"object":"chat.completion.chunk","created":' + \
+            str(created).encode() + b',"model":' + orjson.dumps(model)
+        self._head = b"data: " + head + b',"choices":[{"index":0,"delta":{"reasoning_content":null,'
+        self._choice_tail = b'},"logprobs":null,"finish_reason":null,"matched_stop":null}]'
+        self._usage_head = b"data: " + head + b',"choices":[],"usage":'
+
+    def role_chunk(self) -> bytes:
+        return self._head + b'"role":"assistant","content":""' + self._choice_tail + b"}\n\n"
+
+    def content_chunk(self, delta_text: str, usage: dict | None = None) -> bytes:
+        if usage is None:
+            return self._head + b'"content":' + orjson.dumps(delta_text) + self._choice_tail + b"}\n\n"
+        return (self._head + b'"content":' + orjson.dumps(delta_text) + self._choice_tail
+                + b',"usage":' + orjson.dumps(usage) + b"}\n\n")
+
+    def finish_chunk(self, finish_type: str, matched_stop) -> bytes:
+        return (self._head[:-1] + b'},"logprobs":null,"finish_reason":' + orjson.dumps(finish_type)
+                + b',"matched_stop":' + orjson.dumps(matched_stop) + b"}]}\n\n")
+
+    def usage_chunk(self, usage: dict) -> bytes:
+        return self._usage_head + orjson.dumps(usage) + b"}\n\n"
+
+
+class CompletionChunkWriter:
+    """Pre-encoded pieces of one request's text_completion stream events."""
+
+    __slots__ = ("_head", "_usage_head")
+
+    def __init__(self, *, rid: str, model: str, created: int) -> None:
+        head = b'{"id":' + orjson.dumps(rid) + b',"object":"text_completion","created":' + \
+            str(created).encode() + b',"model":' + orjson.dumps(model)
+        self._head = b"data: " + head + b',"choices":[{"index":0,"text":'
+        self._usage_head = b"data: " + head + b',"choices":[],"usage":'
+
+    def text_chunk(self, delta_text: str, finish_reason: dict | None, usage: dict | None = None) -> bytes:
+        finish_type = finish_reason["type"] if finish_reason else None
+        chunk = (self._head + orjson.dumps(delta_text) + b',"logprobs":null,"finish_reason":'
+                 + orjson.dumps(finish_type) + b',"matched_stop":' + orjson.dumps(_matched_stop(finish_reason))
+                 + b"}]")
+        # CompletionStreamResponse is dumped with all fields: "usage" is null when unset.
+        return chunk + b',"usage":' + orjson.dumps(usage) + b"}\n\n"
+
+    def usage_chunk(self, usage: dict) -> bytes:
+        # SGLang dumps this one with exclude_none=True: null fields vanish.
+        trimmed = {key: value for key, value in usage.items() if value is not None}
+        return self._usage_head + orjson.dumps(trimmed) + b"}\n\n"

@@ -1,0 +1,182 @@
+"""Deterministic toy tokenizer, chat template and pseudo-text generator.
+
+Nothing here models a real vocabulary; what matters is that the mapping text →
+token ids is stable across processes and runs (ids come from BLAKE2b, never
+from Python's salted ``hash()``), and that the tokenization of a prefix is a
+prefix of the tokenization of the whole. That lets the radix cache and
+prefix-aware routers see the same sharing a real model would.
+
+Pieces (GPT-2-like, but simpler):
+- a chat special token ``<|name|>``;
+- an optional single space followed by a run of word characters (`` hello``);
+- an optional single space followed by one punctuation character (`` ,``);
+- any other single whitespace character (``\\n``, a second space, a tab).
+
+Generated text is a sequence of pieces `` word`` drawn from ``OUTPUT_WORDS`` by
+a PRNG seeded from the prompt, so re-rendering an assistant answer inside the
+next chat turn tokenizes back to exactly the ids that were generated.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import re
+from array import array
+from typing import Iterable, Sequence
+
+# Size of the id space. Ids below RESERVED_IDS are kept for special tokens.
+VOCAB_SIZE = 100_000
+RESERVED_IDS = 256
+
+BOS_TOKEN_ID = 1
+# The id reported as `matched` when a generation stops "naturally" (EOS), the
+# way SGLang reports FINISH_MATCHED_TOKEN: {"type":"stop","matched":<eos id>}.
+EOS_TOKEN_ID = 2
+
+# Fixed ids for the chat template's special tokens (inside RESERVED_IDS).
+SPECIAL_TOKEN_IDS: dict[str, int] = {
+    "<|system|>": 10,
+    "<|user|>": 11,
+    "<|assistant|>": 12,
+    "<|tool|>": 13,
+    "<|developer|>": 14,
+    "<|image|>": 15,
+    "<|end|>": 16,
+}
+
+_PIECE_PATTERN = re.compile(r"<\|[a-z_]+\|>| ?\w+| ?[^\w\s]|\s", re.UNICODE)
+
+
+@functools.lru_cache(maxsize=1 << 17)
+def piece_to_id(piece: str) -> int:
+    """Stable id of one piece: special ids for known specials, else a hash."""
+    special_id = SPECIAL_TOKEN_IDS.get(piece)
+    if special_id is not None:
+        return special_id
+    digest = hashlib.blake2b(piece.encode("utf-8"), digest_size=8).digest()
+    return RESERVED_IDS + int.from_bytes(digest, "little") % (VOCAB_SIZE - RESERVED_IDS)
+
+
+def split_pieces(text: str) -> list[str]:
+    """Split text into pieces; ``"".join(split_pieces(t)) == t`` always holds."""
+    return _PIECE_PATTERN.findall(text)
+
+
+def tokenize(text: str) -> list[int]:
+    return [piece_to_id(piece) for piece in _PIECE_PATTERN.findall(text)]
+
+
+# ---------------------------------------------------------------- chat template
+
+def render_message_content(content: object) -> str:
+    """Flatten an OpenAI message `content` (string, null or list of parts)."""
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        texts: list[str] = []
+        for part in content:
+            if not isinstance(part, dict):
+                raise ValueError("Each content part must be an object.")
+            part_type = part.get("type")
+            if part_type == "text":
+                texts.append(str(part.get("text", "")))
+            else:
+                # Media parts have no text to model; keep one placeholder so
+                # prompts with and without them differ.
+                texts.append("<|image|>")
+        return "\n".join(texts)
+    raise ValueError("Message content must be a string or a list of content parts.")
+
+
+def render_chat_prompt(messages: Sequence[dict]) -> str:
+    """Render messages with the simulator's fixed template.
+
+    Each message becomes ``<|role|>\\n{content}\\n``; the prompt ends with the
+    assistant header ``<|assistant|>\\n`` so generation continues from there.
+    Identical conversation prefixes therefore render to identical text
+    prefixes, and (see module doc) to identical token prefixes.
+    """
+    parts: list[str] = []
+    for message in messages:
+        if not isinstance(message, dict):
+            raise ValueError("Each message must be an object.")
+        role = message.get("role")
+        if not isinstance(role, str) or not role:
+            raise ValueError("Each message must have a string 'role'.")
+        parts.append(f"<|{role}|>\n{render_message_content(message.get('content'))}\n")
+    parts.append("<|assistant|>\n")
+    return "".join(parts)
+
+
+# ------------------------------------------------------------------ pseudo text
+
+# Output vocabulary: each generated token is " " + one of these words.
+OUTPUT_WORDS: tuple[str, ...] = tuple(
+    """
+    the of and to in is that for it as with was on be by this are or from at
+    an which have not has but all were when we there can more their if will
+    one about so out up what time only new some could these two may first then
+    do any like other than now such into its our most over also after where
+    just made well many before must through back years much way should down
+    because those people how work each system data model token cache
+    request server stream batch prefix router tenant latency memory query
+    answer value state result signal kernel vector layer graph node edge
+    simple quick bright calm clear deep early fair green light quiet rapid
+    small solid steady warm whole young ready plain sharp smooth
+    river mountain forest ocean garden window morning evening winter summer
+    city road bridge market library station harbor island valley meadow
+    """.split()
+)
+
+_OUTPUT_PIECES: tuple[str, ...] = tuple(" " + word for word in OUTPUT_WORDS)
+_OUTPUT_IDS: tuple[int, ...] = tuple(piece_to_id(piece) for piece in _OUTPUT_PIECES)
+
+_MASK64 = (1 << 64) - 1
+
+
+def generation_seed(*, prompt_ids: Sequence[int], server_seed: int, request_seed: int | None) -> int:
+    """64-bit PRNG seed from the prompt ids, the server seed and the request's seed."""
+    hasher = hashlib.blake2b(digest_size=8)
+    hasher.update(server_seed.to_bytes(8, "little", signed=True))
+    hasher.update((request_seed if request_seed is not None else -1).to_bytes(8, "little", signed=True))
+    hasher.update(array("I", (token_id & 0xFFFFFFFF for token_id in prompt_ids)).tobytes())
+    return int.from_bytes(hasher.digest(), "little") or 0x9E3779B97F4A7C15
+
+
+class PseudoTextSource:
+    """Deterministic stream of output tokens (xorshift64* over OUTPUT_WORDS)."""
+
+    __slots__ = ("_state",)
+
+    def __init__(self, seed: int) -> None:
+        self._state = seed & _MASK64 or 0x9E3779B97F4A7C15
+
+    def next_token(self) -> tuple[int, str]:
+        """Return (token id, text piece) of the next generated token."""
+        state = self._state
+        state ^= state >> 12
+        state ^= (state << 25) & _MASK64
+        state ^= state >> 27
+        self._state = state
+        index = ((state * 0x2545F4914F6CDD1D) & _MASK64) >> 33
+        index %= len(_OUTPUT_IDS)
+        return _OUTPUT_IDS[index], _OUTPUT_PIECES[index]
+
+
+
+def natural_length(seed: int, low: int, high: int) -> int:
+    """A deterministic 'EOS position' in [low, high] for a generation seed.
+
+    Independent of the token stream, so the text of a request is the same
+    whether or not it sets max_tokens (only where it ends differs).
+    """
+    return low + (seed >> 17) % (high - low + 1)
+
+
+def decode_known(token_ids: Iterable[int]) -> str:
+    """Best-effort decode of generated ids (only output words are known)."""
+    lookup = dict(zip(_OUTPUT_IDS, _OUTPUT_PIECES))
+    return "".join(lookup.get(token_id, "") for token_id in token_ids)

@@ -1,0 +1,414 @@
+"""The transport-independent completion service: one request in, OpenAI-shaped
+chunks (or one response) out, usage metered whatever happens. The SSE view and
+the WebSocket consumer are thin adapters over `completion_stream` and
+`completion_create`.
+
+Path of a request: validate → resolve model → pick backend → stream from the
+backend → meter. Upstream streams are always asked for usage on every chunk
+(`continuous_usage_stats`), so a stream cut short still bills exactly what the
+backend reported for the tokens delivered."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+
+import aiohttp
+import orjson
+
+from billing.services import UsageEvent
+from tenants.selectors import ApiKeyPrincipal
+
+from . import errors
+from .errors import ApiError
+from .registry import BackendState, Resolution
+from .routing import route_pick_backend
+from .sglang import BackendUnreachable, backend_abort, backend_post, sse_data
+
+logger = logging.getLogger(__name__)
+
+CHAT = "chat.completions"
+COMPLETIONS = "completions"
+UPSTREAM_PATH = {CHAT: "/v1/chat/completions", COMPLETIONS: "/v1/completions"}
+ID_PREFIX = {CHAT: "chatcmpl-", COMPLETIONS: "cmpl-"}
+# Fields a caller may not set: the gateway decides them (rid, adapter selection).
+GATEWAY_OWNED_FIELDS = ("rid", "lora_path")
+# Status stored for a request the client abandoned (nginx's convention).
+CLIENT_CLOSED_STATUS = 499
+
+
+@dataclass(slots=True)
+class CompletionRequest:
+    principal: ApiKeyPrincipal
+    endpoint: str  # CHAT or COMPLETIONS
+    body: dict
+    transport: str  # "http" or "websocket"
+    request_id: str
+    stream: bool
+    include_usage: bool
+    started: float = field(default_factory=time.perf_counter)
+    started_at: datetime = field(default_factory=lambda: datetime.now(timezone.utc))
+    # Set by the service when the request starts; adapters read delivered usage from it.
+    meter: "UsageMeter | None" = None
+
+    @property
+    def model_name(self) -> str:
+        return self.body["model"]
+
+
+def completion_request_build(
+    *, principal: ApiKeyPrincipal, endpoint: str, body: object, transport: str, started: float | None = None
+) -> CompletionRequest:
+    """Checks what the gateway itself relies on; the backend validates the rest
+    and its 400s reach the caller in OpenAI's shape."""
+    if not isinstance(body, dict):
+        raise errors.invalid_json()
+    model = body.get("model")
+    if model is None or model == "":
+        raise errors.missing_parameter("model")
+    if not isinstance(model, str):
+        raise errors.invalid_parameter("model", "'model' must be a string.")
+    if endpoint == CHAT:
+        messages = body.get("messages")
+        if messages is None:
+            raise errors.missing_parameter("messages")
+        if not isinstance(messages, list) or not messages:
+            raise errors.invalid_parameter("messages", "'messages' must be a non-empty array.")
+        for index, message in enumerate(messages):
+            if not isinstance(message, dict) or not isinstance(message.get("role"), str):
+                raise errors.invalid_parameter(
+                    f"messages[{index}]", f"messages[{index}] must be an object with a 'role'."
+                )
+    else:
+        prompt = body.get("prompt")
+        if prompt is None:
+            raise errors.missing_parameter("prompt")
+        if not isinstance(prompt, (str, list)):
+            raise errors.invalid_parameter("prompt", "'prompt' must be a string or an array.")
+    stream = body.get("stream", False)
+    if stream is None:
+        stream = False
+    if not isinstance(stream, bool):
+        raise errors.invalid_parameter("stream", "'stream' must be a boolean.")
+    stream_options = body.get("stream_options")
+    include_usage = False
+    if stream_options is not None:
+        if not stream:
+            raise errors.invalid_parameter(
+                "stream_options", "The 'stream_options' parameter is only allowed when 'stream' is enabled."
+            )
+        if not isinstance(stream_options, dict):
+            raise errors.invalid_parameter("stream_options", "'stream_options' must be an object.")
+        include_usage = bool(stream_options.get("include_usage"))
+    for name in ("max_tokens", "max_completion_tokens"):
+        value = body.get(name)
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+            raise errors.invalid_parameter(name, f"'{name}' must be an integer of at least 1.")
+    for name, low, high in (("temperature", 0, 2), ("top_p", 0, 1)):
+        value = body.get(name)
+        if value is not None and (
+            not isinstance(value, (int, float)) or isinstance(value, bool) or not low <= value <= high
+        ):
+            raise errors.invalid_parameter(name, f"'{name}' must be a number from {low} to {high}.")
+    n = body.get("n")
+    if n is not None and n != 1:
+        raise errors.invalid_parameter("n", "Only n=1 is supported.")
+    return CompletionRequest(
+        principal=principal,
+        endpoint=endpoint,
+        body=body,
+        transport=transport,
+        request_id=ID_PREFIX[endpoint] + uuid.uuid4().hex,
+        stream=stream,
+        include_usage=include_usage,
+        **({"started": started} if started is not None else {}),
+    )
+
+
+def _upstream_body(request: CompletionRequest, resolution: Resolution, *, stream: bool) -> bytes:
+    body = {k: v for k, v in request.body.items() if k not in GATEWAY_OWNED_FIELDS}
+    body["model"] = resolution.model.upstream_name
+    body["rid"] = request.request_id
+    if stream:
+        body["stream"] = True
+        body["stream_options"] = {"include_usage": True, "continuous_usage_stats": True}
+    else:
+        body["stream"] = False
+        body.pop("stream_options", None)
+    return orjson.dumps(body)
+
+
+class UsageMeter:
+    """Counts one request's tokens as the backend reports them and hands a usage
+    event to the recorder exactly once, when the request ends in any way."""
+
+    __slots__ = ("_request", "_record", "backend", "prompt_tokens", "completion_tokens", "cached_tokens",
+                 "reasoning_tokens", "usage_reported", "content_chunks", "status", "http_status",
+                 "error_code", "first_token_at", "_finished")
+
+    def __init__(self, request: CompletionRequest, record) -> None:
+        self._request = request
+        self._record = record
+        self.backend = ""
+        self.prompt_tokens = self.completion_tokens = self.cached_tokens = self.reasoning_tokens = 0
+        self.usage_reported = False
+        self.content_chunks = 0
+        self.status = "ok"
+        self.http_status = 200
+        self.error_code = ""
+        self.first_token_at: float | None = None
+        self._finished = False
+
+    def observe(self, usage: dict) -> None:
+        """Takes a backend usage object (cumulative counts so far)."""
+        self.usage_reported = True
+        self.prompt_tokens = int(usage.get("prompt_tokens") or 0)
+        self.completion_tokens = int(usage.get("completion_tokens") or 0)
+        details = usage.get("prompt_tokens_details") or {}
+        self.cached_tokens = int(details.get("cached_tokens") or 0)
+        self.reasoning_tokens = int(usage.get("reasoning_tokens") or 0)
+
+    @property
+    def billed_completion_tokens(self) -> int:
+        if self.usage_reported:
+            return self.completion_tokens
+        # The backend reported nothing (it failed first): what was delivered is one
+        # token per content chunk (SGLang streams one token per chunk by default).
+        return self.content_chunks
+
+    def openai_usage(self) -> dict:
+        completion_tokens = self.billed_completion_tokens
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": completion_tokens,
+            "total_tokens": self.prompt_tokens + completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": self.cached_tokens},
+            "completion_tokens_details": {"reasoning_tokens": self.reasoning_tokens},
+        }
+
+    def fail(self, error: ApiError) -> None:
+        self.status, self.http_status, self.error_code = "error", error.status, error.usage_code
+
+    def abort(self) -> None:
+        self.status, self.http_status, self.error_code = "aborted", CLIENT_CLOSED_STATUS, "client_closed"
+
+    def finish(self) -> None:
+        if self._finished:
+            return
+        self._finished = True
+        request = self._request
+        now = time.perf_counter()
+        self._record(
+            UsageEvent(
+                event_id=uuid.uuid4(),
+                request_id=request.request_id,
+                tenant_id=request.principal.tenant_id,
+                api_key_id=request.principal.api_key_id,
+                model=request.body.get("model") if isinstance(request.body.get("model"), str) else "",
+                backend=self.backend,
+                endpoint=request.endpoint,
+                transport=request.transport,
+                stream=request.stream,
+                prompt_tokens=self.prompt_tokens,
+                completion_tokens=self.billed_completion_tokens,
+                cached_tokens=self.cached_tokens,
+                status=self.status,
+                http_status=self.http_status,
+                error_code=self.error_code,
+                ttft_ms=None if self.first_token_at is None else (self.first_token_at - request.started) * 1000,
+                latency_ms=(now - request.started) * 1000,
+                started_at=request.started_at,
+                finished_at=datetime.now(timezone.utc),
+            )
+        )
+
+
+def _upstream_error(status: int, raw: bytes) -> ApiError:
+    """Maps a backend's non-200 answer to what the caller sees."""
+    message = ""
+    try:
+        parsed = orjson.loads(raw)
+        if isinstance(parsed, dict):
+            inner = parsed.get("error", parsed)
+            message = inner.get("message", "") if isinstance(inner, dict) else str(inner)
+    except orjson.JSONDecodeError:
+        message = raw[:500].decode(errors="replace")
+    if status == 400:
+        lowered = message.lower()
+        if "context length" in lowered or "context window" in lowered or "maximum context" in lowered:
+            return errors.context_length_exceeded(message)
+        return ApiError(400, message or "The backend rejected the request.")
+    return errors.backend_failure(f"The model backend answered {status}" + (f": {message}" if message else "."))
+
+
+class CompletionService:
+    """Runs completions for one gateway process (see inference.runtime)."""
+
+    def __init__(self, *, session: aiohttp.ClientSession, registry, record_usage, cooldown_seconds: float) -> None:
+        self._session = session
+        self._registry = registry
+        self._record_usage = record_usage
+        self._cooldown = cooldown_seconds
+        self._background: set[asyncio.Task] = set()
+
+    async def _upstream_open(
+        self, request: CompletionRequest, resolution: Resolution, body: bytes
+    ) -> tuple[aiohttp.ClientResponse, BackendState]:
+        """The first backend of the pool that answers 200. Backends that cannot be
+        reached or answer 5xx before any token are skipped; each is tried once."""
+        model = resolution.model
+        tried: set[str] = set()
+        last_error: ApiError | None = None
+        path = UPSTREAM_PATH[request.endpoint]
+        while True:
+            backend = route_pick_backend(model, exclude=tried)
+            if backend is None:
+                raise last_error or errors.no_healthy_backend(request.model_name)
+            tried.add(backend.url)
+            backend.outstanding += 1
+            try:
+                response = await backend_post(self._session, backend, path, body)
+            except BackendUnreachable as error:
+                backend.outstanding -= 1
+                backend.cooldown_until = time.monotonic() + self._cooldown
+                logger.warning("backend unreachable: %s", error)
+                continue
+            except asyncio.CancelledError:
+                # The request may already be running there (a non-streamed one
+                # sends its headers only when done): stop it.
+                backend.outstanding -= 1
+                self._abort_on_backend(backend, request.request_id)
+                raise
+            if response.status == 200:
+                return response, backend
+            try:
+                raw = await response.read()
+            finally:
+                response.release()
+                backend.outstanding -= 1
+            error = _upstream_error(response.status, raw)
+            if response.status < 500:
+                raise error
+            last_error = error
+
+    def _abort_on_backend(self, backend: BackendState, rid: str) -> None:
+        task = asyncio.get_running_loop().create_task(backend_abort(self._session, backend, rid))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def completion_stream(self, request: CompletionRequest) -> AsyncIterator[dict]:
+        """Yields OpenAI chunk objects. Raises ApiError: before the first chunk for
+        a request that could not start, after it for a stream that broke."""
+        meter = request.meter = UsageMeter(request, self._record_usage)
+        response: aiohttp.ClientResponse | None = None
+        backend: BackendState | None = None
+        finished = False
+        try:
+            resolution = self._registry.resolve(request.body.get("model"))
+            body = _upstream_body(request, resolution, stream=True)
+            response, backend = await self._upstream_open(request, resolution, body)
+            meter.backend = backend.url
+            request_id, model_name, include_usage = request.request_id, request.model_name, request.include_usage
+            async for payload in sse_data(response):
+                chunk = orjson.loads(payload)
+                if "error" in chunk and not chunk.get("choices"):
+                    detail = chunk["error"]
+                    message = detail.get("message") if isinstance(detail, dict) else str(detail)
+                    raise errors.backend_failure(f"The model backend failed mid-stream: {message}")
+                usage = chunk.pop("usage", None)
+                choices = chunk.get("choices")
+                if not choices:
+                    if usage is not None:
+                        meter.observe(usage)
+                        if include_usage:
+                            chunk["id"], chunk["model"] = request_id, model_name
+                            chunk["usage"] = meter.openai_usage()
+                            yield chunk
+                    continue
+                chunk["id"], chunk["model"] = request_id, model_name
+                if include_usage:
+                    chunk["usage"] = None
+                choice = choices[0]
+                has_content = bool((choice.get("delta") or {}).get("content") or choice.get("text"))
+                if has_content and meter.first_token_at is None:
+                    meter.first_token_at = time.perf_counter()
+                if choice.get("finish_reason") is not None:
+                    finished = True
+                yield chunk
+                # Counted once the chunk has been handed on: a client gone during
+                # the hand-over is not billed for it.
+                if usage is not None:
+                    meter.observe(usage)
+                if has_content:
+                    meter.content_chunks += 1
+            if not finished:
+                raise errors.backend_failure("The model backend closed the stream before it finished.")
+        except (asyncio.CancelledError, GeneratorExit):
+            meter.abort()
+            if backend is not None and not finished:
+                self._abort_on_backend(backend, request.request_id)
+            raise
+        except ApiError as error:
+            meter.fail(error)
+            raise
+        except (aiohttp.ClientError, asyncio.TimeoutError, orjson.JSONDecodeError) as error:
+            failure = errors.backend_failure(f"The model backend failed mid-stream: {type(error).__name__}.")
+            meter.fail(failure)
+            if backend is not None:
+                self._abort_on_backend(backend, request.request_id)
+            raise failure from error
+        finally:
+            if response is not None:
+                if finished:
+                    response.release()
+                else:
+                    response.close()
+            if backend is not None:
+                backend.outstanding -= 1
+            meter.finish()
+
+    async def completion_create(self, request: CompletionRequest) -> dict:
+        """A whole (non-streamed) completion in OpenAI's shape."""
+        meter = request.meter = UsageMeter(request, self._record_usage)
+        backend: BackendState | None = None
+        done = False
+        try:
+            resolution = self._registry.resolve(request.body.get("model"))
+            body = _upstream_body(request, resolution, stream=False)
+            response, backend = await self._upstream_open(request, resolution, body)
+            meter.backend = backend.url
+            try:
+                raw = await response.read()
+            finally:
+                response.release()
+            done = True
+            result = orjson.loads(raw)
+            if not isinstance(result, dict) or "choices" not in result:
+                raise errors.backend_failure("The model backend sent an answer that is not a completion.")
+            usage = result.get("usage")
+            if usage:
+                meter.observe(usage)
+            meter.first_token_at = time.perf_counter()
+            result["id"], result["model"] = request.request_id, request.model_name
+            result["usage"] = meter.openai_usage()
+            return result
+        except asyncio.CancelledError:
+            meter.abort()
+            if backend is not None and not done:
+                self._abort_on_backend(backend, request.request_id)
+            raise
+        except ApiError as error:
+            meter.fail(error)
+            raise
+        except (aiohttp.ClientError, asyncio.TimeoutError, orjson.JSONDecodeError) as error:
+            failure = errors.backend_failure(f"The model backend failed: {type(error).__name__}.")
+            meter.fail(failure)
+            raise failure from error
+        finally:
+            if backend is not None:
+                backend.outstanding -= 1
+            meter.finish()
