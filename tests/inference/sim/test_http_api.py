@@ -1,0 +1,446 @@
+"""The simulator through real HTTP: OpenAI SDK, raw SSE and the /sim hooks."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import httpx2 as httpx
+import openai
+import pytest
+
+CHAT = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Name three rivers."}]
+
+
+def sse_events(response: httpx.Response) -> list:
+    """Decode `data:` events of a streamed response; [DONE] stays a string."""
+    events = []
+    for line in response.iter_lines():
+        if line.startswith("data: "):
+            payload = line[len("data: "):]
+            events.append(payload if payload == "[DONE]" else json.loads(payload))
+    return events
+
+
+def openai_client(sim, **kwargs) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{sim.base_url}/v1", api_key=sim.api_key or "x", max_retries=0, **kwargs)
+
+
+def wait_for_stats(sim, predicate, timeout_s: float = 5.0) -> dict:
+    deadline = time.monotonic() + timeout_s
+    with sim.client() as client:
+        while True:
+            stats = client.get("/sim/stats").json()
+            if predicate(stats) or time.monotonic() > deadline:
+                return stats
+            time.sleep(0.02)
+
+
+# ---------------------------------------------------------------- OpenAI chat
+
+def test_chat_completion_non_streaming(sim):
+    completion = openai_client(sim).chat.completions.create(
+        model="any-name-is-echoed", messages=CHAT, max_tokens=12, extra_body={"rid": "chat-unary-1"})
+
+    assert completion.id == "chat-unary-1"  # bare rid, no chatcmpl- prefix
+    assert completion.object == "chat.completion"
+    assert completion.model == "any-name-is-echoed"
+    choice = completion.choices[0]
+    assert choice.finish_reason == "length"
+    assert choice.message.role == "assistant" and choice.message.content.startswith(" ")
+    assert len(choice.message.content.split()) == 12
+    assert completion.usage.completion_tokens == 12
+    assert completion.usage.total_tokens == completion.usage.prompt_tokens + 12
+    assert completion.usage.prompt_tokens_details.cached_tokens >= 0
+
+
+def test_chat_response_raw_shape(sim):
+    with sim.client() as client:
+        body = client.post("/v1/chat/completions", json={"model": "m", "messages": CHAT, "max_tokens": 3}).json()
+    assert len(body["id"]) == 32  # uuid4().hex
+    assert set(body) == {"id", "object", "created", "model", "choices", "usage", "metadata"}
+    assert body["choices"][0]["message"] == {"role": "assistant", "content": body["choices"][0]["message"]["content"],
+                                             "reasoning_content": None}
+    assert body["choices"][0]["matched_stop"] is None
+    assert set(body["usage"]) == {"prompt_tokens", "total_tokens", "completion_tokens", "prompt_tokens_details",
+                                  "reasoning_tokens", "completion_tokens_details"}
+    assert body["usage"]["completion_tokens_details"] is None
+
+
+def test_same_request_same_output(sim):
+    client = openai_client(sim)
+    first = client.chat.completions.create(model="m", messages=CHAT, max_tokens=8, seed=3)
+    second = client.chat.completions.create(model="m", messages=CHAT, max_tokens=8, seed=3)
+    assert first.choices[0].message.content == second.choices[0].message.content
+
+
+def test_chat_without_max_tokens_stops_at_natural_eos(sim):
+    completion = openai_client(sim).chat.completions.create(model="m", messages=CHAT)
+    assert completion.choices[0].finish_reason == "stop"
+    assert 16 <= completion.usage.completion_tokens <= 64
+
+
+def test_stop_string_is_matched_and_trimmed(sim):
+    client = openai_client(sim)
+    words = client.chat.completions.create(model="m", messages=CHAT, max_tokens=10).choices[0].message.content
+    stop_word = words.split()[4]
+    completion = client.chat.completions.create(model="m", messages=CHAT, max_tokens=10, stop=[" " + stop_word])
+    choice = completion.choices[0]
+    assert choice.finish_reason == "stop"
+    assert choice.model_extra["matched_stop"] == " " + stop_word
+    assert choice.message.content == words[:words.index(" " + stop_word)]
+
+
+def test_chat_streaming_with_include_usage(sim):
+    stream = openai_client(sim).chat.completions.create(
+        model="m", messages=CHAT, max_tokens=5, stream=True, stream_options={"include_usage": True})
+    chunks = list(stream)
+
+    role, *contents, finish, usage = chunks
+    assert role.choices[0].delta.role == "assistant" and role.choices[0].delta.content == ""
+    assert len(contents) == 5 and all(c.choices[0].delta.content for c in contents)
+    assert all(c.choices[0].finish_reason is None for c in contents)
+    assert finish.choices[0].delta.content is None and finish.choices[0].finish_reason == "length"
+    assert usage.choices == [] and usage.usage.completion_tokens == 5
+    assert len({chunk.id for chunk in chunks}) == 1 and chunks[0].object == "chat.completion.chunk"
+
+
+def test_chat_stream_raw_shape_and_done(sim):
+    with sim.client() as client, client.stream("POST", "/v1/chat/completions", json={
+            "model": "m", "messages": CHAT, "max_tokens": 2, "stream": True, "rid": "raw-stream"}) as response:
+        assert response.headers["content-type"].startswith("text/event-stream")
+        events = sse_events(response)
+    assert events[-1] == "[DONE]"
+    assert events[0]["choices"][0]["delta"] == {"reasoning_content": None, "role": "assistant", "content": ""}
+    assert events[-2]["choices"][0] == {"index": 0, "delta": {"reasoning_content": None}, "logprobs": None,
+                                        "finish_reason": "length", "matched_stop": None}
+    assert "usage" not in events[1]  # no include_usage → no usage anywhere
+    assert all(event["id"] == "raw-stream" for event in events[:-1])
+
+
+def test_continuous_usage_stats(sim):
+    with sim.client() as client, client.stream("POST", "/v1/chat/completions", json={
+            "model": "m", "messages": CHAT, "max_tokens": 3, "stream": True,
+            "stream_options": {"include_usage": True, "continuous_usage_stats": True}}) as response:
+        events = sse_events(response)
+    role, c1, c2, c3, finish, usage, done = events
+    # SGLang attaches running usage to content chunks only
+    assert "usage" not in role and "usage" not in finish
+    assert [c["usage"]["completion_tokens"] for c in (c1, c2, c3)] == [1, 2, 3]
+    assert c1["usage"]["prompt_tokens_details"] is not None  # cache report is on
+    assert usage["usage"]["completion_tokens"] == 3
+
+
+def test_cached_tokens_on_repeated_prompt(sim):
+    messages = [{"role": "user", "content": "A prompt about caching that is repeated verbatim."}]
+    client = openai_client(sim)
+    # a unique salt gives this test its own cache namespace
+    salt = {"cache_salt": "test-repeat"}
+    first = client.chat.completions.create(model="m", messages=messages, max_tokens=4, extra_body=salt)
+    second = client.chat.completions.create(model="m", messages=messages, max_tokens=4, extra_body=salt)
+    other_salt = client.chat.completions.create(model="m", messages=messages, max_tokens=4,
+                                                extra_body={"cache_salt": "test-repeat-other"})
+
+    assert first.usage.prompt_tokens_details.cached_tokens == 0
+    # SGLang always recomputes the last prompt token
+    assert second.usage.prompt_tokens_details.cached_tokens == second.usage.prompt_tokens - 1
+    assert other_salt.usage.prompt_tokens_details.cached_tokens == 0
+
+
+def test_multi_turn_reuses_previous_answer(sim):
+    client = openai_client(sim)
+    salt = {"cache_salt": "test-multi-turn"}
+    turn_one = [{"role": "user", "content": "Tell me something."}]
+    first = client.chat.completions.create(model="m", messages=turn_one, max_tokens=6, extra_body=salt)
+    turn_two = turn_one + [{"role": "assistant", "content": first.choices[0].message.content},
+                           {"role": "user", "content": "More."}]
+    second = client.chat.completions.create(model="m", messages=turn_two, max_tokens=6, extra_body=salt)
+    assert second.usage.prompt_tokens_details.cached_tokens >= first.usage.prompt_tokens + 6
+
+
+def test_no_cache_report_without_flag(sim_factory):
+    plain = sim_factory()
+    completion = openai_client(plain).chat.completions.create(model="m", messages=CHAT, max_tokens=2)
+    assert completion.usage.prompt_tokens_details is None
+
+
+# ---------------------------------------------------------------- completions
+
+def test_completions_non_streaming_and_streaming(sim):
+    client = openai_client(sim)
+    completion = client.completions.create(model="m", prompt="Once upon a time", max_tokens=4)
+    assert completion.object == "text_completion" and completion.choices[0].finish_reason == "length"
+    assert completion.usage.completion_tokens == 4
+
+    with sim.client() as raw, raw.stream("POST", "/v1/completions", json={
+            "model": "m", "prompt": [5, 6, 7, 8], "max_tokens": 3, "stream": True,
+            "stream_options": {"include_usage": True}}) as response:
+        events = sse_events(response)
+    *texts, usage, done = events
+    assert done == "[DONE]" and len(texts) == 3
+    assert [t["choices"][0]["finish_reason"] for t in texts] == [None, None, "length"]
+    assert all(t["object"] == "text_completion" and t["usage"] is None for t in texts)
+    assert usage["choices"] == [] and usage["usage"]["prompt_tokens"] == 4
+    assert "completion_tokens_details" not in usage["usage"]  # dumped with exclude_none
+
+
+def test_completions_default_max_tokens_is_16(sim):
+    completion = openai_client(sim).completions.create(model="m", prompt="Hello")
+    assert completion.usage.completion_tokens == 16
+
+
+# ---------------------------------------------------------------- errors
+
+def test_context_length_exceeded_is_400_even_when_streaming(sim):
+    long_prompt = "word " * 5000  # > 4096 tokens
+    client = openai_client(sim)
+    with pytest.raises(openai.BadRequestError) as error:
+        client.chat.completions.create(model="m", messages=[{"role": "user", "content": long_prompt}], max_tokens=4)
+    body = error.value.response.json()
+    assert body["object"] == "error" and body["code"] == 400 and body["param"] is None
+    assert body["message"].startswith("The input (") and body["message"].endswith(
+        "tokens) is longer than the model's context length (4096 tokens).")
+
+    with sim.client() as raw:
+        response = raw.post("/v1/chat/completions", json={
+            "model": "m", "messages": CHAT, "max_tokens": 5000, "stream": True})
+    assert response.status_code == 400
+    assert response.json()["message"].startswith(
+        "Requested token count exceeds the model's maximum context length of 4096 tokens.")
+    assert response.json()["type"] == "BadRequestError"
+
+
+def test_validation_errors(sim):
+    with sim.client() as client:
+        not_json = client.post("/v1/chat/completions", content=b"{}", headers={"Content-Type": "text/plain"})
+        assert not_json.status_code == 400 and not_json.json()["object"] == "error"
+        empty = client.post("/v1/chat/completions", json={"model": "m", "messages": []})
+        assert empty.status_code == 400 and empty.json()["message"] == "Messages cannot be empty."
+        missing = client.post("/v1/chat/completions", json={"model": "m"})
+        assert missing.status_code == 400 and missing.json()["type"] == "Bad Request"
+        bad_json = client.post("/v1/completions", content=b"{nope", headers={"Content-Type": "application/json"})
+        assert bad_json.status_code == 400
+        unknown_extra = client.post("/v1/chat/completions", json={
+            "model": "m", "messages": CHAT, "max_tokens": 1, "some_future_field": {"x": 1}})
+        assert unknown_extra.status_code == 200
+
+
+def test_models_endpoints(sim):
+    with sim.client() as client:
+        listing = client.get("/v1/models").json()
+        assert listing["object"] == "list"
+        assert listing["data"][0]["id"] == "demo-llm" and listing["data"][0]["max_model_len"] == 4096
+        assert client.get("/v1/models/demo-llm").json()["owned_by"] == "sglang"
+        unknown = client.get("/v1/models/nope")
+    assert unknown.status_code == 404
+    assert unknown.json() == {"error": {"message": "The model 'nope' does not exist", "type": "invalid_request_error",
+                                        "param": "model", "code": "model_not_found"}}
+
+
+# ---------------------------------------------------------------- native /generate
+
+def test_generate_non_streaming(sim):
+    with sim.client() as client:
+        body = client.post("/generate", json={"text": "Hello world", "rid": "gen-1",
+                                              "sampling_params": {"max_new_tokens": 4}}).json()
+    assert list(body) == ["text", "output_ids", "meta_info"]
+    meta = body["meta_info"]
+    assert meta["id"] == "gen-1" and meta["finish_reason"] == {"type": "length", "length": 4}
+    assert meta["completion_tokens"] == 4 == len(body["output_ids"])
+    assert meta["prompt_tokens"] == 2 and meta["weight_version"] == "default" and meta["num_retractions"] == 0
+    assert "e2e_latency" in meta and "cached_tokens" in meta and meta["reasoning_tokens"] == 0
+
+
+def test_generate_streaming_is_cumulative(sim):
+    with sim.client() as client, client.stream("POST", "/generate", json={
+            "input_ids": [11, 12, 13], "sampling_params": {"max_new_tokens": 4}, "stream": True}) as response:
+        events = sse_events(response)
+    assert events[-1] == "[DONE]"
+    outputs = events[:-1]
+    assert len(outputs) == 4
+    for previous, current in zip(outputs, outputs[1:]):
+        assert current["text"].startswith(previous["text"]) and len(current["text"]) > len(previous["text"])
+        assert current["output_ids"][:len(previous["output_ids"])] == previous["output_ids"]
+    assert [o["meta_info"]["finish_reason"] for o in outputs[:-1]] == [None, None, None]
+    assert outputs[-1]["meta_info"]["finish_reason"] == {"type": "length", "length": 4}
+    assert "e2e_latency" in outputs[-1]["meta_info"] and "e2e_latency" not in outputs[0]["meta_info"]
+
+
+def test_generate_default_max_new_tokens_and_context_error(sim):
+    with sim.client() as client:
+        body = client.post("/generate", json={"text": "Hi"}).json()
+        assert body["meta_info"]["completion_tokens"] == 128
+        too_long = client.post("/generate", json={"input_ids": list(range(4096))})
+        assert too_long.status_code == 400
+        assert too_long.json() == {"error": {"message": (
+            "The input (4096 tokens) is longer than the model's context length (4096 tokens).")}}
+
+
+# ---------------------------------------------------------------- abort / disconnect
+
+def test_abort_request_ends_stream_with_abort(sim):
+    with sim.client() as client:
+        client.post("/sim/faults", json={"itl_ms": 20}).raise_for_status()
+    stream = openai_client(sim).chat.completions.create(
+        model="m", messages=CHAT, max_tokens=1000, stream=True, extra_body={"rid": "abort-me-1"})
+    chunks = []
+    for chunk in stream:
+        chunks.append(chunk)
+        if len(chunks) == 3:
+            with sim.client() as client:
+                response = client.post("/abort_request", json={"rid": "abort-me-1"})
+            assert response.status_code == 200 and response.content == b""
+    assert chunks[-1].choices[0].finish_reason == "abort"
+    assert len(chunks) < 50
+    stats = wait_for_stats(sim, lambda s: "abort-me-1" in s["aborted_by_request"])
+    assert "abort-me-1" in stats["aborted_by_request"] and "abort-me-1" in stats["aborted_rids"]
+    assert "abort-me-1" not in stats["disconnected"] and "abort-me-1" in stats["abort_request_rids"]
+
+
+def test_abort_of_native_request_reports_abort_finish_reason(sim):
+    with sim.client() as client:
+        client.post("/sim/faults", json={"ttft_ms": 5000}).raise_for_status()
+        timer = threading.Timer(0.3, lambda: httpx.post(f"{sim.base_url}/abort_request", json={"rid": "native-abort"}))
+        timer.start()
+        body = client.post("/generate", json={"text": "x", "rid": "native-abort"}).json()
+        timer.join()
+    assert body["meta_info"]["finish_reason"] == {"type": "abort", "message": "Aborted", "status_code": None,
+                                                  "err_type": None}
+    assert body["meta_info"]["completion_tokens"] == 0
+
+
+def test_client_disconnect_is_recorded(sim):
+    with sim.client() as client:
+        client.post("/sim/faults", json={"itl_ms": 20}).raise_for_status()
+        with client.stream("POST", "/v1/chat/completions", json={
+                "model": "m", "messages": CHAT, "max_tokens": 1000, "stream": True, "rid": "gone-1"}) as response:
+            for line in response.iter_lines():
+                if line.startswith("data: "):
+                    break  # leave after the first event: the connection is closed
+    stats = wait_for_stats(sim, lambda s: "gone-1" in s["disconnected"])
+    assert "gone-1" in stats["disconnected"] and "gone-1" not in stats["aborted_by_request"]
+    assert "gone-1" not in stats["active_rids"]
+
+
+def test_disconnect_while_waiting_for_first_token(sim):
+    with sim.client() as client:
+        client.post("/sim/faults", json={"hang": True}).raise_for_status()
+        with pytest.raises(httpx.ReadTimeout):
+            client.post("/v1/chat/completions", json={"model": "m", "messages": CHAT, "stream": True,
+                                                      "rid": "hung-1"}, timeout=0.3)
+    stats = wait_for_stats(sim, lambda s: "hung-1" in s["disconnected"])
+    assert "hung-1" in stats["disconnected"]
+
+
+# ---------------------------------------------------------------- faults
+
+def test_error_rate_gives_500(sim):
+    with sim.client() as client:
+        settings = client.post("/sim/faults", json={"error_rate": 1.0}).json()
+        assert settings["error_rate"] == 1.0 and settings["hang"] is False  # full settings echoed
+        native = client.post("/generate", json={"text": "hi"})
+        assert native.status_code == 500 and "message" in native.json()["error"]
+        streaming = client.post("/v1/chat/completions", json={"model": "m", "messages": CHAT, "stream": True})
+        assert streaming.status_code == 500 and streaming.json()["code"] == 500
+    with pytest.raises(openai.InternalServerError):
+        openai_client(sim).chat.completions.create(model="m", messages=CHAT, max_tokens=2)
+
+
+def test_crash_after_tokens_sends_mid_stream_error(sim):
+    with sim.client() as client:
+        client.post("/sim/faults", json={"crash_after_tokens": 2}).raise_for_status()
+        with client.stream("POST", "/v1/chat/completions", json={
+                "model": "m", "messages": CHAT, "max_tokens": 10, "stream": True}) as response:
+            events = sse_events(response)
+        with client.stream("POST", "/generate", json={"text": "hi", "stream": True}) as response:
+            native_events = sse_events(response)
+    role, first, second, error, done = events
+    assert second["choices"][0]["delta"]["content"]
+    assert error["error"]["code"] == 500 and error["error"]["object"] == "error"
+    assert done == "[DONE]"
+    assert len(native_events) == 4 and native_events[2]["error"]["code"] == 500
+
+
+def test_faults_validation_and_get(sim):
+    with sim.client() as client:
+        assert client.post("/sim/faults", json={"error_rate": 2}).status_code == 400
+        assert client.post("/sim/faults", json={"bogus": 1}).status_code == 400
+        assert client.post("/sim/faults", json={"ttft_ms": 1.5}).json()["ttft_ms"] == 1.5
+        assert client.get("/sim/faults").json() == {
+            "error_rate": 0.0, "crash_after_tokens": None, "hang": False, "unhealthy": False,
+            "ttft_ms": 1.5, "itl_ms": 0.0, "prefill_us_per_token": 0.0}
+
+
+def test_unhealthy_and_hang_release(sim):
+    with sim.client() as client:
+        assert client.get("/health").status_code == 200 and client.get("/health").content == b""
+        client.post("/sim/faults", json={"unhealthy": True}).raise_for_status()
+        assert client.get("/health").status_code == 503
+        assert client.get("/health_generate").status_code == 503
+        client.post("/sim/faults", json={"unhealthy": False, "hang": True}).raise_for_status()
+        releaser = threading.Timer(0.3, lambda: httpx.post(f"{sim.base_url}/sim/faults", json={"hang": False}))
+        releaser.start()
+        started = time.monotonic()
+        body = client.post("/generate", json={"text": "hi", "sampling_params": {"max_new_tokens": 2}}).json()
+        releaser.join()
+    assert time.monotonic() - started >= 0.25
+    assert body["meta_info"]["finish_reason"]["type"] == "length"
+
+
+def test_ttft_latency_is_applied(sim):
+    with sim.client() as client:
+        client.post("/sim/faults", json={"ttft_ms": 200}).raise_for_status()
+        started = time.monotonic()
+        client.post("/generate", json={"text": "hi", "sampling_params": {"max_new_tokens": 1}}).raise_for_status()
+    assert time.monotonic() - started >= 0.2
+
+
+# ---------------------------------------------------------------- server endpoints
+
+def test_info_endpoints(sim):
+    with sim.client() as client:
+        server_info = client.get("/server_info").json()
+        assert server_info["context_length"] == 4096 and server_info["served_model_name"] == "demo-llm"
+        assert server_info["enable_cache_report"] is True and server_info["internal_states"]
+        assert "version" in server_info
+        assert client.get("/get_server_info").json()["context_length"] == 4096
+        model_info = client.get("/model_info").json()
+        assert model_info["model_path"] == "demo/demo-llm" and model_info["is_generation"] is True
+        assert client.get("/get_model_info").status_code == 200
+        loads = client.get("/v1/loads").json()
+        assert {"timestamp", "version", "accelerator", "num_accelerators", "loads"} <= set(loads)
+        assert loads["loads"][0]["dp_rank"] == 0 and "num_running_reqs" in loads["loads"][0]
+        legacy = client.get("/get_load").json()
+        assert legacy[0]["num_reqs"] >= 0 and "num_tokens" in legacy[0]
+        assert client.get("/ready").status_code == 200
+        metrics = client.get("/metrics").text
+        for name in ("sglang:num_running_reqs", "sglang:num_queue_reqs", "sglang:token_usage",
+                     "sglang:cache_hit_rate", "sglang:gen_throughput", "sglang:prompt_tokens_total",
+                     "sglang:generation_tokens_total", "sglang:cached_tokens_total", "sglang:num_requests_total",
+                     "sglang:time_to_first_token_seconds_bucket", "sglang:inter_token_latency_seconds_count",
+                     "sglang:e2e_request_latency_seconds_sum"):
+            assert name in metrics
+        assert 'model_name="demo-llm",engine_type="unified"' in metrics
+
+
+def test_flush_cache(sim):
+    with sim.client() as client:
+        client.post("/generate", json={"text": "flush me please", "sampling_params": {"max_new_tokens": 1}})
+        flushed = client.post("/flush_cache")
+        assert flushed.status_code == 200 and flushed.text.startswith("Cache flushed.")
+        assert client.get("/sim/stats").json()["cache"]["total_tokens"] == 0
+
+
+def test_api_key(sim_factory):
+    secured = sim_factory(api_key="secret-key")
+    with httpx.Client(base_url=secured.base_url) as anonymous:
+        response = anonymous.post("/v1/chat/completions", json={"model": "m", "messages": CHAT})
+        assert response.status_code == 401 and response.json() == {"error": "Unauthorized"}
+        assert anonymous.get("/v1/models").status_code == 401
+        assert anonymous.get("/health").status_code == 200
+        assert anonymous.get("/metrics").status_code == 200
+        wrong = anonymous.get("/v1/models", headers={"Authorization": "Bearer nope"})
+        assert wrong.status_code == 401
+    completion = openai_client(secured).chat.completions.create(model="m", messages=CHAT, max_tokens=1)
+    assert completion.usage.completion_tokens == 1

@@ -1,0 +1,122 @@
+"""The public API through the official openai SDK, against a live gateway process
+backed by live simulator processes."""
+import openai
+import pytest
+
+from tests.conftest import usage_rows_wait
+
+MESSAGES = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Name three colours."}]
+
+
+@pytest.fixture
+def client(gateway, tenant_key):
+    return openai.OpenAI(base_url=gateway.base_url, api_key=tenant_key.secret, max_retries=0)
+
+
+def test_models_lists_the_registry(client):
+    ids = {model.id for model in client.models.list()}
+    assert {"test-llm", "slow-llm", "faulty-llm"} <= ids
+    assert client.models.retrieve("test-llm").id == "test-llm"
+
+
+def test_chat_completion_non_streaming(client, tenant_key):
+    completion = client.chat.completions.create(model="test-llm", messages=MESSAGES, max_tokens=12)
+
+    assert completion.id.startswith("chatcmpl-")
+    assert completion.object == "chat.completion"
+    assert completion.model == "test-llm"
+    choice = completion.choices[0]
+    assert choice.message.role == "assistant" and choice.message.content
+    assert choice.finish_reason in ("stop", "length")
+    usage = completion.usage
+    assert usage.prompt_tokens > 0 and 0 < usage.completion_tokens <= 12
+    assert usage.total_tokens == usage.prompt_tokens + usage.completion_tokens
+    assert usage.prompt_tokens_details.cached_tokens >= 0
+
+    [row] = usage_rows_wait(api_key=tenant_key.api_key, count=1)
+    assert row.request_id == completion.id
+    assert (row.prompt_tokens, row.completion_tokens) == (usage.prompt_tokens, usage.completion_tokens)
+    assert row.status == "ok" and row.http_status == 200 and not row.stream
+    assert row.tenant_id == tenant_key.tenant.id and row.model == "test-llm"
+    assert row.latency_ms > 0
+
+
+def test_chat_completion_streaming_with_usage(client, tenant_key):
+    stream = client.chat.completions.create(
+        model="test-llm", messages=MESSAGES, max_tokens=16, stream=True, stream_options={"include_usage": True}
+    )
+    chunks = list(stream)
+
+    content_chunks = [c for c in chunks if c.choices and c.choices[0].delta.content]
+    assert content_chunks, "no tokens streamed"
+    assert len({c.id for c in chunks}) == 1 and chunks[0].id.startswith("chatcmpl-")
+    assert chunks[0].choices[0].delta.role == "assistant"
+    finish = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finish in (["stop"], ["length"])
+    # The usage chunk comes last, with no choices; no other chunk carries usage.
+    assert chunks[-1].choices == [] and chunks[-1].usage is not None
+    assert all(c.usage is None for c in chunks[:-1])
+    usage = chunks[-1].usage
+    assert usage.completion_tokens == len(content_chunks)
+
+    [row] = usage_rows_wait(api_key=tenant_key.api_key, count=1)
+    assert row.stream and row.status == "ok"
+    assert (row.prompt_tokens, row.completion_tokens, row.cached_tokens) == (
+        usage.prompt_tokens, usage.completion_tokens, usage.prompt_tokens_details.cached_tokens)
+    assert row.ttft_ms is not None and 0 < row.ttft_ms <= row.latency_ms
+
+
+def test_streaming_without_include_usage_sends_no_usage_but_records_it(client, tenant_key):
+    chunks = list(client.chat.completions.create(model="test-llm", messages=MESSAGES, max_tokens=8, stream=True))
+
+    assert all(c.usage is None for c in chunks)
+    tokens = sum(1 for c in chunks if c.choices and c.choices[0].delta.content)
+    [row] = usage_rows_wait(api_key=tenant_key.api_key, count=1)
+    assert row.completion_tokens == tokens and row.prompt_tokens > 0
+
+
+def test_repeated_prefix_reports_cached_tokens(client, tenant_key):
+    long_system = "You answer questions about the platform. " * 40
+    messages = [{"role": "system", "content": long_system}, {"role": "user", "content": "First question?"}]
+    first = client.chat.completions.create(model="test-llm", messages=messages, max_tokens=4)
+    messages[-1] = {"role": "user", "content": "Second question?"}
+    second = client.chat.completions.create(model="test-llm", messages=messages, max_tokens=4)
+
+    assert second.usage.prompt_tokens_details.cached_tokens > first.usage.prompt_tokens // 2
+    rows = usage_rows_wait(api_key=tenant_key.api_key, count=2)
+    assert rows[1].cached_tokens == second.usage.prompt_tokens_details.cached_tokens
+
+
+def test_completions_non_streaming_and_streaming(client, tenant_key):
+    completion = client.completions.create(model="test-llm", prompt="Once upon a time", max_tokens=10)
+    assert completion.id.startswith("cmpl-") and completion.object == "text_completion"
+    assert completion.choices[0].text and completion.usage.completion_tokens <= 10
+
+    chunks = list(client.completions.create(model="test-llm", prompt="Once upon a time", max_tokens=10,
+                                            stream=True, stream_options={"include_usage": True}))
+    text = "".join(c.choices[0].text for c in chunks if c.choices)
+    assert text == completion.choices[0].text  # the simulator is deterministic
+    assert chunks[-1].usage.completion_tokens == completion.usage.completion_tokens
+
+    rows = usage_rows_wait(api_key=tenant_key.api_key, count=2)
+    assert [r.endpoint for r in rows] == ["completions", "completions"]
+    assert [r.stream for r in rows] == [False, True]
+
+
+def test_async_client_streams_concurrently(gateway, tenant_key):
+    import asyncio
+
+    async def main():
+        client = openai.AsyncOpenAI(base_url=gateway.base_url, api_key=tenant_key.secret, max_retries=0)
+        async def one(i):
+            stream = await client.chat.completions.create(
+                model="test-llm", messages=[{"role": "user", "content": f"question {i}"}], max_tokens=6, stream=True)
+            return [c async for c in stream]
+        results = await asyncio.gather(*(one(i) for i in range(20)))
+        await client.close()
+        return results
+
+    results = asyncio.run(main())
+    assert len({chunks[0].id for chunks in results}) == 20
+    usage_rows = usage_rows_wait(api_key=tenant_key.api_key, count=20)
+    assert len(usage_rows) == 20 and all(r.status == "ok" for r in usage_rows)
