@@ -1,0 +1,74 @@
+#!/usr/bin/env bash
+# Sets up and runs the whole platform on this machine: migrations, an SGLang-protocol
+# simulator, the ASGI server, a Celery worker and beat, a demo tenant and key.
+# Ctrl-C stops everything. Ports: GATEWAY_PORT (8000), SIM_PORT (30000).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+GATEWAY_HOST="${GATEWAY_HOST:-127.0.0.1}"
+GATEWAY_PORT="${GATEWAY_PORT:-8000}"
+SIM_PORT="${SIM_PORT:-30000}"
+MODEL="${DEMO_MODEL:-demo-llm}"
+export PYTHONPATH="$ROOT/platform:$ROOT"
+export DJANGO_SETTINGS_MODULE=config.settings
+
+deploy/setup.sh
+.venv/bin/python deploy/check_services.py
+.venv/bin/python manage.py migrate --noinput >/dev/null
+mkdir -p .run
+
+pids=()
+stop_all() {
+  trap - INT TERM EXIT
+  for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+}
+trap stop_all INT TERM EXIT
+
+wait_http() {  # url, name, log
+  for _ in $(seq 1 100); do
+    if .venv/bin/python -c "import sys,urllib.request; urllib.request.urlopen(sys.argv[1], timeout=1)" "$1" 2>/dev/null; then
+      return 0
+    fi
+    sleep 0.2
+  done
+  echo "error: $2 did not start; see $3" >&2
+  tail -n 20 "$3" >&2
+  exit 1
+}
+
+.venv/bin/python -m inference.sim --host 127.0.0.1 --port "$SIM_PORT" --served-model-name "$MODEL" \
+  --enable-cache-report --ttft-ms 40 --itl-ms 15 > .run/sim.log 2>&1 &
+pids+=($!)
+wait_http "http://127.0.0.1:$SIM_PORT/health" simulator .run/sim.log
+
+API_KEY=$(.venv/bin/python manage.py demo_setup --model "$MODEL" --backend "http://127.0.0.1:$SIM_PORT")
+
+.venv/bin/python -m uvicorn config.asgi:application --app-dir platform --host "$GATEWAY_HOST" \
+  --port "$GATEWAY_PORT" --loop uvloop --http httptools --lifespan on --no-access-log > .run/gateway.log 2>&1 &
+pids+=($!)
+.venv/bin/python -m celery -A config worker --loglevel INFO --concurrency 2 > .run/worker.log 2>&1 &
+pids+=($!)
+.venv/bin/python -m celery -A config beat --loglevel INFO --schedule .run/celerybeat-schedule > .run/beat.log 2>&1 &
+pids+=($!)
+wait_http "http://$GATEWAY_HOST:$GATEWAY_PORT/healthz" gateway .run/gateway.log
+
+BASE="http://$GATEWAY_HOST:$GATEWAY_PORT/v1"
+cat <<TXT
+
+The platform is running (logs in .run/). Export these to use it:
+
+OPENAI_BASE_URL=$BASE
+OPENAI_API_KEY=$API_KEY
+
+Try it:
+  curl -N $BASE/chat/completions -H "Authorization: Bearer $API_KEY" -H "Content-Type: application/json" \\
+    -d '{"model": "$MODEL", "stream": true, "messages": [{"role": "user", "content": "Hello"}]}'
+  .venv/bin/python -c 'from openai import OpenAI; c = OpenAI(base_url="$BASE", api_key="$API_KEY"); print(c.chat.completions.create(model="$MODEL", messages=[{"role": "user", "content": "Hello"}]).choices[0].message.content)'
+
+Admin: http://$GATEWAY_HOST:$GATEWAY_PORT/admin/ (create a login with: .venv/bin/python manage.py createsuperuser)
+WebSocket API: ws://$GATEWAY_HOST:$GATEWAY_PORT/v1/ws
+Press Ctrl-C to stop.
+TXT
+wait -n "${pids[@]}"
+echo "a platform process exited; see .run/*.log" >&2
