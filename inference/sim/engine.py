@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import random
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import AsyncIterator, Hashable
 
@@ -34,6 +35,9 @@ from .metrics import SimStats
 from .radix_cache import RadixCache, RadixNode
 from .timing import TimingModel
 from .tokenizer import EOS_TOKEN_ID, PseudoTextSource, generation_seed, natural_length
+
+# Window over which gen_throughput is averaged, seconds.
+THROUGHPUT_WINDOW_S = 10.0
 
 # With no inter-token delay, yield to the event loop after this many tokens so
 # one long request cannot starve the others.
@@ -128,7 +132,8 @@ class SimEngine:
         self._active: set[RunningRequest] = set()
         # Drives error_rate; seeded so a run's fault pattern is reproducible.
         self._fault_rng = random.Random(config.seed)
-        self._throughput_sample = (time.monotonic(), 0)
+        # (finish time in time.monotonic() seconds, completion tokens) of recent requests
+        self._recent_completions: deque[tuple[float, int]] = deque()
 
     # ------------------------------------------------------------ admission
 
@@ -154,7 +159,8 @@ class SimEngine:
         """Validate, maybe inject a failure, match the prefix cache, start tracking.
 
         Raises RequestRejected (4xx) or InjectedFailure (500). After a
-        successful return the caller must drive `run` to the end or close it.
+        successful return the caller must end the request through `run`
+        and/or `finalize` (idempotent), or its cache lock is never released.
         """
         prompt_ids = request.prompt_ids
         if not prompt_ids:
@@ -350,6 +356,8 @@ class SimEngine:
         stats.prompt_tokens_total += running.prompt_tokens
         stats.completion_tokens_total += running.completion_tokens
         stats.cached_tokens_total += running.cached_tokens
+        if running.completion_tokens:
+            self._recent_completions.append((running.finished_at, running.completion_tokens))
         finish_reason = running.finish_reason
         if finish_reason is None and running.abort_cause is None:
             # The consumer went away without telling us (e.g. a failed write).
@@ -423,13 +431,12 @@ class SimEngine:
         return min(1.0, self.cache.protected_tokens / capacity) if capacity else 0.0
 
     def gen_throughput(self) -> float:
-        """Tokens/s generated since the previous call (a scrape-to-scrape rate)."""
-        now = time.monotonic()
-        total = self.stats.completion_tokens_total + sum(r.completion_tokens for r in self._active)
-        previous_time, previous_total = self._throughput_sample
-        self._throughput_sample = (now, total)
-        elapsed = now - previous_time
-        return (total - previous_total) / elapsed if elapsed > 0 else 0.0
+        """Generated tokens/s over the last THROUGHPUT_WINDOW_S (finished requests)."""
+        horizon = time.monotonic() - THROUGHPUT_WINDOW_S
+        recent = self._recent_completions
+        while recent and recent[0][0] < horizon:
+            recent.popleft()
+        return sum(tokens for _, tokens in recent) / THROUGHPUT_WINDOW_S
 
     def stats_snapshot(self) -> dict:
         stats = self.stats

@@ -121,6 +121,9 @@ async def _api_error_middleware(request: web.Request, handler):
         return await handler(request)
     except ApiError as error:
         return _json(error.body, status=error.status)
+    except (web.HTTPNotFound, web.HTTPMethodNotAllowed) as error:
+        # FastAPI's default bodies, as SGLang (a FastAPI app) sends them.
+        return _json({"detail": error.reason}, status=error.status)
 
 
 # ---------------------------------------------------------------- generation
@@ -186,19 +189,28 @@ class GenerationHandlers:
                         usage = running_usage(running, enable_cache_report) if continuous else None
                         pending.append(writer.content_chunk(step.delta_text, usage))
                     if step.finish_reason is not None:
+                        # the last step: its chunks leave with the tail below
                         pending.append(writer.finish_chunk(step.finish_reason["type"],
                                                            step.finish_reason.get("matched")))
-                    elif step.more_ready and len(pending) < MAX_COALESCED_CHUNKS:
-                        continue
-                    response = await self._flush_sse(request, response, pending)
+                    elif not step.more_ready or len(pending) >= MAX_COALESCED_CHUNKS:
+                        response = await self._flush_sse(request, response, pending)
             if parsed.include_usage:
                 pending.append(writer.usage_chunk(running_usage(running, enable_cache_report)))
             pending.append(SSE_DONE)
-            response = await self._flush_sse(request, response, pending)
-            await response.write_eof()
+            response = await self._finish_sse(request, response, pending)
         except _CLIENT_GONE:
             self.engine.mark_disconnected(running)
         return response if response is not None else web.Response(status=499)
+
+    async def _finish_sse(self, request: web.Request, response: web.StreamResponse | None,
+                          pending: list[bytes]) -> web.StreamResponse:
+        """Send the remaining chunks and end the body in one go."""
+        if response is None:
+            response = web.StreamResponse(status=200, headers=_SSE_HEADERS)
+            await response.prepare(request)
+        await response.write_eof(b"".join(pending))
+        pending.clear()
+        return response
 
     async def _flush_sse(self, request: web.Request, response: web.StreamResponse | None,
                          pending: list[bytes]) -> web.StreamResponse:
@@ -244,14 +256,12 @@ class GenerationHandlers:
                                          completion_tokens=running.completion_tokens, cached_tokens=0,
                                          enable_cache_report=False) if continuous else None
                     pending.append(writer.text_chunk(delta, step.finish_reason, usage))
-                    if step.finish_reason is None and step.more_ready and len(pending) < MAX_COALESCED_CHUNKS:
-                        continue
-                    response = await self._flush_sse(request, response, pending)
+                    if step.finish_reason is None and (not step.more_ready or len(pending) >= MAX_COALESCED_CHUNKS):
+                        response = await self._flush_sse(request, response, pending)
             if parsed.include_usage:
                 pending.append(writer.usage_chunk(running_usage(running, self.config.enable_cache_report)))
             pending.append(SSE_DONE)
-            response = await self._flush_sse(request, response, pending)
-            await response.write_eof()
+            response = await self._finish_sse(request, response, pending)
         except _CLIENT_GONE:
             self.engine.mark_disconnected(running)
         return response if response is not None else web.Response(status=499)
@@ -311,13 +321,11 @@ class GenerationHandlers:
                         break
                     final = step.finish_reason is not None
                     pending.append(native_sse(running, final=final))
-                    if not final and step.more_ready and len(pending) < MAX_COALESCED_CHUNKS:
-                        continue
-                    await response.write(b"".join(pending))
-                    pending.clear()
+                    if not final and (not step.more_ready or len(pending) >= MAX_COALESCED_CHUNKS):
+                        await response.write(b"".join(pending))
+                        pending.clear()
             pending.append(SSE_DONE)
-            await response.write(b"".join(pending))
-            await response.write_eof()
+            await response.write_eof(b"".join(pending))
         except _CLIENT_GONE:
             self.engine.mark_disconnected(running)
         return response
@@ -419,7 +427,7 @@ class InfoHandlers:
             **self._server_args(),
             "startup_time": self.started_at,
             "internal_states": [{
-                "last_gen_throughput": 0.0,
+                "last_gen_throughput": round(engine.gen_throughput(), 2),
                 "num_running_reqs": engine.num_running_requests,
                 "max_total_num_tokens": self.config.cache_capacity_tokens,
                 "effective_max_running_requests_per_dp": self.config.max_running_requests,
@@ -445,7 +453,7 @@ class InfoHandlers:
             "max_total_num_tokens": self.config.cache_capacity_tokens,
             "max_running_requests": self.config.max_running_requests,
             "token_usage": round(engine.token_usage(), 4),
-            "gen_throughput": 0.0,
+            "gen_throughput": round(engine.gen_throughput(), 2),
             "cache_hit_rate": round(engine.cache_hit_rate(), 4),
             "utilization": round(engine.num_running_requests / max(1, self.config.max_running_requests), 4),
             "total_prefill_uncached_tokens": engine.stats.prompt_tokens_total - engine.stats.cached_tokens_total,

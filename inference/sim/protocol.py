@@ -81,7 +81,7 @@ class _Fields:
         self.schema_name = schema_name
         self.make_error = make_error
 
-    def _fail(self, name: str, problem: str):
+    def fail(self, name: str, problem: str):
         raise self.make_error(name, problem, self.schema_name)
 
     def optional_int(self, name: str, source: dict | None = None) -> int | None:
@@ -91,7 +91,7 @@ class _Fields:
         if isinstance(value, bool) or not isinstance(value, int):
             if isinstance(value, float) and value.is_integer():
                 return int(value)
-            self._fail(name, "Input should be a valid integer")
+            self.fail(name, "Input should be a valid integer")
         return value
 
     def optional_float(self, name: str, source: dict | None = None) -> float | None:
@@ -99,7 +99,7 @@ class _Fields:
         if value is None:
             return None
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            self._fail(name, "Input should be a valid number")
+            self.fail(name, "Input should be a valid number")
         return float(value)
 
     def boolean(self, name: str, default: bool = False, source: dict | None = None) -> bool:
@@ -107,7 +107,7 @@ class _Fields:
         if value is None:
             return default
         if not isinstance(value, bool):
-            self._fail(name, "Input should be a valid boolean")
+            self.fail(name, "Input should be a valid boolean")
         return value
 
     def optional_str(self, name: str, source: dict | None = None) -> str | None:
@@ -115,7 +115,7 @@ class _Fields:
         if value is None:
             return None
         if not isinstance(value, str):
-            self._fail(name, "Input should be a valid string")
+            self.fail(name, "Input should be a valid string")
         return value
 
     def stop_strings(self, name: str = "stop", source: dict | None = None) -> tuple[str, ...]:
@@ -126,7 +126,7 @@ class _Fields:
             return (value,) if value else ()
         if isinstance(value, list) and all(isinstance(item, str) for item in value):
             return tuple(item for item in value if item)
-        self._fail(name, "Input should be a valid string or list of strings")
+        self.fail(name, "Input should be a valid string or list of strings")
 
     def token_ids(self, name: str, source: dict | None = None) -> tuple[int, ...]:
         value = (source if source is not None else self.body).get(name)
@@ -134,7 +134,7 @@ class _Fields:
             return ()
         if isinstance(value, list) and all(isinstance(item, int) and not isinstance(item, bool) for item in value):
             return tuple(value)
-        self._fail(name, "Input should be a valid list of integers")
+        self.fail(name, "Input should be a valid list of integers")
 
 
 def _cache_namespace(cache_salt: str | None, extra_key: str | None):
@@ -168,7 +168,7 @@ def _openai_common(fields: _Fields, *, prompt_ids: list[int], max_tokens: int | 
     body = fields.body
     model = body.get("model", "default")
     if not isinstance(model, str):
-        fields._fail("model", "Input should be a valid string")
+        fields.fail("model", "Input should be a valid string")
     n = fields.optional_int("n")
     if n is not None and n != 1:
         raise openai_error("The simulator supports only n=1.")
@@ -180,7 +180,7 @@ def _openai_common(fields: _Fields, *, prompt_ids: list[int], max_tokens: int | 
     include_usage = continuous_usage_stats = False
     if stream_options is not None:
         if not isinstance(stream_options, dict):
-            fields._fail("stream_options", "Input should be a valid dictionary or object")
+            fields.fail("stream_options", "Input should be a valid dictionary or object")
         include_usage = fields.boolean("include_usage", source=stream_options)
         continuous_usage_stats = fields.boolean("continuous_usage_stats", source=stream_options)
     rid = body.get("rid")
@@ -209,9 +209,9 @@ def parse_chat_request(body: Any) -> OpenAIRequest:
     fields = _Fields(body, "ChatCompletionRequest", openai_schema_error)
     messages = body.get("messages")
     if messages is None:
-        fields._fail("messages", "Field required")
+        fields.fail("messages", "Field required")
     if not isinstance(messages, list):
-        fields._fail("messages", "Input should be a valid list")
+        fields.fail("messages", "Input should be a valid list")
     if not messages:
         raise openai_error("Messages cannot be empty.")
     try:
@@ -228,7 +228,7 @@ def parse_chat_request(body: Any) -> OpenAIRequest:
 def parse_completion_request(body: Any) -> OpenAIRequest:
     fields = _Fields(body, "CompletionRequest", openai_schema_error)
     if "prompt" not in body:
-        fields._fail("prompt", "Field required")
+        fields.fail("prompt", "Field required")
     prompt = body.get("prompt")
     if not prompt or (isinstance(prompt, list) and all(not item for item in prompt)):
         raise openai_error("Prompt cannot be empty")
@@ -243,7 +243,7 @@ def parse_completion_request(body: Any) -> OpenAIRequest:
             raise openai_error("The simulator does not support batched prompts; send one prompt per request.")
         return parse_completion_request({**body, "prompt": prompt[0]})
     else:
-        fields._fail("prompt", "Input should be a valid string or list of token ids")
+        fields.fail("prompt", "Input should be a valid string or list of token ids")
     max_tokens = fields.optional_int("max_tokens")
     if "max_tokens" not in body:
         max_tokens = 16  # CompletionRequest's default
@@ -277,7 +277,7 @@ def parse_generate_request(body: Any) -> GenerationRequest:
                 raise native_error("The simulator does not support batch generate requests.")
             text = text[0]
         if not isinstance(text, str):
-            fields._fail("text", "Input should be a valid string")
+            fields.fail("text", "Input should be a valid string")
         prompt_ids = tokenize(text)
     else:
         if isinstance(input_ids, list) and input_ids and isinstance(input_ids[0], list):
@@ -286,7 +286,7 @@ def parse_generate_request(body: Any) -> GenerationRequest:
             input_ids = input_ids[0]
         if not isinstance(input_ids, list) or not all(
                 isinstance(item, int) and not isinstance(item, bool) for item in input_ids):
-            fields._fail("input_ids", "Input should be a valid list of integers")
+            fields.fail("input_ids", "Input should be a valid list of integers")
         prompt_ids = list(input_ids)
     sampling = body.get("sampling_params") or {}
     if isinstance(sampling, list):
@@ -294,7 +294,7 @@ def parse_generate_request(body: Any) -> GenerationRequest:
             raise native_error("The simulator does not support batch generate requests.")
         sampling = sampling[0]
     if not isinstance(sampling, dict):
-        fields._fail("sampling_params", "Input should be a valid dictionary")
+        fields.fail("sampling_params", "Input should be a valid dictionary")
     max_new_tokens = fields.optional_int("max_new_tokens", source=sampling) if "max_new_tokens" in sampling else 128
     n = fields.optional_int("n", source=sampling)
     if n is not None and n != 1:
@@ -305,7 +305,7 @@ def parse_generate_request(body: Any) -> GenerationRequest:
     if isinstance(rid, list) and len(rid) == 1:
         rid = rid[0]
     if rid is not None and not isinstance(rid, str):
-        fields._fail("rid", "Input should be a valid string")
+        fields.fail("rid", "Input should be a valid string")
     lora_path = body.get("lora_path")
     return GenerationRequest(
         rid=rid or new_rid(),

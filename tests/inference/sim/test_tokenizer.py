@@ -19,6 +19,8 @@ from inference.sim.tokenizer import (
     tokenize,
 )
 
+from .sim_process import REPO_ROOT
+
 
 def test_pieces_round_trip_the_text():
     text = "Hello, world!\n\n  Ünïcode  tabs\tand <|user|> specials."
@@ -37,7 +39,7 @@ def test_ids_are_stable_across_processes():
     code = "from inference.sim.tokenizer import tokenize; print(tokenize('stable ids across processes'))"
     outputs = {
         subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                       env={"PYTHONHASHSEED": seed, "PATH": ""}, cwd=".").stdout
+                       env={"PYTHONHASHSEED": seed, "PYTHONPATH": str(REPO_ROOT)}, cwd=REPO_ROOT).stdout
         for seed in ("1", "2")
     }
     assert len(outputs) == 1
