@@ -27,6 +27,8 @@ class UsageRecord(models.Model):
     prompt_tokens = models.PositiveIntegerField(default=0)
     completion_tokens = models.PositiveIntegerField(default=0)
     cached_tokens = models.PositiveIntegerField(default=0)
+    # Millionths of the model's currency unit at the model's budget price, rounded up.
+    cost_micros = models.PositiveBigIntegerField(default=0)
     status = models.CharField(max_length=16, choices=Status.choices)
     http_status = models.PositiveSmallIntegerField()
     error_code = models.CharField(max_length=64, blank=True, default="")
@@ -46,3 +48,35 @@ class UsageRecord(models.Model):
 
     def __str__(self) -> str:
         return f"{self.request_id} {self.status}"
+
+
+class BudgetAlert(models.Model):
+    """A tenant or key crossed a budget threshold; recorded once per month and kind."""
+
+    class Kind(models.TextChoices):
+        SOFT = "soft", "Soft threshold reached"
+        HARD = "hard", "Budget exhausted"
+
+    class Budget(models.TextChoices):
+        SPEND = "spend", "Spend"
+        TOKENS = "tokens", "Tokens"
+
+    tenant = models.ForeignKey(Tenant, on_delete=models.CASCADE, related_name="budget_alerts")
+    # Null for the tenant's own budget.
+    api_key = models.ForeignKey(ApiKey, null=True, blank=True, on_delete=models.CASCADE, related_name="+")
+    period = models.CharField(max_length=7)  # YYYY-MM, UTC
+    kind = models.CharField(max_length=8, choices=Kind.choices)
+    budget = models.CharField(max_length=8, choices=Budget.choices)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(
+                fields=["tenant", "api_key", "period", "kind", "budget"],
+                nulls_distinct=False,
+                name="budget_alert_once_per_period",
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.tenant} {self.period} {self.budget} {self.kind}"

@@ -8,7 +8,7 @@ from django.db import transaction
 
 from tenants.models import ApiKey
 
-from .models import UsageRecord
+from .models import BudgetAlert, UsageRecord
 
 
 @dataclass(slots=True)
@@ -28,6 +28,7 @@ class UsageEvent:
     prompt_tokens: int
     completion_tokens: int
     cached_tokens: int
+    cost_micros: int
     status: str
     http_status: int
     error_code: str
@@ -51,3 +52,11 @@ def usage_records_write(*, events: Iterable[UsageEvent]) -> int:
         for api_key_id, at in last_used.items():
             ApiKey.objects.filter(pk=api_key_id).update(last_used_at=at)
     return len(rows)
+
+
+def budget_alert_record(*, tenant_id: int, api_key_id: int | None, period: str, kind: str, budget: str) -> bool:
+    """Records a budget alert; returns False when this one was recorded before."""
+    _, created = BudgetAlert.objects.get_or_create(
+        tenant_id=tenant_id, api_key_id=api_key_id, period=period, kind=kind, budget=budget
+    )
+    return created

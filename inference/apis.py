@@ -43,8 +43,9 @@ async def _json_send(send, status: int, body: bytes, headers: dict[str, str] | N
     await send({"type": "http.response.body", "body": body})
 
 
-async def _error_send(send, error: ApiError, request_id: str | None = None) -> None:
-    headers = dict(error.headers)
+async def _error_send(send, error: ApiError, request_id: str | None = None,
+                      extra_headers: dict[str, str] | None = None) -> None:
+    headers = {**(extra_headers or {}), **error.headers}
     if request_id:
         headers["x-request-id"] = request_id
     await _json_send(send, error.status, error.body(), headers)
@@ -105,23 +106,30 @@ async def _completion_respond(runtime: GatewayRuntime, scope, receive, send, pri
     watch = _DisconnectWatch(receive)
     try:
         if not request.stream:
-            result = await service.completion_create(request)
+            try:
+                result = await service.completion_create(request)
+            except ApiError as error:
+                watch.complete = True
+                await _error_send(send, error, request.request_id, request.response_headers)
+                return
             watch.complete = True
-            await _json_send(send, 200, orjson.dumps(result), {"x-request-id": request.request_id})
+            await _json_send(send, 200, orjson.dumps(result),
+                             {"x-request-id": request.request_id, **request.response_headers})
             return
         async with contextlib.aclosing(service.completion_stream(request)) as chunks:
             try:
                 first = await anext(chunks)
             except ApiError as error:
                 watch.complete = True
-                await _error_send(send, error, request.request_id)
+                await _error_send(send, error, request.request_id, request.response_headers)
                 return
             except StopAsyncIteration:
                 first = None
             await send({
                 "type": "http.response.start",
                 "status": 200,
-                "headers": [*SSE_HEADERS, (b"x-request-id", request.request_id.encode())],
+                "headers": [*SSE_HEADERS, (b"x-request-id", request.request_id.encode()),
+                            *((k.encode(), v.encode()) for k, v in request.response_headers.items())],
             })
             try:
                 if first is not None:

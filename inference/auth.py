@@ -86,6 +86,9 @@ class ApiKeyAuthenticator:
     def forget_key(self, key_hash: str) -> None:
         self._entries.pop(key_hash, None)
 
+    def forget_all(self) -> None:
+        self._entries.clear()
+
     def forget_tenant(self, tenant_id: int) -> None:
         stale = [h for h, (_, p) in self._entries.items() if p is not None and p.tenant_id == tenant_id]
         for key_hash in stale:

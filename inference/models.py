@@ -17,6 +17,12 @@ class ServedModel(TimeStampedModel):
     context_length = models.PositiveIntegerField(default=8192)
     owned_by = models.CharField(max_length=100, default="platform")
     status = models.CharField(max_length=16, choices=Status.choices, default=Status.ACTIVE)
+    # Prices in `currency` per million tokens, used for budgets. (The billing price
+    # book, effective-dated per model version, is what invoices use.)
+    currency = models.CharField(max_length=3, default="usd")
+    input_price_per_million = models.DecimalField(max_digits=12, decimal_places=6, default=0)
+    cached_input_price_per_million = models.DecimalField(max_digits=12, decimal_places=6, default=0)
+    output_price_per_million = models.DecimalField(max_digits=12, decimal_places=6, default=0)
 
     class Meta:
         ordering = ["name"]

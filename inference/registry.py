@@ -1,7 +1,9 @@
 """The one place model names resolve: a per-process snapshot of the served models
 and their backend pools, reloaded from PostgreSQL periodically and on change."""
+import math
 import time
 from dataclasses import dataclass, field
+from decimal import Decimal
 
 from . import errors
 
@@ -23,6 +25,21 @@ class BackendState:
         return self.status == "active" and self.cooldown_until <= now
 
 
+@dataclass(frozen=True, slots=True)
+class Prices:
+    """Currency units per million tokens, which is also micros per token."""
+
+    input: Decimal = Decimal(0)
+    cached_input: Decimal = Decimal(0)
+    output: Decimal = Decimal(0)
+
+    def cost_micros(self, *, prompt_tokens: int, cached_tokens: int, completion_tokens: int) -> int:
+        """Millionths of the currency unit, rounded up to a whole micro."""
+        cached = min(cached_tokens, prompt_tokens)
+        exact = (prompt_tokens - cached) * self.input + cached * self.cached_input + completion_tokens * self.output
+        return math.ceil(exact)
+
+
 @dataclass(slots=True)
 class ModelEntry:
     name: str
@@ -30,6 +47,7 @@ class ModelEntry:
     context_length: int
     owned_by: str
     created: int  # epoch seconds
+    prices: Prices = Prices()
     backends: list[BackendState] = field(default_factory=list)
     # Rotates the tie-break between equally loaded backends.
     next_index: int = 0
@@ -51,6 +69,7 @@ class ModelRow:
     context_length: int
     owned_by: str
     created: int
+    prices: Prices
     backends: tuple[tuple[str, str, str], ...]  # (url, api_key, status)
 
 
@@ -64,7 +83,7 @@ class Registry:
         models: dict[str, ModelEntry] = {}
         backends: dict[str, BackendState] = {}
         for row in rows:
-            entry = ModelEntry(row.name, row.upstream_name, row.context_length, row.owned_by, row.created)
+            entry = ModelEntry(row.name, row.upstream_name, row.context_length, row.owned_by, row.created, row.prices)
             for url, api_key, status in row.backends:
                 state = self._backends.get(url) or backends.get(url) or BackendState(url)
                 state.api_key, state.status = api_key, status

@@ -13,10 +13,15 @@ from django.db import close_old_connections
 from config.redis import INVALIDATION_CHANNEL
 from tenants.selectors import ApiKeyPrincipal, api_key_principal_get
 
+from billing.selectors import usage_spend_since
+from billing.services import budget_alert_record
+
+from .admission import AdmissionGate
 from .auth import ApiKeyAuthenticator
+from .limits import Limiter
 from .metering import UsageRecorder
 from .models import ServedModel
-from .registry import ModelRow, Registry
+from .registry import ModelRow, Prices, Registry
 from .sglang import session_create
 from .streaming import CompletionService
 
@@ -31,6 +36,16 @@ def _principal_load(key_hash: str) -> ApiKeyPrincipal | None:
     return api_key_principal_get(key_hash=key_hash)
 
 
+def _budget_spend_load(tenant_id: int, api_key_id: int | None, since) -> tuple[int, int]:
+    close_old_connections()
+    return usage_spend_since(tenant_id=tenant_id, api_key_id=api_key_id, since=since)
+
+
+def _budget_alert_save(tenant_id: int, api_key_id: int | None, period: str, kind: str, budget: str) -> None:
+    close_old_connections()
+    budget_alert_record(tenant_id=tenant_id, api_key_id=api_key_id, period=period, kind=kind, budget=budget)
+
+
 def _registry_rows() -> list[ModelRow]:
     close_old_connections()
     rows = []
@@ -42,6 +57,8 @@ def _registry_rows() -> list[ModelRow]:
                 context_length=model.context_length,
                 owned_by=model.owned_by,
                 created=int(model.created_at.timestamp()),
+                prices=Prices(model.input_price_per_million, model.cached_input_price_per_million,
+                              model.output_price_per_million),
                 backends=tuple((b.url, b.api_key, b.status) for b in model.backends.all()),
             )
         )
@@ -63,11 +80,39 @@ class GatewayRuntime:
         self.usage = UsageRecorder(
             batch_rows=settings.GATEWAY_USAGE_BATCH_ROWS, flush_seconds=settings.GATEWAY_USAGE_FLUSH_SECONDS
         )
+        self.redis = aioredis.Redis(
+            connection_pool=aioredis.BlockingConnectionPool.from_url(
+                settings.REDIS_URL,
+                max_connections=settings.GATEWAY_REDIS_MAX_CONNECTIONS,
+                timeout=settings.GATEWAY_REDIS_TIMEOUT_SECONDS,
+                socket_timeout=settings.GATEWAY_REDIS_TIMEOUT_SECONDS,
+                socket_connect_timeout=settings.GATEWAY_REDIS_TIMEOUT_SECONDS,
+            )
+        )
+        self.limiter = Limiter(
+            self.redis,
+            lease_seconds=settings.GATEWAY_REQUEST_LEASE_SECONDS,
+            retry_seconds=settings.GATEWAY_REDIS_RETRY_SECONDS,
+            offline_allowance_micros=settings.GATEWAY_BUDGET_OFFLINE_ALLOWANCE_MICROS,
+            offline_allowance_tokens=settings.GATEWAY_BUDGET_OFFLINE_ALLOWANCE_TOKENS,
+            budget_load=sync_to_async(_budget_spend_load, thread_sensitive=True),
+            alert_record=sync_to_async(_budget_alert_save, thread_sensitive=True),
+        )
+        self.gate = AdmissionGate(
+            max_outstanding_per_backend=settings.GATEWAY_BACKEND_MAX_OUTSTANDING,
+            queue_max=settings.GATEWAY_QUEUE_MAX,
+            timeouts={"premium": settings.GATEWAY_QUEUE_TIMEOUT_PREMIUM_SECONDS,
+                      "standard": settings.GATEWAY_QUEUE_TIMEOUT_STANDARD_SECONDS,
+                      "free": settings.GATEWAY_QUEUE_TIMEOUT_FREE_SECONDS},
+        )
         self.completions = CompletionService(
             session=self.session,
             registry=self.registry,
             record_usage=self.usage.record,
+            limiter=self.limiter,
+            gate=self.gate,
             cooldown_seconds=settings.GATEWAY_BACKEND_COOLDOWN_SECONDS,
+            default_max_tokens=settings.GATEWAY_DEFAULT_MAX_TOKENS,
         )
         self._tasks: list[asyncio.Task] = []
 
@@ -84,8 +129,10 @@ class GatewayRuntime:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.limiter.drain()
         await self.usage.stop()
         await self.session.close()
+        await self.redis.aclose()
 
     async def registry_reload(self) -> None:
         rows = await sync_to_async(_registry_rows, thread_sensitive=True)()
@@ -127,6 +174,8 @@ class GatewayRuntime:
             self.auth.forget_key(str(message.get("key_hash")))
         elif kind == "tenant":
             self.auth.forget_tenant(int(message.get("tenant_id", 0)))
+        elif kind == "all_keys":
+            self.auth.forget_all()
         elif kind == "registry":
             try:
                 await self.registry_reload()

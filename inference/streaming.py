@@ -24,8 +24,10 @@ from billing.services import UsageEvent
 from tenants.selectors import ApiKeyPrincipal
 
 from . import errors
+from .admission import AdmissionGate
 from .errors import ApiError
-from .registry import BackendState, Resolution
+from .limits import Admission, Limiter
+from .registry import BackendState, Prices, Resolution
 from .routing import route_pick_backend
 from .sglang import BackendUnreachable, backend_abort, backend_post, sse_data
 
@@ -39,6 +41,9 @@ ID_PREFIX = {CHAT: "chatcmpl-", COMPLETIONS: "cmpl-"}
 GATEWAY_OWNED_FIELDS = ("rid", "lora_path")
 # Status stored for a request the client abandoned (nginx's convention).
 CLIENT_CLOSED_STATUS = 499
+# Chat-template tokens counted per message, and once per request, in the prompt bound.
+PROMPT_TOKENS_PER_MESSAGE = 8
+PROMPT_TOKENS_FIXED = 8
 
 
 @dataclass(slots=True)
@@ -52,8 +57,14 @@ class CompletionRequest:
     include_usage: bool
     started: float = field(default_factory=time.perf_counter)
     started_at: datetime = field(default_factory=lambda: datetime.now(timezone.utc))
-    # Set by the service when the request starts; adapters read delivered usage from it.
+    # Set by the service when the request starts; adapters read delivered usage and
+    # the rate-limit headers from them.
     meter: "UsageMeter | None" = None
+    admission: Admission | None = None
+
+    @property
+    def response_headers(self) -> dict[str, str]:
+        return self.admission.headers if self.admission is not None else {}
 
     @property
     def model_name(self) -> str:
@@ -129,8 +140,48 @@ def completion_request_build(
     )
 
 
-def _upstream_body(request: CompletionRequest, resolution: Resolution, *, stream: bool) -> bytes:
+def prompt_tokens_upper_bound(request: CompletionRequest) -> int:
+    """An upper bound of the prompt's tokens without a tokenizer: every token of a
+    byte-level BPE covers at least one byte, and a chat template adds a few tokens
+    per message (PROMPT_TOKENS_PER_MESSAGE). Settlement corrects it afterwards."""
+    body = request.body
+    if request.endpoint == CHAT:
+        total = PROMPT_TOKENS_FIXED
+        for message in body["messages"]:
+            total += PROMPT_TOKENS_PER_MESSAGE
+            content = message.get("content")
+            if isinstance(content, str):
+                total += len(content.encode())
+            elif isinstance(content, list):
+                total += len(orjson.dumps(content))
+            if message.get("tool_calls"):
+                total += len(orjson.dumps(message["tool_calls"]))
+        if body.get("tools"):
+            total += len(orjson.dumps(body["tools"]))
+        return total
+    prompt = body["prompt"]
+    if isinstance(prompt, str):
+        return len(prompt.encode()) + PROMPT_TOKENS_FIXED
+    if prompt and all(isinstance(item, int) for item in prompt):
+        return len(prompt)
+    return len(orjson.dumps(prompt)) + PROMPT_TOKENS_FIXED
+
+
+def completion_tokens_cap(request: CompletionRequest, default_max_tokens: int) -> tuple[str, int]:
+    """(field, value) bounding the completion: the caller's max_tokens or
+    max_completion_tokens, else the gateway's default, which is then also sent to
+    the backend so that what was reserved bounds what is generated."""
+    for name in ("max_completion_tokens", "max_tokens"):
+        value = request.body.get(name)
+        if value is not None:
+            return name, value
+    return "max_tokens", default_max_tokens
+
+
+def _upstream_body(request: CompletionRequest, resolution: Resolution, *, stream: bool,
+                   cap: tuple[str, int]) -> bytes:
     body = {k: v for k, v in request.body.items() if k not in GATEWAY_OWNED_FIELDS}
+    body[cap[0]] = cap[1]
     body["model"] = resolution.model.upstream_name
     body["rid"] = request.request_id
     if stream:
@@ -146,13 +197,15 @@ class UsageMeter:
     """Counts one request's tokens as the backend reports them and hands a usage
     event to the recorder exactly once, when the request ends in any way."""
 
-    __slots__ = ("_request", "_record", "backend", "prompt_tokens", "completion_tokens", "cached_tokens",
+    __slots__ = ("_request", "_record", "_settle", "prices", "backend", "prompt_tokens", "completion_tokens", "cached_tokens",
                  "reasoning_tokens", "usage_reported", "content_chunks", "status", "http_status",
                  "error_code", "first_token_at", "_finished")
 
-    def __init__(self, request: CompletionRequest, record) -> None:
+    def __init__(self, request: CompletionRequest, record, settle) -> None:
         self._request = request
         self._record = record
+        self._settle = settle
+        self.prices = Prices()
         self.backend = ""
         self.prompt_tokens = self.completion_tokens = self.cached_tokens = self.reasoning_tokens = 0
         self.usage_reported = False
@@ -202,6 +255,12 @@ class UsageMeter:
         self._finished = True
         request = self._request
         now = time.perf_counter()
+        completion_tokens = self.billed_completion_tokens
+        cost_micros = self.prices.cost_micros(
+            prompt_tokens=self.prompt_tokens, cached_tokens=self.cached_tokens, completion_tokens=completion_tokens
+        )
+        if request.admission is not None:
+            self._settle(request.admission, tokens=self.prompt_tokens + completion_tokens, cost_micros=cost_micros)
         self._record(
             UsageEvent(
                 event_id=uuid.uuid4(),
@@ -214,8 +273,9 @@ class UsageMeter:
                 transport=request.transport,
                 stream=request.stream,
                 prompt_tokens=self.prompt_tokens,
-                completion_tokens=self.billed_completion_tokens,
+                completion_tokens=completion_tokens,
                 cached_tokens=self.cached_tokens,
+                cost_micros=cost_micros,
                 status=self.status,
                 http_status=self.http_status,
                 error_code=self.error_code,
@@ -248,12 +308,46 @@ def _upstream_error(status: int, raw: bytes) -> ApiError:
 class CompletionService:
     """Runs completions for one gateway process (see inference.runtime)."""
 
-    def __init__(self, *, session: aiohttp.ClientSession, registry, record_usage, cooldown_seconds: float) -> None:
+    def __init__(
+        self,
+        *,
+        session: aiohttp.ClientSession,
+        registry,
+        record_usage,
+        limiter: Limiter,
+        gate: AdmissionGate,
+        cooldown_seconds: float,
+        default_max_tokens: int,
+    ) -> None:
         self._session = session
         self._registry = registry
         self._record_usage = record_usage
+        self._limiter = limiter
+        self._gate = gate
         self._cooldown = cooldown_seconds
+        self._default_max_tokens = default_max_tokens
         self._background: set[asyncio.Task] = set()
+
+    def _meter(self, request: CompletionRequest) -> "UsageMeter":
+        meter = request.meter = UsageMeter(request, self._record_usage, self._limiter.settle)
+        return meter
+
+    async def _begin(self, request: CompletionRequest, meter: "UsageMeter", *, stream: bool) -> tuple[Resolution, bytes]:
+        """Resolves the model, reserves the request's share of the caller's limits and
+        waits for a backend slot. Returns the model and the upstream body."""
+        resolution = self._registry.resolve(request.body.get("model"))
+        meter.prices = resolution.model.prices
+        cap = completion_tokens_cap(request, self._default_max_tokens)
+        prompt_bound = prompt_tokens_upper_bound(request)
+        reserve_tokens = prompt_bound + cap[1]
+        reserve_cost = resolution.model.prices.cost_micros(
+            prompt_tokens=prompt_bound, cached_tokens=0, completion_tokens=cap[1]
+        )
+        request.admission = await self._limiter.admit(
+            principal=request.principal, rid=request.request_id, tokens=reserve_tokens, cost_micros=reserve_cost
+        )
+        await self._gate.enter(resolution.model, request.principal.tenant_tier)
+        return resolution, _upstream_body(request, resolution, stream=stream, cap=cap)
 
     async def _upstream_open(
         self, request: CompletionRequest, resolution: Resolution, body: bytes
@@ -303,13 +397,13 @@ class CompletionService:
     async def completion_stream(self, request: CompletionRequest) -> AsyncIterator[dict]:
         """Yields OpenAI chunk objects. Raises ApiError: before the first chunk for
         a request that could not start, after it for a stream that broke."""
-        meter = request.meter = UsageMeter(request, self._record_usage)
+        meter = self._meter(request)
         response: aiohttp.ClientResponse | None = None
         backend: BackendState | None = None
+        resolution: Resolution | None = None
         finished = False
         try:
-            resolution = self._registry.resolve(request.body.get("model"))
-            body = _upstream_body(request, resolution, stream=True)
+            resolution, body = await self._begin(request, meter, stream=True)
             response, backend = await self._upstream_open(request, resolution, body)
             meter.backend = backend.url
             request_id, model_name, include_usage = request.request_id, request.model_name, request.include_usage
@@ -369,16 +463,18 @@ class CompletionService:
                     response.close()
             if backend is not None:
                 backend.outstanding -= 1
+            if resolution is not None:
+                self._gate.leave(resolution.model)
             meter.finish()
 
     async def completion_create(self, request: CompletionRequest) -> dict:
         """A whole (non-streamed) completion in OpenAI's shape."""
-        meter = request.meter = UsageMeter(request, self._record_usage)
+        meter = self._meter(request)
         backend: BackendState | None = None
+        resolution: Resolution | None = None
         done = False
         try:
-            resolution = self._registry.resolve(request.body.get("model"))
-            body = _upstream_body(request, resolution, stream=False)
+            resolution, body = await self._begin(request, meter, stream=False)
             response, backend = await self._upstream_open(request, resolution, body)
             meter.backend = backend.url
             try:
@@ -411,4 +507,6 @@ class CompletionService:
         finally:
             if backend is not None:
                 backend.outstanding -= 1
+            if resolution is not None:
+                self._gate.leave(resolution.model)
             meter.finish()

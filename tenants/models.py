@@ -13,7 +13,42 @@ class TimeStampedModel(models.Model):
         abstract = True
 
 
-class Tenant(TimeStampedModel):
+class LimitFields(models.Model):
+    """Rate limits and monthly budgets. On a tenant, an empty field takes the tier's
+    default (TierLimits); on an API key, an empty field means no key-level limit."""
+
+    rpm_limit = models.PositiveIntegerField(null=True, blank=True, help_text="Requests per minute.")
+    tpm_limit = models.PositiveIntegerField(
+        null=True, blank=True, help_text="Tokens (prompt + completion) per minute."
+    )
+    concurrency_limit = models.PositiveIntegerField(null=True, blank=True, help_text="Requests in flight.")
+    # Minor units of the price book's currency (cents for USD) per calendar month (UTC).
+    monthly_budget_minor = models.PositiveBigIntegerField(null=True, blank=True)
+    monthly_token_budget = models.PositiveBigIntegerField(null=True, blank=True)
+    # Percent of a budget at which a soft alert is recorded (once per month).
+    budget_alert_percent = models.PositiveSmallIntegerField(null=True, blank=True)
+
+    LIMIT_FIELDS = ("rpm_limit", "tpm_limit", "concurrency_limit", "monthly_budget_minor",
+                    "monthly_token_budget", "budget_alert_percent")
+
+    class Meta:
+        abstract = True
+
+
+class TierLimits(LimitFields, TimeStampedModel):
+    """The default limits of every tenant on a tier."""
+
+    tier = models.CharField(max_length=16, unique=True)
+
+    class Meta:
+        verbose_name_plural = "tier limits"
+        ordering = ["tier"]
+
+    def __str__(self) -> str:
+        return f"{self.tier} limits"
+
+
+class Tenant(LimitFields, TimeStampedModel):
     class Status(models.TextChoices):
         ACTIVE = "active", "Active"
         SUSPENDED = "suspended", "Suspended"
@@ -57,7 +92,7 @@ class Membership(TimeStampedModel):
         return f"{self.user} in {self.tenant} ({self.role})"
 
 
-class ApiKey(TimeStampedModel):
+class ApiKey(LimitFields, TimeStampedModel):
     """A tenant's secret for the /v1/ API. The secret itself is never stored:
     only its SHA-256 (the secret has 256 random bits, so a fast hash is safe)
     and a short visible prefix that lets people tell their keys apart."""

@@ -9,7 +9,7 @@ from django.utils import timezone
 
 from config.redis import invalidation_publish
 
-from .models import ApiKey, Membership, Tenant
+from .models import ApiKey, LimitFields, Membership, Tenant, TierLimits
 
 API_KEY_PREFIX = "sk-"
 # Characters of the key kept in clear for display ("sk-" and 9 more).
@@ -87,3 +87,22 @@ def api_key_revoke(*, api_key: ApiKey) -> ApiKey:
     key_hash = api_key.key_hash
     transaction.on_commit(lambda: invalidation_publish(kind="api_key", key_hash=key_hash))
     return api_key
+
+
+def limits_set(*, target: Tenant | ApiKey | TierLimits, **limits: int | None) -> None:
+    """Sets rate limits or budgets (LimitFields names) on a tenant, a key or a tier;
+    None clears a field. Every gateway process reloads the affected keys at once."""
+    unknown = set(limits) - set(LimitFields.LIMIT_FIELDS)
+    if unknown:
+        raise ValueError(f"unknown limit fields: {sorted(unknown)}")
+    for name, value in limits.items():
+        setattr(target, name, value)
+    target.full_clean()
+    target.save(update_fields=[*limits, "updated_at"])
+    if isinstance(target, ApiKey):
+        key_hash = target.key_hash
+        transaction.on_commit(lambda: invalidation_publish(kind="api_key", key_hash=key_hash))
+    elif isinstance(target, Tenant):
+        transaction.on_commit(lambda: invalidation_publish(kind="tenant", tenant_id=target.pk))
+    else:
+        transaction.on_commit(lambda: invalidation_publish(kind="all_keys"))

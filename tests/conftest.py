@@ -131,6 +131,30 @@ def gateway_start(live_tmp: Path, db_name: str, **env: str) -> Gateway:
 
 
 @pytest.fixture(scope="session")
+def django_db_setup(django_test_environment, django_db_blocker):
+    """The test database, for every run: live-process tests reach it through
+    `live_db`, which pytest-django's own setup does not count as database use."""
+    from django.db import connection
+    from django.test.utils import setup_databases, teardown_databases
+
+    with django_db_blocker.unblock():
+        config = setup_databases(verbosity=0, interactive=False, aliases={"default"})
+    assert connection.settings_dict["NAME"].startswith("test_"), connection.settings_dict["NAME"]
+    yield
+    with django_db_blocker.unblock():
+        teardown_databases(config, verbosity=0)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def redis_flushed():
+    """Redis state keyed by database ids must not outlive the test database."""
+    import redis
+
+    for name in TEST_REDIS_ENV:
+        redis.Redis.from_url(os.environ[name]).flushdb()
+
+
+@pytest.fixture(scope="session")
 def registry(django_db_setup, django_db_blocker, sims):
     """The served models of the test run, committed so the gateway sees them."""
     from inference.services import backend_add, served_model_upsert
@@ -141,6 +165,13 @@ def registry(django_db_setup, django_db_blocker, sims):
             backend_add(model=model, url=sim.url)
         # A model whose only backend refuses connections.
         backend_add(model=served_model_upsert(name="down-llm"), url=f"http://127.0.0.1:{free_port()}")
+        # The fast simulator's model under another name, with prices (for budgets):
+        # 100 currency units per million tokens = 100 micros per token.
+        priced = served_model_upsert(name="priced-llm", upstream_name="test-llm", context_length=4096)
+        priced.input_price_per_million = priced.output_price_per_million = 100
+        priced.cached_input_price_per_million = 50
+        priced.save()
+        backend_add(model=priced, url=sims["fast"].url)
     return sims
 
 
@@ -173,12 +204,17 @@ class TenantKey:
 
 @pytest.fixture
 def make_tenant(live_db):
-    from tenants.services import api_key_create, tenant_create
+    from tenants.services import api_key_create, limits_set, tenant_create
 
-    def make(tier: str = "standard", **key_fields) -> TenantKey:
+    def make(tier: str = "standard", key_limits: dict | None = None, tenant_limits: dict | None = None,
+             **key_fields) -> TenantKey:
         n = next(_counter)
         tenant = tenant_create(slug=f"t{os.getpid()}-{n}", name=f"Tenant {n}", tier=tier)
         api_key, secret = api_key_create(tenant=tenant, name="test", **key_fields)
+        if key_limits:
+            limits_set(target=api_key, **key_limits)
+        if tenant_limits:
+            limits_set(target=tenant, **tenant_limits)
         return TenantKey(tenant, api_key, secret)
 
     return make

@@ -6,7 +6,8 @@ import redis
 from django.conf import settings
 
 # Messages are JSON objects: {"kind": "api_key", "key_hash": …}, {"kind": "tenant",
-# "tenant_id": …} or {"kind": "registry"}; receivers drop what they cached.
+# "tenant_id": …}, {"kind": "all_keys"} or {"kind": "registry"}; receivers drop
+# what they cached.
 INVALIDATION_CHANNEL = "gateway:invalidate"
 
 

@@ -125,6 +125,27 @@ GATEWAY_BACKEND_COOLDOWN_SECONDS = env_float("GATEWAY_BACKEND_COOLDOWN_SECONDS",
 # Usage rows are written in batches: at most this many rows, or this many seconds apart.
 GATEWAY_USAGE_BATCH_ROWS = env_int("GATEWAY_USAGE_BATCH_ROWS", 500)
 GATEWAY_USAGE_FLUSH_SECONDS = env_float("GATEWAY_USAGE_FLUSH_SECONDS", 0.05)
+# Limits (inference/limits.py). Redis calls of the hot path give up after this many
+# seconds, and Redis is then left alone for GATEWAY_REDIS_RETRY_SECONDS.
+GATEWAY_REDIS_TIMEOUT_SECONDS = env_float("GATEWAY_REDIS_TIMEOUT_SECONDS", 0.25)
+GATEWAY_REDIS_RETRY_SECONDS = env_float("GATEWAY_REDIS_RETRY_SECONDS", 1.0)
+GATEWAY_REDIS_MAX_CONNECTIONS = env_int("GATEWAY_REDIS_MAX_CONNECTIONS", 256)
+# Seconds a request's reservation is held if its gateway dies before settling it.
+GATEWAY_REQUEST_LEASE_SECONDS = env_float("GATEWAY_REQUEST_LEASE_SECONDS", 1800.0)
+# Completion tokens reserved (and sent to the backend as max_tokens) when a request
+# names no max_tokens.
+GATEWAY_DEFAULT_MAX_TOKENS = env_int("GATEWAY_DEFAULT_MAX_TOKENS", 4096)
+# While Redis is unreachable, what each process may spend per budgeted scope.
+GATEWAY_BUDGET_OFFLINE_ALLOWANCE_MICROS = env_int("GATEWAY_BUDGET_OFFLINE_ALLOWANCE_MICROS", 10_000)
+GATEWAY_BUDGET_OFFLINE_ALLOWANCE_TOKENS = env_int("GATEWAY_BUDGET_OFFLINE_ALLOWANCE_TOKENS", 20_000)
+# Priority admission (inference/admission.py): requests in flight per backend from
+# one gateway process before new ones queue; queue length per model; seconds a
+# request of each tier may wait.
+GATEWAY_BACKEND_MAX_OUTSTANDING = env_int("GATEWAY_BACKEND_MAX_OUTSTANDING", 256)
+GATEWAY_QUEUE_MAX = env_int("GATEWAY_QUEUE_MAX", 1024)
+GATEWAY_QUEUE_TIMEOUT_PREMIUM_SECONDS = env_float("GATEWAY_QUEUE_TIMEOUT_PREMIUM_SECONDS", 30.0)
+GATEWAY_QUEUE_TIMEOUT_STANDARD_SECONDS = env_float("GATEWAY_QUEUE_TIMEOUT_STANDARD_SECONDS", 10.0)
+GATEWAY_QUEUE_TIMEOUT_FREE_SECONDS = env_float("GATEWAY_QUEUE_TIMEOUT_FREE_SECONDS", 2.0)
 # Largest request body accepted on /v1/ (bytes).
 GATEWAY_MAX_BODY_BYTES = env_int("GATEWAY_MAX_BODY_BYTES", 8 * 1024 * 1024)
 

@@ -1,0 +1,112 @@
+"""Priority admission: while a model's backends are saturated, new requests wait in
+a priority queue (premium, then standard, then free; first come first served
+within a tier), each up to its tier's deadline, then get 503 with retry-after.
+When the queue is full a request of a higher tier takes the place of the lowest
+one waiting, so under overload the free tier is shed first.
+
+Saturation is judged per gateway process: each backend takes at most
+GATEWAY_BACKEND_MAX_OUTSTANDING requests from this process."""
+from __future__ import annotations
+
+import asyncio
+import heapq
+import itertools
+from dataclasses import dataclass, field
+
+from .errors import ApiError
+from .registry import ModelEntry
+
+TIER_RANK = {"premium": 0, "standard": 1, "free": 2}
+
+
+def overloaded(model: str, *, shed: bool) -> ApiError:
+    reason = "was shed to serve higher-priority traffic" if shed else "waited too long for a free slot"
+    return ApiError(
+        503,
+        f"The model '{model}' is overloaded and this request {reason}. Please retry shortly.",
+        type="server_error",
+        code="overloaded",
+        headers={"retry-after": "1", "retry-after-ms": "1000"},
+    )
+
+
+@dataclass(order=True, slots=True)
+class _Waiter:
+    rank: int
+    seq: int
+    future: asyncio.Future = field(compare=False)
+    active: bool = field(default=True, compare=False)
+
+
+@dataclass(slots=True)
+class _ModelQueue:
+    inflight: int = 0
+    heap: list[_Waiter] = field(default_factory=list)
+    waiting: int = 0
+
+
+class AdmissionGate:
+    def __init__(self, *, max_outstanding_per_backend: int, queue_max: int, timeouts: dict[str, float]) -> None:
+        self._per_backend = max_outstanding_per_backend
+        self._queue_max = queue_max
+        self._timeouts = timeouts
+        self._queues: dict[str, _ModelQueue] = {}
+        self._seq = itertools.count()
+
+    def _capacity(self, model: ModelEntry) -> int:
+        return self._per_backend * sum(1 for b in model.backends if b.status == "active")
+
+    def waiting(self, model_name: str) -> int:
+        queue = self._queues.get(model_name)
+        return queue.waiting if queue else 0
+
+    async def enter(self, model: ModelEntry, tier: str) -> None:
+        """Returns when the request may go to a backend; raises 503 if it may not."""
+        queue = self._queues.get(model.name)
+        if queue is None:
+            queue = self._queues[model.name] = _ModelQueue()
+        capacity = self._capacity(model)
+        if queue.waiting == 0 and (queue.inflight < capacity or capacity == 0):
+            queue.inflight += 1
+            return
+        rank = TIER_RANK.get(tier, len(TIER_RANK))
+        if queue.waiting >= self._queue_max:
+            worst = max((w for w in queue.heap if w.active), default=None)
+            if worst is None or worst.rank <= rank:
+                raise overloaded(model.name, shed=True)
+            worst.active = False
+            queue.waiting -= 1
+            worst.future.set_exception(overloaded(model.name, shed=True))
+        waiter = _Waiter(rank, next(self._seq), asyncio.get_running_loop().create_future())
+        heapq.heappush(queue.heap, waiter)
+        queue.waiting += 1
+        try:
+            await asyncio.wait_for(asyncio.shield(waiter.future), self._timeouts.get(tier, 5.0))
+        except asyncio.TimeoutError:
+            if waiter.active:
+                waiter.active = False
+                queue.waiting -= 1
+                raise overloaded(model.name, shed=False) from None
+            # Granted at the moment the deadline passed: take the slot.
+            if waiter.future.exception() is not None:
+                raise waiter.future.exception() from None
+        except asyncio.CancelledError:
+            if waiter.active:
+                waiter.active = False
+                queue.waiting -= 1
+            elif waiter.future.done() and waiter.future.exception() is None:
+                self.leave(model)
+            raise
+
+    def leave(self, model: ModelEntry) -> None:
+        queue = self._queues[model.name]
+        queue.inflight -= 1
+        capacity = self._capacity(model)
+        while queue.heap and (queue.inflight < capacity or capacity == 0):
+            waiter = heapq.heappop(queue.heap)
+            if not waiter.active:
+                continue
+            waiter.active = False
+            queue.waiting -= 1
+            queue.inflight += 1
+            waiter.future.set_result(None)
