@@ -1,0 +1,96 @@
+"""Priority admission when a model's backends are saturated: premium before
+standard before free, deadlines, and the free tier shed first."""
+import threading
+import time
+
+import openai
+import pytest
+from django.db import connection
+
+from tests.conftest import gateway_start, process_stop, usage_rows_wait
+
+MESSAGES = [{"role": "user", "content": "Queue me."}]
+
+
+@pytest.fixture(scope="module")
+def one_slot_gateway(registry, live_tmp, django_db_setup):
+    """Each backend takes one request at a time from this gateway; the queue holds
+    two; a free request waits at most 1.5 s."""
+    gateway = gateway_start(live_tmp, connection.settings_dict["NAME"], GATEWAY_BACKEND_MAX_OUTSTANDING="1",
+                            GATEWAY_QUEUE_MAX="2", GATEWAY_QUEUE_TIMEOUT_FREE_SECONDS="1.5",
+                            GATEWAY_QUEUE_TIMEOUT_STANDARD_SECONDS="10", GATEWAY_QUEUE_TIMEOUT_PREMIUM_SECONDS="10")
+    yield gateway
+    process_stop(gateway.process)
+
+
+def stream_in_thread(gateway, secret, max_tokens, log, name):
+    def run():
+        client = openai.OpenAI(base_url=gateway.base_url, api_key=secret, max_retries=0)
+        try:
+            for chunk in client.chat.completions.create(model="slow-llm", messages=MESSAGES, max_tokens=max_tokens,
+                                                        stream=True):
+                if chunk.choices and chunk.choices[0].delta.content:
+                    log.append((time.monotonic(), name, "token"))
+            log.append((time.monotonic(), name, "done"))
+        except openai.APIStatusError as error:
+            log.append((time.monotonic(), name, error.status_code, error.code,
+                        error.response.headers.get("retry-after")))
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread
+
+
+def first(log, name):
+    return next(entry for entry in log if entry[1] == name)
+
+
+def test_premium_overtakes_waiting_free_request(one_slot_gateway, make_tenant):
+    free, premium = make_tenant(tier="free"), make_tenant(tier="premium")
+    log = []
+    holder = stream_in_thread(one_slot_gateway, free.secret, 15, log, "holder")  # ~450 ms
+    time.sleep(0.2)
+    waiting_free = stream_in_thread(one_slot_gateway, free.secret, 3, log, "free")
+    time.sleep(0.05)
+    waiting_premium = stream_in_thread(one_slot_gateway, premium.secret, 3, log, "premium")
+    for thread in (holder, waiting_free, waiting_premium):
+        thread.join(timeout=20)
+
+    assert first(log, "premium")[2] == "token" and first(log, "free")[2] == "token"
+    assert first(log, "premium")[0] < first(log, "free")[0]
+
+
+def test_free_request_gets_503_after_its_deadline(one_slot_gateway, make_tenant):
+    holder_tenant, free = make_tenant(tier="premium"), make_tenant(tier="free")
+    log = []
+    holder = stream_in_thread(one_slot_gateway, holder_tenant.secret, 100, log, "holder")  # ~3 s
+    time.sleep(0.2)
+    started = time.monotonic()
+    stream_in_thread(one_slot_gateway, free.secret, 3, log, "free").join(timeout=20)
+    waited = first(log, "free")[0] - started
+    _, _, status, code, retry_after = first(log, "free")
+    assert (status, code, retry_after) == (503, "overloaded", "1")
+    assert 1.4 < waited < 3.0
+    holder.join(timeout=20)
+    rows = usage_rows_wait(api_key=free.api_key, count=1)
+    assert (rows[0].status, rows[0].http_status, rows[0].error_code) == ("error", 503, "overloaded")
+
+
+def test_full_queue_sheds_free_first(one_slot_gateway, make_tenant):
+    holder_tenant, free, standard, premium = (make_tenant(tier=t) for t in ("premium", "free", "standard", "premium"))
+    log = []
+    holder = stream_in_thread(one_slot_gateway, holder_tenant.secret, 30, log, "holder")  # ~900 ms
+    time.sleep(0.2)
+    threads = [stream_in_thread(one_slot_gateway, free.secret, 2, log, "free")]
+    time.sleep(0.05)
+    threads.append(stream_in_thread(one_slot_gateway, standard.secret, 2, log, "standard"))
+    time.sleep(0.05)
+    # The queue (2) is full: premium takes the free request's place.
+    threads.append(stream_in_thread(one_slot_gateway, premium.secret, 2, log, "premium"))
+    for thread in [holder, *threads]:
+        thread.join(timeout=20)
+
+    shed = first(log, "free")
+    assert shed[2:4] == (503, "overloaded")
+    assert shed[0] < first(log, "premium")[0]  # refused at once, not after its deadline
+    assert first(log, "premium")[2] == "token" and first(log, "standard")[2] == "token"
+    assert first(log, "premium")[0] < first(log, "standard")[0]
