@@ -5,7 +5,10 @@ When the queue is full a request of a higher tier takes the place of the lowest
 one waiting, so under overload the free tier is shed first.
 
 Saturation is judged per gateway process: each backend takes at most
-GATEWAY_BACKEND_MAX_OUTSTANDING requests from this process."""
+GATEWAY_BACKEND_MAX_OUTSTANDING requests from this process. Lower tiers may fill
+only a share of that (GATEWAY_TIER_CAPACITY_SHARE: free 60 %, standard 85 %), so
+premium requests find a free slot at once unless premium traffic alone fills
+the headroom: their time to first token does not grow with the others' load."""
 from __future__ import annotations
 
 import asyncio
@@ -46,15 +49,29 @@ class _ModelQueue:
 
 
 class AdmissionGate:
-    def __init__(self, *, max_outstanding_per_backend: int, queue_max: int, timeouts: dict[str, float]) -> None:
+    def __init__(
+        self,
+        *,
+        max_outstanding_per_backend: int,
+        queue_max: int,
+        timeouts: dict[str, float],
+        shares: dict[str, float],
+    ) -> None:
         self._per_backend = max_outstanding_per_backend
         self._queue_max = queue_max
         self._timeouts = timeouts
+        # Rank -> fraction of the capacity requests of that tier may occupy.
+        self._share_by_rank = {TIER_RANK[tier]: share for tier, share in shares.items()}
         self._queues: dict[str, _ModelQueue] = {}
         self._seq = itertools.count()
 
     def _capacity(self, model: ModelEntry) -> int:
         return self._per_backend * sum(1 for b in model.backends if b.status == "active")
+
+    def _has_room(self, queue: "_ModelQueue", capacity: int, rank: int) -> bool:
+        if capacity == 0:  # no backend: let routing answer 503 at once
+            return True
+        return queue.inflight < max(1, int(capacity * self._share_by_rank.get(rank, 1.0)))
 
     def waiting(self, model_name: str) -> int:
         queue = self._queues.get(model_name)
@@ -66,10 +83,10 @@ class AdmissionGate:
         if queue is None:
             queue = self._queues[model.name] = _ModelQueue()
         capacity = self._capacity(model)
-        if queue.waiting == 0 and (queue.inflight < capacity or capacity == 0):
+        rank = TIER_RANK.get(tier, len(TIER_RANK))
+        if self._has_room(queue, capacity, rank) and not any(w.active and w.rank <= rank for w in queue.heap):
             queue.inflight += 1
             return
-        rank = TIER_RANK.get(tier, len(TIER_RANK))
         if queue.waiting >= self._queue_max:
             worst = max((w for w in queue.heap if w.active), default=None)
             if worst is None or worst.rank <= rank:
@@ -102,10 +119,15 @@ class AdmissionGate:
         queue = self._queues[model.name]
         queue.inflight -= 1
         capacity = self._capacity(model)
-        while queue.heap and (queue.inflight < capacity or capacity == 0):
-            waiter = heapq.heappop(queue.heap)
+        while queue.heap:
+            waiter = queue.heap[0]
             if not waiter.active:
+                heapq.heappop(queue.heap)
                 continue
+            # Shares shrink with rank: if the best waiter has no room, nobody has.
+            if not self._has_room(queue, capacity, waiter.rank):
+                break
+            heapq.heappop(queue.heap)
             waiter.active = False
             queue.waiting -= 1
             queue.inflight += 1

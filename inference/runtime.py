@@ -104,6 +104,7 @@ class GatewayRuntime:
             timeouts={"premium": settings.GATEWAY_QUEUE_TIMEOUT_PREMIUM_SECONDS,
                       "standard": settings.GATEWAY_QUEUE_TIMEOUT_STANDARD_SECONDS,
                       "free": settings.GATEWAY_QUEUE_TIMEOUT_FREE_SECONDS},
+            shares=settings.GATEWAY_TIER_CAPACITY_SHARE,
         )
         self.completions = CompletionService(
             session=self.session,

@@ -146,6 +146,12 @@ GATEWAY_QUEUE_MAX = env_int("GATEWAY_QUEUE_MAX", 1024)
 GATEWAY_QUEUE_TIMEOUT_PREMIUM_SECONDS = env_float("GATEWAY_QUEUE_TIMEOUT_PREMIUM_SECONDS", 30.0)
 GATEWAY_QUEUE_TIMEOUT_STANDARD_SECONDS = env_float("GATEWAY_QUEUE_TIMEOUT_STANDARD_SECONDS", 10.0)
 GATEWAY_QUEUE_TIMEOUT_FREE_SECONDS = env_float("GATEWAY_QUEUE_TIMEOUT_FREE_SECONDS", 2.0)
+# Fraction of that capacity each tier may fill; the rest is headroom for higher tiers.
+GATEWAY_TIER_CAPACITY_SHARE = {
+    "premium": 1.0,
+    "standard": env_float("GATEWAY_TIER_SHARE_STANDARD", 0.85),
+    "free": env_float("GATEWAY_TIER_SHARE_FREE", 0.6),
+}
 # Largest request body accepted on /v1/ (bytes).
 GATEWAY_MAX_BODY_BYTES = env_int("GATEWAY_MAX_BODY_BYTES", 8 * 1024 * 1024)
 

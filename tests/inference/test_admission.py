@@ -94,3 +94,32 @@ def test_full_queue_sheds_free_first(one_slot_gateway, make_tenant):
     assert shed[0] < first(log, "premium")[0]  # refused at once, not after its deadline
     assert first(log, "premium")[2] == "token" and first(log, "standard")[2] == "token"
     assert first(log, "premium")[0] < first(log, "standard")[0]
+
+
+@pytest.fixture(scope="module")
+def five_slot_gateway(registry, live_tmp, django_db_setup):
+    gateway = gateway_start(live_tmp, connection.settings_dict["NAME"], GATEWAY_BACKEND_MAX_OUTSTANDING="5",
+                            GATEWAY_QUEUE_TIMEOUT_FREE_SECONDS="10")
+    yield gateway
+    process_stop(gateway.process)
+
+
+def test_lower_tiers_leave_headroom_for_premium(five_slot_gateway, make_tenant):
+    """Free may fill 60 % of the slots (3 of 5): more free requests queue, while a
+    premium request is served at once."""
+    free_tenants = [make_tenant(tier="free") for _ in range(5)]
+    premium = make_tenant(tier="premium")
+    log = []
+    threads = [stream_in_thread(five_slot_gateway, tk.secret, 60, log, f"free{i}")
+               for i, tk in enumerate(free_tenants)]
+    time.sleep(0.8)
+    started = time.monotonic()
+    stream_in_thread(five_slot_gateway, premium.secret, 2, log, "premium").join(timeout=20)
+    premium_first_token = first(log, "premium")[0] - started
+    for thread in threads:
+        thread.join(timeout=20)
+    free_first_tokens = sorted(first(log, f"free{i}")[0] for i in range(5))
+
+    assert premium_first_token < 0.5  # the free requests run for ~1.8 s
+    # Three free requests started at once; two waited for a free slot.
+    assert free_first_tokens[2] < started < free_first_tokens[3]
