@@ -1,0 +1,299 @@
+"""The routing policies' choices."""
+import time
+
+import pytest
+
+from inference.registry import BackendState, ModelEntry
+from inference.routing import (
+    POLICY_NAMES, CacheAware, LeastOutstanding, RoundRobin, policy_for, route_pick_backend, routing_key_build,
+)
+
+from .conftest import by_url, model_build
+
+SYSTEM = "You are the support assistant of ACME. Follow the policy below.\n" + "Policy line. " * 200
+
+
+def chat_key(*messages: str, system: str = SYSTEM, namespace: str = "") -> str:
+    """A conversation: system prompt, then alternating user / assistant turns."""
+    rendered = [{"role": "system", "content": system}]
+    for index, content in enumerate(messages):
+        rendered.append({"role": "user" if index % 2 == 0 else "assistant", "content": content})
+    return routing_key_build(endpoint="chat.completions", body={"model": "m", "messages": rendered}, namespace=namespace)
+
+
+def send(policy, model: ModelEntry, key: str, **kwargs) -> BackendState:
+    """What the streaming service does: pick, observe, count the request in flight."""
+    backend = policy.pick(model, key, **kwargs)
+    assert backend is not None
+    policy.observe(model, backend, key)
+    backend.outstanding += 1
+    return backend
+
+
+def finish(backend: BackendState) -> None:
+    backend.outstanding -= 1
+
+
+# ---------------------------------------------------------------- round robin
+
+def test_round_robin_cycles(pool):
+    policy = RoundRobin()
+    picked = [policy.pick(pool, "").url for _ in range(6)]
+    assert picked == ["http://a", "http://b", "http://c", "http://d", "http://a", "http://b"]
+
+
+def test_round_robin_skips_unavailable_and_excluded(pool):
+    backends = by_url(pool)
+    backends["http://b"].status = "draining"
+    backends["http://c"].cooldown_until = time.monotonic() + 60
+    policy = RoundRobin()
+    picked = [policy.pick(pool, "", exclude={"http://d"}).url for _ in range(3)]
+    assert picked == ["http://a", "http://a", "http://a"]
+    assert policy.pick(pool, "", exclude={"http://a", "http://d"}) is None
+    assert RoundRobin().pick(model_build(), "") is None
+
+
+def test_round_robin_ignores_load(pool):
+    by_url(pool)["http://a"].outstanding = 50
+    assert RoundRobin().pick(pool, "").url == "http://a"
+
+
+# ---------------------------------------------------------- least outstanding
+
+def _route_pick_backend_before_the_package(model, *, exclude=frozenset()):
+    """inference/routing.py as it was, to pin the behaviour."""
+    now = time.monotonic()
+    backends = model.backends
+    count = len(backends)
+    best = None
+    start = model.next_index
+    for offset in range(count):
+        backend = backends[(start + offset) % count]
+        if backend.url in exclude or not backend.available(now):
+            continue
+        if best is None or backend.outstanding < best.outstanding:
+            best = backend
+    if best is not None:
+        model.next_index = (start + 1) % count
+    return best
+
+
+def test_least_outstanding_picks_the_least_loaded(pool):
+    loads = {"http://a": 3, "http://b": 1, "http://c": 2, "http://d": 1}
+    for url, load in loads.items():
+        by_url(pool)[url].outstanding = load
+    policy = LeastOutstanding()
+    assert policy.pick(pool, "").url == "http://b"
+    # ties rotate: each pick starts the scan one backend further
+    assert [policy.pick(pool, "").url for _ in range(3)] == ["http://b", "http://d", "http://d"]
+    assert policy.pick(pool, "", exclude={"http://b", "http://d"}).url == "http://c"
+    by_url(pool)["http://b"].cooldown_until = time.monotonic() + 60
+    assert policy.pick(pool, "", exclude={"http://d"}).url == "http://c"
+
+
+def test_route_pick_backend_keeps_its_behaviour():
+    import random
+
+    rng = random.Random(3)
+    old_model, new_model = model_build("a", "b", "c", "d", "e"), model_build("a", "b", "c", "d", "e")
+    for _ in range(300):
+        for old, new in zip(old_model.backends, new_model.backends):
+            old.outstanding = new.outstanding = rng.randrange(3)
+            old.status = new.status = rng.choice(["active", "active", "active", "draining"])
+        exclude = set(rng.sample(["a", "b", "c", "d", "e"], rng.randrange(3)))
+        expected = _route_pick_backend_before_the_package(old_model, exclude=exclude)
+        got = route_pick_backend(new_model, exclude=exclude)
+        assert (got.url if got else None) == (expected.url if expected else None)
+        assert new_model.next_index == old_model.next_index
+
+
+# ---------------------------------------------------------------- cache aware
+
+@pytest.mark.parametrize("affinity", [False, True])
+def test_cache_aware_sticks_a_conversation_to_its_backend(pool, affinity):
+    # given a policy that has routed many conversations sharing one system prompt
+    policy = CacheAware(conversation_affinity=affinity)
+    turns = {index: [f"Question {index}: " + "details " * 30] for index in range(8)}
+    home: dict[int, str] = {}
+    for index, messages in turns.items():
+        backend = send(policy, pool, chat_key(*messages))
+        home[index] = backend.url
+        finish(backend)
+
+    # when each conversation continues for three more turns, interleaved
+    for turn in range(3):
+        for index, messages in turns.items():
+            messages += [f"Answer {turn} " + "words " * 40, f"Follow-up {turn} " + "more " * 20]
+            backend = send(policy, pool, chat_key(*messages))
+            # then every turn goes where the conversation's earlier turns went
+            assert backend.url == home[index]
+            finish(backend)
+
+
+def test_cache_aware_spreads_distinct_prefixes(pool):
+    policy = CacheAware(conversation_affinity=False)
+    picked = set()
+    for index in range(4):
+        backend = send(policy, pool, chat_key("hello", system=f"System prompt {index}. " + "x" * 2000))
+        picked.add(backend.url)
+        finish(backend)
+    # distinct prefixes on an idle pool: each goes to the backend with the most free cache
+    assert picked == {"http://a", "http://b", "http://c", "http://d"}
+
+
+def test_cache_aware_affinity_spreads_conversations(pool):
+    policy = CacheAware(conversation_affinity=True)
+    counts: dict[str, int] = {}
+    for index in range(200):
+        backend = send(policy, pool, chat_key(f"conversation {index} " + "q " * 200))
+        counts[backend.url] = counts.get(backend.url, 0) + 1
+        finish(backend)
+    assert set(counts) == {"http://a", "http://b", "http://c", "http://d"}
+    assert max(counts.values()) < 200 * 0.4
+
+
+def test_cache_aware_affinity_agrees_across_processes(pool):
+    # given two gateway processes that share nothing
+    process_1, process_2 = CacheAware(conversation_affinity=True), CacheAware(conversation_affinity=True)
+    pool_2 = model_build(*(backend.url for backend in pool.backends))
+    warm = send(process_2, pool_2, chat_key("an unrelated conversation"))  # process 2 knows the system prompt
+    finish(warm)
+    for index in range(20):
+        # when turn 1 goes through process 1 and turn 2 through process 2
+        first = send(process_1, pool, chat_key(f"user {index} asks " + "a " * 40))
+        second = send(process_2, pool_2, chat_key(f"user {index} asks " + "a " * 40, "reply " * 30, "and then?"))
+        # then both turns reach the same backend
+        assert first.url == second.url
+        finish(first)
+        finish(second)
+
+
+@pytest.mark.parametrize("affinity", [False, True])
+def test_cache_aware_bounded_load_spills_a_hot_prefix(pool, affinity):
+    # given a hot prefix whose requests never finish during the burst
+    policy = CacheAware(bounded_load_epsilon=0.5, bounded_load_slack=2, conversation_affinity=affinity)
+    hot = "Hot shared prompt. " * 300
+    for index in range(40):
+        send(policy, pool, routing_key_build(endpoint="completions",
+                                             body={"model": "m", "prompt": hot + f" q{index}"}, namespace=""))
+        loads = [backend.outstanding for backend in pool.backends]
+        # then no backend exceeds (1 + ε) × mean + slack (+1 for the request just placed)
+        assert max(loads) <= 1.5 * sum(loads) / 4 + 3
+    # and the hot prefix spilled onto further backends instead of queueing on one
+    assert sum(1 for backend in pool.backends if backend.outstanding >= 5) >= 3
+
+
+def test_cache_aware_imbalance_guard_without_bounded_load(pool):
+    # given only sgl-router's guard: imbalanced if max - min > 4 and max > 1.5 × min
+    policy = CacheAware(bounded_load_epsilon=None, balance_abs_threshold=4, balance_rel_threshold=1.5,
+                        conversation_affinity=False)
+    hot = "Hot shared prompt. " * 300
+    for index in range(40):
+        send(policy, pool, routing_key_build(endpoint="completions",
+                                             body={"model": "m", "prompt": hot + f" q{index}"}, namespace=""))
+        loads = [backend.outstanding for backend in pool.backends]
+        assert max(loads) - min(loads) <= 5
+    # without any guard the hot prefix would stay on one backend
+    unguarded = CacheAware(bounded_load_epsilon=None, balance_abs_threshold=10**9, conversation_affinity=False)
+    other = model_build("http://a", "http://b")
+    for index in range(20):
+        send(unguarded, other, routing_key_build(endpoint="completions",
+                                                 body={"model": "m", "prompt": hot + f" q{index}"}, namespace=""))
+    assert sorted(backend.outstanding for backend in other.backends) == [0, 20]
+
+
+@pytest.mark.parametrize("affinity", [False, True])
+@pytest.mark.parametrize("how", ["excluded", "cooldown", "draining"])
+def test_cache_aware_falls_back_when_the_best_backend_cannot_take_it(pool, affinity, how):
+    # given a conversation on one backend and its system prompt on another
+    policy = CacheAware(conversation_affinity=affinity)
+    conversation = ["Question: " + "details " * 30]
+    home = send(policy, pool, chat_key(*conversation))
+    finish(home)
+    conversation += ["Answer " + "words " * 40, "Follow-up " + "more " * 20]
+    others = [backend for backend in pool.backends if backend is not home]
+    second = others[0]
+    policy.observe(pool, second, chat_key())  # only the system prompt
+
+    # when the conversation's backend is unavailable
+    exclude: set[str] = set()
+    if how == "excluded":
+        exclude = {home.url}
+    elif how == "cooldown":
+        home.cooldown_until = time.monotonic() + 30
+    else:
+        home.status = "draining"
+    backend = policy.pick(pool, chat_key(*conversation), exclude=exclude)
+
+    # then another backend takes it; without affinity, the one with the longest prefix
+    assert backend is not None and backend is not home
+    if not affinity:
+        assert backend is second
+    # and with every backend out, there is none
+    assert policy.pick(pool, chat_key(*conversation), exclude={b.url for b in pool.backends}) is None
+
+
+def test_cache_aware_follows_a_match_only_above_the_threshold(pool):
+    policy = CacheAware(cache_threshold=0.5, conversation_affinity=False)
+    short_system = "Short shared prompt. " * 10
+    holder = send(policy, pool, chat_key("x", system=short_system))
+    finish(holder)
+    # a request sharing less than half its key with the holder goes to the smallest tree instead
+    long_question = "A long question " * 100
+    assert policy.pick(pool, chat_key(long_question, system=short_system)) is not holder
+    # sharing most of it follows the cache
+    assert policy.pick(pool, chat_key("x", "y", system=short_system)) is holder
+
+
+def test_cache_aware_namespaces_do_not_share(pool):
+    policy = CacheAware(conversation_affinity=False)
+    first = send(policy, pool, chat_key("hello", namespace="tenant-1"))
+    finish(first)
+    # the same conversation of another isolated tenant is new: it goes to another (emptier) backend
+    assert policy.pick(pool, chat_key("hello", namespace="tenant-2")) is not first
+    assert policy.pick(pool, chat_key("hello", namespace="tenant-1")) is first
+
+
+def test_cache_aware_survives_registry_reload_and_forgets_removed_backends(pool):
+    policy = CacheAware(conversation_affinity=False)
+    key = chat_key("hello")
+    home = send(policy, pool, key)
+    finish(home)
+    # a reload builds new ModelEntry objects with the same name and BackendStates
+    reloaded = ModelEntry(pool.name, pool.name, 8192, "tests", 0, backends=list(pool.backends))
+    assert policy.pick(reloaded, key) is home
+    # once the backend is forgotten (left the pool, restarted), nothing sticks to it
+    policy.forget_backend(home.url)
+    assert policy.tree(pool.name).chars(home.url) == 0
+    home.outstanding = 1  # so the least-loaded fallback avoids it deterministically
+    assert policy.pick(reloaded, key) is not home
+
+
+def test_cache_aware_tree_is_bounded_per_backend(pool):
+    policy = CacheAware(max_tree_chars=10_000, conversation_affinity=False)
+    for index in range(50):
+        finish(send(policy, pool, chat_key(f"conversation {index} " + "words " * 300)))
+    tree = policy.tree(pool.name)
+    assert all(tree.chars(backend.url) <= 10_000 for backend in pool.backends)
+
+
+def test_cache_aware_with_empty_key_or_single_backend():
+    policy = CacheAware()
+    model = model_build("http://a", "http://b")
+    by_url(model)["http://a"].outstanding = 2
+    assert policy.pick(model, "").url == "http://b"
+    single = model_build("http://only")
+    assert policy.pick(single, chat_key("x")).url == "http://only"
+    assert policy.pick(model_build(), chat_key("x")) is None
+
+
+# -------------------------------------------------------------------- factory
+
+def test_policy_for_names():
+    assert [policy_for(name).name for name in POLICY_NAMES] == list(POLICY_NAMES)
+    assert isinstance(policy_for("cache_aware", cache_threshold=0.5), CacheAware)
+    assert policy_for("cache_aware", cache_threshold=0.5).cache_threshold == 0.5
+    with pytest.raises(ValueError):
+        policy_for("random")
+    with pytest.raises(TypeError):
+        policy_for("round_robin", cache_threshold=0.5)
