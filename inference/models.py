@@ -17,6 +17,14 @@ class ServedModel(TimeStampedModel):
     context_length = models.PositiveIntegerField(default=8192)
     owned_by = models.CharField(max_length=100, default="platform")
     status = models.CharField(max_length=16, choices=Status.choices, default=Status.ACTIVE)
+
+    class RoutingPolicy(models.TextChoices):
+        CACHE_AWARE = "cache_aware", "Cache-aware (longest cached prefix, load-balanced)"
+        LEAST_OUTSTANDING = "least_outstanding", "Least outstanding requests"
+        ROUND_ROBIN = "round_robin", "Round robin"
+
+    routing_policy = models.CharField(max_length=32, choices=RoutingPolicy.choices,
+                                      default=RoutingPolicy.CACHE_AWARE)
     # Prices in `currency` per million tokens, used for budgets. (The billing price
     # book, effective-dated per model version, is what invoices use.)
     currency = models.CharField(max_length=3, default="usd")

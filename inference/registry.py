@@ -11,18 +11,44 @@ from . import errors
 @dataclass(slots=True)
 class BackendState:
     """A backend as one gateway process sees it. Survives registry reloads, so
-    in-flight counts and cooldowns are not reset by an unrelated change."""
+    in-flight counts, health and the circuit breaker are not reset by an
+    unrelated change."""
 
     url: str
     api_key: str = ""
     status: str = "active"
     # Requests this process has in flight on the backend.
     outstanding: int = 0
-    # Monotonic time before which the backend is skipped (it refused a connection).
+    # Monotonic time before which the backend takes no requests: its circuit
+    # breaker is open (it refused a connection, or failed too often).
     cooldown_until: float = 0.0
+    # From active health checks (GET /health); a failed check needs company.
+    healthy: bool = True
+    failed_checks: int = 0
+    # Consecutive requests that failed before their first token.
+    failures: int = 0
 
     def available(self, now: float) -> bool:
-        return self.status == "active" and self.cooldown_until <= now
+        return self.status == "active" and self.healthy and self.cooldown_until <= now
+
+    def request_succeeded(self) -> None:
+        self.failures = 0
+
+    def request_failed(self, now: float, *, threshold: int, open_seconds: float, unreachable: bool) -> None:
+        """A request failed before its first token. An unreachable backend, or one
+        failing `threshold` times in a row, is skipped for `open_seconds`; once
+        that passes, one request tries it again (half-open)."""
+        self.failures += 1
+        if unreachable or self.failures >= threshold:
+            self.cooldown_until = now + open_seconds
+
+    def check_result(self, ok: bool, *, failures_to_unhealthy: int) -> None:
+        if ok:
+            self.healthy, self.failed_checks = True, 0
+        else:
+            self.failed_checks += 1
+            if self.failed_checks >= failures_to_unhealthy:
+                self.healthy = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,6 +74,8 @@ class ModelEntry:
     owned_by: str
     created: int  # epoch seconds
     prices: Prices = Prices()
+    # Name of the routing policy of this model's pool (inference.routing.POLICY_NAMES).
+    routing_policy: str = "cache_aware"
     backends: list[BackendState] = field(default_factory=list)
     # Rotates the tie-break between equally loaded backends.
     next_index: int = 0
@@ -70,6 +98,7 @@ class ModelRow:
     owned_by: str
     created: int
     prices: Prices
+    routing_policy: str
     backends: tuple[tuple[str, str, str], ...]  # (url, api_key, status)
 
 
@@ -83,7 +112,8 @@ class Registry:
         models: dict[str, ModelEntry] = {}
         backends: dict[str, BackendState] = {}
         for row in rows:
-            entry = ModelEntry(row.name, row.upstream_name, row.context_length, row.owned_by, row.created, row.prices)
+            entry = ModelEntry(row.name, row.upstream_name, row.context_length, row.owned_by, row.created,
+                               row.prices, row.routing_policy)
             for url, api_key, status in row.backends:
                 state = self._backends.get(url) or backends.get(url) or BackendState(url)
                 state.api_key, state.status = api_key, status
@@ -107,3 +137,7 @@ class Registry:
 
     def models(self) -> list[ModelEntry]:
         return list(self._models.values())
+
+    def backends(self) -> list[BackendState]:
+        """Every backend of every pool, once."""
+        return list(self._backends.values())

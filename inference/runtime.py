@@ -3,6 +3,7 @@ snapshot, the API key cache, the usage recorder and the completion service.
 Started by the ASGI lifespan (or on first use), stopped at shutdown."""
 import asyncio
 import logging
+from pathlib import Path
 
 import orjson
 import redis.asyncio as aioredis
@@ -22,7 +23,7 @@ from .limits import Limiter
 from .metering import UsageRecorder
 from .models import ServedModel
 from .registry import ModelRow, Prices, Registry
-from .sglang import session_create
+from .sglang import backend_health, session_create
 from .streaming import CompletionService
 
 logger = logging.getLogger(__name__)
@@ -59,6 +60,7 @@ def _registry_rows() -> list[ModelRow]:
                 created=int(model.created_at.timestamp()),
                 prices=Prices(model.input_price_per_million, model.cached_input_price_per_million,
                               model.output_price_per_million),
+                routing_policy=model.routing_policy,
                 backends=tuple((b.url, b.api_key, b.status) for b in model.backends.all()),
             )
         )
@@ -78,7 +80,12 @@ class GatewayRuntime:
             ttl_seconds=settings.GATEWAY_API_KEY_CACHE_SECONDS,
         )
         self.usage = UsageRecorder(
-            batch_rows=settings.GATEWAY_USAGE_BATCH_ROWS, flush_seconds=settings.GATEWAY_USAGE_FLUSH_SECONDS
+            batch_rows=settings.GATEWAY_USAGE_BATCH_ROWS,
+            flush_seconds=settings.GATEWAY_USAGE_FLUSH_SECONDS,
+            # One folder per database: a spool is only ever replayed into its own.
+            spool_dir=Path(settings.GATEWAY_USAGE_SPOOL_DIR) / settings.DATABASES["default"]["NAME"],
+            spool_fsync=settings.GATEWAY_USAGE_SPOOL_FSYNC,
+            scan_seconds=settings.GATEWAY_USAGE_SPOOL_SCAN_SECONDS,
         )
         self.redis = aioredis.Redis(
             connection_pool=aioredis.BlockingConnectionPool.from_url(
@@ -112,18 +119,23 @@ class GatewayRuntime:
             record_usage=self.usage.record,
             limiter=self.limiter,
             gate=self.gate,
-            cooldown_seconds=settings.GATEWAY_BACKEND_COOLDOWN_SECONDS,
+            cooldown_seconds=settings.GATEWAY_BREAKER_OPEN_SECONDS,
             default_max_tokens=settings.GATEWAY_DEFAULT_MAX_TOKENS,
+            breaker_failures=settings.GATEWAY_BREAKER_FAILURES,
+            failover_attempts=settings.GATEWAY_FAILOVER_ATTEMPTS,
+            failover_backoff_seconds=settings.GATEWAY_FAILOVER_BACKOFF_SECONDS,
+            first_chunk_timeout_seconds=settings.GATEWAY_FIRST_CHUNK_TIMEOUT_SECONDS,
         )
         self._tasks: list[asyncio.Task] = []
 
     async def start(self) -> None:
         await self.registry_reload()
-        self.usage.start()
+        await self.usage.start()
         loop = asyncio.get_running_loop()
         self._tasks = [
             loop.create_task(self._registry_refresh_loop(), name="registry-refresh"),
             loop.create_task(self._invalidation_listen_loop(), name="invalidation-listener"),
+            loop.create_task(self._health_check_loop(), name="backend-health"),
         ]
 
     async def stop(self) -> None:
@@ -147,6 +159,23 @@ class GatewayRuntime:
                 await self.registry_reload()
             except Exception:
                 logger.exception("registry reload failed; keeping the previous snapshot")
+
+    async def _health_check_loop(self) -> None:
+        """Active checks: GET /health of every backend, every GATEWAY_HEALTH_CHECK_SECONDS."""
+        while True:
+            await asyncio.sleep(settings.GATEWAY_HEALTH_CHECK_SECONDS)
+            backends = [b for b in self.registry.backends() if b.status != "disabled"]
+            results = await asyncio.gather(*(
+                backend_health(self.session, b, timeout=settings.GATEWAY_HEALTH_TIMEOUT_SECONDS) for b in backends
+            ))
+            for backend, ok in zip(backends, results):
+                was_healthy = backend.healthy
+                backend.check_result(ok, failures_to_unhealthy=settings.GATEWAY_HEALTH_FAILURES)
+                if was_healthy != backend.healthy:
+                    logger.warning("backend %s is now %s", backend.url, "healthy" if ok else "unhealthy")
+                    if backend.healthy:
+                        # It may have restarted: its prefix cache is empty.
+                        self.completions.backend_forget(backend.url)
 
     async def _invalidation_listen_loop(self) -> None:
         while True:

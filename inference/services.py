@@ -39,3 +39,38 @@ def backend_set_status(*, backend: Backend, status: str) -> Backend:
 def backend_remove(*, backend: Backend) -> None:
     backend.delete()
     _registry_changed()
+
+
+def backend_load_get(*, backend: Backend, timeout: float = 2.0) -> int | None:
+    """Requests running or waiting on a backend, as it reports them (SGLang
+    /v1/loads, or /get_load on releases before 0.5.23); None if it cannot say."""
+    import json
+    import urllib.error
+    import urllib.request
+
+    headers = {"Authorization": f"Bearer {backend.api_key}"} if backend.api_key else {}
+    for path in ("/v1/loads?include=core", "/get_load"):
+        try:
+            with urllib.request.urlopen(urllib.request.Request(backend.url + path, headers=headers),
+                                        timeout=timeout) as response:
+                body = json.load(response)
+        except (urllib.error.URLError, OSError, ValueError):
+            continue
+        ranks = body.get("loads", []) if isinstance(body, dict) else body
+        try:
+            return sum(int(r.get("num_running_reqs", r.get("num_reqs", 0))) + int(r.get("num_waiting_reqs", 0))
+                       for r in ranks)
+        except (AttributeError, TypeError, ValueError):
+            continue
+    return None
+
+
+def backends_drained_remove() -> list[str]:
+    """Removes draining backends that report no request running or waiting.
+    A backend that cannot be reached counts as idle: it serves nothing."""
+    removed = []
+    for backend in Backend.objects.filter(status=Backend.Status.DRAINING).select_related("model"):
+        if not backend_load_get(backend=backend):
+            removed.append(f"{backend.model.name} @ {backend.url}")
+            backend_remove(backend=backend)
+    return removed

@@ -82,3 +82,14 @@ async def backend_get_json(session: aiohttp.ClientSession, backend: BackendState
     async with session.get(backend.url + path, headers=_headers(backend)) as response:
         response.raise_for_status()
         return orjson.loads(await response.read())
+
+
+async def backend_health(session: aiohttp.ClientSession, backend: BackendState, *, timeout: float) -> bool:
+    """SGLang's GET /health: 200 when the server can generate."""
+    try:
+        async with session.get(backend.url + "/health", headers=_headers(backend),
+                               timeout=aiohttp.ClientTimeout(total=timeout)) as response:
+            await response.read()
+            return response.status == 200
+    except (aiohttp.ClientError, asyncio.TimeoutError):
+        return False

@@ -28,7 +28,7 @@ from .admission import AdmissionGate
 from .errors import ApiError
 from .limits import Admission, Limiter
 from .registry import BackendState, Prices, Resolution
-from .routing import route_pick_backend
+from .routing import POLICY_NAMES, policy_for, routing_key_build
 from .sglang import BackendUnreachable, backend_abort, backend_post, sse_data
 
 logger = logging.getLogger(__name__)
@@ -183,6 +183,10 @@ def _upstream_body(request: CompletionRequest, resolution: Resolution, *, stream
     body = {k: v for k, v in request.body.items() if k not in GATEWAY_OWNED_FIELDS}
     body[cap[0]] = cap[1]
     body["model"] = resolution.model.upstream_name
+    if request.principal.cache_isolation:
+        salt = body.get("cache_salt")
+        tenant = request.principal.tenant_public_id
+        body["cache_salt"] = f"{tenant}:{salt}" if isinstance(salt, str) and salt else tenant
     body["rid"] = request.request_id
     if stream:
         body["stream"] = True
@@ -191,6 +195,25 @@ def _upstream_body(request: CompletionRequest, resolution: Resolution, *, stream
         body["stream"] = False
         body.pop("stream_options", None)
     return orjson.dumps(body)
+
+
+class _BackendFailed(Exception):
+    """A backend failed a request before its first token: try another one."""
+
+    def __init__(self, error: ApiError) -> None:
+        super().__init__(error.message)
+        self.error = error
+
+
+async def _chain(first: bytes, rest: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    yield first
+    async for payload in rest:
+        yield payload
+
+
+def _namespace(request: CompletionRequest) -> str:
+    """Prefix-cache namespace: the tenant, when its prompts must not share a cache."""
+    return request.principal.tenant_public_id if request.principal.cache_isolation else ""
 
 
 class UsageMeter:
@@ -318,6 +341,10 @@ class CompletionService:
         gate: AdmissionGate,
         cooldown_seconds: float,
         default_max_tokens: int,
+        breaker_failures: int = 5,
+        failover_attempts: int = 3,
+        failover_backoff_seconds: float = 0.05,
+        first_chunk_timeout_seconds: float = 60.0,
     ) -> None:
         self._session = session
         self._registry = registry
@@ -326,7 +353,18 @@ class CompletionService:
         self._gate = gate
         self._cooldown = cooldown_seconds
         self._default_max_tokens = default_max_tokens
+        self._breaker_failures = breaker_failures
+        self._failover_attempts = failover_attempts
+        self._failover_backoff = failover_backoff_seconds
+        self._first_chunk_timeout = first_chunk_timeout_seconds
+        # One instance per policy: the cache-aware one keeps a prefix tree per model.
+        self._policies = {name: policy_for(name) for name in POLICY_NAMES}
         self._background: set[asyncio.Task] = set()
+
+    def backend_forget(self, url: str) -> None:
+        """A backend left its pool, or restarted with an empty cache."""
+        for policy in self._policies.values():
+            policy.forget_backend(url)
 
     def _meter(self, request: CompletionRequest) -> "UsageMeter":
         meter = request.meter = UsageMeter(request, self._record_usage, self._limiter.settle)
@@ -349,45 +387,91 @@ class CompletionService:
         await self._gate.enter(resolution.model, request.principal.tenant_tier)
         return resolution, _upstream_body(request, resolution, stream=stream, cap=cap)
 
-    async def _upstream_open(
-        self, request: CompletionRequest, resolution: Resolution, body: bytes
-    ) -> tuple[aiohttp.ClientResponse, BackendState]:
-        """The first backend of the pool that answers 200. Backends that cannot be
-        reached or answer 5xx before any token are skipped; each is tried once."""
+    async def _upstream_start(
+        self, request: CompletionRequest, resolution: Resolution, body: bytes, *, stream: bool
+    ) -> tuple[aiohttp.ClientResponse, BackendState, bytes | None, AsyncIterator[bytes] | None]:
+        """Sends the request to the pool's chosen backend and, for a stream, waits for
+        its first chunk. A backend that cannot be reached, answers 5xx, fails or
+        stays silent (GATEWAY_FIRST_CHUNK_TIMEOUT_SECONDS) before that is left for
+        another one, at most GATEWAY_FAILOVER_ATTEMPTS backends, with backoff.
+        Returns the response, its backend, and for a stream the first payload
+        and the iterator over the rest."""
         model = resolution.model
+        policy = self._policies.get(model.routing_policy) or self._policies["least_outstanding"]
+        key = routing_key_build(endpoint=request.endpoint, body=request.body, namespace=_namespace(request))
         tried: set[str] = set()
         last_error: ApiError | None = None
         path = UPSTREAM_PATH[request.endpoint]
-        while True:
-            backend = route_pick_backend(model, exclude=tried)
+        for attempt in range(self._failover_attempts):
+            if attempt:
+                await asyncio.sleep(min(self._failover_backoff * 2 ** (attempt - 1), 1.0))
+            backend = policy.pick(model, key, exclude=tried)
             if backend is None:
-                raise last_error or errors.no_healthy_backend(request.model_name)
+                break
             tried.add(backend.url)
+            policy.observe(model, backend, key)
             backend.outstanding += 1
+            response: aiohttp.ClientResponse | None = None
+            # Whether the backend may be generating for this request right now.
+            maybe_running = True
+            deadline = time.monotonic() + self._first_chunk_timeout
             try:
-                response = await backend_post(self._session, backend, path, body)
-            except BackendUnreachable as error:
-                backend.outstanding -= 1
-                backend.cooldown_until = time.monotonic() + self._cooldown
-                logger.warning("backend unreachable: %s", error)
-                continue
+                if stream:
+                    response = await asyncio.wait_for(backend_post(self._session, backend, path, body),
+                                                      self._first_chunk_timeout)
+                else:
+                    response = await backend_post(self._session, backend, path, body)
+                if response.status != 200:
+                    raw = await response.read()
+                    response.release()
+                    maybe_running = False
+                    error = _upstream_error(response.status, raw)
+                    if 400 <= error.status < 500:
+                        backend.outstanding -= 1
+                        raise error
+                    raise _BackendFailed(error)
+                if not stream:
+                    backend.request_succeeded()
+                    return response, backend, None, None
+                payloads = sse_data(response).__aiter__()
+                first = await asyncio.wait_for(payloads.__anext__(), max(0.0, deadline - time.monotonic()))
+                if first.startswith(b'{"error"'):
+                    detail = orjson.loads(first)["error"]
+                    message = detail.get("message") if isinstance(detail, dict) else str(detail)
+                    maybe_running = False
+                    raise _BackendFailed(errors.backend_failure(f"The model backend failed: {message}"))
+                backend.request_succeeded()
+                return response, backend, first, payloads
             except asyncio.CancelledError:
                 # The request may already be running there (a non-streamed one
                 # sends its headers only when done): stop it.
                 backend.outstanding -= 1
+                if response is not None:
+                    response.close()
                 self._abort_on_backend(backend, request.request_id)
                 raise
-            if response.status == 200:
-                return response, backend
-            try:
-                raw = await response.read()
-            finally:
-                response.release()
+            except ApiError:
+                raise
+            except (BackendUnreachable, _BackendFailed, aiohttp.ClientError, asyncio.TimeoutError,
+                    StopAsyncIteration) as failure:
                 backend.outstanding -= 1
-            error = _upstream_error(response.status, raw)
-            if response.status < 500:
-                raise error
-            last_error = error
+                if response is not None:
+                    response.close()
+                if maybe_running and not isinstance(failure, BackendUnreachable):
+                    self._abort_on_backend(backend, request.request_id)
+                backend.request_failed(time.monotonic(), threshold=self._breaker_failures,
+                                       open_seconds=self._cooldown,
+                                       unreachable=isinstance(failure, BackendUnreachable))
+                if isinstance(failure, _BackendFailed):
+                    last_error = failure.error
+                elif isinstance(failure, asyncio.TimeoutError):
+                    last_error = errors.backend_failure("The model backend sent nothing in time.")
+                elif not isinstance(failure, BackendUnreachable):
+                    last_error = errors.backend_failure(
+                        f"The model backend failed before answering: {type(failure).__name__}.")
+                logger.warning("backend %s failed before the first token (attempt %d): %r",
+                               backend.url, attempt + 1, failure)
+        raise last_error or errors.no_healthy_backend(request.model_name)
 
     def _abort_on_backend(self, backend: BackendState, rid: str) -> None:
         task = asyncio.get_running_loop().create_task(backend_abort(self._session, backend, rid))
@@ -404,10 +488,10 @@ class CompletionService:
         finished = False
         try:
             resolution, body = await self._begin(request, meter, stream=True)
-            response, backend = await self._upstream_open(request, resolution, body)
+            response, backend, first, payloads = await self._upstream_start(request, resolution, body, stream=True)
             meter.backend = backend.url
             request_id, model_name, include_usage = request.request_id, request.model_name, request.include_usage
-            async for payload in sse_data(response):
+            async for payload in _chain(first, payloads):
                 chunk = orjson.loads(payload)
                 if "error" in chunk and not chunk.get("choices"):
                     detail = chunk["error"]
@@ -475,7 +559,7 @@ class CompletionService:
         done = False
         try:
             resolution, body = await self._begin(request, meter, stream=False)
-            response, backend = await self._upstream_open(request, resolution, body)
+            response, backend, _, _ = await self._upstream_start(request, resolution, body, stream=False)
             meter.backend = backend.url
             try:
                 raw = await response.read()

@@ -65,6 +65,8 @@ class Tenant(LimitFields, TimeStampedModel):
     tier = models.CharField(max_length=16, choices=Tier.choices, default=Tier.FREE)
     # Shown to the tenant's API callers when status is suspended.
     suspended_reason = models.CharField(max_length=500, blank=True, default="")
+    # Keep this tenant's prompts out of other tenants' prefix caches (SGLang cache_salt).
+    cache_isolation = models.BooleanField(default=False)
 
     class Meta:
         ordering = ["slug"]

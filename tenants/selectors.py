@@ -64,6 +64,7 @@ class ApiKeyPrincipal:
     revoked: bool
     key_limits: Limits = Limits()
     tenant_limits: Limits = Limits()
+    cache_isolation: bool = False
 
 
 def api_key_principal_get(*, key_hash: str) -> ApiKeyPrincipal | None:
@@ -89,6 +90,7 @@ def api_key_principal_get(*, key_hash: str) -> ApiKeyPrincipal | None:
         revoked=row.revoked_at is not None,
         key_limits=limits_effective(row),
         tenant_limits=limits_effective(tenant, tier_limits),
+        cache_isolation=tenant.cache_isolation,
     )
 
 

@@ -121,8 +121,9 @@ def gateway_start(live_tmp: Path, db_name: str, **env: str) -> Gateway:
          "--host", "127.0.0.1", "--port", str(port), "--loop", "uvloop", "--http", "httptools",
          "--lifespan", "on", "--no-access-log"],
         cwd=ROOT,
-        env=process_env(POSTGRES_DB=db_name, GATEWAY_REGISTRY_REFRESH_SECONDS="0.5",
-                        GATEWAY_USAGE_FLUSH_SECONDS="0.02", **env),
+        env=process_env(**{"POSTGRES_DB": db_name, "GATEWAY_REGISTRY_REFRESH_SECONDS": "0.5",
+                           "GATEWAY_USAGE_FLUSH_SECONDS": "0.02",
+                           "GATEWAY_USAGE_SPOOL_DIR": str(live_tmp / "spool"), **env}),
         stdout=log.open("w"), stderr=subprocess.STDOUT,
     )
     url = f"http://127.0.0.1:{port}"

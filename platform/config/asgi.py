@@ -1,5 +1,6 @@
 """ASGI entry point: /v1/ HTTP goes to the lean gateway app, WebSockets to
-Channels, everything else (admin, portal, health) to Django."""
+Channels, everything else (admin, portal, health, and the few /v1/ reads that are
+not on the hot path, such as /v1/usage) to Django."""
 import os
 
 import django
@@ -18,6 +19,8 @@ from inference.consumers import CompletionStreamConsumer  # noqa: E402
 from inference.runtime import runtime_get, runtime_stop  # noqa: E402
 
 django_app = get_asgi_application()
+# /v1/ paths served by Django views (DRF) rather than the gateway app.
+DJANGO_V1_PREFIXES = ("/v1/usage",)
 
 
 class ApiOriginValidator(OriginValidator):
@@ -59,7 +62,8 @@ async def _lifespan(receive, send) -> None:
 async def application(scope, receive, send):
     kind = scope["type"]
     if kind == "http":
-        if scope["path"].startswith("/v1/"):
+        path = scope["path"]
+        if path.startswith("/v1/") and not path.startswith(DJANGO_V1_PREFIXES):
             return await api_app(scope, receive, send)
         return await django_app(scope, receive, send)
     if kind == "websocket":

@@ -95,7 +95,10 @@ CELERY_ACCEPT_CONTENT = ["json"]
 CELERY_TASK_TIME_LIMIT = 300  # seconds
 CELERY_TASK_SOFT_TIME_LIMIT = 240  # seconds
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
-CELERY_BEAT_SCHEDULE: dict = {}
+CELERY_BEAT_SCHEDULE: dict = {
+    # Draining backends leave their pool once they report nothing running.
+    "backends-drained-remove": {"task": "inference.backends_drained_remove", "schedule": 10.0},
+}
 
 CHANNEL_LAYERS = {
     "default": {
@@ -120,11 +123,30 @@ GATEWAY_UPSTREAM_CONNECT_TIMEOUT = env_float("GATEWAY_UPSTREAM_CONNECT_TIMEOUT",
 GATEWAY_UPSTREAM_READ_TIMEOUT = env_float("GATEWAY_UPSTREAM_READ_TIMEOUT", 120.0)
 # Upstream connections kept per gateway process (all backends together).
 GATEWAY_UPSTREAM_MAX_CONNECTIONS = env_int("GATEWAY_UPSTREAM_MAX_CONNECTIONS", 1024)
-# Seconds a backend that refused a connection is skipped before it is tried again.
-GATEWAY_BACKEND_COOLDOWN_SECONDS = env_float("GATEWAY_BACKEND_COOLDOWN_SECONDS", 5.0)
+# Backend health (inference/health.py). Circuit breaker: a backend that refuses a
+# connection, or fails this many requests in a row before their first token, is
+# skipped for GATEWAY_BREAKER_OPEN_SECONDS, then tried again by one request.
+GATEWAY_BREAKER_FAILURES = env_int("GATEWAY_BREAKER_FAILURES", 5)
+GATEWAY_BREAKER_OPEN_SECONDS = env_float("GATEWAY_BREAKER_OPEN_SECONDS", 5.0)
+# Active checks: GET /health every so many seconds; this many failures in a row
+# mark a backend unhealthy, one success healthy again.
+GATEWAY_HEALTH_CHECK_SECONDS = env_float("GATEWAY_HEALTH_CHECK_SECONDS", 5.0)
+GATEWAY_HEALTH_TIMEOUT_SECONDS = env_float("GATEWAY_HEALTH_TIMEOUT_SECONDS", 2.0)
+GATEWAY_HEALTH_FAILURES = env_int("GATEWAY_HEALTH_FAILURES", 2)
+# Failover: backends tried for one request before its first token, the backoff
+# before the second (doubling), and how long a stream may wait for its first chunk.
+GATEWAY_FAILOVER_ATTEMPTS = env_int("GATEWAY_FAILOVER_ATTEMPTS", 3)
+GATEWAY_FAILOVER_BACKOFF_SECONDS = env_float("GATEWAY_FAILOVER_BACKOFF_SECONDS", 0.05)
+GATEWAY_FIRST_CHUNK_TIMEOUT_SECONDS = env_float("GATEWAY_FIRST_CHUNK_TIMEOUT_SECONDS", 60.0)
 # Usage rows are written in batches: at most this many rows, or this many seconds apart.
 GATEWAY_USAGE_BATCH_ROWS = env_int("GATEWAY_USAGE_BATCH_ROWS", 500)
 GATEWAY_USAGE_FLUSH_SECONDS = env_float("GATEWAY_USAGE_FLUSH_SECONDS", 0.05)
+# Each gateway process first appends usage events to a spool file here (replayed
+# after a crash); fsync it before each batch is written to PostgreSQL.
+GATEWAY_USAGE_SPOOL_DIR = env_str("GATEWAY_USAGE_SPOOL_DIR", str(BASE_DIR / ".run" / "spool"))
+GATEWAY_USAGE_SPOOL_FSYNC = env_bool("GATEWAY_USAGE_SPOOL_FSYNC", True)
+# Seconds between looks for spool files of dead processes.
+GATEWAY_USAGE_SPOOL_SCAN_SECONDS = env_float("GATEWAY_USAGE_SPOOL_SCAN_SECONDS", 30.0)
 # Limits (inference/limits.py). Redis calls of the hot path give up after this many
 # seconds, and Redis is then left alone for GATEWAY_REDIS_RETRY_SECONDS.
 GATEWAY_REDIS_TIMEOUT_SECONDS = env_float("GATEWAY_REDIS_TIMEOUT_SECONDS", 0.25)
