@@ -7,10 +7,12 @@ no Django, no sglang.
 
 Modules:
 - ``config``: command-line arguments and runtime-mutable fault settings;
+- ``presets``: hardware presets (H100 / Llama-3.1 8B and 70B) with their sources;
 - ``tokenizer``: deterministic tokenizer, chat template, pseudo-text;
 - ``radix_cache``: radix tree over token ids (prefix cache, LRU eviction);
-- ``timing``: latency model (TTFT, prefill cost, inter-token latency);
-- ``engine``: admission, generation steps, aborts, counters;
+- ``timing``: step costs of the batching engine and the simulated clock (``--time-scale``);
+- ``engine``: continuous-batching scheduler: waiting queue, KV capacity, chunked prefill, aborts;
+- ``lora``: LoRA adapters: validation, loaded set with LRU eviction, per-request resolution;
 - ``protocol``: SGLang/OpenAI request parsing and response shapes;
 - ``metrics``: /sim/stats counters and Prometheus text;
 - ``http_server``: the aiohttp application;

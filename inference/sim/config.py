@@ -4,15 +4,27 @@
 understands; `/server_info` reports it. `RuntimeSettings` holds the knobs
 that `POST /sim/faults` may change while the server runs (faults and
 latencies); the engine reads them at every decision, so a change applies to
-the next request or token.
+the next request or step.
+
+`--preset NAME` (see `presets`) fills the engine-model figures (capacity,
+step costs, context length, model path); an explicit flag overrides one.
+Without a preset every cost is 0: the simulator is an instant upstream.
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import json
 from dataclasses import asdict, dataclass, fields
 from typing import Any
+
+from .presets import PRESETS
+
+# Without a preset: capacity that never limits a test or a benchmark.
+DEFAULT_MAX_RUNNING_REQUESTS = 4096
+DEFAULT_MAX_TOTAL_TOKENS = 1_000_000
+DEFAULT_CHUNKED_PREFILL_SIZE = 8192
 
 
 @dataclass(frozen=True, slots=True)
@@ -24,8 +36,21 @@ class ServerConfig:
     context_length: int = 8192  # tokens (prompt + completion)
     enable_cache_report: bool = False
     api_key: str | None = None
-    max_running_requests: int = 256  # reported only; no queueing model yet
-    cache_capacity_tokens: int = 1_000_000
+    max_running_requests: int = DEFAULT_MAX_RUNNING_REQUESTS  # requests decoding or prefilling at once
+    max_total_tokens: int = DEFAULT_MAX_TOTAL_TOKENS  # KV capacity, tokens: radix cache + running requests
+    chunked_prefill_size: int = DEFAULT_CHUNKED_PREFILL_SIZE  # tokens per prefill step; <= 0: no chunking
+    schedule_policy: str = "fcfs"  # or "lpm" (longest prefix match first)
+    preset: str | None = None
+    prefill_tokens_per_s: float = 0.0  # 0: prefill is free
+    decode_base_ms: float = 0.0  # decode step at batch 1
+    decode_per_request_ms: float = 0.0  # extra decode-step time per running request
+    time_scale: float = 1.0  # wall seconds per simulated second
+    startup_delay_ms: float = 0.0  # /health, /ready answer 503 this long after start
+    enable_lora: bool = False
+    lora_paths: tuple[dict, ...] = ()  # {"lora_name", "lora_path", "pinned"} loaded at start
+    max_loras_per_batch: int = 8  # distinct adapters (base model included) in one running batch
+    max_loaded_loras: int | None = None  # adapters kept loaded; LRU unpinned ones are evicted
+    lora_load_ms: float = 0.0  # simulated latency of loading one adapter
     seed: int = 0
     # Natural (EOS) completion length when a request sets no max tokens, in tokens.
     natural_length_min: int = 16
@@ -42,7 +67,8 @@ class RuntimeSettings:
     unhealthy: bool = False  # /health, /health_generate and /ready answer 503
     ttft_ms: float = 0.0  # fixed time to first token, milliseconds
     itl_ms: float = 0.0  # inter-token latency, milliseconds
-    prefill_us_per_token: float = 0.0  # extra TTFT per uncached prompt token, microseconds
+    prefill_us_per_token: float = 0.0  # extra prefill-step time per prompt token prefilled, microseconds
+    startup_delay_ms: float = 0.0  # setting it restarts a "starting" window: /health 503 for this long
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -86,13 +112,36 @@ def build_argument_parser() -> argparse.ArgumentParser:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=30000)
     parser.add_argument("--served-model-name", default=None, help="defaults to --model-path")
-    parser.add_argument("--model-path", default="demo/demo-llm")
-    parser.add_argument("--context-length", type=int, default=8192, help="tokens")
+    parser.add_argument("--model-path", default=None, help="default demo/demo-llm, or the preset's model")
+    parser.add_argument("--context-length", type=int, default=None, help="tokens (default 8192, or the preset's)")
     parser.add_argument("--enable-cache-report", action="store_true",
                         help="report usage.prompt_tokens_details.cached_tokens in OpenAI replies")
     parser.add_argument("--api-key", default=None)
-    parser.add_argument("--max-running-requests", type=int, default=256)
-    parser.add_argument("--cache-capacity-tokens", type=int, default=1_000_000)
+    parser.add_argument("--preset", choices=sorted(PRESETS), default=None,
+                        help="hardware preset for the engine model (capacity and step costs)")
+    parser.add_argument("--max-running-requests", type=int, default=None,
+                        help=f"requests running at once (default {DEFAULT_MAX_RUNNING_REQUESTS} or the preset's)")
+    parser.add_argument("--max-total-tokens", type=int, default=None,
+                        help=f"KV-cache capacity in tokens (default {DEFAULT_MAX_TOTAL_TOKENS:,} or the preset's)")
+    parser.add_argument("--cache-capacity-tokens", dest="max_total_tokens", type=int,
+                        help="deprecated alias of --max-total-tokens")
+    parser.add_argument("--chunked-prefill-size", type=int, default=None,
+                        help=f"tokens per prefill step; <= 0 disables chunking (default {DEFAULT_CHUNKED_PREFILL_SIZE})")
+    parser.add_argument("--schedule-policy", choices=["fcfs", "lpm"], default="fcfs")
+    parser.add_argument("--prefill-tokens-per-s", type=float, default=None, help="prefill throughput; 0 = free")
+    parser.add_argument("--decode-base-ms", type=float, default=None, help="decode step time at batch 1")
+    parser.add_argument("--decode-per-request-ms", type=float, default=None,
+                        help="extra decode step time per running request")
+    parser.add_argument("--time-scale", type=float, default=1.0,
+                        help="wall seconds per simulated second (0.1 runs 10x faster than real time)")
+    parser.add_argument("--startup-delay-ms", type=float, default=0.0,
+                        help="/health and /ready answer 503 for this long after start")
+    parser.add_argument("--enable-lora", action="store_true")
+    parser.add_argument("--lora-paths", nargs="+", default=None,
+                        help='adapters to load at start: NAME=PATH, PATH, or JSON {"lora_name","lora_path","pinned"}')
+    parser.add_argument("--max-loras-per-batch", type=int, default=8)
+    parser.add_argument("--max-loaded-loras", type=int, default=None)
+    parser.add_argument("--lora-load-ms", type=float, default=0.0, help="simulated latency of loading an adapter")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--ttft-ms", type=float, default=0.0)
     parser.add_argument("--itl-ms", type=float, default=0.0)
@@ -105,21 +154,78 @@ def build_argument_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse_lora_path_spec(spec: str) -> dict:
+    """SGLang's --lora-paths forms: NAME=PATH, PATH (name = path), or a JSON object."""
+    spec = spec.strip()
+    if spec.startswith("{"):
+        try:
+            entry = json.loads(spec)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"Invalid JSON in --lora-paths: {spec}") from error
+        if not isinstance(entry, dict) or not isinstance(entry.get("lora_name"), str) or not isinstance(
+                entry.get("lora_path"), str):
+            raise ValueError(f"--lora-paths JSON needs string lora_name and lora_path: {spec}")
+        return {"lora_name": entry["lora_name"], "lora_path": entry["lora_path"],
+                "pinned": bool(entry.get("pinned", False))}
+    if "=" in spec:
+        name, path = spec.split("=", 1)
+        return {"lora_name": name, "lora_path": path, "pinned": False}
+    return {"lora_name": spec, "lora_path": spec, "pinned": False}
+
+
 def configs_from_args(args: argparse.Namespace) -> tuple[ServerConfig, RuntimeSettings]:
-    if args.context_length <= 0:
+    preset = PRESETS[args.preset] if args.preset else None
+
+    def pick(value, preset_field: str, default):
+        if value is not None:
+            return value
+        return getattr(preset, preset_field) if preset is not None else default
+
+    context_length = pick(args.context_length, "context_length", 8192)
+    model_path = pick(args.model_path, "model_path", "demo/demo-llm")
+    if context_length <= 0:
         raise SystemExit("--context-length must be positive")
+    if args.time_scale <= 0:
+        raise SystemExit("--time-scale must be positive")
+    try:
+        lora_paths = tuple(parse_lora_path_spec(spec) for spec in args.lora_paths or ())
+    except ValueError as error:
+        raise SystemExit(str(error)) from error
     server_config = ServerConfig(
         host=args.host,
         port=args.port,
-        served_model_name=args.served_model_name or args.model_path,
-        model_path=args.model_path,
-        context_length=args.context_length,
+        served_model_name=args.served_model_name or model_path,
+        model_path=model_path,
+        context_length=context_length,
         enable_cache_report=args.enable_cache_report,
         api_key=args.api_key,
-        max_running_requests=args.max_running_requests,
-        cache_capacity_tokens=args.cache_capacity_tokens,
+        max_running_requests=pick(args.max_running_requests, "max_running_requests", DEFAULT_MAX_RUNNING_REQUESTS),
+        max_total_tokens=pick(args.max_total_tokens, "max_total_tokens", DEFAULT_MAX_TOTAL_TOKENS),
+        chunked_prefill_size=pick(args.chunked_prefill_size, "chunked_prefill_size", DEFAULT_CHUNKED_PREFILL_SIZE),
+        schedule_policy=args.schedule_policy,
+        preset=args.preset,
+        prefill_tokens_per_s=pick(args.prefill_tokens_per_s, "prefill_tokens_per_s", 0.0),
+        decode_base_ms=pick(args.decode_base_ms, "decode_base_ms", 0.0),
+        decode_per_request_ms=pick(args.decode_per_request_ms, "decode_per_request_ms", 0.0),
+        time_scale=args.time_scale,
+        startup_delay_ms=args.startup_delay_ms,
+        enable_lora=args.enable_lora or bool(lora_paths),  # --lora-paths implies --enable-lora
+        lora_paths=lora_paths,
+        max_loras_per_batch=args.max_loras_per_batch,
+        max_loaded_loras=args.max_loaded_loras,
+        lora_load_ms=args.lora_load_ms,
         seed=args.seed,
     )
+    for name in ("max_running_requests", "max_total_tokens", "max_loras_per_batch"):
+        if getattr(server_config, name) <= 0:
+            raise SystemExit(f"--{name.replace('_', '-')} must be positive")
+    for name in ("prefill_tokens_per_s", "decode_base_ms", "decode_per_request_ms", "startup_delay_ms",
+                 "lora_load_ms"):
+        value = getattr(server_config, name)
+        if not math.isfinite(value) or value < 0:
+            raise SystemExit(f"--{name.replace('_', '-')} must be a non-negative number")
+    if server_config.max_loaded_loras is not None and server_config.max_loaded_loras <= 0:
+        raise SystemExit("--max-loaded-loras must be positive")
     settings = RuntimeSettings()
     try:
         settings.update_from({
@@ -130,7 +236,9 @@ def configs_from_args(args: argparse.Namespace) -> tuple[ServerConfig, RuntimeSe
             "ttft_ms": args.ttft_ms,
             "itl_ms": args.itl_ms,
             "prefill_us_per_token": args.prefill_us_per_token,
+            "startup_delay_ms": args.startup_delay_ms,
         })
     except ValueError as error:
         raise SystemExit(str(error)) from error
     return server_config, settings
+

@@ -1,18 +1,49 @@
-"""The simulated inference engine: admission, prefix cache, token generation.
+"""The simulated inference engine: a continuous-batching scheduler over a radix cache.
 
 Transport-independent: the HTTP layer turns a parsed request into a
-`GenerationRequest`, calls `admit`, then iterates `run`, which yields one
-`Step` per generated token (stream interval 1) and a last step carrying the
-finish reason. Everything a real SGLang scheduler would decide lives here.
+`GenerationRequest`, calls `admit_async` (or `admit` without LoRA), then
+iterates `run`, which yields one `Step` per generated token (stream interval
+1) and a last step carrying the finish reason.
 
-Today each request runs on its own timeline (see `timing.TimingModel`); a
-continuous-batching model can replace `run`'s delays with batch steps
-without changing the interface.
+Life of a request:
+1. admission (`admit`): validation, `error_rate`, output length decided;
+2. held: the `hang` fault, then the fixed `ttft_ms` delay (per request);
+3. waiting queue (FCFS, or longest prefix match first with `--schedule-policy lpm`);
+4. running: the scheduler admits it when a slot is free (`max_running_requests`),
+   its adapter fits the batch (`max_loras_per_batch`) and its KV fits: it
+   matches the radix cache, locks the matched prefix and reserves
+   uncached prompt + output tokens of KV. FCFS stops at the first request
+   that does not fit, as SGLang's PrefillAdder does;
+5. prefill in chunks of at most `chunked_prefill_size` tokens per step (one
+   request at a time is chunked); the step that completes the prompt
+   inserts it in the cache and samples the first token;
+6. decode: one token per decode step; at the end the sequence (prompt +
+   output) stays in the cache, unlocked, and the reservation is released.
+
+The scheduler loop (`_scheduler_loop`) runs one step at a time, SGLang's
+default without mixed chunks: a prefill step when a request can be
+prefilled, else a decode step for every running request. A step's duration
+comes from `timing.StepTiming`; its tokens become visible when it ends.
+
+Zero-cost fast path (every step duration 0, the default): consecutive decode
+steps take no time, so a decode "burst" advances each running request by up
+to INSTANT_BURST_TOKENS tokens at once (the same outcome as that many
+zero-length steps, since nothing can arrive in between); when the scheduler
+is idle the request's own task runs the steps inline, and a consumer drains
+every token it has been given in one go (one socket write). This keeps the
+default configuration an instant upstream.
+
+KV accounting (tokens): `cache.total_tokens` (cached sequences, locked or
+evictable) + `_reserved_tokens` (what running requests may still write) never
+exceeds `max_total_tokens` except when a single request larger than the
+whole budget runs alone. The cache's own capacity is set to what the
+reservations leave, so it evicts least-recently-used unlocked leaves when
+running requests need room.
 
 Output rules (deterministic):
 - Text is pseudo-text from `tokenizer.PseudoTextSource`, seeded by the prompt
-  ids, `--seed` and the request's `seed`; sampling parameters other than
-  stop / max tokens do not change it.
+  ids, `--seed`, the request's `seed` and the LoRA adapter's name; sampling
+  parameters other than stop / max tokens do not change it.
 - With a max-token limit, exactly that many tokens are generated (finish
   `length`) unless a stop string appears first (finish `stop`, matched = the
   string, which is trimmed from the text as SGLang does).
@@ -24,26 +55,45 @@ Output rules (deterministic):
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import itertools
+import logging
 import random
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import AsyncIterator, Hashable
+from typing import AsyncIterator, Callable, Hashable
 
 from .config import RuntimeSettings, ServerConfig
+from .lora import LoraError, LoraRegistry
 from .metrics import SimStats
 from .radix_cache import RadixCache, RadixNode
-from .timing import TimingModel
+from .timing import EngineCosts, StepTiming
 from .tokenizer import EOS_TOKEN_ID, PseudoTextSource, generation_seed, natural_length
 
-# Window over which gen_throughput is averaged, seconds.
-THROUGHPUT_WINDOW_S = 10.0
+logger = logging.getLogger("inference.sim.engine")
 
-# With no inter-token delay, yield to the event loop after this many tokens so
-# one long request cannot starve the others.
-TOKENS_PER_LOOP_YIELD = 32
+# Window over which gen_throughput is averaged, simulated seconds.
+THROUGHPUT_WINDOW_S = 10.0
+THROUGHPUT_BUCKET_S = 0.25
+
+# Zero-duration steps run back to back; yield to the event loop after this many
+# so new requests are accepted and consumers can write.
+INSTANT_STEPS_PER_YIELD = 64
+# Tokens per request in one zero-duration decode burst (then other work runs).
+INSTANT_BURST_TOKENS = 32
+
+# When the loop falls this far behind its schedule (wall seconds, e.g. a busy
+# CPU), it stops catching up and restarts the timeline from now.
+MAX_SCHEDULE_LAG_S = 0.05
+
+# SGLang falls back from lpm to fcfs when the queue is longer than this.
+LPM_MAX_QUEUE = 128
 
 ABORT_MESSAGE = "Aborted"
+
+# Request states
+HELD, WAITING, RUNNING, DONE = "held", "waiting", "running", "done"
 
 
 class RequestRejected(Exception):
@@ -74,7 +124,7 @@ class GenerationRequest:
     seed: int | None = None
     cache_namespace: Hashable = None  # from cache_salt / extra_key; None = shared
     stream: bool = False
-    lora_path: str | None = None
+    lora_path: str | None = None  # the adapter *name* (SGLang's lora_path field)
 
 
 @dataclass(slots=True)
@@ -86,26 +136,42 @@ class Step:
     finish_reason: dict | None  # SGLang's finish_reason object, on the last step only
     error: dict | None = None  # set on an injected mid-stream crash (last step)
     more_ready: bool = False  # the next step follows without delay (a write-coalescing hint)
+    # The request's state right after this step (steps may be consumed later,
+    # when the request has moved on): output tokens so far, visible text length.
+    completion_tokens: int = 0
+    text_end: int = 0
 
 
 @dataclass(slots=True, eq=False)
 class RunningRequest:
     request: GenerationRequest
     prompt_tokens: int
-    cached_tokens: int
     token_limit: int  # tokens this request will generate at most
     stops_naturally: bool  # reaching token_limit means EOS, not length
-    admitted_at: float  # time.monotonic() seconds
+    admitted_at: float  # simulated seconds (StepTiming.now)
+    clock: Callable[[], float]  # simulated clock, for latencies of unfinished requests
+    adapter: str | None = None  # LoRA adapter name, None = base model
+    namespace: Hashable = None  # radix-cache namespace (adapter, cache_salt, extra_key)
+    cached_tokens: int = 0  # prompt tokens served from the cache (known once running)
     text: str = ""
     output_ids: list[int] = field(default_factory=list)
     finish_reason: dict | None = None
     abort_cause: str | None = None  # "request" or "disconnect"
-    first_token_at: float | None = None
+    first_token_at: float | None = None  # simulated seconds
     last_token_at: float | None = None
     finished_at: float | None = None
     locked_node: RadixNode | None = None  # holds one cache lock while running
     text_source: PseudoTextSource | None = None
-    wakeup: asyncio.Future | None = None  # resolved early by abort during a wait
+    crash_after: int | None = None  # crash_after_tokens fault, fixed at admission
+    state: str = HELD
+    scheduled_at: float | None = None  # simulated seconds: left the waiting queue
+    prefill_needed: int = 0  # uncached prompt tokens to prefill
+    prefill_scheduled: int = 0
+    prefill_done: int = 0
+    kv_reserved: int = 0  # tokens of KV reserved and not yet moved into the cache
+    kv_private: int = 0  # tokens of KV written and not in the cache (prefill chunks, output)
+    pending: deque = field(default_factory=deque)  # Steps produced, not yet consumed
+    waiter: asyncio.Future | None = None  # resolved when output arrives or on abort/release
     hung: bool = False  # waiting in the `hang` fault
     finalized: bool = False
 
@@ -118,22 +184,55 @@ class RunningRequest:
         return len(self.output_ids)
 
     def e2e_latency_s(self) -> float:
-        end = self.finished_at if self.finished_at is not None else time.monotonic()
+        end = self.finished_at if self.finished_at is not None else self.clock()
         return end - self.admitted_at
+
+
+@dataclass(slots=True)
+class _Plan:
+    prefill: bool
+    entries: list  # prefill: [(request, tokens)], decode: [request]
+    duration_s: float  # simulated
+
+
+def adapter_seed(name: str) -> int:
+    return int.from_bytes(hashlib.blake2b(name.encode("utf-8"), digest_size=8).digest(), "little")
 
 
 class SimEngine:
     def __init__(self, *, config: ServerConfig, settings: RuntimeSettings) -> None:
         self.config = config
         self.settings = settings
-        self.timing = TimingModel(settings)
-        self.cache = RadixCache(capacity_tokens=config.cache_capacity_tokens)
+        self.timing = StepTiming(EngineCosts(
+            prefill_tokens_per_s=config.prefill_tokens_per_s, decode_base_ms=config.decode_base_ms,
+            decode_per_request_ms=config.decode_per_request_ms, time_scale=config.time_scale), settings)
+        self.capacity_tokens = config.max_total_tokens
+        self.cache = RadixCache(capacity_tokens=config.max_total_tokens)
+        # Evict 1/32 (≈ 3 %) of the budget beyond the overflow, so that a full cache
+        # is not rescanned for every new sequence: each eviction pass walks all
+        # leaves (≈ 2 ms per 2,000 leaves). The slack costs a little hit rate.
+        self.cache.eviction_slack_tokens = config.max_total_tokens // 32
+        self.lora = LoraRegistry(enabled=config.enable_lora, max_loras_per_batch=config.max_loras_per_batch,
+                                 max_loaded_loras=config.max_loaded_loras, load_delay=self._lora_load_delay)
+        for entry in config.lora_paths:
+            self.lora.preload(name=entry["lora_name"], path=entry["lora_path"], pinned=entry["pinned"])
         self.stats = SimStats()
-        self._active: set[RunningRequest] = set()
+        self._active: set[RunningRequest] = set()  # admitted and not finalized (any state)
+        self._waiting: deque[RunningRequest] = deque()
+        self._running: dict[RunningRequest, None] = {}  # admitted to the batch (prefill or decode), ordered
+        self._decoding: dict[RunningRequest, None] = {}  # prefill done
+        self._chunked: RunningRequest | None = None  # the request whose prefill is split over steps
+        self._reserved_tokens = 0
+        self._private_tokens = 0
+        self._to_wake: list[RunningRequest] = []
+        self._scheduler_task: asyncio.Task | None = None
+        self._scheduler_wakeup: asyncio.Future | None = None
         # Drives error_rate; seeded so a run's fault pattern is reproducible.
         self._fault_rng = random.Random(config.seed)
-        # (finish time in time.monotonic() seconds, completion tokens) of recent requests
-        self._recent_completions: deque[tuple[float, int]] = deque()
+        # [bucket start (simulated s), tokens generated in the bucket]
+        self._throughput_buckets: deque[list] = deque()
+        self.steps_total = {"prefill": 0, "decode": 0}
+        self.schedule_lag_resets = 0
 
     # ------------------------------------------------------------ admission
 
@@ -148,26 +247,45 @@ class SimEngine:
         if max_new_tokens is not None and max_new_tokens + prompt_tokens > context_length:
             total = max_new_tokens + prompt_tokens
             raise RequestRejected(
-                f"Requested token count exceeds the model's maximum context length "
-                f"of {context_length} tokens. You requested a total of {total} "
-                f"tokens: {prompt_tokens} tokens from the input messages and "
+                f"Requested token count exceeds the model's maximum context length of {context_length} tokens. "
+                f"You requested a total of {total} tokens: {prompt_tokens} tokens from the input messages and "
                 f"{max_new_tokens} tokens for the completion. Please reduce the number "
                 f"of tokens in the input messages or the completion to fit within the limit."
             )
 
-    def admit(self, request: GenerationRequest) -> RunningRequest:
-        """Validate, maybe inject a failure, match the prefix cache, start tracking.
-
-        Raises RequestRejected (4xx) or InjectedFailure (500). After a
-        successful return the caller must end the request through `run`
-        and/or `finalize` (idempotent), or its cache lock is never released.
-        """
-        prompt_ids = request.prompt_ids
-        if not prompt_ids:
+    def _validate(self, request: GenerationRequest) -> None:
+        if not request.prompt_ids:
             raise RequestRejected("The input is empty.")
         if request.max_new_tokens is not None and request.max_new_tokens < 0:
             raise RequestRejected(f"max_new_tokens must be at least 0, got {request.max_new_tokens}.")
-        self.check_lengths(prompt_tokens=len(prompt_ids), max_new_tokens=request.max_new_tokens)
+        self.check_lengths(prompt_tokens=len(request.prompt_ids), max_new_tokens=request.max_new_tokens)
+
+    async def admit_async(self, request: GenerationRequest) -> RunningRequest:
+        """`admit`, resolving (and if needed reloading) the request's LoRA adapter first."""
+        self._validate(request)
+        if request.lora_path:
+            try:
+                await self.lora.resolve(request.lora_path)
+            except LoraError as error:
+                raise RequestRejected(error.message, error_type="BadRequest") from error
+        return self._track(request)
+
+    def admit(self, request: GenerationRequest) -> RunningRequest:
+        """Validate, maybe inject a failure, start tracking.
+
+        Raises RequestRejected (4xx) or InjectedFailure (500). After a
+        successful return the caller must end the request through `run`
+        and/or `finalize` (idempotent). An adapter must already be loaded
+        (use `admit_async` to reload evicted ones).
+        """
+        self._validate(request)
+        if request.lora_path and not self.lora.is_loaded(request.lora_path):
+            raise RequestRejected(f"Got LoRA adapter that has never been loaded: {request.lora_path}",
+                                  error_type="BadRequest")
+        return self._track(request)
+
+    def _track(self, request: GenerationRequest) -> RunningRequest:
+        prompt_ids = request.prompt_ids
         self.stats.requests_received += 1
         if request.stream:
             self.stats.streaming_requests += 1
@@ -175,8 +293,11 @@ class SimEngine:
             self.stats.requests_failed += 1
             raise InjectedFailure("Injected failure (simulator error_rate)")
 
+        adapter = request.lora_path or None
         room = self.config.context_length - len(prompt_ids)
         seed = generation_seed(prompt_ids=prompt_ids, server_seed=self.config.seed, request_seed=request.seed)
+        if adapter is not None:
+            seed ^= adapter_seed(adapter)  # each adapter answers differently
         if request.max_new_tokens is not None:
             token_limit, stops_naturally = request.max_new_tokens, False
         else:
@@ -184,25 +305,24 @@ class SimEngine:
             token_limit, stops_naturally = min(natural, room), natural <= room
             if request.ignore_eos:
                 token_limit, stops_naturally = room, False
-
-        # SGLang always recomputes the last prompt token, so at most
-        # len(prompt) - 1 tokens can come from the cache.
-        match = self.cache.match_prefix(prompt_ids[:-1], namespace=request.cache_namespace)
-        self.cache.lock(match.node)
+        # Like SGLang's radix key extra_key: adapters never share KV.
+        namespace = request.cache_namespace if adapter is None else ("lora", adapter, request.cache_namespace)
         running = RunningRequest(
             request=request,
             prompt_tokens=len(prompt_ids),
-            cached_tokens=match.length,
             token_limit=token_limit,
             stops_naturally=stops_naturally,
-            admitted_at=time.monotonic(),
-            locked_node=match.node,
+            admitted_at=self.timing.now(),
+            clock=self.timing.now,
+            adapter=adapter,
+            namespace=namespace,
             text_source=PseudoTextSource(seed),
+            crash_after=self.settings.crash_after_tokens,
         )
         self._active.add(running)
         return running
 
-    # ------------------------------------------------------------ generation
+    # ------------------------------------------------------------ consumer side
 
     async def run(self, running: RunningRequest) -> AsyncIterator[Step]:
         """Generate `running`'s tokens; the last Step carries the finish reason.
@@ -212,128 +332,426 @@ class SimEngine:
         consumer stops early (client disconnect).
         """
         try:
-            async for step in self._generate_steps(running):
+            async for step in self._consume(running):
                 yield step
         finally:
             self.finalize(running)
 
-    async def _generate_steps(self, running: RunningRequest) -> AsyncIterator[Step]:
-        request = running.request
+    async def _consume(self, running: RunningRequest) -> AsyncIterator[Step]:
         if self.settings.hang:
             running.hung = True
-            await self._wait(running, None)  # ends on abort, cancellation or release_hung_requests
+            await self._hold(running, None)  # ends on abort, cancellation or release_hung_requests
             running.hung = False
-        prefill_delay = self.timing.prefill_delay_s(
-            uncached_prompt_tokens=running.prompt_tokens - running.cached_tokens)
-        if prefill_delay > 0 and running.abort_cause is None:
-            await self._wait(running, prefill_delay)
+        delay = self.timing.admission_delay_s()
+        if delay > 0 and running.abort_cause is None:
+            await self._hold(running, self.timing.wall_s(delay))
         if running.abort_cause is not None:
             yield self._abort_step(running)
             return
-        # The prompt's KV now exists: make it shareable with concurrent requests.
-        self._cache_prompt(running)
-
-        if running.token_limit == 0:
-            yield self._finish_step(running, "", None, {"type": "length", "length": 0})
-            return
-
-        source = running.text_source
-        stop_strings = request.stop
-        stop_token_ids = request.stop_token_ids
-        crash_after = self.settings.crash_after_tokens  # fixed per request, read at its start
-        itl_histogram = self.stats.itl
-        produced = 0
+        self._enqueue(running)
+        pending = running.pending
         while True:
-            if running.abort_cause is not None:
-                yield self._abort_step(running)
-                return
-            if crash_after is not None and produced >= crash_after:
-                yield self._crash_step(running)
-                return
-            token_id, piece = source.next_token()
-            running.output_ids.append(token_id)
-            produced += 1
-            now = time.monotonic()
-            if running.first_token_at is None:
-                running.first_token_at = now
-                self.stats.ttft.observe(now - running.admitted_at)
-            else:
-                itl_histogram.observe(now - running.last_token_at)
-            running.last_token_at = now
-
-            previous_length = len(running.text)
-            running.text += piece
-            delta = piece
-            finish_reason = None
-            if stop_strings:
-                for stop in stop_strings:
-                    found_at = running.text.find(stop, max(0, previous_length - len(stop) + 1))
-                    if found_at != -1:
-                        # SGLang trims the matched stop string from the output.
-                        running.text = running.text[:found_at]
-                        delta = running.text[previous_length:]
-                        finish_reason = {"type": "stop", "matched": stop}
-                        break
-            if finish_reason is None and stop_token_ids and token_id in stop_token_ids:
-                finish_reason = {"type": "stop", "matched": token_id}
-            if finish_reason is None and produced >= running.token_limit:
-                if running.stops_naturally:
-                    finish_reason = {"type": "stop", "matched": EOS_TOKEN_ID}
-                else:
-                    finish_reason = {"type": "length", "length": running.token_limit}
-            if finish_reason is not None:
-                yield self._finish_step(running, delta, token_id, finish_reason)
+            if not pending:
+                if running.abort_cause is not None and running.finish_reason is None:
+                    yield self._abort_step(running)
+                    return
+                await self._hold(running, None)
+                continue
+            step = pending.popleft()
+            step.more_ready = bool(pending)
+            yield step
+            if step.finish_reason is not None:
                 return
 
-            decode_delay = self.timing.decode_delay_s()
-            yield Step(delta, token_id, None, None, decode_delay <= 0)
-            if decode_delay > 0:
-                await self._wait(running, decode_delay)
-            elif produced % TOKENS_PER_LOOP_YIELD == 0:
-                await asyncio.sleep(0)
-
-    def _finish_step(self, running: RunningRequest, delta: str, token_id: int | None, finish_reason: dict) -> Step:
-        running.finish_reason = finish_reason
-        running.finished_at = time.monotonic()
-        return Step(delta, token_id, finish_reason)
-
-    def _abort_step(self, running: RunningRequest) -> Step:
-        # Same shape as SGLang's FINISH_ABORT().to_json() for /abort_request.
-        return self._finish_step(running, "", None, {
-            "type": "abort", "message": ABORT_MESSAGE, "status_code": None, "err_type": None})
-
-    def _crash_step(self, running: RunningRequest) -> Step:
-        message = f"Simulated engine crash after {running.completion_tokens} tokens (crash_after_tokens fault)."
-        step = self._finish_step(running, "", None, {
-            "type": "abort", "message": message, "status_code": 500, "err_type": "InternalServerError"})
-        step.error = {"message": message, "status_code": 500}
-        return step
-
-    async def _wait(self, running: RunningRequest, delay_s: float | None) -> None:
-        """Sleep `delay_s` seconds (forever if None), cut short by an abort."""
+    async def _hold(self, running: RunningRequest, delay_s: float | None) -> None:
+        """Wait for output, an abort or a release; at most `delay_s` wall seconds if given."""
         loop = asyncio.get_running_loop()
         wakeup = loop.create_future()
-        running.wakeup = wakeup
+        running.waiter = wakeup
         timer = loop.call_later(delay_s, _resolve_future, wakeup) if delay_s is not None else None
         try:
             await wakeup
         finally:
-            running.wakeup = None
+            running.waiter = None
             if timer is not None:
                 timer.cancel()
 
-    # ------------------------------------------------------------ cache bookkeeping
+    def _enqueue(self, running: RunningRequest) -> None:
+        running.state = WAITING
+        self._waiting.append(running)
+        task = self._scheduler_task
+        scheduler_idle = task is None or self._scheduler_wakeup is not None
+        if scheduler_idle and self.timing.is_instant():
+            # Zero-cost fast path: run the steps in this task, no event-loop hop.
+            if self._run_instant_steps():
+                self._notify_scheduler()  # work left over
+            self._flush_wakeups()
+            return
+        self._notify_scheduler()
 
-    def _cache_prompt(self, running: RunningRequest) -> None:
+    def _run_instant_steps(self) -> bool:
+        """Run up to INSTANT_STEPS_PER_YIELD zero-duration steps now. True if work remains.
+
+        Only while every step is free (`timing.is_instant`), and only when the
+        scheduler loop is parked (or absent), so no planned step is in flight.
+        """
+        for _ in range(INSTANT_STEPS_PER_YIELD):
+            plan = self._plan_step()
+            if plan is None:
+                return False
+            self._apply_step(plan, burst=INSTANT_BURST_TOKENS)
+        return True
+
+    def _notify_scheduler(self) -> None:
+        task = self._scheduler_task
+        if task is None or task.done():
+            if task is not None and not task.cancelled() and task.exception() is not None:
+                logger.error("scheduler loop died; restarting", exc_info=task.exception())
+            self._scheduler_task = asyncio.get_running_loop().create_task(self._scheduler_loop())
+            return
+        _resolve_future(self._scheduler_wakeup)
+
+    # ------------------------------------------------------------ scheduler
+
+    async def _scheduler_loop(self) -> None:
+        """Steps on a schedule: each timed step ends at `deadline` (wall, time.monotonic()),
+        and its tokens carry that scheduled time, so reported latencies do not
+        include event-loop jitter."""
+        loop = asyncio.get_running_loop()
+        clock = time.monotonic
+        deadline = clock()
+        instant_steps = 0
+        while True:
+            plan = self._plan_step()
+            if plan is None:
+                self._flush_wakeups()
+                instant_steps = 0
+                self._scheduler_wakeup = loop.create_future()
+                try:
+                    await self._scheduler_wakeup
+                finally:
+                    self._scheduler_wakeup = None
+                deadline = clock()
+                continue
+            if plan.duration_s > 0:
+                self._flush_wakeups()
+                instant_steps = 0
+                now = clock()
+                if deadline < now - MAX_SCHEDULE_LAG_S:
+                    deadline = now
+                    self.schedule_lag_resets += 1
+                deadline += self.timing.wall_s(plan.duration_s)
+                if deadline > now:
+                    await asyncio.sleep(deadline - now)
+                self._apply_step(plan, burst=1, now=deadline / self.timing.time_scale)
+                self._flush_wakeups()
+            else:
+                # A zero-length decode step may stand for a burst of them.
+                self._apply_step(plan, burst=INSTANT_BURST_TOKENS)
+                instant_steps += 1
+                if instant_steps >= INSTANT_STEPS_PER_YIELD:
+                    instant_steps = 0
+                    self._flush_wakeups()
+                    await asyncio.sleep(0)
+                    deadline = clock()
+
+    def _plan_step(self) -> _Plan | None:
+        entries = self._plan_prefill()
+        if entries:
+            tokens = 0
+            for _, count in entries:
+                tokens += count
+            return _Plan(True, entries, self.timing.prefill_step_s(tokens))
+        if self._decoding:
+            batch = list(self._decoding)
+            return _Plan(False, batch, self.timing.decode_step_s(len(batch)))
+        return None
+
+    def _plan_prefill(self) -> list:
+        chunk = self.config.chunked_prefill_size
+        budget = chunk if chunk > 0 else 1 << 62
+        entries: list = []
+        chunked = self._chunked
+        if chunked is not None:
+            count = min(chunked.prefill_needed - chunked.prefill_scheduled, budget)
+            chunked.prefill_scheduled += count
+            entries.append((chunked, count))
+            budget -= count
+            if chunked.prefill_scheduled < chunked.prefill_needed:
+                return entries
+            self._chunked = None
+        waiting = self._waiting
+        if not waiting or budget <= 0:
+            return entries
+        max_running = self.config.max_running_requests
+        if len(self._running) >= max_running:
+            return entries
+        lora_enabled = self.config.enable_lora
+        if self.config.schedule_policy == "lpm" and 1 < len(waiting) <= LPM_MAX_QUEUE:
+            cache = self.cache
+            candidates = sorted(waiting, key=lambda r: -cache.match_prefix(
+                r.request.prompt_ids[:-1], namespace=r.namespace).length)
+        elif lora_enabled:
+            candidates = list(waiting)  # a request may be skipped for its adapter
+        else:
+            # FCFS without skipping: at most one candidate per free slot.
+            candidates = list(itertools.islice(waiting, max_running - len(self._running)))
+        adapters_in_batch = {r.adapter for r in self._running} if lora_enabled else None
+        now = self.timing.now()
+        for running in candidates:
+            if budget <= 0 or len(self._running) >= max_running:
+                break
+            if lora_enabled and running.adapter not in adapters_in_batch and \
+                    len(adapters_in_batch) >= self.config.max_loras_per_batch:
+                continue  # its adapter would exceed the batch's adapter slots; others may fit
+            if not self._admit_to_batch(running):
+                break  # no KV room: FCFS head-of-line blocking, as in SGLang
+            if waiting[0] is running:
+                waiting.popleft()
+            else:
+                waiting.remove(running)
+            running.scheduled_at = now
+            if lora_enabled:
+                adapters_in_batch.add(running.adapter)
+            count = min(running.prefill_needed, budget)
+            running.prefill_scheduled = count
+            entries.append((running, count))
+            budget -= count
+            if count < running.prefill_needed:
+                self._chunked = running
+                break
+        return entries
+
+    def _admit_to_batch(self, running: RunningRequest) -> bool:
+        """Match the cache, lock the prefix, reserve KV. False if it does not fit."""
+        cache = self.cache
+        # SGLang always recomputes the last prompt token, so at most
+        # len(prompt) - 1 tokens can come from the cache.
+        match = cache.match_prefix(running.request.prompt_ids[:-1], namespace=running.namespace)
+        cache.lock(match.node)
+        uncached = running.prompt_tokens - match.length
+        need = uncached + running.token_limit
+        available = self.capacity_tokens - self._reserved_tokens - cache.protected_tokens
+        if need > available:
+            if self._running:
+                cache.unlock(match.node)
+                return False
+            need = max(0, available)  # alone and too large for the whole budget: overcommit, never deadlock
+        running.state = RUNNING
+        running.cached_tokens = match.length
+        running.locked_node = match.node
+        running.prefill_needed = uncached
+        running.kv_reserved = need
+        self._reserved_tokens += need
+        self._running[running] = None
+        cache.set_capacity(self.capacity_tokens - self._reserved_tokens)
+        return True
+
+    def _apply_step(self, plan: _Plan, *, burst: int, now: float | None = None) -> None:
+        """End a planned step at simulated time `now` (default: the present).
+        `burst` > 1 only for zero-duration steps: a decode step then stands for
+        up to `burst` consecutive ones."""
+        if now is None:
+            now = self.timing.now()
+        if plan.prefill:
+            self.steps_total["prefill"] += 1
+            generated = 0
+            for running, count in plan.entries:
+                if running.state is not RUNNING:
+                    continue  # aborted during the step
+                running.prefill_done += count
+                running.kv_private += count
+                self._private_tokens += count
+                if running.prefill_done >= running.prefill_needed:
+                    generated += self._prefill_complete(running, now)
+            self._count_generated(now, generated)
+            return
+        if burst > 1 and plan.duration_s == 0:
+            if self._waiting and len(self._running) < self.config.max_running_requests:
+                burst = 1  # a prefill may run next: keep step granularity
+        else:
+            burst = 1
+        self.steps_total["decode"] += burst
+        generated = 0
+        for running in plan.entries:
+            if running.state is RUNNING:
+                generated += self._emit_tokens(running, now, burst)
+        self._count_generated(now, generated)
+
+    def _prefill_complete(self, running: RunningRequest, now: float) -> int:
+        """The prompt is prefilled: cache it, sample the first token. Returns tokens generated."""
+        # The prompt's KV now lives in the cache: move it out of the reservation.
+        moved = running.prefill_needed
+        running.kv_private -= moved
+        self._private_tokens -= moved
+        moved = min(moved, running.kv_reserved)
+        running.kv_reserved -= moved
+        self._reserved_tokens -= moved
+        cache = self.cache
+        cache.set_capacity(self.capacity_tokens - self._reserved_tokens)
         request = running.request
-        match = self.cache.insert_and_lock(request.prompt_ids, namespace=request.cache_namespace)
+        match = cache.insert_and_lock(request.prompt_ids, namespace=running.namespace)
         previous = running.locked_node
         running.locked_node = match.node
         if previous is not None:
-            self.cache.unlock(previous)
+            cache.unlock(previous)
+        if running.token_limit == 0:
+            self._finish(running, "", None, {"type": "length", "length": 0}, now)
+            return 0
+        self._decoding[running] = None
+        return self._emit_tokens(running, now, 1)  # the prefill forward samples the first token
+
+    def _emit_tokens(self, running: RunningRequest, now: float, count: int) -> int:
+        """Generate up to `count` tokens for `running` at simulated time `now`
+        (the end of the step); stop at its finish. Returns tokens generated."""
+        request = running.request
+        output_ids = running.output_ids
+        pending = running.pending
+        next_token = running.text_source.next_token
+        stop_strings = request.stop
+        stop_token_ids = request.stop_token_ids
+        token_limit = running.token_limit
+        crash_after = running.crash_after
+        text = running.text
+        produced = 0
+        finish = None  # (delta, token_id, finish_reason)
+        crashed = False
+        if running.first_token_at is None:
+            running.first_token_at = now
+            self.stats.ttft.observe(now - running.admitted_at)
+            gap = None
+        else:
+            gap = now - running.last_token_at
+        while produced < count:
+            if crash_after is not None and len(output_ids) >= crash_after:
+                crashed = True
+                break
+            token_id, piece = next_token()
+            output_ids.append(token_id)
+            produced += 1
+            previous_length = len(text)
+            text += piece
+            delta = piece
+            finish_reason = None
+            if stop_strings:
+                for stop in stop_strings:
+                    found_at = text.find(stop, max(0, previous_length - len(stop) + 1))
+                    if found_at != -1:
+                        # SGLang trims the matched stop string from the output.
+                        text = text[:found_at]
+                        delta = text[previous_length:]
+                        finish_reason = {"type": "stop", "matched": stop}
+                        break
+            if finish_reason is None and stop_token_ids and token_id in stop_token_ids:
+                finish_reason = {"type": "stop", "matched": token_id}
+            if finish_reason is None and len(output_ids) >= token_limit:
+                if running.stops_naturally:
+                    finish_reason = {"type": "stop", "matched": EOS_TOKEN_ID}
+                else:
+                    finish_reason = {"type": "length", "length": token_limit}
+            if finish_reason is not None:
+                finish = (delta, token_id, finish_reason)
+                break
+            pending.append(Step(delta, token_id, None, None, False, len(output_ids), len(text)))
+        running.text = text
+        running.kv_private += produced
+        self._private_tokens += produced
+        if produced:
+            # Inter-token gaps: the first since the previous step; the rest of a
+            # burst share this step's end time (gap 0).
+            itl = self.stats.itl
+            if gap is not None:
+                itl.observe(gap)
+                itl.observe_many(0.0, produced - 1)
+            else:
+                itl.observe_many(0.0, produced - 1)
+            running.last_token_at = now
+        if finish is not None:
+            self._finish(running, finish[0], finish[1], finish[2], now)
+        elif crashed:
+            self._crash(running, now)
+        elif produced:
+            self._to_wake.append(running)
+        return produced
+
+    def _finish(self, running: RunningRequest, delta: str, token_id: int | None, finish_reason: dict,
+                now: float) -> Step:
+        running.finish_reason = finish_reason
+        running.finished_at = now
+        step = Step(delta, token_id, finish_reason, None, False, len(running.output_ids), len(running.text))
+        running.pending.append(step)
+        self._to_wake.append(running)
+        self._retire(running)
+        return step
+
+    def _crash(self, running: RunningRequest, now: float) -> None:
+        message = f"Simulated engine crash after {running.completion_tokens} tokens (crash_after_tokens fault)."
+        step = self._finish(running, "", None, {
+            "type": "abort", "message": message, "status_code": 500, "err_type": "InternalServerError"}, now)
+        step.error = {"message": message, "status_code": 500}
+
+    def _abort_step(self, running: RunningRequest) -> Step:
+        # Same shape as SGLang's FINISH_ABORT().to_json() for /abort_request.
+        running.finish_reason = {"type": "abort", "message": ABORT_MESSAGE, "status_code": None, "err_type": None}
+        running.finished_at = self.timing.now()
+        return Step("", None, running.finish_reason, None, False, len(running.output_ids), len(running.text))
+
+    def _flush_wakeups(self) -> None:
+        to_wake = self._to_wake
+        if not to_wake:
+            return
+        for running in to_wake:
+            waiter = running.waiter
+            if waiter is not None and not waiter.done():
+                waiter.set_result(None)
+        to_wake.clear()
+
+    def _count_generated(self, now: float, tokens: int) -> None:
+        if not tokens:
+            return
+        bucket = now - now % THROUGHPUT_BUCKET_S
+        buckets = self._throughput_buckets
+        if buckets and buckets[-1][0] == bucket:
+            buckets[-1][1] += tokens
+        else:
+            buckets.append([bucket, tokens])
+
+    # ------------------------------------------------------------ release
+
+    def _retire(self, running: RunningRequest) -> None:
+        """Leave the queue or the batch; release KV; cache the sequence; unlock. Idempotent."""
+        state = running.state
+        if state is DONE:
+            return
+        running.state = DONE
+        if state is WAITING:
+            try:
+                self._waiting.remove(running)
+            except ValueError:
+                pass
+        if state is not RUNNING:
+            return
+        self._running.pop(running, None)
+        self._decoding.pop(running, None)
+        if self._chunked is running:
+            self._chunked = None
+        self._reserved_tokens -= running.kv_reserved
+        running.kv_reserved = 0
+        self._private_tokens -= running.kv_private
+        running.kv_private = 0
+        cache = self.cache
+        cache.set_capacity(self.capacity_tokens - self._reserved_tokens)
+        if running.output_ids:
+            # Finished (or partial) sequences stay cached, like RadixAttention.
+            cache.insert(running.request.prompt_ids + running.output_ids, namespace=running.namespace)
+        if running.locked_node is not None:
+            cache.unlock(running.locked_node)
+            running.locked_node = None
+        if self._waiting and self._scheduler_task is not None:
+            _resolve_future(self._scheduler_wakeup)  # room freed: a waiting request may fit
 
     def finalize(self, running: RunningRequest) -> None:
-        """Release the request exactly once: cache insert + unlock, counters.
+        """Release the request exactly once: queues, KV, cache, counters.
 
         `run` calls it when it ends; callers also call it after admission in
         a `finally`, for the case where `run` never started (idempotent).
@@ -341,23 +759,15 @@ class SimEngine:
         if running.finalized:
             return
         running.finalized = True
+        self._retire(running)
         self._active.discard(running)
         if running.finished_at is None:
-            running.finished_at = time.monotonic()
-        request = running.request
-        if running.output_ids:
-            # Finished (or partial) sequences stay cached, like RadixAttention.
-            self.cache.insert(request.prompt_ids + running.output_ids, namespace=request.cache_namespace)
-        if running.locked_node is not None:
-            self.cache.unlock(running.locked_node)
-            running.locked_node = None
+            running.finished_at = self.timing.now()
 
         stats = self.stats
         stats.prompt_tokens_total += running.prompt_tokens
         stats.completion_tokens_total += running.completion_tokens
         stats.cached_tokens_total += running.cached_tokens
-        if running.completion_tokens:
-            self._recent_completions.append((running.finished_at, running.completion_tokens))
         finish_reason = running.finish_reason
         if finish_reason is None and running.abort_cause is None:
             # The consumer went away without telling us (e.g. a failed write).
@@ -382,61 +792,99 @@ class SimEngine:
         for running in list(self._active):
             if running.finish_reason is None and running.abort_cause is None and (
                     abort_all or running.rid.startswith(rid)):
-                running.abort_cause = "request"
-                _resolve_future(running.wakeup)
+                self._interrupt(running, "request")
                 hit += 1
         return hit
 
     def mark_disconnected(self, running: RunningRequest) -> None:
         """The client went away; the caller then closes the `run` generator."""
         if running.finish_reason is None and running.abort_cause is None:
-            running.abort_cause = "disconnect"
-            _resolve_future(running.wakeup)
+            self._interrupt(running, "disconnect")
+
+    def _interrupt(self, running: RunningRequest, cause: str) -> None:
+        running.abort_cause = cause
+        if running.state is not HELD:
+            self._retire(running)
+        _resolve_future(running.waiter)
 
     def release_hung_requests(self) -> int:
         """The `hang` fault was cleared: let hung requests proceed."""
         released = 0
         for running in self._active:
             if running.hung:
-                _resolve_future(running.wakeup)
+                _resolve_future(running.waiter)
                 released += 1
         return released
 
     def flush_cache(self) -> bool:
-        """Drop the prefix cache unless requests are running (as SGLang does)."""
+        """Drop the prefix cache unless requests are running or waiting (as SGLang does)."""
         if self._active:
             return False
         self.cache.reset()
         return True
 
+    async def _lora_load_delay(self) -> None:
+        delay = self.config.lora_load_ms / 1e3
+        if delay > 0:
+            await asyncio.sleep(self.timing.wall_s(delay))
+
     # ------------------------------------------------------------ observation
 
     @property
     def num_running_requests(self) -> int:
-        return len(self._active)
+        """Requests in the running batch (prefilling or decoding)."""
+        return len(self._running)
+
+    @property
+    def num_waiting_requests(self) -> int:
+        """Requests received and not yet in the batch: waiting queue, plus held by ttft_ms / hang."""
+        return len(self._active) - len(self._running) - sum(
+            1 for running in self._active if running.state is DONE)
+
+    @property
+    def num_queue_requests(self) -> int:
+        return len(self._waiting)
 
     def active_rids(self) -> list[str]:
         return [running.rid for running in self._active]
 
     def running_tokens(self) -> int:
         """Tokens (prompt + generated) held by running requests."""
-        return sum(running.prompt_tokens + running.completion_tokens for running in self._active)
+        return sum(running.prompt_tokens + running.completion_tokens for running in self._running)
+
+    def waiting_uncached_tokens(self) -> int:
+        return sum(running.prompt_tokens for running in self._waiting)
+
+    def used_tokens(self) -> int:
+        """KV tokens in use by running requests: their locked cache paths and unshared tokens."""
+        return self.cache.protected_tokens + self._private_tokens
+
+    def kv_token_counts(self) -> dict[str, int]:
+        cache = self.cache
+        used = self.used_tokens()
+        return {"num_used": used, "kv_used": used, "kv_evictable": cache.evictable_tokens,
+                "kv_available": max(0, self.capacity_tokens - used - cache.evictable_tokens)}
+
+    def lora_slots_used(self) -> int:
+        """Distinct adapters (the base model counts as one) in the running batch."""
+        return len({running.adapter for running in self._running})
 
     def cache_hit_rate(self) -> float:
         prompt_total = self.stats.prompt_tokens_total
         return self.stats.cached_tokens_total / prompt_total if prompt_total else 0.0
 
     def token_usage(self) -> float:
-        capacity = self.config.cache_capacity_tokens
-        return min(1.0, self.cache.protected_tokens / capacity) if capacity else 0.0
+        capacity = self.capacity_tokens
+        return min(1.0, self.used_tokens() / capacity) if capacity else 0.0
 
     def gen_throughput(self) -> float:
-        """Generated tokens/s over the last THROUGHPUT_WINDOW_S (finished requests)."""
-        horizon = time.monotonic() - THROUGHPUT_WINDOW_S
-        recent = self._recent_completions
-        while recent and recent[0][0] < horizon:
-            recent.popleft()
-        return sum(tokens for _, tokens in recent) / THROUGHPUT_WINDOW_S
+        """Generated tokens per simulated second over the last THROUGHPUT_WINDOW_S."""
+        now = self.timing.now()
+        horizon = now - THROUGHPUT_WINDOW_S
+        buckets = self._throughput_buckets
+        while buckets and buckets[0][0] < horizon:
+            buckets.popleft()
+        return sum(tokens for _, tokens in buckets) / THROUGHPUT_WINDOW_S
 
     def stats_snapshot(self) -> dict:
         stats = self.stats
@@ -466,6 +914,21 @@ class SimEngine:
                 "evicted_tokens_total": cache.evicted_tokens_total,
                 "hit_rate": round(self.cache_hit_rate(), 4),
             },
+            "engine": {
+                "running_requests": len(self._running),
+                "queued_requests": len(self._waiting),
+                "waiting_requests": self.num_waiting_requests,
+                "max_running_requests": self.config.max_running_requests,
+                "max_total_tokens": self.capacity_tokens,
+                "reserved_tokens": self._reserved_tokens,
+                "used_tokens": self.used_tokens(),
+                "token_usage": round(self.token_usage(), 4),
+                "chunked_rid": self._chunked.rid if self._chunked is not None else None,
+                "prefill_steps": self.steps_total["prefill"],
+                "decode_steps": self.steps_total["decode"],
+                "schedule_lag_resets": self.schedule_lag_resets,
+            },
+            "lora": self.lora.snapshot(),
         }
 
     def reset_stats(self) -> None:

@@ -10,6 +10,11 @@ write SGLang-shaped replies. Streaming details that matter to clients:
 
 Client disconnects cancel the handler (`handler_cancellation=True`); the
 engine then records the request's rid as `disconnected`.
+
+LoRA: `/load_lora_adapter` and `/unload_lora_adapter` reply
+`{success, error_message, loaded_adapters}` with 200 or 400; loaded adapters
+are listed in `/v1/models`. Slow start: /health and /ready answer 503 until
+`--startup-delay-ms` (or a `startup_delay_ms` sent to /sim/faults) has passed.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from aiohttp import web
 from . import __version__ as SIM_VERSION
 from .config import RuntimeSettings, ServerConfig
 from .engine import InjectedFailure, RequestRejected, RunningRequest, SimEngine
+from .lora import LoraError
 from .metrics import render_prometheus
 from .protocol import (
     SSE_DONE,
@@ -133,9 +139,9 @@ class GenerationHandlers:
         self.engine = engine
         self.config = config
 
-    def _admit_openai(self, generation) -> RunningRequest:
+    async def _admit_openai(self, generation) -> RunningRequest:
         try:
-            return self.engine.admit(generation)
+            return await self.engine.admit_async(generation)
         except RequestRejected as error:
             self.engine.stats.requests_rejected += 1
             raise openai_error(error.message, error_type=error.error_type, status=error.status_code) from error
@@ -146,8 +152,9 @@ class GenerationHandlers:
     # ---- OpenAI chat
 
     async def chat_completions(self, request: web.Request) -> web.StreamResponse:
-        parsed = parse_chat_request(await _read_json_body(request, require_json_content_type=True))
-        running = self._admit_openai(parsed.generation)
+        parsed = parse_chat_request(await _read_json_body(request, require_json_content_type=True),
+                                    served_model_name=self.config.served_model_name)
+        running = await self._admit_openai(parsed.generation)
         try:
             if not parsed.generation.stream:
                 return await self._openai_unary(parsed, running, chat_response)
@@ -186,7 +193,8 @@ class GenerationHandlers:
                         first_output = False
                         pending.append(writer.role_chunk())
                     if step.delta_text:
-                        usage = running_usage(running, enable_cache_report) if continuous else None
+                        usage = running_usage(running, enable_cache_report, step.completion_tokens) \
+                            if continuous else None
                         pending.append(writer.content_chunk(step.delta_text, usage))
                     if step.finish_reason is not None:
                         # the last step: its chunks leave with the tail below
@@ -225,8 +233,9 @@ class GenerationHandlers:
     # ---- OpenAI completions
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
-        parsed = parse_completion_request(await _read_json_body(request, require_json_content_type=True))
-        running = self._admit_openai(parsed.generation)
+        parsed = parse_completion_request(await _read_json_body(request, require_json_content_type=True),
+                                          served_model_name=self.config.served_model_name)
+        running = await self._admit_openai(parsed.generation)
         try:
             if not parsed.generation.stream:
                 return await self._openai_unary(parsed, running, completion_response)
@@ -253,7 +262,7 @@ class GenerationHandlers:
                     first = False
                     # Completions' continuous usage carries no cached-token details in SGLang.
                     usage = usage_object(prompt_tokens=running.prompt_tokens,
-                                         completion_tokens=running.completion_tokens, cached_tokens=0,
+                                         completion_tokens=step.completion_tokens, cached_tokens=0,
                                          enable_cache_report=False) if continuous else None
                     pending.append(writer.text_chunk(delta, step.finish_reason, usage))
                     if step.finish_reason is None and (not step.more_ready or len(pending) >= MAX_COALESCED_CHUNKS):
@@ -271,7 +280,7 @@ class GenerationHandlers:
     async def generate(self, request: web.Request) -> web.StreamResponse:
         generation = parse_generate_request(await _read_json_body(request, require_json_content_type=False))
         if not generation.stream:
-            running = self._admit_native(generation)
+            running = await self._admit_native(generation)
             try:
                 return await self._generate_unary(running)
             finally:
@@ -281,7 +290,7 @@ class GenerationHandlers:
         # request, so a rejection arrives as an SSE error event; injected
         # failures are still answered (500) before any byte.
         try:
-            running = self._admit_native(generation)
+            running = await self._admit_native(generation)
         except ApiError as error:
             if error.status == 500:
                 raise
@@ -320,7 +329,7 @@ class GenerationHandlers:
                         pending.append(native_stream_error_sse(step.error["message"], step.error["status_code"]))
                         break
                     final = step.finish_reason is not None
-                    pending.append(native_sse(running, final=final))
+                    pending.append(native_sse(running, final=final, step=step))
                     if not final and (not step.more_ready or len(pending) >= MAX_COALESCED_CHUNKS):
                         await response.write(b"".join(pending))
                         pending.clear()
@@ -330,9 +339,9 @@ class GenerationHandlers:
             self.engine.mark_disconnected(running)
         return response
 
-    def _admit_native(self, generation) -> RunningRequest:
+    async def _admit_native(self, generation) -> RunningRequest:
         try:
-            return self.engine.admit(generation)
+            return await self.engine.admit_async(generation)
         except RequestRejected as error:
             self.engine.stats.requests_rejected += 1
             raise native_error(error.message, error.status_code) from error
@@ -347,19 +356,29 @@ class InfoHandlers:
         self.engine = engine
         self.config = config
         self.started_at = started_at
+        # time.monotonic() after which /health answers 200 (slow start)
+        self.ready_at = time.monotonic() + engine.timing.wall_s(config.startup_delay_ms / 1e3)
+
+    def _serving(self) -> bool:
+        return not self.engine.settings.unhealthy and time.monotonic() >= self.ready_at
 
     async def health(self, request: web.Request) -> web.Response:
-        return web.Response(status=503 if self.engine.settings.unhealthy else 200)
+        return web.Response(status=200 if self._serving() else 503)
 
     async def ready(self, request: web.Request) -> web.Response:
-        return web.Response(status=503 if self.engine.settings.unhealthy else 200)
+        return web.Response(status=200 if self._serving() else 503)
 
     def _model_card(self, model_id: str) -> dict:
         return {"id": model_id, "object": "model", "created": int(self.started_at), "owned_by": "sglang",
                 "root": model_id, "parent": None, "max_model_len": self.config.context_length}
 
     async def list_models(self, request: web.Request) -> web.Response:
-        return _json({"object": "list", "data": [self._model_card(self.config.served_model_name)]})
+        cards = [self._model_card(self.config.served_model_name)]
+        for adapter in self.engine.lora.loaded():
+            cards.append({"id": adapter.name, "object": "model", "created": int(self.started_at),
+                          "owned_by": "sglang", "root": adapter.path, "parent": self.config.served_model_name,
+                          "max_model_len": None})
+        return _json({"object": "list", "data": cards})
 
     async def retrieve_model(self, request: web.Request) -> web.Response:
         model = request.match_info["model"]
@@ -400,11 +419,13 @@ class InfoHandlers:
             "enable_cache_report": config.enable_cache_report,
             "api_key": None,  # never echoed
             "max_running_requests": config.max_running_requests,
-            "max_total_tokens": config.cache_capacity_tokens,
+            "max_total_tokens": config.max_total_tokens,
+            "chunked_prefill_size": config.chunked_prefill_size,
             "page_size": 1,
             "disable_radix_cache": False,
             "radix_eviction_policy": "lru",
-            "schedule_policy": "fcfs",
+            "schedule_policy": config.schedule_policy,
+            "enable_mixed_chunk": False,
             "stream_interval": 1,
             "incremental_streaming_output": False,
             "stream_response_default_include_usage": False,
@@ -413,7 +434,11 @@ class InfoHandlers:
             "pp_size": 1,
             "load_balance_method": "round_robin",
             "disaggregation_mode": "null",
-            "enable_lora": False,
+            "enable_lora": config.enable_lora,
+            "lora_paths": [dict(entry) for entry in config.lora_paths] or None,
+            "max_loras_per_batch": config.max_loras_per_batch,
+            "max_loaded_loras": config.max_loaded_loras,
+            "lora_eviction_policy": "lru",
             "enable_metrics": True,
             "is_embedding": False,
             "skip_tokenizer_init": False,
@@ -423,18 +448,25 @@ class InfoHandlers:
 
     async def server_info(self, request: web.Request) -> web.Response:
         engine = self.engine
+        config = self.config
         return _json({
             **self._server_args(),
             "startup_time": self.started_at,
             "internal_states": [{
                 "last_gen_throughput": round(engine.gen_throughput(), 2),
                 "num_running_reqs": engine.num_running_requests,
-                "max_total_num_tokens": self.config.cache_capacity_tokens,
-                "effective_max_running_requests_per_dp": self.config.max_running_requests,
+                "num_waiting_reqs": engine.num_waiting_requests,
+                "max_total_num_tokens": config.max_total_tokens,
+                "effective_max_running_requests_per_dp": config.max_running_requests,
             }],
             "version": SGLANG_VERSION,
             "frontend": "python",
-            "simulator": {"name": "inference.sim", "version": SIM_VERSION},
+            "simulator": {
+                "name": "inference.sim", "version": SIM_VERSION, "preset": config.preset,
+                "prefill_tokens_per_s": config.prefill_tokens_per_s, "decode_base_ms": config.decode_base_ms,
+                "decode_per_request_ms": config.decode_per_request_ms, "time_scale": config.time_scale,
+                "lora_load_ms": config.lora_load_ms,
+            },
         })
 
     def _load_core(self) -> dict:
@@ -444,13 +476,13 @@ class InfoHandlers:
             "timestamp": time.time(),
             "dp_rank": 0,
             "num_running_reqs": engine.num_running_requests,
-            "num_waiting_reqs": 0,
-            "num_waiting_uncached_tokens": 0,
-            "num_used_tokens": running_tokens,
+            "num_waiting_reqs": engine.num_waiting_requests,
+            "num_waiting_uncached_tokens": engine.waiting_uncached_tokens(),
+            "num_used_tokens": engine.used_tokens(),
             "num_total_tokens": running_tokens,
             "num_active_tokens": running_tokens,
             "num_prealloc_ready_tokens": 0,
-            "max_total_num_tokens": self.config.cache_capacity_tokens,
+            "max_total_num_tokens": self.config.max_total_tokens,
             "max_running_requests": self.config.max_running_requests,
             "token_usage": round(engine.token_usage(), 4),
             "gen_throughput": round(engine.gen_throughput(), 2),
@@ -464,8 +496,9 @@ class InfoHandlers:
     async def get_load(self, request: web.Request) -> web.Response:
         """Pre-0.5.23 shape: one dict per DP rank (what sglang-router polls)."""
         engine = self.engine
-        return _json([{"dp_rank": 0, "num_reqs": engine.num_running_requests, "num_waiting_reqs": 0,
-                       "num_tokens": engine.running_tokens()}])
+        return _json([{"dp_rank": 0, "num_reqs": engine.num_running_requests + engine.num_waiting_requests,
+                       "num_waiting_reqs": engine.num_waiting_requests, "num_tokens": engine.running_tokens(),
+                       "token_usage": round(engine.token_usage(), 4)}])
 
     async def v1_loads(self, request: web.Request) -> web.Response:
         valid_sections = {"core", "memory", "spec", "lora", "disagg", "queues", "all"}
@@ -479,9 +512,14 @@ class InfoHandlers:
         load = self._load_core()
         if include_set is None or "all" in include_set or "memory" in include_set:
             load["memory"] = {"weight_gb": 0.0, "kv_cache_gb": 0.0, "graph_gb": 0.0,
-                              "token_capacity": self.config.cache_capacity_tokens}
+                              "token_capacity": self.config.max_total_tokens}
         if include_set is None or "all" in include_set or "queues" in include_set:
-            load["queues"] = {"waiting": 0, "grammar": 0, "paused": 0, "retracted": 0, "prealloc_ready": 0}
+            load["queues"] = {"waiting": self.engine.num_waiting_requests, "grammar": 0, "paused": 0,
+                              "retracted": 0, "prealloc_ready": 0}
+        if self.config.enable_lora and (include_set is None or "all" in include_set or "lora" in include_set):
+            load["lora"] = {"loaded_adapters": len(self.engine.lora.loaded()),
+                            "max_loaded_loras": self.config.max_loaded_loras,
+                            "max_loras_per_batch": self.config.max_loras_per_batch}
         loads = [load] if dp_rank in (None, "0") else []
         if request.query.get("format") == "prometheus":
             lines = []
@@ -504,9 +542,10 @@ class InfoHandlers:
         engine = self.engine
         text = render_prometheus(
             stats=engine.stats, model_name=self.config.served_model_name,
-            num_running_reqs=engine.num_running_requests, num_queue_reqs=0,
+            num_running_reqs=engine.num_running_requests, num_queue_reqs=engine.num_waiting_requests,
             token_usage=engine.token_usage(), cache_hit_rate=engine.cache_hit_rate(),
-            gen_throughput=engine.gen_throughput())
+            gen_throughput=engine.gen_throughput(), kv_tokens=engine.kv_token_counts(),
+            lora_slots=(engine.lora_slots_used(), self.config.max_loras_per_batch) if self.config.enable_lora else None)
         return web.Response(text=text, content_type="text/plain", charset="utf-8",
                             headers={"X-Prometheus-Version": "0.0.4"})
 
@@ -528,6 +567,40 @@ class InfoHandlers:
         self.engine.abort(rid=rid, abort_all=abort_all)
         return web.Response(status=200)
 
+    # ---- LoRA
+
+    async def _lora_body(self, request: web.Request, *fields_needed: str) -> dict:
+        body = await _read_json_body(request, require_json_content_type=False)
+        if not isinstance(body, dict):
+            raise ApiError(400, {"error": "body: Input should be a valid dictionary"})
+        for name in fields_needed:
+            if not isinstance(body.get(name), str) or not body.get(name):
+                raise ApiError(400, {"error": f"{name}: Field required (a non-empty string)"})
+        if "pinned" in body and not isinstance(body["pinned"], bool):
+            raise ApiError(400, {"error": "pinned: Input should be a valid boolean"})
+        return body
+
+    async def load_lora_adapter(self, request: web.Request) -> web.Response:
+        body = await self._lora_body(request, "lora_name", "lora_path")
+        registry = self.engine.lora
+        try:
+            loaded = await registry.load(name=body["lora_name"], path=body["lora_path"],
+                                         pinned=body.get("pinned", False))
+        except LoraError as error:
+            return _json(_lora_result(False, error.message,
+                                      registry.loaded_adapters() if error.loaded_adapters_known else None), 400)
+        return _json(_lora_result(True, "", loaded))
+
+    async def unload_lora_adapter(self, request: web.Request) -> web.Response:
+        body = await self._lora_body(request, "lora_name")
+        registry = self.engine.lora
+        try:
+            loaded = await registry.unload(name=body["lora_name"])
+        except LoraError as error:
+            return _json(_lora_result(False, error.message,
+                                      registry.loaded_adapters() if error.loaded_adapters_known else None), 400)
+        return _json(_lora_result(True, "", loaded))
+
     # ---- simulator hooks
 
     async def get_faults(self, request: web.Request) -> web.Response:
@@ -544,6 +617,9 @@ class InfoHandlers:
             return _json({"error": str(error)}, status=400)
         if was_hanging and not self.engine.settings.hang:
             self.engine.release_hung_requests()
+        if "startup_delay_ms" in body:
+            # A (re)start from now: /health answers 503 for this long.
+            self.ready_at = time.monotonic() + self.engine.timing.wall_s(self.engine.settings.startup_delay_ms / 1e3)
         return _json(self.engine.settings.as_dict())
 
     async def get_stats(self, request: web.Request) -> web.Response:
@@ -554,8 +630,15 @@ class InfoHandlers:
         return _json(self.engine.stats_snapshot())
 
 
+def _lora_result(success: bool, error_message: str, loaded_adapters: dict | None) -> dict:
+    return {"success": success, "error_message": error_message, "loaded_adapters": loaded_adapters}
+
+
 def build_app(*, config: ServerConfig, settings: RuntimeSettings) -> web.Application:
-    engine = SimEngine(config=config, settings=settings)
+    try:
+        engine = SimEngine(config=config, settings=settings)
+    except LoraError as error:
+        raise SystemExit(f"--lora-paths: {error.message}") from error
     middlewares = [_api_error_middleware, _auth_middleware(config.api_key)]
     if logger.isEnabledFor(logging.DEBUG):
         middlewares.insert(0, _debug_log_middleware)
@@ -585,6 +668,8 @@ def build_app(*, config: ServerConfig, settings: RuntimeSettings) -> web.Applica
     router.add_route("GET", "/flush_cache", info.flush_cache)
     router.add_route("POST", "/flush_cache", info.flush_cache)
     router.add_post("/abort_request", info.abort_request)
+    router.add_post("/load_lora_adapter", info.load_lora_adapter)
+    router.add_post("/unload_lora_adapter", info.unload_lora_adapter)
     router.add_get("/sim/faults", info.get_faults)
     router.add_post("/sim/faults", info.update_faults)
     router.add_get("/sim/stats", info.get_stats)

@@ -35,6 +35,12 @@ class Histogram:
         self.count += 1
         self.total += value
 
+    def observe_many(self, value: float, times: int) -> None:
+        if times > 0:
+            self.bucket_counts[bisect.bisect_left(self.bounds, value)] += times
+            self.count += times
+            self.total += value * times
+
     def render(self, name: str, labels: str, lines: list[str]) -> None:
         cumulative = 0
         for bound, bucket_count in zip(self.bounds, self.bucket_counts):
@@ -75,7 +81,10 @@ class SimStats:
 
 
 def render_prometheus(*, stats: SimStats, model_name: str, num_running_reqs: int, num_queue_reqs: int,
-                      token_usage: float, cache_hit_rate: float, gen_throughput: float) -> str:
+                      token_usage: float, cache_hit_rate: float, gen_throughput: float,
+                      kv_tokens: dict[str, int] | None = None, lora_slots: tuple[int, int] | None = None) -> str:
+    """SGLang's /metrics text. `kv_tokens`: num_used, kv_available, kv_evictable, kv_used
+    token counts; `lora_slots`: (adapters in the running batch, max_loras_per_batch)."""
     labels = f'model_name="{_escape_label(model_name)}",engine_type="unified"'
     lines: list[str] = []
 
@@ -94,6 +103,21 @@ def render_prometheus(*, stats: SimStats, model_name: str, num_running_reqs: int
     gauge("sglang:token_usage", "The token usage.", token_usage)
     gauge("sglang:cache_hit_rate", "The prefix cache hit rate.", cache_hit_rate)
     gauge("sglang:gen_throughput", "The generation throughput (token/s).", gen_throughput)
+    if kv_tokens is not None:
+        gauge("sglang:num_used_tokens", "The number of used tokens.", kv_tokens["num_used"])
+        gauge("sglang:kv_available_tokens", "Number of free token slots in the KV cache pool.",
+              kv_tokens["kv_available"])
+        gauge("sglang:kv_evictable_tokens", "Number of evictable (radix-cached) token slots in the KV cache pool.",
+              kv_tokens["kv_evictable"])
+        gauge("sglang:kv_used_tokens", "Number of actively used token slots in the KV cache pool.",
+              kv_tokens["kv_used"])
+    if lora_slots is not None:
+        used, total = lora_slots
+        gauge("sglang:lora_pool_slots_used", "Number of LoRA adapter slots currently occupied in GPU memory.", used)
+        gauge("sglang:lora_pool_slots_total", "Total number of LoRA adapter slots available (max_loras_per_batch).",
+              total)
+        gauge("sglang:lora_pool_utilization", "LoRA pool utilization ratio (used/total). 1.0 means pool is full.",
+              used / total if total else 0.0)
     counter("sglang:prompt_tokens_total", "Number of prefill tokens processed.", stats.prompt_tokens_total)
     counter("sglang:generation_tokens_total", "Number of generation tokens processed.",
             stats.completion_tokens_total)

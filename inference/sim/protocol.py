@@ -22,7 +22,7 @@ from typing import Any
 
 import orjson
 
-from .engine import GenerationRequest, RunningRequest
+from .engine import GenerationRequest, RunningRequest, Step
 from .tokenizer import render_chat_prompt, tokenize
 
 WEIGHT_VERSION = "default"  # SGLang's default --weight-version
@@ -164,7 +164,24 @@ class OpenAIRequest:
     echo_text: str | None = None  # completions `echo`: prompt text to prepend
 
 
-def _openai_common(fields: _Fields, *, prompt_ids: list[int], max_tokens: int | None) -> tuple[GenerationRequest, str, bool, bool]:
+def split_model_adapter(model: str, served_model_name: str | None) -> tuple[str, str | None]:
+    """SGLang's `<base>:<adapter>` model syntax (serving_base._parse_model_parameter).
+
+    The exact served name is kept whole even if it contains ':'; a name that
+    starts with `<served>:` splits after it; otherwise split at the first ':'.
+    The base name is not validated.
+    """
+    if ":" not in model or model == served_model_name:
+        return model, None
+    if served_model_name and model.startswith(served_model_name + ":"):
+        base, adapter = served_model_name, model[len(served_model_name) + 1:]
+    else:
+        base, adapter = model.split(":", 1)
+    return base.strip(), adapter.strip() or None
+
+
+def _openai_common(fields: _Fields, *, prompt_ids: list[int], max_tokens: int | None,
+                   served_model_name: str | None) -> tuple[GenerationRequest, str, bool, bool]:
     body = fields.body
     model = body.get("model", "default")
     if not isinstance(model, str):
@@ -190,6 +207,10 @@ def _openai_common(fields: _Fields, *, prompt_ids: list[int], max_tokens: int | 
         if body.get(name) is not None and not isinstance(body.get(name), str):
             raise openai_error(f"The simulator accepts only a single string {name}.")
     lora_path = body.get("lora_path")
+    if lora_path is not None and not isinstance(lora_path, str):
+        raise openai_error("The simulator accepts only a single string lora_path.")
+    # The adapter named in `model` wins over a body lora_path.
+    lora_path = split_model_adapter(model, served_model_name)[1] or lora_path
     generation = GenerationRequest(
         rid=rid or new_rid(),
         prompt_ids=prompt_ids,
@@ -200,12 +221,12 @@ def _openai_common(fields: _Fields, *, prompt_ids: list[int], max_tokens: int | 
         seed=fields.optional_int("seed"),
         cache_namespace=_cache_namespace(body.get("cache_salt"), body.get("extra_key")),
         stream=stream,
-        lora_path=lora_path if isinstance(lora_path, str) else None,
+        lora_path=lora_path or None,
     )
     return generation, model, include_usage, continuous_usage_stats
 
 
-def parse_chat_request(body: Any) -> OpenAIRequest:
+def parse_chat_request(body: Any, *, served_model_name: str | None = None) -> OpenAIRequest:
     fields = _Fields(body, "ChatCompletionRequest", openai_schema_error)
     messages = body.get("messages")
     if messages is None:
@@ -221,11 +242,11 @@ def parse_chat_request(body: Any) -> OpenAIRequest:
     # max_completion_tokens wins over the deprecated max_tokens, as in SGLang.
     max_tokens = fields.optional_int("max_completion_tokens") or fields.optional_int("max_tokens")
     generation, model, include_usage, continuous = _openai_common(
-        fields, prompt_ids=tokenize(prompt_text), max_tokens=max_tokens)
+        fields, prompt_ids=tokenize(prompt_text), max_tokens=max_tokens, served_model_name=served_model_name)
     return OpenAIRequest(generation, model, include_usage, continuous)
 
 
-def parse_completion_request(body: Any) -> OpenAIRequest:
+def parse_completion_request(body: Any, *, served_model_name: str | None = None) -> OpenAIRequest:
     fields = _Fields(body, "CompletionRequest", openai_schema_error)
     if "prompt" not in body:
         fields.fail("prompt", "Field required")
@@ -241,14 +262,14 @@ def parse_completion_request(body: Any) -> OpenAIRequest:
     elif isinstance(prompt, list) and all(isinstance(item, (str, list)) for item in prompt):
         if len(prompt) != 1:
             raise openai_error("The simulator does not support batched prompts; send one prompt per request.")
-        return parse_completion_request({**body, "prompt": prompt[0]})
+        return parse_completion_request({**body, "prompt": prompt[0]}, served_model_name=served_model_name)
     else:
         fields.fail("prompt", "Input should be a valid string or list of token ids")
     max_tokens = fields.optional_int("max_tokens")
     if "max_tokens" not in body:
         max_tokens = 16  # CompletionRequest's default
     generation, model, include_usage, continuous = _openai_common(
-        fields, prompt_ids=prompt_ids, max_tokens=max_tokens)
+        fields, prompt_ids=prompt_ids, max_tokens=max_tokens, served_model_name=served_model_name)
     echo = fields.boolean("echo")
     return OpenAIRequest(generation, model, include_usage, continuous, echo_text if echo else None)
 
@@ -307,6 +328,10 @@ def parse_generate_request(body: Any) -> GenerationRequest:
     if rid is not None and not isinstance(rid, str):
         fields.fail("rid", "Input should be a valid string")
     lora_path = body.get("lora_path")
+    if isinstance(lora_path, list) and len(lora_path) == 1:
+        lora_path = lora_path[0]
+    if lora_path is not None and not isinstance(lora_path, str):
+        fields.fail("lora_path", "Input should be a valid string")
     return GenerationRequest(
         rid=rid or new_rid(),
         prompt_ids=prompt_ids,
@@ -317,13 +342,13 @@ def parse_generate_request(body: Any) -> GenerationRequest:
         seed=fields.optional_int("sampling_seed", source=sampling),
         cache_namespace=_cache_namespace(fields.optional_str("cache_salt"), fields.optional_str("extra_key")),
         stream=fields.boolean("stream"),
-        lora_path=lora_path if isinstance(lora_path, str) else None,
+        lora_path=lora_path or None,
     )
 
 
 # ------------------------------------------------------------------ native responses
 
-def native_meta_info(running: RunningRequest, *, final: bool) -> dict:
+def native_meta_info(running: RunningRequest, *, final: bool, completion_tokens: int | None = None) -> dict:
     meta_info = {
         "id": running.rid,
         "finish_reason": running.finish_reason if final else None,
@@ -331,7 +356,7 @@ def native_meta_info(running: RunningRequest, *, final: bool) -> dict:
         "weight_version": WEIGHT_VERSION,
         "num_retractions": 0,
         "reasoning_tokens": 0,
-        "completion_tokens": running.completion_tokens,
+        "completion_tokens": running.completion_tokens if completion_tokens is None else completion_tokens,
         "cached_tokens": running.cached_tokens,
     }
     if final:
@@ -339,13 +364,18 @@ def native_meta_info(running: RunningRequest, *, final: bool) -> dict:
     return meta_info
 
 
-def native_output(running: RunningRequest, *, final: bool) -> dict:
-    return {"text": running.text, "output_ids": list(running.output_ids),
-            "meta_info": native_meta_info(running, final=final)}
+def native_output(running: RunningRequest, *, final: bool, step: Step | None = None) -> dict:
+    """The cumulative output; with `step`, as it was right after that step."""
+    if step is None or final:
+        return {"text": running.text, "output_ids": list(running.output_ids),
+                "meta_info": native_meta_info(running, final=final)}
+    count = step.completion_tokens
+    return {"text": running.text[:step.text_end], "output_ids": running.output_ids[:count],
+            "meta_info": native_meta_info(running, final=final, completion_tokens=count)}
 
 
-def native_sse(running: RunningRequest, *, final: bool) -> bytes:
-    return b"data: " + orjson.dumps(native_output(running, final=final)) + b"\n\n"
+def native_sse(running: RunningRequest, *, final: bool, step: Step | None = None) -> bytes:
+    return b"data: " + orjson.dumps(native_output(running, final=final, step=step)) + b"\n\n"
 
 
 def native_stream_error_sse(message: str, code: int) -> bytes:
@@ -368,8 +398,11 @@ def usage_object(*, prompt_tokens: int, completion_tokens: int, cached_tokens: i
     }
 
 
-def running_usage(running: RunningRequest, enable_cache_report: bool) -> dict:
-    return usage_object(prompt_tokens=running.prompt_tokens, completion_tokens=running.completion_tokens,
+def running_usage(running: RunningRequest, enable_cache_report: bool, completion_tokens: int | None = None) -> dict:
+    """Usage now, or with `completion_tokens` as it was when a step was produced."""
+    if completion_tokens is None:
+        completion_tokens = running.completion_tokens
+    return usage_object(prompt_tokens=running.prompt_tokens, completion_tokens=completion_tokens,
                         cached_tokens=running.cached_tokens, enable_cache_report=enable_cache_report)
 
 

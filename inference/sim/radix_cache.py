@@ -12,6 +12,9 @@ Invariants:
 - eviction removes unlocked leaves, least recently used first, until the tree
   fits `capacity_tokens`. Only locked (in-use) tokens may keep the tree above
   capacity, as GPU memory holding running requests cannot be freed either.
+  The engine sets `capacity_tokens` to the KV capacity minus what running
+  requests have reserved (`set_capacity`), so the cache and the running
+  requests share one token budget.
 
 Page size is 1 token. Each namespace (a request's `cache_salt` / `extra_key`)
 has its own root, so a different salt never shares a prefix.
@@ -64,6 +67,8 @@ class RadixCache:
         self.total_tokens = 0
         self.protected_tokens = 0
         self.evicted_tokens_total = 0
+        # Extra tokens evicted whenever the tree overflows (amortises the leaf scan).
+        self.eviction_slack_tokens = 0
 
     # ------------------------------------------------------------- queries
 
@@ -125,6 +130,11 @@ class RadixCache:
             if node.lock_ref == 0:
                 self.protected_tokens -= len(node.key)
             node = node.parent
+        self._evict_to_capacity()
+
+    def set_capacity(self, capacity_tokens: int) -> None:
+        """Change the budget and evict unlocked LRU leaves down to it."""
+        self.capacity_tokens = max(0, capacity_tokens)
         self._evict_to_capacity()
 
     def evict(self, num_tokens: int) -> int:
@@ -234,7 +244,7 @@ class RadixCache:
     def _evict_to_capacity(self) -> None:
         overflow = self.total_tokens - self.capacity_tokens
         if overflow > 0 and self.evictable_tokens > 0:
-            self.evict(overflow)
+            self.evict(overflow + self.eviction_slack_tokens)
 
 
 def _common_prefix_length(key: list[int], tokens: Sequence[int], start: int) -> int:

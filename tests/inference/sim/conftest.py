@@ -5,6 +5,9 @@ Run with `pytest -p no:django tests/inference/sim`.
 
 from __future__ import annotations
 
+import asyncio
+import inspect
+
 import pytest
 
 from .sim_process import SimProcess, start_sim
@@ -35,9 +38,19 @@ def cache_report_sim(sim_factory) -> SimProcess:
 def sim(cache_report_sim):
     """The shared simulator with default faults before and after each test."""
     defaults = {"error_rate": 0.0, "crash_after_tokens": None, "hang": False, "unhealthy": False,
-                "ttft_ms": 0.0, "itl_ms": 0.0, "prefill_us_per_token": 0.0}
+                "ttft_ms": 0.0, "itl_ms": 0.0, "prefill_us_per_token": 0.0, "startup_delay_ms": 0.0}
     with cache_report_sim.client() as client:
         client.post("/sim/faults", json=defaults).raise_for_status()
     yield cache_report_sim
     with cache_report_sim.client() as client:
         client.post("/sim/faults", json=defaults).raise_for_status()
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_pyfunc_call(pyfuncitem):
+    """Run `async def` tests of this folder on a fresh event loop (no pytest-asyncio here)."""
+    if inspect.iscoroutinefunction(pyfuncitem.obj):
+        arguments = {name: pyfuncitem.funcargs[name] for name in pyfuncitem._fixtureinfo.argnames}
+        asyncio.run(pyfuncitem.obj(**arguments))
+        return True
+    return None

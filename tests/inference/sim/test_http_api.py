@@ -369,7 +369,7 @@ def test_faults_validation_and_get(sim):
         assert client.post("/sim/faults", json={"ttft_ms": 1.5}).json()["ttft_ms"] == 1.5
         assert client.get("/sim/faults").json() == {
             "error_rate": 0.0, "crash_after_tokens": None, "hang": False, "unhealthy": False,
-            "ttft_ms": 1.5, "itl_ms": 0.0, "prefill_us_per_token": 0.0}
+            "ttft_ms": 1.5, "itl_ms": 0.0, "prefill_us_per_token": 0.0, "startup_delay_ms": 0.0}
 
 
 def test_unhealthy_and_hang_release(sim):

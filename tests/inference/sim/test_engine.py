@@ -1,0 +1,216 @@
+"""The continuous-batching engine in process: queueing, prefill and decode costs, KV capacity, chunking.
+
+Costs are large in simulated time and `--time-scale` shrinks them, so each
+test runs in well under a second of wall time while the figures checked are
+in simulated seconds (what the engine reports).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+import pytest
+
+from inference.sim.config import build_argument_parser, configs_from_args
+from inference.sim.engine import GenerationRequest, RunningRequest, SimEngine
+
+
+def engine_make(*flags: str) -> SimEngine:
+    config, settings = configs_from_args(build_argument_parser().parse_args(list(flags)))
+    return SimEngine(config=config, settings=settings)
+
+
+def request_make(rid: str, prompt_ids: list[int], max_new_tokens: int = 4, **kwargs) -> GenerationRequest:
+    return GenerationRequest(rid=rid, prompt_ids=prompt_ids, max_new_tokens=max_new_tokens, **kwargs)
+
+
+async def drive(engine: SimEngine, running: RunningRequest) -> list:
+    async with contextlib.aclosing(engine.run(running)) as steps:
+        return [step async for step in steps]
+
+
+async def run_all(engine: SimEngine, requests: list[GenerationRequest], stagger_s: float = 0.0) -> list[RunningRequest]:
+    admitted = []
+    tasks = []
+    for request in requests:
+        running = engine.admit(request)
+        admitted.append(running)
+        tasks.append(asyncio.create_task(drive(engine, running)))
+        if stagger_s:
+            await asyncio.sleep(stagger_s)
+    await asyncio.gather(*tasks)
+    return admitted
+
+
+def ttft(running: RunningRequest) -> float:
+    return running.first_token_at - running.admitted_at
+
+
+def mean_itl(running: RunningRequest) -> float:
+    return (running.last_token_at - running.first_token_at) / (running.completion_tokens - 1)
+
+
+def prompt(seed: int, length: int) -> list[int]:
+    return [1000 + seed * 10_000 + index for index in range(length)]
+
+
+# ---------------------------------------------------------------- queueing
+
+async def test_requests_queue_when_max_running_is_reached():
+    # given two slots and a 10 ms (simulated) decode step
+    engine = engine_make("--max-running-requests", "2", "--decode-base-ms", "10", "--time-scale", "0.2")
+    requests = [request_make(f"q{index}", prompt(index, 8), max_new_tokens=5) for index in range(4)]
+    # when four arrive at once
+    tasks_started = [engine.admit(request) for request in requests]
+    tasks = [asyncio.create_task(drive(engine, running)) for running in tasks_started]
+    await asyncio.sleep(0.005)
+    # then two run, two wait, and the late ones' first token comes after the early ones finish
+    assert engine.num_running_requests == 2 and engine.num_queue_requests == 2
+    assert engine.stats_snapshot()["engine"]["queued_requests"] == 2
+    await asyncio.gather(*tasks)
+    first, second, third, fourth = tasks_started
+    assert third.first_token_at >= first.finished_at and fourth.first_token_at >= second.finished_at
+    assert ttft(third) > ttft(first) + 0.04  # waited ≈ 5 decode steps of 10 ms
+
+
+# ---------------------------------------------------------------- prefill
+
+async def test_ttft_grows_with_uncached_prompt_and_shrinks_on_a_cache_hit():
+    # given prefill at 20,000 tokens/s (2,000 tokens ≈ 100 ms) and a 1 ms decode step
+    engine = engine_make("--prefill-tokens-per-s", "20000", "--decode-base-ms", "1", "--time-scale", "0.1")
+    short, = await run_all(engine, [request_make("short", prompt(1, 100))])
+    long, = await run_all(engine, [request_make("long", prompt(2, 2000))])
+    # when the long prompt is sent again (all but its last token is cached)
+    repeat, = await run_all(engine, [request_make("repeat", prompt(2, 2000))])
+    # then TTFT follows the uncached prompt tokens
+    assert ttft(short) == pytest.approx(0.005, abs=0.003)  # 100 / 20,000 s
+    assert ttft(long) == pytest.approx(0.1, rel=0.15)  # 2,000 / 20,000 s
+    assert repeat.cached_tokens == 1999
+    assert ttft(repeat) < ttft(long) / 10
+
+
+async def test_chunked_prefill_splits_a_long_prompt_into_steps():
+    engine = engine_make("--chunked-prefill-size", "512", "--prefill-tokens-per-s", "51200",
+                         "--decode-base-ms", "1", "--time-scale", "0.1")
+    running, = await run_all(engine, [request_make("chunky", prompt(3, 2000), max_new_tokens=2)])
+    # 2,000 tokens in chunks of 512 → 4 prefill steps of ≤ 10 ms each
+    assert engine.steps_total["prefill"] == 4
+    assert ttft(running) == pytest.approx(2000 / 51200, rel=0.2)
+
+
+async def test_a_chunked_prefill_delays_decoding_of_other_requests():
+    # SGLang's default runs prefill and decode as separate steps: a long
+    # prompt arriving mid-stream stalls the running request's next token.
+    engine = engine_make("--chunked-prefill-size", "1000", "--prefill-tokens-per-s", "10000",
+                         "--decode-base-ms", "5", "--time-scale", "0.1")
+    streaming = engine.admit(request_make("streaming", prompt(4, 10), max_new_tokens=40))
+    gaps_task = asyncio.create_task(drive(engine, streaming))
+    await asyncio.sleep(0.005)
+    await run_all(engine, [request_make("big", prompt(5, 3000), max_new_tokens=1)])
+    await gaps_task
+    assert engine.stats.itl.total / engine.stats.itl.count > 0.005  # mean ITL above the bare decode step
+
+
+# ---------------------------------------------------------------- decode
+
+async def test_itl_grows_with_batch_size():
+    flags = ("--decode-base-ms", "10", "--decode-per-request-ms", "5", "--time-scale", "0.1")
+    alone, = await run_all(engine_make(*flags), [request_make("alone", prompt(6, 8), max_new_tokens=10)])
+    crowd = await run_all(engine_make(*flags),
+                          [request_make(f"crowd{index}", prompt(10 + index, 8), max_new_tokens=10) for index in range(8)])
+    assert mean_itl(alone) == pytest.approx(0.015, rel=0.2)  # 10 + 5 × 1 ms
+    assert mean_itl(crowd[0]) == pytest.approx(0.050, rel=0.2)  # 10 + 5 × 8 ms
+
+
+async def test_zero_costs_are_instant_and_burst_tokens():
+    engine = engine_make()
+    running, = await run_all(engine, [request_make("instant", prompt(7, 8), max_new_tokens=100)])
+    assert running.completion_tokens == 100 and ttft(running) < 0.05
+    assert running.finish_reason == {"type": "length", "length": 100}
+
+
+# ---------------------------------------------------------------- KV capacity
+
+async def test_kv_capacity_bounds_the_cache_and_evicts_lru():
+    engine = engine_make("--max-total-tokens", "200")
+    engine.cache.eviction_slack_tokens = 0  # exact LRU for the assertions
+    # given four finished 50-token sequences (45 prompt + 5 output): 200 tokens
+    for index in range(4):
+        await run_all(engine, [request_make(f"fill{index}", prompt(20 + index, 45), max_new_tokens=5)])
+    assert engine.cache.total_tokens == 200
+    # when a fifth arrives
+    await run_all(engine, [request_make("fill4", prompt(24, 45), max_new_tokens=5)])
+    # then the cache stays within capacity: the oldest sequence was evicted, the newest kept
+    assert engine.cache.total_tokens <= 200
+    oldest, = await run_all(engine, [request_make("again0", prompt(20, 45), max_new_tokens=1)])
+    assert oldest.cached_tokens == 0
+    newest, = await run_all(engine, [request_make("again4", prompt(24, 45), max_new_tokens=1)])
+    assert newest.cached_tokens == 44
+
+
+async def test_running_requests_evict_the_cache_to_get_kv():
+    engine = engine_make("--max-total-tokens", "300")
+    engine.cache.eviction_slack_tokens = 0
+    for index in range(5):
+        await run_all(engine, [request_make(f"warm{index}", prompt(30 + index, 50), max_new_tokens=5)])
+    assert engine.cache.total_tokens == 275
+    # a request reserving 250 tokens (150 prompt + 100 output) forces evictions
+    running = engine.admit(request_make("big", prompt(40, 150), max_new_tokens=100))
+    task = asyncio.create_task(drive(engine, running))
+    await asyncio.sleep(0)
+    await task
+    assert engine.cache.evicted_tokens_total >= 200
+    assert engine.cache.total_tokens <= 300
+
+
+async def test_a_request_waits_until_kv_is_free():
+    engine = engine_make("--max-total-tokens", "400", "--decode-base-ms", "10", "--time-scale", "0.1")
+    first = engine.admit(request_make("kv1", prompt(50, 100), max_new_tokens=200))  # reserves 300
+    second = engine.admit(request_make("kv2", prompt(51, 100), max_new_tokens=50))  # needs 150
+    tasks = [asyncio.create_task(drive(engine, running)) for running in (first, second)]
+    await asyncio.sleep(0.01)
+    assert engine.num_running_requests == 1 and engine.num_queue_requests == 1
+    usage = engine.token_usage()
+    assert 0 < usage <= 1
+    await asyncio.gather(*tasks)
+    assert second.first_token_at >= first.finished_at
+    assert engine.stats_snapshot()["engine"]["reserved_tokens"] == 0
+
+
+async def test_abort_of_a_waiting_request_frees_its_place():
+    engine = engine_make("--max-running-requests", "1", "--decode-base-ms", "10", "--time-scale", "0.1")
+    first = engine.admit(request_make("run", prompt(60, 5), max_new_tokens=20))
+    queued = engine.admit(request_make("queued", prompt(61, 5), max_new_tokens=20))
+    tasks = [asyncio.create_task(drive(engine, running)) for running in (first, queued)]
+    await asyncio.sleep(0.005)
+    assert engine.abort(rid="queued", abort_all=False) == 1
+    steps_first, steps_queued = await asyncio.gather(*tasks)
+    assert steps_queued[-1].finish_reason["type"] == "abort" and queued.completion_tokens == 0
+    assert steps_first[-1].finish_reason["type"] == "length"
+    assert engine.num_queue_requests == 0 and "queued" in engine.stats.aborted_by_request
+
+
+async def test_lpm_schedules_the_longest_cached_prefix_first():
+    engine = engine_make("--schedule-policy", "lpm", "--max-running-requests", "1",
+                         "--decode-base-ms", "10", "--time-scale", "0.1")
+    shared = prompt(70, 100)
+    await run_all(engine, [request_make("warm", shared, max_new_tokens=1)])
+    blocker = engine.admit(request_make("blocker", prompt(71, 5), max_new_tokens=5))
+    cold = engine.admit(request_make("cold", prompt(72, 100), max_new_tokens=1))
+    hot = engine.admit(request_make("hot", shared + [5, 6], max_new_tokens=1))
+    tasks = [asyncio.create_task(drive(engine, running)) for running in (blocker, cold, hot)]
+    await asyncio.gather(*tasks)
+    assert hot.first_token_at < cold.first_token_at  # arrived later, scheduled first
+
+
+# ---------------------------------------------------------------- time scale
+
+async def test_time_scale_runs_faster_than_real_time():
+    engine = engine_make("--decode-base-ms", "50", "--time-scale", "0.05")
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    running, = await run_all(engine, [request_make("fast", prompt(80, 4), max_new_tokens=10)])
+    wall = loop.time() - started
+    assert running.e2e_latency_s() == pytest.approx(0.5, rel=0.2)  # 10 × 50 ms simulated
+    assert wall < 0.2

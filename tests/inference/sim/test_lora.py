@@ -1,0 +1,195 @@
+"""LoRA through real HTTP: load/unload endpoints, selection by model name and lora_path, eviction."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from pathlib import Path
+
+import openai
+import pytest
+
+from .test_http_api import CHAT, openai_client
+
+
+def adapter_dir_make(root: Path, name: str, *, weights: bool = True, config: dict | None = None) -> Path:
+    path = root / name
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "adapter_config.json").write_text(json.dumps(config if config is not None else {
+        "r": 16, "lora_alpha": 32, "target_modules": ["q_proj", "v_proj"],
+        "base_model_name_or_path": "demo/demo-llm", "peft_type": "LORA"}))
+    if weights:
+        (path / "adapter_model.safetensors").write_bytes(b"\0" * 64)
+    return path
+
+
+@pytest.fixture(scope="module")
+def adapters(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("adapters")
+    return {name: adapter_dir_make(root, name) for name in ("sql", "poet", "legal", "extra")}
+
+
+@pytest.fixture(scope="module")
+def lora_sim(sim_factory, adapters):
+    """Two adapters loaded at start, at most two kept loaded, 50 ms per load."""
+    return sim_factory("--enable-cache-report", "--lora-paths", f"sql={adapters['sql']}",
+                       json.dumps({"lora_name": "poet", "lora_path": str(adapters["poet"]), "pinned": True}),
+                       "--max-loaded-loras", "2", "--max-loras-per-batch", "4", "--lora-load-ms", "50")
+
+
+def test_models_list_loaded_adapters(lora_sim, adapters):
+    with lora_sim.client() as client:
+        cards = {card["id"]: card for card in client.get("/v1/models").json()["data"]}
+    assert cards["demo-llm"]["max_model_len"] == 4096 or cards["demo-llm"]["max_model_len"] > 0
+    assert cards["sql"] == {"id": "sql", "object": "model", "created": cards["sql"]["created"], "owned_by": "sglang",
+                            "root": str(adapters["sql"]), "parent": "demo-llm", "max_model_len": None}
+    assert cards["poet"]["parent"] == "demo-llm"
+
+
+def test_adapter_selected_by_model_name_answers_differently(lora_sim):
+    client = openai_client(lora_sim)
+    base = client.chat.completions.create(model="demo-llm", messages=CHAT, max_tokens=8)
+    sql = client.chat.completions.create(model="demo-llm:sql", messages=CHAT, max_tokens=8)
+    sql_again = client.chat.completions.create(model="anything:sql", messages=CHAT, max_tokens=8)
+    poet = client.chat.completions.create(model="demo-llm:poet", messages=CHAT, max_tokens=8)
+    assert sql.model == "demo-llm:sql"  # echoed as sent
+    texts = {base.choices[0].message.content, sql.choices[0].message.content, poet.choices[0].message.content}
+    assert len(texts) == 3  # each adapter answers differently
+    assert sql_again.choices[0].message.content == sql.choices[0].message.content  # base name not validated
+    # adapters do not share prefix cache with the base model
+    assert sql.usage.prompt_tokens_details.cached_tokens == 0
+
+
+def test_model_name_overrides_body_lora_path_and_native_lora_path(lora_sim):
+    client = openai_client(lora_sim)
+    by_model = client.chat.completions.create(model="demo-llm:sql", messages=CHAT, max_tokens=6,
+                                              extra_body={"lora_path": "poet"})
+    by_body = client.chat.completions.create(model="demo-llm", messages=CHAT, max_tokens=6,
+                                             extra_body={"lora_path": "sql"})
+    assert by_model.choices[0].message.content == by_body.choices[0].message.content
+    with lora_sim.client() as raw:
+        native_poet = raw.post("/generate", json={"text": "hi", "lora_path": "poet",
+                                                  "sampling_params": {"max_new_tokens": 5}}).json()
+        native_base = raw.post("/generate", json={"text": "hi", "sampling_params": {"max_new_tokens": 5}}).json()
+    assert native_poet["text"] != native_base["text"]
+
+
+def test_unknown_adapter_is_400(lora_sim):
+    with pytest.raises(openai.BadRequestError) as error:
+        openai_client(lora_sim).chat.completions.create(model="demo-llm:nope", messages=CHAT, max_tokens=2)
+    body = error.value.response.json()
+    assert body["object"] == "error" and body["code"] == 400
+    assert body["message"].startswith("Got LoRA adapter that has never been loaded: nope\nAll loaded adapters: ")
+    with lora_sim.client() as raw:
+        native = raw.post("/generate", json={"text": "hi", "lora_path": "nope"})
+    assert native.status_code == 400
+    assert native.json()["error"]["message"].startswith("Got LoRA adapter that has never been loaded: nope")
+
+
+def test_load_unload_and_lru_eviction(lora_sim, adapters):
+    with lora_sim.client() as client:
+        # given sql and poet (pinned) loaded, max two loaded
+        started = time.monotonic()
+        loaded = client.post("/load_lora_adapter", json={"lora_name": "legal", "lora_path": str(adapters["legal"])})
+        assert time.monotonic() - started >= 0.05  # --lora-load-ms
+        # then the least recently used unpinned adapter (sql) was evicted
+        assert loaded.status_code == 200
+        assert loaded.json() == {"success": True, "error_message": "",
+                                 "loaded_adapters": {"poet": str(adapters["poet"]), "legal": str(adapters["legal"])}}
+        again = client.post("/load_lora_adapter", json={"lora_name": "legal", "lora_path": str(adapters["legal"])})
+        assert again.status_code == 400 and again.json()["success"] is False
+        assert again.json()["error_message"] == "Failed to load LoRA adapter legal because it is already loaded"
+        assert set(again.json()["loaded_adapters"]) == {"poet", "legal"}
+        # when a request names the evicted adapter, it is reloaded transparently
+        reloads_before = client.get("/sim/stats").json()["lora"]["reloads_total"]
+        body = client.post("/generate", json={"text": "hi", "lora_path": "sql",
+                                              "sampling_params": {"max_new_tokens": 2}})
+        assert body.status_code == 200
+        stats = client.get("/sim/stats").json()["lora"]
+        assert stats["reloads_total"] == reloads_before + 1
+        assert {entry["name"] for entry in stats["loaded"]} == {"poet", "sql"}
+        # unload, and unload of something not loaded
+        unloaded = client.post("/unload_lora_adapter", json={"lora_name": "sql"})
+        assert unloaded.status_code == 200 and unloaded.json()["loaded_adapters"] == {"poet": str(adapters["poet"])}
+        missing = client.post("/unload_lora_adapter", json={"lora_name": "sql"})
+        assert missing.status_code == 400
+        assert missing.json() == {"success": False, "loaded_adapters": None,
+                                  "error_message": "LoRA with name sql does not exist. Loaded LoRAs: odict_keys(['poet'])"}
+        listed = [card["id"] for card in client.get("/v1/models").json()["data"]]
+        assert listed == ["demo-llm", "poet"]
+
+
+def test_load_validates_the_adapter_directory(lora_sim, tmp_path):
+    no_weights = adapter_dir_make(tmp_path, "no-weights", weights=False)
+    bad_config = adapter_dir_make(tmp_path, "bad-config", config={"lora_alpha": 8, "target_modules": ["q_proj"]})
+    with lora_sim.client() as client:
+        missing_dir = client.post("/load_lora_adapter", json={"lora_name": "x", "lora_path": str(tmp_path / "nope")})
+        assert missing_dir.status_code == 400
+        assert missing_dir.json()["error_message"] == (
+            f"[Errno 2] No such file or directory: '{tmp_path / 'nope' / 'adapter_config.json'}'")
+        weights = client.post("/load_lora_adapter", json={"lora_name": "x", "lora_path": str(no_weights)})
+        assert weights.json()["error_message"] == f"Cannot find any model weights with `{no_weights}`"
+        config = client.post("/load_lora_adapter", json={"lora_name": "x", "lora_path": str(bad_config)})
+        assert config.status_code == 400 and config.json()["error_message"] == "'r'"
+        no_name = client.post("/load_lora_adapter", json={"lora_path": str(no_weights)})
+        assert no_name.status_code == 400
+
+
+def test_pinning_every_slot_is_refused(sim_factory, adapters):
+    sim = sim_factory("--enable-lora", "--max-loras-per-batch", "2")
+    with sim.client() as client:
+        first = client.post("/load_lora_adapter", json={"lora_name": "a", "lora_path": str(adapters["sql"]),
+                                                        "pinned": True})
+        assert first.status_code == 200
+        second = client.post("/load_lora_adapter", json={"lora_name": "b", "lora_path": str(adapters["poet"]),
+                                                         "pinned": True})
+        assert second.status_code == 400
+        assert second.json()["error_message"].startswith("Failed to load LoRA adapter b as a pinned adapter.")
+
+
+def test_lora_disabled(sim):
+    with sim.client() as client:
+        response = client.post("/load_lora_adapter", json={"lora_name": "a", "lora_path": "/tmp"})
+        assert response.status_code == 400
+        assert response.json() == {"success": False, "loaded_adapters": None,
+                                   "error_message": "LoRA is not enabled. Please set `--enable-lora` to enable LoRA."}
+        generate = client.post("/generate", json={"text": "hi", "lora_path": "a"})
+    assert generate.status_code == 400
+    assert generate.json()["error"]["message"].startswith(
+        "LoRA adapter 'a' was requested, but LoRA is not enabled.")
+
+
+def test_max_loras_per_batch_makes_other_adapters_wait(sim_factory, adapters):
+    # one slot (an adapter, or the base model, per running batch): an "sql"
+    # request waits while a "poet" one runs
+    sim = sim_factory("--lora-paths", f"sql={adapters['sql']}", f"poet={adapters['poet']}",
+                      "--max-loras-per-batch", "1", "--itl-ms", "50")
+    results = {}
+
+    def generate(name: str) -> None:
+        with sim.client() as client:
+            started = time.monotonic()
+            client.post("/generate", json={"text": "x", "lora_path": name, "sampling_params": {"max_new_tokens": 10}})
+            results[name] = time.monotonic() - started
+
+    def load_wait(predicate) -> dict:
+        deadline = time.monotonic() + 2
+        with sim.client() as client:
+            while True:
+                load = client.get("/v1/loads").json()["loads"][0]
+                if predicate(load) or time.monotonic() > deadline:
+                    return load
+                time.sleep(0.01)
+
+    poet = threading.Thread(target=generate, args=("poet",))
+    poet.start()
+    running = load_wait(lambda load: load["num_running_reqs"] == 1)
+    sql = threading.Thread(target=generate, args=("sql",))
+    sql.start()
+    queued = load_wait(lambda load: load["num_waiting_reqs"] == 1)
+    poet.join()
+    sql.join()
+    assert running["num_running_reqs"] == 1
+    assert queued["num_waiting_reqs"] == 1 and queued["num_running_reqs"] == 1
+    assert results["sql"] > 0.45  # queued behind poet's 9 × 50 ms, then its own
