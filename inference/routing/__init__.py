@@ -48,9 +48,15 @@ policies and the factory), `sim_multiprocess` (replays a synthetic workload to
 compare policies and per-process vs shared routing state:
 `python -m inference.routing.sim_multiprocess`).
 
-Routing state is kept per gateway process. Each process sees only its own
-outstanding counts and its own requests' prefixes; the simulation measures
-what that costs in hit rate against a tree shared by all processes.
+Routing state is kept per gateway process, not shared through Redis. Each
+process sees only its own outstanding counts and its own requests' prefixes;
+cache-aware's `conversation_affinity` (rendezvous hashing of a conversation's
+anchor when the local tree knows nothing better) makes the processes agree
+without sharing. Measured with `sim_multiprocess` (seed 1, 3150 requests,
+4 backends, 4 gateway processes, prefix-cache hit rate): per process 92.0 %,
+one shared tree 92.9 %, 1 process 93.3 %; without affinity per process falls
+to 75.3 % (shared 94.1 %); round robin 63 %, least outstanding 64 %. A shared
+tree would add a Redis round trip per request for under one point.
 """
 from ..registry import BackendState, ModelEntry
 from .key import routing_key_build

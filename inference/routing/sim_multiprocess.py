@@ -87,11 +87,11 @@ class Result:
     busiest_backend_share: float
 
     def row(self) -> str:
-        return (f"{self.label:<46} {self.hit_rate:>8.1%} {self.ttft_mean_s * 1000:>9.0f} "
+        return (f"{self.label:<50} {self.hit_rate:>8.1%} {self.ttft_mean_s * 1000:>9.0f} "
                 f"{self.ttft_p99_s * 1000:>9.0f} {self.busiest_backend_share:>9.1%}")
 
 
-HEADER = f"{'policy / gateway processes / state':<46} {'hit rate':>8} {'TTFT ms':>9} {'p99 ms':>9} {'busiest':>9}"
+HEADER = f"{'policy / gateway processes / state':<50} {'hit rate':>8} {'TTFT ms':>9} {'p99 ms':>9} {'busiest':>9}"
 
 
 def _text(rng: random.Random, chars: int) -> str:
@@ -215,18 +215,16 @@ def scenarios_run(workload: Workload, cluster: Cluster, *, process_counts: tuple
             results.append(simulate(label=f"{name} / {processes} / per process",
                                     policies=[policy_for(name) for _ in range(processes)],
                                     workload=workload, cluster=cluster))
-        results.append(simulate(label=f"cache_aware / {processes} / per process",
-                                policies=[cache_aware() for _ in range(processes)],
-                                workload=workload, cluster=cluster))
-        if processes > 1:
-            shared = cache_aware()
-            results.append(simulate(label=f"cache_aware / {processes} / shared tree",
-                                    policies=[shared] * processes, workload=workload, cluster=cluster))
-        results.append(simulate(label=f"cache_aware+affinity / {processes} / per process",
-                                policies=[cache_aware(conversation_affinity=True) for _ in range(processes)],
-                                workload=workload, cluster=cluster))
-        results.append(simulate(label=f"cache_aware first msg only / {processes} / per process",
-                                policies=[cache_aware() for _ in range(processes)],
+        for suffix, options in (("", {}), (" no affinity", {"conversation_affinity": False})):
+            results.append(simulate(label=f"cache_aware{suffix} / {processes} / per process",
+                                    policies=[cache_aware(**options) for _ in range(processes)],
+                                    workload=workload, cluster=cluster))
+            if processes > 1:
+                shared = cache_aware(**options)
+                results.append(simulate(label=f"cache_aware{suffix} / {processes} / shared tree",
+                                        policies=[shared] * processes, workload=workload, cluster=cluster))
+        results.append(simulate(label=f"sgl-router style, 1st msg key / {processes} / per process",
+                                policies=[cache_aware(conversation_affinity=False) for _ in range(processes)],
                                 workload=workload, cluster=cluster, key_body=_first_message_only))
     return results
 
