@@ -1,20 +1,20 @@
 """Writes on the usage ledger."""
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass
 from datetime import datetime
+from typing import NamedTuple
 from uuid import UUID
 
-from django.db import transaction
+from django.db import connection, transaction
 
 from tenants.models import ApiKey
 
 from .models import BudgetAlert, UsageRecord
 
 
-@dataclass(slots=True)
-class UsageEvent:
-    """One finished request, as the gateway saw it. Plain data, so it can cross
-    threads and queues; `usage_records_write` turns it into a row."""
+class UsageEvent(NamedTuple):
+    """One finished request, as the gateway saw it. A plain tuple, so it is cheap
+    to build on the hot path, crosses threads and queues, serialises as a JSON
+    array and is a COPY row as is; `usage_records_write` stores it."""
 
     event_id: UUID
     request_id: str
@@ -38,20 +38,38 @@ class UsageEvent:
     finished_at: datetime
 
 
+_COLUMNS = ", ".join(UsageEvent._fields)
+
+
 def usage_records_write(*, events: Iterable[UsageEvent]) -> int:
-    """Stores events not stored yet (by event_id) and marks their keys used.
-    Returns how many events were given."""
-    rows = [UsageRecord(**asdict(event)) for event in events]
-    if not rows:
+    """Stores the events not stored yet (by event_id) and marks their keys used.
+    Returns how many events were given.
+
+    COPY into a per-connection staging table, then one INSERT … ON CONFLICT DO
+    NOTHING: a tenth of the CPU of ORM objects (bench/metering)."""
+    events = list(events)
+    if not events:
         return 0
-    last_used: dict[int, datetime] = {}
-    for row in rows:
-        last_used[row.api_key_id] = max(row.finished_at, last_used.get(row.api_key_id, row.finished_at))
-    with transaction.atomic():
-        UsageRecord.objects.bulk_create(rows, ignore_conflicts=True)
-        for api_key_id, at in last_used.items():
-            ApiKey.objects.filter(pk=api_key_id).update(last_used_at=at)
-    return len(rows)
+    with transaction.atomic(), connection.cursor() as cursor:
+        raw = cursor.cursor  # psycopg's own cursor, for COPY
+        raw.execute(
+            "CREATE TEMP TABLE IF NOT EXISTS usage_stage ON COMMIT DELETE ROWS AS "
+            f"SELECT {_COLUMNS} FROM billing_usagerecord WITH NO DATA"
+        )
+        with raw.copy(f"COPY usage_stage ({_COLUMNS}) FROM STDIN") as copy:
+            for event in events:
+                copy.write_row(event)
+        raw.execute(
+            f"INSERT INTO billing_usagerecord ({_COLUMNS}, created_at) SELECT {_COLUMNS}, now() FROM usage_stage "
+            "ON CONFLICT (event_id) DO NOTHING"
+        )
+        # In id order: concurrent writers lock the same keys in the same order (no deadlock).
+        raw.execute(
+            "UPDATE tenants_apikey k SET last_used_at = s.at FROM "
+            "(SELECT api_key_id, max(finished_at) AS at FROM usage_stage GROUP BY api_key_id ORDER BY api_key_id) s "
+            "WHERE k.id = s.api_key_id AND (k.last_used_at IS NULL OR k.last_used_at < s.at)"
+        )
+    return len(events)
 
 
 def budget_alert_record(*, tenant_id: int, api_key_id: int | None, period: str, kind: str, budget: str) -> bool:

@@ -68,6 +68,13 @@ async def _body_read(receive) -> bytes:
             return b"".join(chunks)
 
 
+def _sse_frame(payloads: list[bytes]) -> bytes:
+    """One write for a batch of events."""
+    if len(payloads) == 1:
+        return b"data: " + payloads[0] + b"\n\n"
+    return b"".join([b"data: " + payload + b"\n\n" for payload in payloads])
+
+
 def _model_card(model) -> dict:
     return {"id": model.name, "object": "model", "created": model.created, "owned_by": model.owned_by}
 
@@ -133,11 +140,9 @@ async def _completion_respond(runtime: GatewayRuntime, scope, receive, send, pri
             })
             try:
                 if first is not None:
-                    await send({"type": "http.response.body", "body": b"data: " + orjson.dumps(first) + b"\n\n",
-                                "more_body": True})
-                    async for chunk in chunks:
-                        await send({"type": "http.response.body",
-                                    "body": b"data: " + orjson.dumps(chunk) + b"\n\n", "more_body": True})
+                    await send({"type": "http.response.body", "body": _sse_frame(first), "more_body": True})
+                    async for batch in chunks:
+                        await send({"type": "http.response.body", "body": _sse_frame(batch), "more_body": True})
                 tail = DONE_EVENT
             except ApiError as error:
                 # Headers are gone: the error travels as an SSE event, as OpenAI sends it.

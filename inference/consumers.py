@@ -153,17 +153,11 @@ class CompletionStreamConsumer(AsyncJsonWebsocketConsumer):
         usage = None
         stream = self.runtime.completions.completion_stream(request)
         try:
-            async with contextlib.aclosing(stream) as chunks:
-                async for chunk in chunks:
-                    if chunk.get("usage"):
-                        usage = chunk["usage"]
-                    for choice in chunk.get("choices") or ():
-                        content = (choice.get("delta") or {}).get("content") or choice.get("text")
-                        if content:
-                            await self.send_json({"type": "delta", "id": request_id,
-                                                  "index": choice.get("index", 0), "content": content})
-                        if choice.get("finish_reason") is not None:
-                            finish_reason = choice["finish_reason"]
+            async with contextlib.aclosing(stream) as batches:
+                async for batch in batches:
+                    for payload in batch:
+                        finish_reason, usage = await self._deltas_send(request_id, orjson.loads(payload),
+                                                                       finish_reason, usage)
         except ApiError as error:
             await self.send_json(_error_frame(error, request_id))
             return
@@ -174,6 +168,18 @@ class CompletionStreamConsumer(AsyncJsonWebsocketConsumer):
             raise
         await self.send_json({"type": "usage", "id": request_id, "request_id": request.request_id,
                               "finish_reason": finish_reason, "usage": usage})
+
+    async def _deltas_send(self, request_id: str, chunk: dict, finish_reason, usage):
+        if chunk.get("usage"):
+            usage = chunk["usage"]
+        for choice in chunk.get("choices") or ():
+            content = (choice.get("delta") or {}).get("content") or choice.get("text")
+            if content:
+                await self.send_json({"type": "delta", "id": request_id, "index": choice.get("index", 0),
+                                      "content": content})
+            if choice.get("finish_reason") is not None:
+                finish_reason = choice["finish_reason"]
+        return finish_reason, usage
 
     async def disconnect(self, code) -> None:
         self.closed = True

@@ -25,7 +25,6 @@ import os
 import socket
 import uuid
 from collections import deque
-from dataclasses import asdict
 from datetime import datetime
 from pathlib import Path
 from uuid import UUID
@@ -51,16 +50,24 @@ def _write_batch(events: list[UsageEvent]) -> int:
     return usage_records_write(events=events)
 
 
+_EVENT_ID = UsageEvent._fields.index("event_id")
+_STARTED_AT = UsageEvent._fields.index("started_at")
+_FINISHED_AT = UsageEvent._fields.index("finished_at")
+
+
 def usage_event_line(event: UsageEvent) -> bytes:
-    return orjson.dumps(asdict(event)) + b"\n"
+    """A JSON array of the event's fields, in UsageEvent's order."""
+    return orjson.dumps(tuple(event)) + b"\n"
 
 
 def usage_event_parse(line: bytes) -> UsageEvent:
-    data = orjson.loads(line)
-    data["event_id"] = UUID(data["event_id"])
-    data["started_at"] = datetime.fromisoformat(data["started_at"])
-    data["finished_at"] = datetime.fromisoformat(data["finished_at"])
-    return UsageEvent(**data)
+    values = orjson.loads(line)
+    if len(values) != len(UsageEvent._fields):
+        raise ValueError(f"expected {len(UsageEvent._fields)} fields, got {len(values)}")
+    values[_EVENT_ID] = UUID(values[_EVENT_ID])
+    values[_STARTED_AT] = datetime.fromisoformat(values[_STARTED_AT])
+    values[_FINISHED_AT] = datetime.fromisoformat(values[_FINISHED_AT])
+    return UsageEvent(*values)
 
 
 class UsageSpool:

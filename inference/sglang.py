@@ -52,18 +52,6 @@ async def backend_post(
         raise BackendUnreachable(f"{backend.url}: timed out") from error
 
 
-async def sse_data(response: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
-    """The payloads of an SSE response's `data:` lines, up to `[DONE]`."""
-    async for line in response.content:
-        if not line.startswith(b"data:"):
-            continue
-        payload = line[5:].strip()
-        if payload == b"[DONE]":
-            return
-        if payload:
-            yield payload
-
-
 async def backend_abort(session: aiohttp.ClientSession, backend: BackendState, rid: str) -> None:
     """Asks the backend to stop generating for `rid` (SGLang `/abort_request`)."""
     try:

@@ -10,7 +10,9 @@ backend reported for the tokens delivered."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
+import secrets
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -29,7 +31,8 @@ from .errors import ApiError
 from .limits import Admission, Limiter
 from .registry import BackendState, Prices, Resolution
 from .routing import POLICY_NAMES, policy_for, routing_key_build
-from .sglang import BackendUnreachable, backend_abort, backend_post, sse_data
+from .chunks import ChunkRewriter, error_message, sse_batches
+from .sglang import BackendUnreachable, backend_abort, backend_post
 
 logger = logging.getLogger(__name__)
 
@@ -39,6 +42,11 @@ UPSTREAM_PATH = {CHAT: "/v1/chat/completions", COMPLETIONS: "/v1/completions"}
 ID_PREFIX = {CHAT: "chatcmpl-", COMPLETIONS: "cmpl-"}
 # Fields a caller may not set: the gateway decides them (rid, adapter selection).
 GATEWAY_OWNED_FIELDS = ("rid", "lora_path")
+# Ids: 64 random bits per process and a counter. uuid4() per request would read
+# os.urandom, which releases and then waits for the GIL on a busy event loop.
+_ID_BASE = secrets.randbits(64)
+_ID_TEXT = f"{_ID_BASE:016x}"
+_id_counter = itertools.count(1)
 # Status stored for a request the client abandoned (nginx's convention).
 CLIENT_CLOSED_STATUS = 499
 # Chat-template tokens counted per message, and once per request, in the prompt bound.
@@ -133,7 +141,7 @@ def completion_request_build(
         endpoint=endpoint,
         body=body,
         transport=transport,
-        request_id=ID_PREFIX[endpoint] + uuid.uuid4().hex,
+        request_id=f"{ID_PREFIX[endpoint]}{_ID_TEXT}{next(_id_counter):08x}",
         stream=stream,
         include_usage=include_usage,
         **({"started": started} if started is not None else {}),
@@ -203,12 +211,6 @@ class _BackendFailed(Exception):
     def __init__(self, error: ApiError) -> None:
         super().__init__(error.message)
         self.error = error
-
-
-async def _chain(first: bytes, rest: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
-    yield first
-    async for payload in rest:
-        yield payload
 
 
 def _namespace(request: CompletionRequest) -> str:
@@ -286,7 +288,7 @@ class UsageMeter:
             self._settle(request.admission, tokens=self.prompt_tokens + completion_tokens, cost_micros=cost_micros)
         self._record(
             UsageEvent(
-                event_id=uuid.uuid4(),
+                event_id=uuid.UUID(int=(_ID_BASE << 64) | next(_id_counter)),
                 request_id=request.request_id,
                 tenant_id=request.principal.tenant_id,
                 api_key_id=request.principal.api_key_id,
@@ -389,13 +391,13 @@ class CompletionService:
 
     async def _upstream_start(
         self, request: CompletionRequest, resolution: Resolution, body: bytes, *, stream: bool
-    ) -> tuple[aiohttp.ClientResponse, BackendState, bytes | None, AsyncIterator[bytes] | None]:
+    ) -> tuple[aiohttp.ClientResponse, BackendState, list[bytes] | None, AsyncIterator[list[bytes]] | None]:
         """Sends the request to the pool's chosen backend and, for a stream, waits for
         its first chunk. A backend that cannot be reached, answers 5xx, fails or
         stays silent (GATEWAY_FIRST_CHUNK_TIMEOUT_SECONDS) before that is left for
         another one, at most GATEWAY_FAILOVER_ATTEMPTS backends, with backoff.
-        Returns the response, its backend, and for a stream the first payload
-        and the iterator over the rest."""
+        Returns the response, its backend, and for a stream the first batch of
+        payloads and the iterator over the rest."""
         model = resolution.model
         policy = self._policies.get(model.routing_policy) or self._policies["least_outstanding"]
         key = routing_key_build(endpoint=request.endpoint, body=request.body, namespace=_namespace(request))
@@ -433,15 +435,14 @@ class CompletionService:
                 if not stream:
                     backend.request_succeeded()
                     return response, backend, None, None
-                payloads = sse_data(response).__aiter__()
-                first = await asyncio.wait_for(payloads.__anext__(), max(0.0, deadline - time.monotonic()))
-                if first.startswith(b'{"error"'):
-                    detail = orjson.loads(first)["error"]
-                    message = detail.get("message") if isinstance(detail, dict) else str(detail)
+                batches = sse_batches(response).__aiter__()
+                first = await asyncio.wait_for(batches.__anext__(), max(0.0, deadline - time.monotonic()))
+                if first[0].startswith(b'{"error"'):
                     maybe_running = False
-                    raise _BackendFailed(errors.backend_failure(f"The model backend failed: {message}"))
+                    raise _BackendFailed(errors.backend_failure(
+                        f"The model backend failed: {error_message(first[0])}"))
                 backend.request_succeeded()
-                return response, backend, first, payloads
+                return response, backend, first, batches
             except asyncio.CancelledError:
                 # The request may already be running there (a non-streamed one
                 # sends its headers only when done): stop it.
@@ -478,9 +479,10 @@ class CompletionService:
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
-    async def completion_stream(self, request: CompletionRequest) -> AsyncIterator[dict]:
-        """Yields OpenAI chunk objects. Raises ApiError: before the first chunk for
-        a request that could not start, after it for a stream that broke."""
+    async def completion_stream(self, request: CompletionRequest) -> AsyncIterator[list[bytes]]:
+        """Yields batches of OpenAI chunk payloads (JSON bytes, one batch per backend
+        read). Raises ApiError: before the first batch for a request that could not
+        start, after it for a stream that broke."""
         meter = self._meter(request)
         response: aiohttp.ClientResponse | None = None
         backend: BackendState | None = None
@@ -488,43 +490,47 @@ class CompletionService:
         finished = False
         try:
             resolution, body = await self._begin(request, meter, stream=True)
-            response, backend, first, payloads = await self._upstream_start(request, resolution, body, stream=True)
+            response, backend, first, batches = await self._upstream_start(request, resolution, body, stream=True)
             meter.backend = backend.url
-            request_id, model_name, include_usage = request.request_id, request.model_name, request.include_usage
-            async for payload in _chain(first, payloads):
-                chunk = orjson.loads(payload)
-                if "error" in chunk and not chunk.get("choices"):
-                    detail = chunk["error"]
-                    message = detail.get("message") if isinstance(detail, dict) else str(detail)
-                    raise errors.backend_failure(f"The model backend failed mid-stream: {message}")
-                usage = chunk.pop("usage", None)
-                choices = chunk.get("choices")
-                if not choices:
-                    if usage is not None:
-                        meter.observe(usage)
-                        if include_usage:
-                            chunk["id"], chunk["model"] = request_id, model_name
-                            chunk["usage"] = meter.openai_usage()
-                            yield chunk
-                    continue
-                chunk["id"], chunk["model"] = request_id, model_name
-                if include_usage:
-                    chunk["usage"] = None
-                choice = choices[0]
-                has_content = bool((choice.get("delta") or {}).get("content") or choice.get("text"))
-                if has_content and meter.first_token_at is None:
-                    meter.first_token_at = time.perf_counter()
-                if choice.get("finish_reason") is not None:
-                    finished = True
-                yield chunk
-                # Counted once the chunk has been handed on: a client gone during
-                # the hand-over is not billed for it.
+            rewriter = ChunkRewriter(request_id=request.request_id, client_model=request.model_name,
+                                     upstream_model=resolution.model.upstream_name,
+                                     include_usage=request.include_usage, chat=request.endpoint == CHAT)
+            rewrite = rewriter.rewrite if rewriter.fast_path_fits(first[0]) else rewriter.rewrite_slow
+            batch = first
+            while True:
+                out = []
+                failure = None
+                for payload in batch:
+                    try:
+                        chunk, has_content = rewrite(payload)
+                    except ValueError:
+                        # What came before the error in this read is still delivered.
+                        failure = errors.backend_failure(
+                            f"The model backend failed mid-stream: {error_message(payload)}")
+                        break
+                    if chunk is not None:
+                        out.append(chunk)
+                        if has_content and meter.first_token_at is None:
+                            meter.first_token_at = time.perf_counter()
+                usage = rewriter.take_usage()
+                if out:
+                    yield out
+                # Counted once handed on: a client gone during the hand-over is not
+                # billed for what it did not get.
                 if usage is not None:
                     meter.observe(usage)
-                if has_content:
-                    meter.content_chunks += 1
+                meter.content_chunks = rewriter.content_chunks
+                if failure is not None:
+                    raise failure
+                try:
+                    batch = await batches.__anext__()
+                except StopAsyncIteration:
+                    break
+            finished = rewriter.finished
             if not finished:
                 raise errors.backend_failure("The model backend closed the stream before it finished.")
+            if request.include_usage and rewriter.usage_template is not None:
+                yield [rewriter.usage_chunk(rewriter.usage_template, meter.openai_usage())]
         except (asyncio.CancelledError, GeneratorExit):
             meter.abort()
             if backend is not None and not finished:

@@ -1,0 +1,148 @@
+"""The backend's SSE chunks turned into the client's, by working on bytes.
+
+Parsing and re-serialising every chunk costs more than the rest of a token's
+trip through the gateway, so a stream's chunks are handled as bytes: the
+backend already uses our request id (we send it as SGLang's `rid`, which SGLang
+echoes as `id`), the model name is replaced only when the pool serves it under
+another name, and the per-chunk usage that we ask SGLang for
+(`continuous_usage_stats`) is cut off the end of the chunk and read on its own.
+A chunk that does not have the expected layout takes the slow path: parsed,
+edited and serialised again."""
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import aiohttp
+import orjson
+
+USAGE_KEY = b',"usage":'
+
+
+async def sse_batches(response: aiohttp.ClientResponse) -> AsyncIterator[list[bytes]]:
+    """The `data:` payloads of an SSE response, grouped by network read (one read
+    holds several events when the backend is fast), up to `[DONE]`."""
+    buffer = b""
+    async for data in response.content.iter_any():
+        buffer = buffer + data if buffer else data
+        if b"\n\n" not in buffer:
+            continue
+        events = buffer.split(b"\n\n")
+        buffer = events.pop()
+        payloads = []
+        for event in events:
+            if event.startswith(b"data:") and b"\n" not in event:
+                payload = event[5:].strip()
+            else:
+                payload = b"\n".join(line[5:].strip() for line in event.split(b"\n") if line.startswith(b"data:"))
+            if payload == b"[DONE]":
+                if payloads:
+                    yield payloads
+                return
+            if payload:
+                payloads.append(payload)
+        if payloads:
+            yield payloads
+
+
+class ChunkRewriter:
+    """Rewrites one stream's chunk payloads; keeps what the meter needs."""
+
+    __slots__ = ("_request_id", "_model_from", "_model_to", "_client_model", "_tail", "_content", "_empty",
+                 "last_usage_raw", "usage_template", "content_chunks", "finished")
+
+    def __init__(self, *, request_id: str, client_model: str, upstream_model: str, include_usage: bool,
+                 chat: bool) -> None:
+        self._request_id = request_id
+        self._client_model = client_model
+        if client_model != upstream_model:
+            self._model_from = b'"model":' + orjson.dumps(upstream_model)
+            self._model_to = b'"model":' + orjson.dumps(client_model)
+        else:
+            self._model_from = self._model_to = None
+        self._tail = b',"usage":null}' if include_usage else b"}"
+        self._content = b'"content":"' if chat else b'"text":"'
+        self._empty = b'"content":""' if chat else b'"text":""'
+        # The newest usage object not yet read (the backend's counts are cumulative).
+        self.last_usage_raw: bytes | None = None
+        # The backend's usage-only chunk (`choices: []`), for the client's final one.
+        self.usage_template: bytes | None = None
+        self.content_chunks = 0
+        self.finished = False
+
+    def fast_path_fits(self, first_payload: bytes) -> bool:
+        """Whether the backend echoes our request id, so chunks need no id rewrite."""
+        return (b'"id":' + orjson.dumps(self._request_id)) in first_payload
+
+    def rewrite(self, payload: bytes) -> tuple[bytes | None, bool]:
+        """(the client's payload, or None for the backend's usage-only chunk; whether
+        it carries content). Raises ValueError for a backend error chunk."""
+        if payload.startswith(b'{"error"'):
+            raise ValueError(payload)
+        position = payload.rfind(USAGE_KEY)
+        if position != -1:
+            usage_raw = payload[position + len(USAGE_KEY):-1]
+            if usage_raw != b"null":
+                self.last_usage_raw = usage_raw
+            body = payload[:position]
+        else:
+            body = payload[:-1]
+        if b'"choices":[]' in body:
+            self.usage_template = body + b"}"
+            return None, False
+        if self._model_from is not None:
+            body = body.replace(self._model_from, self._model_to, 1)
+        has_content = self._content in body and self._empty not in body
+        if has_content:
+            self.content_chunks += 1
+        if b'"finish_reason":null' not in body and b'"finish_reason":' in body:
+            self.finished = True
+        return body + self._tail, has_content
+
+    def rewrite_slow(self, payload: bytes) -> tuple[bytes | None, bool]:
+        """The same for a backend whose chunks do not have the expected layout."""
+        chunk = orjson.loads(payload)
+        if "error" in chunk and not chunk.get("choices"):
+            raise ValueError(payload)
+        usage = chunk.pop("usage", None)
+        if usage:
+            self.last_usage_raw = orjson.dumps(usage)
+        choices = chunk.get("choices")
+        if not choices:
+            self.usage_template = payload
+            return None, False
+        chunk["id"], chunk["model"] = self._request_id, self._client_model
+        if self._tail != b"}":
+            chunk["usage"] = None
+        choice = choices[0]
+        has_content = bool((choice.get("delta") or {}).get("content") or choice.get("text"))
+        if has_content:
+            self.content_chunks += 1
+        if choice.get("finish_reason") is not None:
+            self.finished = True
+        return orjson.dumps(chunk), has_content
+
+    def take_usage(self) -> dict | None:
+        """The newest usage seen since the last call, parsed (once per batch)."""
+        raw, self.last_usage_raw = self.last_usage_raw, None
+        if raw is None:
+            return None
+        try:
+            usage = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            return None
+        return usage if isinstance(usage, dict) else None
+
+    def usage_chunk(self, template: bytes, usage: dict) -> bytes:
+        """The final chunk (`choices: []`) with OpenAI's usage object."""
+        chunk = orjson.loads(template)
+        chunk["id"], chunk["model"], chunk["choices"], chunk["usage"] = (
+            self._request_id, self._client_model, [], usage)
+        return orjson.dumps(chunk)
+
+
+def error_message(payload: bytes) -> str:
+    try:
+        detail = orjson.loads(payload).get("error")
+    except (orjson.JSONDecodeError, AttributeError):
+        return payload[:200].decode(errors="replace")
+    return detail.get("message", str(detail)) if isinstance(detail, dict) else str(detail)
