@@ -21,9 +21,26 @@ def api_key_hash(raw_key: str) -> str:
 
 
 def tenant_create(*, slug: str, name: str, tier: str = Tenant.Tier.FREE) -> Tenant:
-    tenant = Tenant(slug=slug, name=name, tier=tier)
-    tenant.full_clean()
-    tenant.save()
+    from billing.accounts import billing_account_create  # billing imports tenants
+
+    with transaction.atomic():
+        tenant = Tenant(slug=slug, name=name, tier=tier)
+        tenant.full_clean()
+        tenant.save()
+        billing_account_create(tenant=tenant)
+    return tenant
+
+
+def tenant_set_tier(*, tenant: Tenant, tier: str) -> Tenant:
+    """Moves a tenant to another tier: its limits follow at once, its billing plan too."""
+    from billing.accounts import billing_plan_change  # billing imports tenants
+
+    with transaction.atomic():
+        tenant.tier = tier
+        tenant.full_clean()
+        tenant.save(update_fields=["tier", "updated_at"])
+        billing_plan_change(tenant=tenant)
+    transaction.on_commit(lambda: invalidation_publish(kind="tenant", tenant_id=tenant.pk))
     return tenant
 
 

@@ -138,20 +138,18 @@ GATEWAY_HEALTH_FAILURES = env_int("GATEWAY_HEALTH_FAILURES", 2)
 GATEWAY_FAILOVER_ATTEMPTS = env_int("GATEWAY_FAILOVER_ATTEMPTS", 3)
 GATEWAY_FAILOVER_BACKOFF_SECONDS = env_float("GATEWAY_FAILOVER_BACKOFF_SECONDS", 0.05)
 GATEWAY_FIRST_CHUNK_TIMEOUT_SECONDS = env_float("GATEWAY_FIRST_CHUNK_TIMEOUT_SECONDS", 60.0)
-# Usage rows are written in batches: at most this many rows, or this many seconds apart.
-GATEWAY_USAGE_BATCH_ROWS = env_int("GATEWAY_USAGE_BATCH_ROWS", 500)
-GATEWAY_USAGE_FLUSH_SECONDS = env_float("GATEWAY_USAGE_FLUSH_SECONDS", 0.05)
-# Each gateway process first appends usage events to a spool file here (replayed
-# after a crash); fsync it before each batch is written to PostgreSQL.
+# Usage events: each gateway process appends them to a spool file in this folder
+# (fsynced every GATEWAY_USAGE_FLUSH_SECONDS); a shipper process stores them in
+# PostgreSQL ("embedded": the gateway starts it; "off": run
+# `python -m inference.shipper --spool-dir DIR/<database>` yourself).
 GATEWAY_USAGE_SPOOL_DIR = env_str("GATEWAY_USAGE_SPOOL_DIR", str(BASE_DIR / ".run" / "spool"))
 GATEWAY_USAGE_SPOOL_FSYNC = env_bool("GATEWAY_USAGE_SPOOL_FSYNC", True)
-# Seconds between looks for spool files of dead processes.
-GATEWAY_USAGE_SPOOL_SCAN_SECONDS = env_float("GATEWAY_USAGE_SPOOL_SCAN_SECONDS", 30.0)
+GATEWAY_USAGE_FLUSH_SECONDS = env_float("GATEWAY_USAGE_FLUSH_SECONDS", 0.05)
+GATEWAY_USAGE_SHIPPER = env_str("GATEWAY_USAGE_SHIPPER", "embedded")
 # Limits (inference/limits.py). Redis calls of the hot path give up after this many
 # seconds, and Redis is then left alone for GATEWAY_REDIS_RETRY_SECONDS.
 GATEWAY_REDIS_TIMEOUT_SECONDS = env_float("GATEWAY_REDIS_TIMEOUT_SECONDS", 0.25)
 GATEWAY_REDIS_RETRY_SECONDS = env_float("GATEWAY_REDIS_RETRY_SECONDS", 1.0)
-GATEWAY_REDIS_MAX_CONNECTIONS = env_int("GATEWAY_REDIS_MAX_CONNECTIONS", 256)
 # Seconds a request's reservation is held if its gateway dies before settling it.
 GATEWAY_REQUEST_LEASE_SECONDS = env_float("GATEWAY_REQUEST_LEASE_SECONDS", 1800.0)
 # Completion tokens reserved (and sent to the backend as max_tokens) when a request
@@ -180,6 +178,42 @@ GATEWAY_MAX_BODY_BYTES = env_int("GATEWAY_MAX_BODY_BYTES", 8 * 1024 * 1024)
 # Stripe (the billing issue builds on this; a local Stripe-compatible server in tests).
 STRIPE_API_KEY = env_str("STRIPE_API_KEY", "sk_test_local")
 STRIPE_API_BASE = env_str("STRIPE_API_BASE", "https://api.stripe.com")
+
+# --- Billing (billing/README.md) -------------------------------------------------------------
+# stripe-python reaches Stripe (or the local Stripe-compatible server) only through these.
+STRIPE_METER_EVENTS_BASE = env_str("STRIPE_METER_EVENTS_BASE", "https://meter-events.stripe.com")
+STRIPE_WEBHOOK_SECRET = env_str("STRIPE_WEBHOOK_SECRET", "")
+# Retries stripe-python makes itself (connection errors, 409, 5xx), same idempotency key each time.
+STRIPE_MAX_NETWORK_RETRIES = env_int("STRIPE_MAX_NETWORK_RETRIES", 2)
+# Every price in the book, plan and Stripe subscription is in this currency (ISO 4217, lower case).
+BILLING_CURRENCY = env_str("BILLING_CURRENCY", "usd")
+# Raw UsageRecord rows older than this are deleted (after they are rolled up); rollups are kept.
+BILLING_RAW_RETENTION_DAYS = env_int("BILLING_RAW_RETENTION_DAYS", 400)
+# A rollup pass rescans rows inserted up to this many seconds before it, so a writer whose
+# transaction commits late (after a later id committed) is still rolled up.
+BILLING_ROLLUP_SETTLE_SECONDS = env_float("BILLING_ROLLUP_SETTLE_SECONDS", 120.0)
+# Largest number of raw rows one rollup pass reads (a backlog is caught up over several passes).
+BILLING_ROLLUP_MAX_ROWS = env_int("BILLING_ROLLUP_MAX_ROWS", 5_000_000)
+# Meter events sent per batch by one push task; above BILLING_METER_STREAM_THRESHOLD pending
+# events a batch goes through Stripe's v2 meter event stream instead of v1 calls.
+BILLING_PUSH_BATCH = env_int("BILLING_PUSH_BATCH", 200)
+BILLING_METER_STREAM_THRESHOLD = env_int("BILLING_METER_STREAM_THRESHOLD", 1000)
+# Seconds a tenant may stay past due (payment failed) before its keys are suspended.
+BILLING_PAST_DUE_GRACE_SECONDS = env_float("BILLING_PAST_DUE_GRACE_SECONDS", 3 * 24 * 3600.0)
+# Test-only: seconds each push batch / rollup pass sleeps inside its work (kill tests).
+BILLING_TEST_TASK_DELAY_SECONDS = env_float("BILLING_TEST_TASK_DELAY_SECONDS", 0.0)
+# Seconds between periodic billing runs (Celery beat).
+BILLING_ROLLUP_EVERY_SECONDS = env_float("BILLING_ROLLUP_EVERY_SECONDS", 60.0)
+BILLING_PUSH_EVERY_SECONDS = env_float("BILLING_PUSH_EVERY_SECONDS", 60.0)
+BILLING_ENFORCE_EVERY_SECONDS = env_float("BILLING_ENFORCE_EVERY_SECONDS", 300.0)
+CELERY_BEAT_SCHEDULE.update({
+    "billing-usage-rollup": {"task": "billing.usage_rollup", "schedule": BILLING_ROLLUP_EVERY_SECONDS},
+    "billing-meter-push": {"task": "billing.meter_push", "schedule": BILLING_PUSH_EVERY_SECONDS},
+    "billing-accounts-sync": {"task": "billing.accounts_sync", "schedule": 600.0},
+    "billing-past-due-enforce": {"task": "billing.past_due_enforce", "schedule": BILLING_ENFORCE_EVERY_SECONDS},
+    "billing-raw-purge": {"task": "billing.usage_records_purge", "schedule": 3600.0},
+})
+# --- end Billing -----------------------------------------------------------------------------
 
 LOGGING = {
     "version": 1,

@@ -1,9 +1,14 @@
 from django.contrib import admin
-from django.urls import path
+from django.urls import include, path
+
+from billing.urls import urlpatterns as billing_urlpatterns
+from billing.urls import usage_urlpatterns
 
 from .views import healthz
 
 urlpatterns = [
     path("admin/", admin.site.urls),
     path("healthz", healthz, name="healthz"),
+    path("v1/usage", include((usage_urlpatterns, "usage"))),
+    path("billing/", include((billing_urlpatterns, "billing"))),
 ]
