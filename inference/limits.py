@@ -21,12 +21,14 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-import redis.asyncio as aioredis
-from redis.exceptions import RedisError, ResponseError
 
 from tenants.selectors import ApiKeyPrincipal, Limits
 
 from .errors import ApiError
+from .redis_pipe import PipelinedRedis, RedisReplyError, RedisUnavailable, Script
+
+# Either way the gateway falls back to this process's own counters.
+REDIS_FAILURES = (RedisUnavailable, RedisReplyError)
 
 logger = logging.getLogger(__name__)
 
@@ -166,7 +168,7 @@ class _LocalScope:
 class Limiter:
     def __init__(
         self,
-        client: aioredis.Redis,
+        client: PipelinedRedis,
         *,
         lease_seconds: float,
         retry_seconds: float,
@@ -176,9 +178,9 @@ class Limiter:
         alert_record,
     ) -> None:
         self._redis = client
-        self._admit = client.register_script((LUA_DIR / "admit.lua").read_text())
-        self._settle = client.register_script((LUA_DIR / "settle.lua").read_text())
-        self._budget_init = client.register_script((LUA_DIR / "budget_init.lua").read_text())
+        self._admit = Script((LUA_DIR / "admit.lua").read_text())
+        self._settle = Script((LUA_DIR / "settle.lua").read_text())
+        self._budget_init = Script((LUA_DIR / "budget_init.lua").read_text())
         self._lease_ms = int(lease_seconds * 1000)
         self._retry_seconds = retry_seconds
         self._offline_micros = offline_allowance_micros
@@ -198,7 +200,7 @@ class Limiter:
         return time.monotonic() >= self._redis_down_until
 
     def _redis_failed(self, error: Exception) -> None:
-        if isinstance(error, ResponseError):
+        if isinstance(error, RedisReplyError):
             # Redis answered, but a script failed: a defect, not an outage.
             logger.error("limit script failed: %s", error)
         elif self.redis_available:
@@ -217,7 +219,7 @@ class Limiter:
                 if self._pending:
                     self._spawn(self._pending_replay())
                 return admission
-            except RedisError as error:  # includes timeouts and refused connections
+            except REDIS_FAILURES as error:  # includes timeouts and refused connections
                 self._redis_failed(error)
         admission.via = "local"
         self._admit_local(admission)
@@ -232,7 +234,7 @@ class Limiter:
             args += [limits.rpm, limits.tpm, limits.concurrency, limits.budget_micros, limits.budget_tokens,
                      limits.alert_percent]
         for _ in range(3):
-            result = await self._admit(keys=keys, args=args)
+            result = await self._redis.evalsha(self._admit, keys, args)
             status = result[0]
             if status == 0:
                 admission.headers = _headers(*result[1:7])
@@ -254,12 +256,12 @@ class Limiter:
             budget = result[1].decode()
             self._alert(principal, scope, admission.period, "hard", budget)
             raise insufficient_quota(budget, scope)
-        raise RedisError("budget state could not be loaded")
+        raise RedisUnavailable("budget state could not be loaded")
 
     async def _budget_load_into_redis(self, principal: ApiKeyPrincipal, period: str, *, scope: int, key: str) -> None:
         api_key_id = principal.api_key_id if scope == KEY_SCOPE else None
         micros, tokens = await self._budget_load(principal.tenant_id, api_key_id, month_start(period))
-        await self._budget_init(keys=[key], args=[micros, tokens, BUDGET_TTL_SECONDS])
+        await self._redis.evalsha(self._budget_init, [key], [micros, tokens, BUDGET_TTL_SECONDS])
 
     def _local_scopes(self, principal: ApiKeyPrincipal):
         for scope, scope_id, limits in ((KEY_SCOPE, principal.api_key_id, principal.key_limits),
@@ -317,8 +319,8 @@ class Limiter:
         for limits in (principal.key_limits, principal.tenant_limits):
             args += [limits.budget_micros, limits.budget_tokens, limits.alert_percent]
         try:
-            alerts = await self._settle(keys=_keys(principal, admission.period), args=args)
-        except RedisError as error:
+            alerts = await self._redis.evalsha(self._settle, _keys(principal, admission.period), args)
+        except REDIS_FAILURES as error:
             self._redis_failed(error)
             self._pending.append((admission, tokens, cost_micros))
             return

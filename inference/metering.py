@@ -1,21 +1,19 @@
-"""Usage events from the hot path to PostgreSQL, exactly once, surviving a killed
-gateway process.
+"""Usage events from the hot path to PostgreSQL, exactly once, with no database
+work in the gateway process.
 
-Write path (chosen by measurement, see bench/metering and the README):
 1. `record()` appends the event as one JSON line to this process's spool file
    (an O_APPEND write to the page cache: a few µs, and it survives the process
-   being killed) before the request's last bytes go to the client;
-2. a background task writes pending events to PostgreSQL in batches
-   (INSERT … ON CONFLICT (event_id) DO NOTHING) of at most
-   GATEWAY_USAGE_BATCH_ROWS rows, at most GATEWAY_USAGE_FLUSH_SECONDS after the
-   event, fsyncing the spool first; a failed write is retried with backoff;
-3. a spool file whose process is gone (no one holds its lock) is replayed by
-   whichever gateway process finds it, at start and every
-   GATEWAY_USAGE_SPOOL_SCAN_SECONDS, then deleted. Replays are idempotent by
-   event_id, so an event is stored once however often it is written.
+   being killed) before the request's last bytes go to the client; the file is
+   fsynced every GATEWAY_USAGE_FLUSH_SECONDS.
+2. A shipper process (inference/shipper.py; the gateway starts one per spool
+   folder unless GATEWAY_USAGE_SHIPPER=off) tails every spool file of the folder,
+   stores new events in batches (COPY, then INSERT … ON CONFLICT (event_id) DO
+   NOTHING) and deletes a file once its writer is gone and all of it is stored.
+   A file left by a killed gateway is shipped like any other; events shipped
+   twice (a shipper killed between its INSERT and its bookkeeping) are stored once.
 
-A machine crash can lose what was written since the last fsync (at most one
-flush interval); a killed process loses nothing."""
+A killed gateway loses nothing; a machine crash can lose what was written since
+the last fsync (at most one flush interval)."""
 from __future__ import annotations
 
 import asyncio
@@ -23,31 +21,22 @@ import fcntl
 import logging
 import os
 import socket
+import subprocess
+import sys
 import uuid
-from collections import deque
 from datetime import datetime
 from pathlib import Path
 from uuid import UUID
 
 import orjson
-from asgiref.sync import sync_to_async
-from django.db import close_old_connections
 
-from billing.services import UsageEvent, usage_records_write
+from billing.services import UsageEvent
 
 logger = logging.getLogger(__name__)
 
-# Seconds between retries of a failed write, doubling up to the maximum.
-RETRY_FIRST_SECONDS = 0.2
-RETRY_MAX_SECONDS = 5.0
-# A spool file is replaced by a new one past this size, once all it holds is stored.
+# A spool file is replaced by a new one past this size.
 SPOOL_ROTATE_BYTES = 64 * 1024 * 1024
 SPOOL_SUFFIX = ".jsonl"
-
-
-def _write_batch(events: list[UsageEvent]) -> int:
-    close_old_connections()  # drops a connection PostgreSQL closed since the last batch
-    return usage_records_write(events=events)
 
 
 _EVENT_ID = UsageEvent._fields.index("event_id")
@@ -82,9 +71,12 @@ class UsageSpool:
 
     def open(self) -> None:
         name = f"usage-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}{SPOOL_SUFFIX}"
-        self.path = self.directory / name
-        self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        # Locked before it gets its name: a shipper never sees it unowned.
+        hidden = self.directory / f".{name}"
+        self._fd = os.open(hidden, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        self.path = self.directory / name
+        os.rename(hidden, self.path)
         self.size = 0
 
     def append(self, data: bytes) -> None:
@@ -101,131 +93,107 @@ class UsageSpool:
             if delete and self.path is not None:
                 self.path.unlink(missing_ok=True)
 
-    def rotate(self) -> None:
-        """Starts a new file; the caller guarantees everything in the old one is stored."""
-        self.close(delete=True)
-        self.open()
 
-    def orphans(self) -> list[Path]:
-        """Spool files of processes that died (nobody holds their lock)."""
-        return [p for p in sorted(self.directory.glob(f"usage-*{SPOOL_SUFFIX}")) if p != self.path]
+def spool_files(directory: Path) -> list[Path]:
+    return sorted(directory.glob(f"usage-*{SPOOL_SUFFIX}"))
 
 
-def _spool_replay(path: Path, batch_rows: int) -> int:
-    """Stores every event of a dead process's spool file, then deletes it.
-    Returns the number of events read; 0 if another process is replaying it."""
+def spool_writer_alive(path: Path) -> bool:
+    """Whether a gateway process still holds the file open for writing."""
     try:
         fd = os.open(path, os.O_RDONLY)
     except FileNotFoundError:
-        return 0
+        return False
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return 0  # alive, or being replayed by someone else
-        if not path.exists():
-            return 0
-        events = []
-        with os.fdopen(os.dup(fd), "rb") as spool:
-            for number, line in enumerate(spool, 1):
-                try:
-                    events.append(usage_event_parse(line))
-                except (ValueError, TypeError, KeyError) as error:
-                    logger.error("spool %s line %d unreadable, skipped: %s", path.name, number, error)
-        for start in range(0, len(events), batch_rows):
-            _write_batch(events[start:start + batch_rows])
-        path.unlink(missing_ok=True)
-        if events:
-            logger.warning("replayed %d usage events from %s", len(events), path.name)
-        return len(events)
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)  # also drops the lock if we got it
+    return False
+
+
+SHIPPER_LOCK = "shipper.lock"
+
+
+def shipper_running(directory: Path) -> bool:
+    path = directory / SHIPPER_LOCK
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
     finally:
         os.close(fd)
+    return False
 
 
 class UsageRecorder:
-    def __init__(
-        self, *, batch_rows: int, flush_seconds: float, spool_dir: Path, spool_fsync: bool = True,
-        scan_seconds: float = 30.0,
-    ) -> None:
-        self._batch_rows = batch_rows
+    def __init__(self, *, flush_seconds: float, spool_dir: Path, spool_fsync: bool = True,
+                 shipper: bool = True) -> None:
         self._flush_seconds = flush_seconds
-        self._scan_seconds = scan_seconds
         self._fsync = spool_fsync
         self._spool = UsageSpool(spool_dir)
-        self._pending: deque[UsageEvent] = deque()
-        self._wake = asyncio.Event()
-        self._tasks: list[asyncio.Task] = []
-        self._stopping = False
-        self.written = 0
+        self._shipper_wanted = shipper
+        self._shipper: subprocess.Popen | None = None
+        self._dirty = False
+        self._task: asyncio.Task | None = None
+
+    @property
+    def spool_dir(self) -> Path:
+        return self._spool.directory
 
     def record(self, event: UsageEvent) -> None:
         """Durable against the process dying as soon as this returns."""
         self._spool.append(usage_event_line(event))
-        self._pending.append(event)
-        if len(self._pending) >= self._batch_rows:
-            self._wake.set()
-
-    @property
-    def pending(self) -> int:
-        return len(self._pending)
+        self._dirty = True
 
     async def start(self) -> None:
         self._spool.open()
-        await self.replay_orphans()
-        loop = asyncio.get_running_loop()
-        self._tasks = [loop.create_task(self._run(), name="usage-recorder"),
-                       loop.create_task(self._scan_loop(), name="usage-spool-scan")]
+        self._shipper_ensure()
+        self._task = asyncio.get_running_loop().create_task(self._run(), name="usage-spool")
 
     async def stop(self) -> None:
-        self._stopping = True
-        self._wake.set()
-        self._tasks[1].cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        # Everything is stored: the spool is no longer needed.
-        self._spool.close(delete=not self._pending)
-
-    async def replay_orphans(self) -> int:
-        replayed = 0
-        for path in self._spool.orphans():
-            try:
-                replayed += await sync_to_async(_spool_replay, thread_sensitive=True)(path, self._batch_rows)
-            except Exception:
-                logger.exception("replaying %s failed; will retry", path.name)
-        return replayed
-
-    async def _scan_loop(self) -> None:
-        while True:
-            await asyncio.sleep(self._scan_seconds)
-            await self.replay_orphans()
-
-    def _sync_and_write(self, batch: list[UsageEvent]) -> int:
-        if self._fsync:
+        """Closes the spool; the shipper stores what is left and removes it."""
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        if self._fsync and self._dirty:
             self._spool.sync()
-        return _write_batch(batch)
+        self._spool.close(delete=False)
+        if self._shipper is not None and self._shipper.poll() is None:
+            # Ours: ask it to drain the folder (our file included) and exit.
+            self._shipper.terminate()
+            try:
+                await asyncio.to_thread(self._shipper.wait, 30)
+            except subprocess.TimeoutExpired:
+                logger.warning("usage shipper still draining; leaving it to finish")
+
+    def _shipper_ensure(self) -> None:
+        if not self._shipper_wanted:
+            return
+        if self._shipper is not None and self._shipper.poll() is None:
+            return  # ours is running (or still starting)
+        if shipper_running(self.spool_dir):
+            return
+        self._shipper = subprocess.Popen(
+            [sys.executable, "-m", "inference.shipper", "--spool-dir", str(self.spool_dir),
+             "--parent-pid", str(os.getpid())],
+            stdin=subprocess.DEVNULL,
+        )
 
     async def _run(self) -> None:
-        delay = RETRY_FIRST_SECONDS
+        ticks = 0
         while True:
-            if not self._pending:
-                if self._stopping:
-                    return
-                try:
-                    await asyncio.wait_for(self._wake.wait(), self._flush_seconds)
-                except asyncio.TimeoutError:
-                    pass
-                self._wake.clear()
-                continue
-            # Events that arrive while a batch is written form the next batch.
-            batch = [self._pending.popleft() for _ in range(min(self._batch_rows, len(self._pending)))]
-            try:
-                await sync_to_async(self._sync_and_write, thread_sensitive=True)(batch)
-            except Exception:
-                logger.exception("writing %d usage records failed; retrying in %.1fs", len(batch), delay)
-                self._pending.extendleft(reversed(batch))
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, RETRY_MAX_SECONDS)
-                continue
-            delay = RETRY_FIRST_SECONDS
-            self.written += len(batch)
-            if not self._pending and self._spool.size > SPOOL_ROTATE_BYTES:
-                self._spool.rotate()
+            await asyncio.sleep(self._flush_seconds)
+            if self._dirty:
+                self._dirty = False
+                if self._fsync:
+                    await asyncio.to_thread(self._spool.sync)
+                if self._spool.size > SPOOL_ROTATE_BYTES:
+                    # The shipper finishes the old file and deletes it.
+                    self._spool.close(delete=False)
+                    self._spool.open()
+            ticks += 1
+            if ticks % 20 == 0:
+                self._shipper_ensure()  # e.g. the one we relied on has exited

@@ -20,6 +20,7 @@ from billing.services import budget_alert_record
 from .admission import AdmissionGate
 from .auth import ApiKeyAuthenticator
 from .limits import Limiter
+from .redis_pipe import PipelinedRedis
 from .metering import UsageRecorder
 from .models import ServedModel
 from .registry import ModelRow, Prices, Registry
@@ -80,22 +81,13 @@ class GatewayRuntime:
             ttl_seconds=settings.GATEWAY_API_KEY_CACHE_SECONDS,
         )
         self.usage = UsageRecorder(
-            batch_rows=settings.GATEWAY_USAGE_BATCH_ROWS,
             flush_seconds=settings.GATEWAY_USAGE_FLUSH_SECONDS,
-            # One folder per database: a spool is only ever replayed into its own.
+            # One folder per database: a spool is only ever shipped into its own.
             spool_dir=Path(settings.GATEWAY_USAGE_SPOOL_DIR) / settings.DATABASES["default"]["NAME"],
             spool_fsync=settings.GATEWAY_USAGE_SPOOL_FSYNC,
-            scan_seconds=settings.GATEWAY_USAGE_SPOOL_SCAN_SECONDS,
+            shipper=settings.GATEWAY_USAGE_SHIPPER == "embedded",
         )
-        self.redis = aioredis.Redis(
-            connection_pool=aioredis.BlockingConnectionPool.from_url(
-                settings.REDIS_URL,
-                max_connections=settings.GATEWAY_REDIS_MAX_CONNECTIONS,
-                timeout=settings.GATEWAY_REDIS_TIMEOUT_SECONDS,
-                socket_timeout=settings.GATEWAY_REDIS_TIMEOUT_SECONDS,
-                socket_connect_timeout=settings.GATEWAY_REDIS_TIMEOUT_SECONDS,
-            )
-        )
+        self.redis = PipelinedRedis(settings.REDIS_URL, timeout=settings.GATEWAY_REDIS_TIMEOUT_SECONDS)
         self.limiter = Limiter(
             self.redis,
             lease_seconds=settings.GATEWAY_REQUEST_LEASE_SECONDS,

@@ -227,6 +227,8 @@ class SimEngine:
         self._to_wake: list[RunningRequest] = []
         self._scheduler_task: asyncio.Task | None = None
         self._scheduler_wakeup: asyncio.Future | None = None
+        # Wall time at which work arrived for an idle scheduler (its timeline start).
+        self._wake_anchor: float | None = None
         # Drives error_rate; seeded so a run's fault pattern is reproducible.
         self._fault_rng = random.Random(config.seed)
         # [bucket start (simulated s), tokens generated in the bucket]
@@ -403,6 +405,10 @@ class SimEngine:
         return True
 
     def _notify_scheduler(self) -> None:
+        if self._wake_anchor is None and (self._scheduler_task is None or self._scheduler_wakeup is not None):
+            # The idle scheduler's timeline restarts at this moment, not at whenever
+            # the event loop gets round to waking it (jitter is not simulated time).
+            self._wake_anchor = time.monotonic()
         task = self._scheduler_task
         if task is None or task.done():
             if task is not None and not task.cancelled() and task.exception() is not None:
@@ -419,7 +425,8 @@ class SimEngine:
         include event-loop jitter."""
         loop = asyncio.get_running_loop()
         clock = time.monotonic
-        deadline = clock()
+        deadline = self._wake_anchor if self._wake_anchor is not None else clock()
+        self._wake_anchor = None
         instant_steps = 0
         while True:
             plan = self._plan_step()
@@ -431,7 +438,8 @@ class SimEngine:
                     await self._scheduler_wakeup
                 finally:
                     self._scheduler_wakeup = None
-                deadline = clock()
+                deadline = self._wake_anchor if self._wake_anchor is not None else clock()
+                self._wake_anchor = None
                 continue
             if plan.duration_s > 0:
                 self._flush_wakeups()

@@ -1,14 +1,21 @@
-"""No usage event is lost when a gateway process dies, and none is stored twice."""
+"""No usage event is lost when a gateway or a shipper process dies, and none is
+stored twice."""
 import os
 import shutil
 import signal
+import subprocess
+import sys
 import time
+import uuid
+from datetime import datetime, timezone
 
 import openai
 from django.db import connection
 
 from billing.models import UsageRecord
-from tests.conftest import gateway_start, process_stop, usage_rows_wait
+from billing.services import UsageEvent
+from inference.metering import usage_event_line
+from tests.conftest import ROOT, gateway_start, process_env, process_stop, usage_rows_wait
 
 MESSAGES = [{"role": "user", "content": "Bill me exactly once."}]
 
@@ -23,48 +30,82 @@ def serve_requests(gateway, tk, count: int) -> list[str]:
     return ids
 
 
+def wait_until(predicate, timeout: float = 10.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
 def test_gateway_killed_right_after_streams_end_loses_nothing(live_tmp, registry, make_tenant):
     spool = live_tmp / "spool-kill"
     db_name = connection.settings_dict["NAME"]
-    # Batches are held for 60 s: the kill comes before any reaches PostgreSQL.
-    gateway = gateway_start(live_tmp, db_name, GATEWAY_USAGE_SPOOL_DIR=str(spool), GATEWAY_USAGE_FLUSH_SECONDS="60",
-                            GATEWAY_USAGE_BATCH_ROWS="1000")
+    folder = spool / db_name
+    # No shipper: the events stay in the spool when the process is killed.
+    gateway = gateway_start(live_tmp, db_name, GATEWAY_USAGE_SPOOL_DIR=str(spool), GATEWAY_USAGE_SHIPPER="off")
     tk = make_tenant()
     ids = serve_requests(gateway, tk, 5)
-    assert not UsageRecord.objects.filter(api_key=tk.api_key).exists()
     os.kill(gateway.process.pid, signal.SIGKILL)
     gateway.process.wait()
-    [orphan] = list((spool / db_name).glob("usage-*.jsonl"))
+    assert not UsageRecord.objects.filter(api_key=tk.api_key).exists()
+    [orphan] = list(folder.glob("usage-*.jsonl"))
     backup = live_tmp / "orphan-copy.jsonl"
     shutil.copy(orphan, backup)
 
-    # A new process finds the dead one's spool at start and stores it.
-    successor = gateway_start(live_tmp, db_name, GATEWAY_USAGE_SPOOL_DIR=str(spool),
-                              GATEWAY_USAGE_SPOOL_SCAN_SECONDS="0.2")
+    # The next gateway's shipper stores the dead process's spool, then deletes it.
+    successor = gateway_start(live_tmp, db_name, GATEWAY_USAGE_SPOOL_DIR=str(spool))
     try:
         rows = usage_rows_wait(api_key=tk.api_key, count=5)
         assert sorted(r.request_id for r in rows) == sorted(ids)
         assert [r.completion_tokens for r in sorted(rows, key=lambda r: ids.index(r.request_id))] == [5, 6, 7, 8, 9]
-        assert not orphan.exists()
+        wait_until(lambda: not orphan.exists(), what="the orphan spool to be removed")
 
-        # The same events replayed again (a second copy of the file) are stored once.
-        shutil.copy(backup, spool / db_name / "usage-replayed-again.jsonl")
-        deadline = time.monotonic() + 5
-        while (spool / db_name / "usage-replayed-again.jsonl").exists():
-            assert time.monotonic() < deadline, "the copied spool was never replayed"
-            time.sleep(0.05)
+        # The same events shipped again (a second copy of the file) are stored once.
+        again = folder / "usage-copied-again.jsonl"
+        shutil.copy(backup, again)
+        wait_until(lambda: not again.exists(), what="the copied spool to be shipped")
         assert UsageRecord.objects.filter(api_key=tk.api_key).count() == 5
     finally:
         process_stop(successor.process)
 
 
-def test_graceful_stop_writes_everything_and_removes_its_spool(live_tmp, registry, make_tenant):
+def test_graceful_stop_stores_everything_and_removes_the_spool(live_tmp, registry, make_tenant):
     spool = live_tmp / "spool-graceful"
     db_name = connection.settings_dict["NAME"]
-    gateway = gateway_start(live_tmp, db_name, GATEWAY_USAGE_SPOOL_DIR=str(spool), GATEWAY_USAGE_FLUSH_SECONDS="60",
-                            GATEWAY_USAGE_BATCH_ROWS="1000")
+    gateway = gateway_start(live_tmp, db_name, GATEWAY_USAGE_SPOOL_DIR=str(spool))
     tk = make_tenant()
     serve_requests(gateway, tk, 3)
-    process_stop(gateway.process)  # SIGTERM: lifespan shutdown flushes
+    process_stop(gateway.process)  # SIGTERM: the shipper drains the folder and exits
     assert UsageRecord.objects.filter(api_key=tk.api_key).count() == 3
     assert list((spool / db_name).glob("usage-*.jsonl")) == []
+
+
+def test_shipper_killed_mid_batch_then_restarted_stores_each_event_once(live_tmp, make_tenant):
+    tk = make_tenant()
+    folder = live_tmp / "spool-shipper" / connection.settings_dict["NAME"]
+    folder.mkdir(parents=True)
+    now = datetime.now(timezone.utc)
+    events = [UsageEvent(uuid.uuid4(), f"chatcmpl-{i}", tk.tenant.id, tk.api_key.id, "test-llm", "", "completions",
+                         "http", False, 10, i % 7, 0, 0, "ok", 200, "", 1.0, 2.0, now, now) for i in range(6000)]
+    (folder / "usage-synthetic.jsonl").write_bytes(b"".join(usage_event_line(e) for e in events))
+
+    def shipper() -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, "-m", "inference.shipper", "--spool-dir", str(folder),
+                                 "--batch-rows", "200"], cwd=ROOT,
+                                env=process_env(POSTGRES_DB=connection.settings_dict["NAME"]))
+
+    first = shipper()
+    wait_until(lambda: UsageRecord.objects.filter(api_key=tk.api_key).exists(), what="a first batch")
+    os.kill(first.pid, signal.SIGKILL)
+    first.wait()
+    stored_before_restart = UsageRecord.objects.filter(api_key=tk.api_key).count()
+    assert 0 < stored_before_restart <= 6000
+
+    second = shipper()
+    try:
+        wait_until(lambda: not (folder / "usage-synthetic.jsonl").exists(), what="the spool to be shipped")
+    finally:
+        process_stop(second)
+    rows = UsageRecord.objects.filter(api_key=tk.api_key)
+    assert rows.count() == 6000
+    assert sum(rows.values_list("completion_tokens", flat=True)) == sum(i % 7 for i in range(6000))
