@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Sets up and runs the whole platform on this machine: migrations, an SGLang-protocol
-# simulator, the ASGI server, a Celery worker and beat, a demo tenant and key.
+# simulator, a local Stripe-compatible server, the ASGI server (which starts its
+# usage shipper), a Celery worker and beat, a demo tenant, key and price.
 # Ctrl-C stops everything. Ports: GATEWAY_PORT (8000), SIM_PORT (30000).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -8,6 +9,7 @@ ROOT=$PWD
 GATEWAY_HOST="${GATEWAY_HOST:-127.0.0.1}"
 GATEWAY_PORT="${GATEWAY_PORT:-8000}"
 SIM_PORT="${SIM_PORT:-30000}"
+STRIPE_PORT="${STRIPE_PORT:-12111}"
 MODEL="${DEMO_MODEL:-demo-llm}"
 export PYTHONPATH="$ROOT/platform:$ROOT"
 export DJANGO_SETTINGS_MODULE=config.settings
@@ -42,7 +44,25 @@ wait_http() {  # url, name, log
 pids+=($!)
 wait_http "http://127.0.0.1:$SIM_PORT/health" simulator .run/sim.log
 
+# Billing goes to the local Stripe-compatible server unless STRIPE_API_BASE names another.
+if [ -z "${STRIPE_API_BASE:-}" ]; then
+  .venv/bin/python -m billing.stripe_local --host 127.0.0.1 --port "$STRIPE_PORT" \
+    --state-file .run/stripe-local.json > .run/stripe-local.log 2>&1 &
+  pids+=($!)
+  export STRIPE_API_BASE="http://127.0.0.1:$STRIPE_PORT" STRIPE_METER_EVENTS_BASE="http://127.0.0.1:$STRIPE_PORT"
+  export STRIPE_API_KEY="${STRIPE_API_KEY:-sk_test_local}"
+  wait_http "http://127.0.0.1:$STRIPE_PORT/_local/health" "Stripe-compatible server" .run/stripe-local.log
+fi
+if [ -z "${STRIPE_WEBHOOK_SECRET:-}" ]; then
+  STRIPE_WEBHOOK_SECRET=$(.venv/bin/python manage.py stripe_webhook_endpoint_create \
+    "http://$GATEWAY_HOST:$GATEWAY_PORT/billing/stripe/webhook")
+  export STRIPE_WEBHOOK_SECRET
+fi
+
 API_KEY=$(.venv/bin/python manage.py demo_setup --model "$MODEL" --backend "http://127.0.0.1:$SIM_PORT")
+# A price for the demo model (per million tokens), once.
+.venv/bin/python manage.py price_create "$MODEL" --version v1 --input 0.50 --cached-input 0.25 --output 1.50 \
+  --effective-from 2026-01-01T00:00Z >/dev/null 2>&1 || true
 
 .venv/bin/python -m uvicorn config.asgi:application --app-dir platform --host "$GATEWAY_HOST" \
   --port "$GATEWAY_PORT" --loop uvloop --http httptools --lifespan on --no-access-log > .run/gateway.log 2>&1 &

@@ -123,9 +123,10 @@ def _headers(req_limit, req_remaining, req_reset_ms, tok_limit, tok_remaining, t
     return headers
 
 
-def _keys(principal: ApiKeyPrincipal, period: str) -> list[str]:
+def _keys(principal: ApiKeyPrincipal, period: str, namespace: str) -> list[str]:
     # One hash tag per tenant: both scopes of a request live on one cluster slot.
-    tag = f"{{t{principal.tenant_id}}}"
+    # The namespace keeps deployments (databases) that share a Redis apart.
+    tag = f"{{{namespace}:t{principal.tenant_id}}}"
     keys = []
     for scope in (f"k{principal.api_key_id}", "t"):
         base = f"lim:{tag}:{scope}"
@@ -176,8 +177,10 @@ class Limiter:
         offline_allowance_tokens: int,
         budget_load,
         alert_record,
+        namespace: str = "",
     ) -> None:
         self._redis = client
+        self._namespace = namespace
         self._admit = Script((LUA_DIR / "admit.lua").read_text())
         self._settle = Script((LUA_DIR / "settle.lua").read_text())
         self._budget_init = Script((LUA_DIR / "budget_init.lua").read_text())
@@ -227,7 +230,7 @@ class Limiter:
 
     async def _admit_redis(self, admission: Admission, now: datetime) -> None:
         principal = admission.principal
-        keys = _keys(principal, admission.period)
+        keys = _keys(principal, admission.period, self._namespace)
         args = [int(now.timestamp() * 1000), admission.rid, self._lease_ms, admission.tokens,
                 admission.cost_micros, WINDOW_SECONDS]
         for limits in (principal.key_limits, principal.tenant_limits):
@@ -319,7 +322,7 @@ class Limiter:
         for limits in (principal.key_limits, principal.tenant_limits):
             args += [limits.budget_micros, limits.budget_tokens, limits.alert_percent]
         try:
-            alerts = await self._redis.evalsha(self._settle, _keys(principal, admission.period), args)
+            alerts = await self._redis.evalsha(self._settle, _keys(principal, admission.period, self._namespace), args)
         except REDIS_FAILURES as error:
             self._redis_failed(error)
             self._pending.append((admission, tokens, cost_micros))

@@ -96,6 +96,7 @@ class GatewayRuntime:
             offline_allowance_tokens=settings.GATEWAY_BUDGET_OFFLINE_ALLOWANCE_TOKENS,
             budget_load=sync_to_async(_budget_spend_load, thread_sensitive=True),
             alert_record=sync_to_async(_budget_alert_save, thread_sensitive=True),
+            namespace=settings.GATEWAY_REDIS_NAMESPACE,
         )
         self.gate = AdmissionGate(
             max_outstanding_per_backend=settings.GATEWAY_BACKEND_MAX_OUTSTANDING,

@@ -150,6 +150,8 @@ GATEWAY_USAGE_SHIPPER = env_str("GATEWAY_USAGE_SHIPPER", "embedded")
 # seconds, and Redis is then left alone for GATEWAY_REDIS_RETRY_SECONDS.
 GATEWAY_REDIS_TIMEOUT_SECONDS = env_float("GATEWAY_REDIS_TIMEOUT_SECONDS", 0.25)
 GATEWAY_REDIS_RETRY_SECONDS = env_float("GATEWAY_REDIS_RETRY_SECONDS", 1.0)
+# Prefix of the limiter's Redis keys: deployments sharing a Redis must differ.
+GATEWAY_REDIS_NAMESPACE = env_str("GATEWAY_REDIS_NAMESPACE", DATABASES["default"]["NAME"])
 # Seconds a request's reservation is held if its gateway dies before settling it.
 GATEWAY_REQUEST_LEASE_SECONDS = env_float("GATEWAY_REQUEST_LEASE_SECONDS", 1800.0)
 # Completion tokens reserved (and sent to the backend as max_tokens) when a request
@@ -221,4 +223,6 @@ LOGGING = {
     "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"}},
     "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
     "root": {"handlers": ["console"], "level": env_str("LOG_LEVEL", "INFO")},
+    # stripe-python logs every request at INFO.
+    "loggers": {"stripe": {"level": "WARNING"}},
 }
