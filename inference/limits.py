@@ -197,6 +197,8 @@ class Limiter:
         self._pending: deque[tuple[Admission, int, int]] = deque(maxlen=PENDING_SETTLEMENTS_MAX)
         self._alerted: set[tuple] = set()
         self._background: set[asyncio.Task] = set()
+        self._settle_queue: list[tuple[Admission, int, int]] = []
+        self._settle_scheduled = False
 
     @property
     def redis_available(self) -> bool:
@@ -311,24 +313,60 @@ class Limiter:
             # Spend made while Redis was away is replayed into Redis later.
             self._pending.append((admission, tokens, cost_micros))
             return
-        self._spawn(self._settle_redis(admission, tokens, cost_micros))
+        # Settlements of one event-loop iteration go to Redis in one write.
+        self._settle_queue.append((admission, tokens, cost_micros))
+        if not self._settle_scheduled:
+            self._settle_scheduled = True
+            self._spawn(self._settle_flush())
+
+    def _settle_command(self, admission: Admission, tokens: int, cost_micros: int) -> tuple:
+        principal = admission.principal
+        args = [int(time.time() * 1000), admission.rid, tokens, cost_micros, WINDOW_SECONDS]
+        for limits in (principal.key_limits, principal.tenant_limits):
+            args += [limits.budget_micros, limits.budget_tokens, limits.alert_percent]
+        keys = _keys(principal, admission.period, self._namespace)
+        return ("EVALSHA", self._settle.sha, len(keys), *keys, *args)
+
+    async def _settle_flush(self) -> None:
+        await asyncio.sleep(0)
+        batch, self._settle_queue = self._settle_queue, []
+        self._settle_scheduled = False
+        if not self.redis_available:
+            self._pending.extend(batch)
+            return
+        try:
+            replies = await self._redis.execute_many([self._settle_command(*item) for item in batch])
+        except REDIS_FAILURES as error:
+            self._redis_failed(error)
+            self._pending.extend(batch)
+            return
+        for item, reply in zip(batch, replies):
+            if isinstance(reply, RedisReplyError) and str(reply).startswith("NOSCRIPT"):
+                await self._settle_redis(*item)  # loads the script
+            elif isinstance(reply, Exception):
+                self._redis_failed(reply)
+                self._pending.append(item)
+            else:
+                self._alerts_record(item[0], reply)
 
     async def _settle_redis(self, admission: Admission, tokens: int, cost_micros: int) -> None:
         if not self.redis_available:
             self._pending.append((admission, tokens, cost_micros))
             return
-        principal = admission.principal
-        args = [int(time.time() * 1000), admission.rid, tokens, cost_micros, WINDOW_SECONDS]
-        for limits in (principal.key_limits, principal.tenant_limits):
-            args += [limits.budget_micros, limits.budget_tokens, limits.alert_percent]
+        command = self._settle_command(admission, tokens, cost_micros)
         try:
-            alerts = await self._redis.evalsha(self._settle, _keys(principal, admission.period, self._namespace), args)
+            alerts = await self._redis.evalsha(self._settle, list(command[3:3 + command[2]]),
+                                               list(command[3 + command[2]:]))
         except REDIS_FAILURES as error:
             self._redis_failed(error)
             self._pending.append((admission, tokens, cost_micros))
             return
+        self._alerts_record(admission, alerts)
+
+    def _alerts_record(self, admission: Admission, alerts: list) -> None:
         for i in range(0, len(alerts), 3):
-            self._alert(principal, int(alerts[i]), admission.period, alerts[i + 1].decode(), alerts[i + 2].decode())
+            self._alert(admission.principal, int(alerts[i]), admission.period, alerts[i + 1].decode(),
+                        alerts[i + 2].decode())
 
     async def _pending_replay(self) -> None:
         while self._pending and self.redis_available:

@@ -118,6 +118,22 @@ class PipelinedRedis(asyncio.Protocol):
         finally:
             timer.cancel()
 
+    async def execute_many(self, commands: list[tuple]) -> list:
+        """Sends several commands in one write; returns each reply or its exception."""
+        await self._connected()
+        loop = asyncio.get_running_loop()
+        waiters = []
+        for args in commands:
+            waiter = loop.create_future()
+            self._waiters.append(waiter)
+            waiters.append(waiter)
+        self._transport.write(b"".join([hiredis.pack_command(args) for args in commands]))
+        timer = loop.call_later(self._timeout, lambda: [self._expire(w) for w in waiters])
+        try:
+            return await asyncio.gather(*waiters, return_exceptions=True)
+        finally:
+            timer.cancel()
+
     async def evalsha(self, script: Script, keys: list, args: list):
         try:
             return await self.execute("EVALSHA", script.sha, len(keys), *keys, *args)
