@@ -6,9 +6,8 @@ from uuid import UUID
 
 from django.db import connection, transaction
 
-from tenants.models import ApiKey
 
-from .models import BudgetAlert, UsageRecord
+from .models import BudgetAlert
 
 
 class UsageEvent(NamedTuple):

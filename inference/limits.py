@@ -22,7 +22,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 
-from tenants.selectors import ApiKeyPrincipal, Limits
+from tenants.selectors import ApiKeyPrincipal
 
 from .errors import ApiError
 from .redis_pipe import PipelinedRedis, RedisReplyError, RedisUnavailable, Script

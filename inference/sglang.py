@@ -2,7 +2,6 @@
 aiohttp session per process. Facts of the protocol: shared/sglang-protocol.md."""
 import asyncio
 import logging
-from collections.abc import AsyncIterator
 
 import aiohttp
 import orjson

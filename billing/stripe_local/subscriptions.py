@@ -80,7 +80,7 @@ def _price_check(call: Call, subscription: dict, price_id: str, param: str) -> d
     price = price_live(call, price_id, param=param)
     if price["recurring"] is None:
         raise invalid_request("The price specified is set to `type=one_time` but this field only accepts prices "
-                              f"with `type=recurring`.", param=param)
+                              "with `type=recurring`.", param=param)
     if not price["active"]:
         raise invalid_request("The price specified is inactive. This field only accepts active prices.",
                               param=param)

@@ -136,7 +136,7 @@ def param_dict(params: dict, name: str, *, label: str | None = None) -> dict | N
     if raw is None or raw == "":
         return None
     if not isinstance(raw, dict):
-        raise invalid_request(f"Invalid object", param=label or name)
+        raise invalid_request("Invalid object", param=label or name)
     return raw
 
 

@@ -3,7 +3,6 @@ pointed at it, a price book, a gateway process that also receives Stripe's webho
 worker subprocesses and private redis-servers, and a helper writing ledger rows the way the
 gateway does (billing.services.usage_records_write)."""
 import json
-import os
 import random
 import shutil
 import signal

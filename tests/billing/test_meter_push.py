@@ -3,10 +3,9 @@ late events and the free allowance; reconciliation agrees; Stripe's invoice is o
 import io
 import random
 from collections import defaultdict
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from decimal import Decimal
 
-import pytest
 from django.core.management import call_command
 from django.utils import timezone
 
