@@ -44,8 +44,25 @@ class _Waiter:
 @dataclass(slots=True)
 class _ModelQueue:
     inflight: int = 0
+    # Waiters by (rank, arrival); withdrawn ones stay until popped or compacted.
     heap: list[_Waiter] = field(default_factory=list)
     waiting: int = 0
+    waiting_by_rank: list[int] = field(default_factory=lambda: [0] * (len(TIER_RANK) + 1))
+
+    def withdraw(self, waiter: _Waiter) -> None:
+        waiter.active = False
+        self.waiting -= 1
+        self.waiting_by_rank[waiter.rank] -= 1
+        if len(self.heap) > 2 * self.waiting + 64:
+            self.heap = [w for w in self.heap if w.active]
+            heapq.heapify(self.heap)
+
+    def anyone_ahead(self, rank: int) -> bool:
+        return any(self.waiting_by_rank[: rank + 1])
+
+
+class _Deadline(Exception):
+    """A waiter's deadline passed."""
 
 
 class AdmissionGate:
@@ -84,36 +101,34 @@ class AdmissionGate:
             queue = self._queues[model.name] = _ModelQueue()
         capacity = self._capacity(model)
         rank = TIER_RANK.get(tier, len(TIER_RANK))
-        if self._has_room(queue, capacity, rank) and not any(w.active and w.rank <= rank for w in queue.heap):
+        if self._has_room(queue, capacity, rank) and not queue.anyone_ahead(rank):
             queue.inflight += 1
             return
         if queue.waiting >= self._queue_max:
             worst = max((w for w in queue.heap if w.active), default=None)
             if worst is None or worst.rank <= rank:
                 raise overloaded(model.name, shed=True)
-            worst.active = False
-            queue.waiting -= 1
+            queue.withdraw(worst)
             worst.future.set_exception(overloaded(model.name, shed=True))
-        waiter = _Waiter(rank, next(self._seq), asyncio.get_running_loop().create_future())
+        loop = asyncio.get_running_loop()
+        waiter = _Waiter(rank, next(self._seq), loop.create_future())
         heapq.heappush(queue.heap, waiter)
         queue.waiting += 1
+        queue.waiting_by_rank[rank] += 1
+        timer = loop.call_later(self._timeouts.get(tier, 5.0), _expire, waiter.future)
         try:
-            await asyncio.wait_for(asyncio.shield(waiter.future), self._timeouts.get(tier, 5.0))
-        except asyncio.TimeoutError:
-            if waiter.active:
-                waiter.active = False
-                queue.waiting -= 1
-                raise overloaded(model.name, shed=False) from None
-            # Granted at the moment the deadline passed: take the slot.
-            if waiter.future.exception() is not None:
-                raise waiter.future.exception() from None
+            await waiter.future
+        except _Deadline:
+            queue.withdraw(waiter)
+            raise overloaded(model.name, shed=False) from None
         except asyncio.CancelledError:
             if waiter.active:
-                waiter.active = False
-                queue.waiting -= 1
-            elif waiter.future.done() and waiter.future.exception() is None:
-                self.leave(model)
+                queue.withdraw(waiter)
+            elif waiter.future.done() and not waiter.future.cancelled() and waiter.future.exception() is None:
+                self.leave(model)  # granted just as the caller went away
             raise
+        finally:
+            timer.cancel()
 
     def leave(self, model: ModelEntry) -> None:
         queue = self._queues[model.name]
@@ -128,7 +143,11 @@ class AdmissionGate:
             if not self._has_room(queue, capacity, waiter.rank):
                 break
             heapq.heappop(queue.heap)
-            waiter.active = False
-            queue.waiting -= 1
+            queue.withdraw(waiter)
             queue.inflight += 1
             waiter.future.set_result(None)
+
+
+def _expire(future: asyncio.Future) -> None:
+    if not future.done():
+        future.set_exception(_Deadline())

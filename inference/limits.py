@@ -81,6 +81,12 @@ def rate_limited(reason: str, retry_after_ms: int, scope: int, headers: dict[str
     what = {"requests": "requests per minute", "tokens": "tokens per minute",
             "concurrency": "concurrent requests"}.get(reason, "tokens per minute")
     owner = "API key" if scope == KEY_SCOPE else "organization"
+    if reason == "budget_reserved":
+        return ApiError(
+            429, f"The rest of your {owner}'s monthly budget is reserved by requests in flight. "
+            "Please try again in 1s.", type="rate_limit_exceeded", code="rate_limit_exceeded",
+            headers={"retry-after": "1", "retry-after-ms": "1000"},
+        )
     if reason == "tokens_request_too_large":
         return ApiError(
             429, f"This request needs more tokens than your {owner}'s tokens-per-minute limit allows; "

@@ -15,7 +15,8 @@
 --
 -- Returns {0, req_limit, req_remaining, req_reset_ms, tok_limit, tok_remaining,
 --          tok_reset_ms} when admitted, {1, reason, retry_after_ms, scope} when a
--- rate limit refuses it, {2, reason, scope} when a budget does, {3, scope} when a
+-- rate limit refuses it (or a budget held by requests in flight:
+-- 'budget_reserved'), {2, reason, scope} when a budget is exhausted, {3, scope} when a
 -- budget must first be loaded from the database (budget_init.lua).
 
 local now_ms = tonumber(ARGV[1])
@@ -116,11 +117,21 @@ for scope = 1, 2 do
     local b = redis.call('HMGET', budget, 'spent_micros', 'reserved_micros', 'spent_tokens', 'reserved_tokens')
     local used_micros = (tonumber(b[1]) or 0) + math.max(tonumber(b[2]) or 0, 0)
     local used_tokens = (tonumber(b[3]) or 0) + math.max(tonumber(b[4]) or 0, 0)
+    -- Exhausted when what was spent leaves no room; held back (retry soon) when
+    -- only the reservations of requests in flight are in the way.
     if budget_micros > 0 and (used_micros >= budget_micros or used_micros + cost > budget_micros) then
-      return {2, 'spend', scope}
+      local spent = tonumber(b[1]) or 0
+      if spent >= budget_micros or spent + cost > budget_micros then
+        return {2, 'spend', scope}
+      end
+      return {1, 'budget_reserved', 1000, scope}
     end
     if budget_tokens > 0 and (used_tokens >= budget_tokens or used_tokens + tokens > budget_tokens) then
-      return {2, 'tokens', scope}
+      local spent = tonumber(b[3]) or 0
+      if spent >= budget_tokens or spent + tokens > budget_tokens then
+        return {2, 'tokens', scope}
+      end
+      return {1, 'budget_reserved', 1000, scope}
     end
   end
   -- Headers report the scope with the least room left.

@@ -192,7 +192,8 @@ def test_concurrent_burst_cannot_overshoot_a_budget(gateway, make_tenant):
     for thread in threads:
         thread.join()
     admitted = outcomes.count("ok")
-    assert admitted and outcomes.count("insufficient_quota") == 30 - admitted
+    # Refused: exhausted, or held by reservations of requests still in flight (retry).
+    assert admitted and outcomes.count("insufficient_quota") + outcomes.count("rate_limit_exceeded") == 30 - admitted
     rows = usage_rows_wait(api_key=tk.api_key, count=30)
     assert sum(r.status == "ok" for r in rows) == admitted
     assert sum(r.prompt_tokens + r.completion_tokens for r in rows) <= 1000
@@ -232,3 +233,19 @@ def budget_alerts(tenant, count: int = 2) -> set[tuple[str, str, int | None]]:
         if len(alerts) >= count or time.monotonic() > deadline:
             return alerts
         time.sleep(0.05)
+
+
+def test_budget_held_by_requests_in_flight_is_a_retryable_429(gateway, make_tenant):
+    # Two slow streams each reserve about 430 tokens of a 1,000-token budget and have used few.
+    tk = make_tenant(tenant_limits={"monthly_token_budget": 1000})
+    client = client_for(gateway, tk.secret)
+    holders = [client.chat.completions.create(model="slow-llm", messages=MESSAGES, max_tokens=400, stream=True)
+               for _ in range(2)]
+    for holder in holders:
+        next(iter(holder))
+    with pytest.raises(openai.RateLimitError) as caught:
+        chat_raw(client, model="slow-llm", max_tokens=400)
+    assert caught.value.code == "rate_limit_exceeded" and "in flight" in caught.value.message
+    assert caught.value.response.headers["retry-after"] == "1"
+    for holder in holders:
+        holder.close()
