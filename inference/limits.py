@@ -204,6 +204,8 @@ class Limiter:
         self._alerted: set[tuple] = set()
         self._background: set[asyncio.Task] = set()
         self._settle_queue: list[tuple[Admission, int, int]] = []
+        # principal -> (period, keys, limit arguments)
+        self._inputs: dict[ApiKeyPrincipal, tuple[str, list[str], list[int]]] = {}
         self._settle_scheduled = False
 
     @property
@@ -238,12 +240,9 @@ class Limiter:
 
     async def _admit_redis(self, admission: Admission, now: datetime) -> None:
         principal = admission.principal
-        keys = _keys(principal, admission.period, self._namespace)
+        keys, limit_args = self._script_inputs(principal, admission.period)
         args = [int(now.timestamp() * 1000), admission.rid, self._lease_ms, admission.tokens,
-                admission.cost_micros, WINDOW_SECONDS]
-        for limits in (principal.key_limits, principal.tenant_limits):
-            args += [limits.rpm, limits.tpm, limits.concurrency, limits.budget_micros, limits.budget_tokens,
-                     limits.alert_percent]
+                admission.cost_micros, WINDOW_SECONDS, *limit_args]
         for _ in range(3):
             result = await self._redis.evalsha(self._admit, keys, args)
             status = result[0]
@@ -268,6 +267,22 @@ class Limiter:
             self._alert(principal, scope, admission.period, "hard", budget)
             raise insufficient_quota(budget, scope)
         raise RedisUnavailable("budget state could not be loaded")
+
+    def _script_inputs(self, principal: ApiKeyPrincipal, period: str) -> tuple[list[str], list[int]]:
+        """The scripts' keys and limit arguments for a principal, built once per
+        principal (a new one comes with every change of limits) and month."""
+        cached = self._inputs.get(principal)
+        if cached is not None and cached[0] == period:
+            return cached[1], cached[2]
+        limit_args = []
+        for limits in (principal.key_limits, principal.tenant_limits):
+            limit_args += [limits.rpm, limits.tpm, limits.concurrency, limits.budget_micros, limits.budget_tokens,
+                           limits.alert_percent]
+        keys = _keys(principal, period, self._namespace)
+        if len(self._inputs) >= 100_000:
+            self._inputs.clear()
+        self._inputs[principal] = (period, keys, limit_args)
+        return keys, limit_args
 
     async def _budget_load_into_redis(self, principal: ApiKeyPrincipal, period: str, *, scope: int, key: str) -> None:
         api_key_id = principal.api_key_id if scope == KEY_SCOPE else None
@@ -327,11 +342,10 @@ class Limiter:
 
     def _settle_command(self, admission: Admission, tokens: int, cost_micros: int) -> tuple:
         principal = admission.principal
-        args = [int(time.time() * 1000), admission.rid, tokens, cost_micros, WINDOW_SECONDS]
-        for limits in (principal.key_limits, principal.tenant_limits):
-            args += [limits.budget_micros, limits.budget_tokens, limits.alert_percent]
-        keys = _keys(principal, admission.period, self._namespace)
-        return ("EVALSHA", self._settle.sha, len(keys), *keys, *args)
+        keys, limit_args = self._script_inputs(principal, admission.period)
+        # Per scope, settle.lua takes the budget arguments: the last three of its six.
+        return ("EVALSHA", self._settle.sha, len(keys), *keys, int(time.time() * 1000), admission.rid, tokens,
+                cost_micros, WINDOW_SECONDS, *limit_args[3:6], *limit_args[9:12])
 
     async def _settle_flush(self) -> None:
         await asyncio.sleep(0)
