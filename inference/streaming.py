@@ -373,8 +373,8 @@ class CompletionService:
         return meter
 
     async def _begin(self, request: CompletionRequest, meter: "UsageMeter", *, stream: bool) -> tuple[Resolution, bytes]:
-        """Resolves the model, reserves the request's share of the caller's limits and
-        waits for a backend slot. Returns the model and the upstream body."""
+        """Resolves the model, waits for a backend slot and reserves the request's
+        share of the caller's limits. Returns the model and the upstream body."""
         resolution = self._registry.resolve(request.body.get("model"))
         meter.prices = resolution.model.prices
         cap = completion_tokens_cap(request, self._default_max_tokens)
@@ -383,10 +383,17 @@ class CompletionService:
         reserve_cost = resolution.model.prices.cost_micros(
             prompt_tokens=prompt_bound, cached_tokens=0, completion_tokens=cap[1]
         )
-        request.admission = await self._limiter.admit(
-            principal=request.principal, rid=request.request_id, tokens=reserve_tokens, cost_micros=reserve_cost
-        )
+        # The local queue first: a request waiting for a backend slot holds no
+        # rate-limit reservation, and one shed by the queue costs no Redis call.
         await self._gate.enter(resolution.model, request.principal.tenant_tier)
+        try:
+            request.admission = await self._limiter.admit(
+                principal=request.principal, rid=request.request_id, tokens=reserve_tokens,
+                cost_micros=reserve_cost,
+            )
+        except BaseException:
+            self._gate.leave(resolution.model)
+            raise
         return resolution, _upstream_body(request, resolution, stream=stream, cap=cap)
 
     async def _upstream_start(
