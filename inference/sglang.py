@@ -65,12 +65,6 @@ async def backend_abort(session: aiohttp.ClientSession, backend: BackendState, r
         logger.warning("abort_request for %s on %s failed: %s", rid, backend.url, error)
 
 
-async def backend_get_json(session: aiohttp.ClientSession, backend: BackendState, path: str) -> object:
-    async with session.get(backend.url + path, headers=_headers(backend)) as response:
-        response.raise_for_status()
-        return orjson.loads(await response.read())
-
-
 async def backend_health(session: aiohttp.ClientSession, backend: BackendState, *, timeout: float) -> bool:
     """SGLang's GET /health: 200 when the server can generate."""
     try:

@@ -29,9 +29,6 @@ Interface (all synchronous, no I/O; one instance per pool, used on the event loo
         forget_backend(url: str) -> None
             Call when a backend leaves every pool or restarts (empty cache).
 
-    route_pick_backend(model, *, exclude=frozenset()) -> BackendState | None
-        The historical entry point: least outstanding requests, ties rotate.
-
 Wiring sketch for `CompletionService._upstream_open`:
 
     key = routing_key_build(endpoint=request.endpoint, body=request.body,
@@ -58,7 +55,6 @@ one shared tree 92.9 %, 1 process 93.3 %; without affinity per process falls
 to 75.3 % (shared 94.1 %); round robin 63 %, least outstanding 64 %. A shared
 tree would add a Redis round trip per request for under one point.
 """
-from ..registry import BackendState, ModelEntry
 from .key import routing_key_build
 from .policies import POLICY_NAMES, CacheAware, LeastOutstanding, Policy, RoundRobin, policy_for
 from .prefix_tree import PrefixTree
@@ -71,13 +67,5 @@ __all__ = [
     "PrefixTree",
     "RoundRobin",
     "policy_for",
-    "route_pick_backend",
     "routing_key_build",
 ]
-
-_LEAST_OUTSTANDING = LeastOutstanding()
-
-
-def route_pick_backend(model: ModelEntry, *, exclude: set[str] = frozenset()) -> BackendState | None:
-    """Least outstanding requests among the available backends; ties rotate."""
-    return _LEAST_OUTSTANDING.pick(model, "", exclude=exclude)

@@ -5,7 +5,7 @@ import pytest
 
 from inference.registry import BackendState, ModelEntry
 from inference.routing import (
-    POLICY_NAMES, CacheAware, LeastOutstanding, RoundRobin, policy_for, route_pick_backend, routing_key_build,
+    POLICY_NAMES, CacheAware, LeastOutstanding, RoundRobin, policy_for, routing_key_build,
 )
 
 from .conftest import by_url, model_build
@@ -60,24 +60,6 @@ def test_round_robin_ignores_load(pool):
 
 # ---------------------------------------------------------- least outstanding
 
-def _route_pick_backend_before_the_package(model, *, exclude=frozenset()):
-    """inference/routing.py as it was, to pin the behaviour."""
-    now = time.monotonic()
-    backends = model.backends
-    count = len(backends)
-    best = None
-    start = model.next_index
-    for offset in range(count):
-        backend = backends[(start + offset) % count]
-        if backend.url in exclude or not backend.available(now):
-            continue
-        if best is None or backend.outstanding < best.outstanding:
-            best = backend
-    if best is not None:
-        model.next_index = (start + 1) % count
-    return best
-
-
 def test_least_outstanding_picks_the_least_loaded(pool):
     loads = {"http://a": 3, "http://b": 1, "http://c": 2, "http://d": 1}
     for url, load in loads.items():
@@ -89,22 +71,6 @@ def test_least_outstanding_picks_the_least_loaded(pool):
     assert policy.pick(pool, "", exclude={"http://b", "http://d"}).url == "http://c"
     by_url(pool)["http://b"].cooldown_until = time.monotonic() + 60
     assert policy.pick(pool, "", exclude={"http://d"}).url == "http://c"
-
-
-def test_route_pick_backend_keeps_its_behaviour():
-    import random
-
-    rng = random.Random(3)
-    old_model, new_model = model_build("a", "b", "c", "d", "e"), model_build("a", "b", "c", "d", "e")
-    for _ in range(300):
-        for old, new in zip(old_model.backends, new_model.backends):
-            old.outstanding = new.outstanding = rng.randrange(3)
-            old.status = new.status = rng.choice(["active", "active", "active", "draining"])
-        exclude = set(rng.sample(["a", "b", "c", "d", "e"], rng.randrange(3)))
-        expected = _route_pick_backend_before_the_package(old_model, exclude=exclude)
-        got = route_pick_backend(new_model, exclude=exclude)
-        assert (got.url if got else None) == (expected.url if expected else None)
-        assert new_model.next_index == old_model.next_index
 
 
 # ---------------------------------------------------------------- cache aware
