@@ -98,6 +98,14 @@ class Processes:
                 proc.wait()
 
 
+def cores_choose(*, server_core: int, client_core: int, no_pin: bool) -> tuple[bool, int | None, int | None, list[int]]:
+    """(pinned, server core, client core, cores available): pinning only when asked
+    for two distinct cores this process may use."""
+    cores = sorted(os.sched_getaffinity(0))
+    pin = not no_pin and server_core in cores and client_core in cores and server_core != client_core
+    return pin, (server_core if pin else None), (client_core if pin else None), cores
+
+
 def free_ports(count: int) -> list[int]:
     socks = []
     try:

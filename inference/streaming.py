@@ -558,11 +558,7 @@ class CompletionService:
                     response.release()
                 else:
                     response.close()
-            if backend is not None:
-                backend.outstanding -= 1
-            if resolution is not None:
-                self._gate.leave(resolution.model)
-            meter.finish()
+            self._request_end(backend, resolution, meter)
 
     async def completion_create(self, request: CompletionRequest) -> dict:
         """A whole (non-streamed) completion in OpenAI's shape."""
@@ -602,8 +598,14 @@ class CompletionService:
             meter.fail(failure)
             raise failure from error
         finally:
-            if backend is not None:
-                backend.outstanding -= 1
-            if resolution is not None:
-                self._gate.leave(resolution.model)
-            meter.finish()
+            self._request_end(backend, resolution, meter)
+
+    def _request_end(self, backend: BackendState | None, resolution: Resolution | None,
+                     meter: "UsageMeter") -> None:
+        """What every request gives back, however it ended: its place on the backend,
+        its slot in the admission queue; and its usage is recorded and settled."""
+        if backend is not None:
+            backend.outstanding -= 1
+        if resolution is not None:
+            self._gate.leave(resolution.model)
+        meter.finish()

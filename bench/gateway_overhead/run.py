@@ -26,7 +26,7 @@ from pathlib import Path
 
 import uvloop
 
-from bench.common import (HOST, Processes, cores_busy_seconds, db_prepare as common_db_prepare, fmt, free_ports,
+from bench.common import (HOST, Processes, cores_busy_seconds, cores_choose, db_prepare as common_db_prepare, fmt, free_ports,
                           ms, pct, proc_cpu_seconds, self_cpu_seconds, usage_rows as common_usage_rows, versions)
 from loadgen import EXPECTED_TOKENS, RequestFactory, one_request, run_closed_loop, sequential
 
@@ -344,11 +344,8 @@ def main() -> int:
     args = parse_args()
     loadavg_before = os.getloadavg()
     LOGS.mkdir(parents=True, exist_ok=True)
-    cores = sorted(os.sched_getaffinity(0))
-    pin = not args.no_pin and args.server_core in cores and args.client_core in cores \
-        and args.server_core != args.client_core
-    server_core = args.server_core if pin else None
-    client_core = args.client_core if pin else None
+    pin, server_core, client_core, cores = cores_choose(server_core=args.server_core, client_core=args.client_core,
+                                                        no_pin=args.no_pin)
     pinning = (f"gateway and sgl-router on core {server_core} (one at a time under load); simulator and load "
                f"generator on core {client_core}; PostgreSQL and Redis unpinned" if pin
                else f"not pinned (cores available: {cores})")

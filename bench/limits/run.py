@@ -66,7 +66,7 @@ django.setup()
 
 import uvloop  # noqa: E402
 
-from bench.common import (HOST, Connection, Processes, cores_busy_seconds, db_prepare, fmt, free_ports,  # noqa: E402
+from bench.common import (HOST, Connection, Processes, cores_busy_seconds, cores_choose, db_prepare, fmt, free_ports,  # noqa: E402
                           pct, pg_connect, proc_cpu_seconds, self_cpu_seconds, versions)
 from bench.limits import inproc  # noqa: E402
 from bench.limits.load import ModelsProbe, Requests, TimedResult, burst, open_loop, peak_overlap, prompt_words  # noqa: E402
@@ -711,11 +711,8 @@ def main() -> int:
     args = parse_args()
     loadavg_before = os.getloadavg()
     LOGS.mkdir(parents=True, exist_ok=True)
-    cores = sorted(os.sched_getaffinity(0))
-    pin = not args.no_pin and args.server_core in cores and args.client_core in cores \
-        and args.server_core != args.client_core
-    server_core = args.server_core if pin else None
-    client_core = args.client_core if pin else None
+    pin, server_core, client_core, cores = cores_choose(server_core=args.server_core, client_core=args.client_core,
+                                                        no_pin=args.no_pin)
     pinned_cores = [server_core, client_core] if pin else cores
     py = sys.executable
     tree = ROOT

@@ -2,15 +2,12 @@
 pointed at it, a price book, a gateway process that also receives Stripe's webhooks, Celery
 worker subprocesses and private redis-servers, and a helper writing ledger rows the way the
 gateway does (billing.services.usage_records_write)."""
-import json
 import random
 import shutil
 import signal
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -19,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.billing.stripe_local.control import local_call
 from tests.conftest import ROOT, free_port, gateway_start, process_env, process_stop, wait_http
 
 # Prices of the test run, per 1M tokens (USD): input, cached input, output.
@@ -37,14 +35,7 @@ class StripeLocal:
     log: Path
 
     def local(self, method: str, path: str, body: dict | None = None) -> tuple[int, dict]:
-        data = None if body is None else json.dumps(body).encode()
-        request = urllib.request.Request(self.url + path, data=data, method=method,
-                                         headers={"Content-Type": "application/json"})
-        try:
-            with urllib.request.urlopen(request, timeout=10) as response:
-                return response.status, json.loads(response.read())
-        except urllib.error.HTTPError as error:
-            return error.code, json.loads(error.read())
+        return local_call(self.url, method, path, body)
 
     def meter_total(self, *, customer: str, event_name: str | None = None) -> Decimal:
         """Σ values Stripe accepted for a customer (and meter), canceled events excluded."""

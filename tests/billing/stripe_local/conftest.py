@@ -24,6 +24,8 @@ import pytest
 import stripe
 from aiohttp import web
 
+from tests.billing.stripe_local.control import local_call
+
 REPO_ROOT = Path(__file__).resolve().parents[3]
 STARTUP_TIMEOUT_S = 20.0
 
@@ -60,14 +62,7 @@ class StripeServer:
 
     def local(self, method: str, path: str, body: dict | None = None) -> tuple[int, dict]:
         """A /_local/ control call (plain JSON over HTTP, not Stripe's API)."""
-        data = None if body is None else json.dumps(body).encode()
-        request = urllib.request.Request(self.url + path, data=data, method=method,
-                                         headers={"Content-Type": "application/json"})
-        try:
-            with urllib.request.urlopen(request, timeout=10) as response:
-                return response.status, json.loads(response.read())
-        except urllib.error.HTTPError as error:
-            return error.code, json.loads(error.read())
+        return local_call(self.url, method, path, body)
 
     def stop(self) -> None:
         if self.process.poll() is None:
