@@ -27,6 +27,9 @@ class BackendState:
     failed_checks: int = 0
     # Consecutive requests that failed before their first token.
     failures: int = 0
+    # KV cache capacity in tokens (`max_total_num_tokens` of GET /server_info);
+    # 0 until read. Cache-aware routing sizes its picture of the cache by it.
+    kv_tokens: int = 0
 
     def available(self, now: float) -> bool:
         return self.status == "active" and self.healthy and self.cooldown_until <= now

@@ -22,10 +22,11 @@ from .admission import AdmissionGate
 from .auth import ApiKeyAuthenticator
 from .limits import Limiter
 from .redis_pipe import PipelinedRedis
+from .routing.homes import ConversationHomes
 from .metering import UsageRecorder
 from .models import ServedModel
 from .registry import ModelRow, Prices, Registry
-from .sglang import backend_health, session_create
+from .sglang import backend_health, backend_kv_tokens, session_create
 from .streaming import CompletionService
 
 logger = logging.getLogger(__name__)
@@ -107,6 +108,11 @@ class GatewayRuntime:
                       "free": settings.GATEWAY_QUEUE_TIMEOUT_FREE_SECONDS},
             shares=settings.GATEWAY_TIER_CAPACITY_SHARE,
         )
+        self.homes = ConversationHomes(
+            self.redis, namespace=settings.GATEWAY_REDIS_NAMESPACE,
+            ttl_seconds=settings.GATEWAY_ROUTING_HOME_TTL_SECONDS,
+            retry_seconds=settings.GATEWAY_REDIS_RETRY_SECONDS,
+        ) if settings.GATEWAY_ROUTING_SHARED_HOMES else None
         self.completions = CompletionService(
             session=self.session,
             registry=self.registry,
@@ -119,6 +125,7 @@ class GatewayRuntime:
             failover_attempts=settings.GATEWAY_FAILOVER_ATTEMPTS,
             failover_backoff_seconds=settings.GATEWAY_FAILOVER_BACKOFF_SECONDS,
             first_chunk_timeout_seconds=settings.GATEWAY_FIRST_CHUNK_TIMEOUT_SECONDS,
+            homes=self.homes,
         )
         self._tasks: list[asyncio.Task] = []
 
@@ -144,6 +151,8 @@ class GatewayRuntime:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await self.limiter.drain()
+        if self.homes is not None:
+            await self.homes.drain()
         await self.usage.stop()
         await self.session.close()
         await self.redis.aclose()
@@ -162,8 +171,18 @@ class GatewayRuntime:
                 logger.exception("registry reload failed; keeping the previous snapshot")
 
     async def _health_check_loop(self) -> None:
-        """Active checks: GET /health of every backend, every GATEWAY_HEALTH_CHECK_SECONDS."""
+        """Active checks: GET /health of every backend, every GATEWAY_HEALTH_CHECK_SECONDS;
+        and the KV capacity of each backend not yet known (GET /server_info)."""
         while True:
+            backends = [b for b in self.registry.backends() if b.status != "disabled"]
+            unknown = [b for b in backends if not b.kv_tokens]
+            if unknown:
+                capacities = await asyncio.gather(*(
+                    backend_kv_tokens(self.session, b, timeout=settings.GATEWAY_HEALTH_TIMEOUT_SECONDS)
+                    for b in unknown
+                ))
+                for backend, tokens in zip(unknown, capacities):
+                    backend.kv_tokens = tokens
             await asyncio.sleep(settings.GATEWAY_HEALTH_CHECK_SECONDS)
             backends = [b for b in self.registry.backends() if b.status != "disabled"]
             results = await asyncio.gather(*(
@@ -175,8 +194,9 @@ class GatewayRuntime:
                 if was_healthy != backend.healthy:
                     logger.warning("backend %s is now %s", backend.url, "healthy" if ok else "unhealthy")
                     if backend.healthy:
-                        # It may have restarted: its prefix cache is empty.
+                        # It may have restarted: its prefix cache is empty, its capacity new.
                         self.completions.backend_forget(backend.url)
+                        backend.kv_tokens = 0
 
     async def _invalidation_listen_loop(self) -> None:
         while True:

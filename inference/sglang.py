@@ -74,3 +74,28 @@ async def backend_health(session: aiohttp.ClientSession, backend: BackendState, 
             return response.status == 200
     except (aiohttp.ClientError, asyncio.TimeoutError):
         return False
+
+
+async def backend_kv_tokens(session: aiohttp.ClientSession, backend: BackendState, *, timeout: float) -> int:
+    """The backend's KV cache capacity in tokens, from SGLang's GET /server_info
+    (`/get_server_info` on releases before it): `max_total_num_tokens`, at the
+    top level (older releases) or in `internal_states[0]`. 0 when it cannot be read."""
+    for path in ("/server_info", "/get_server_info"):
+        try:
+            async with session.get(backend.url + path, headers=_headers(backend),
+                                   timeout=aiohttp.ClientTimeout(total=timeout)) as response:
+                if response.status == 404:
+                    continue
+                if response.status != 200:
+                    return 0
+                info = orjson.loads(await response.read())
+        except (aiohttp.ClientError, asyncio.TimeoutError, orjson.JSONDecodeError):
+            return 0
+        if not isinstance(info, dict):
+            return 0
+        value = info.get("max_total_num_tokens")
+        states = info.get("internal_states")
+        if value is None and isinstance(states, list) and states and isinstance(states[0], dict):
+            value = states[0].get("max_total_num_tokens")
+        return value if isinstance(value, int) and value > 0 else 0
+    return 0

@@ -31,6 +31,7 @@ from .errors import ApiError
 from .limits import Admission, Limiter
 from .registry import BackendState, Prices, Resolution
 from .routing import POLICY_NAMES, policy_for, routing_key_build
+from .routing.homes import ConversationHomes
 from .chunks import ChunkRewriter, error_message, sse_batches
 from .sglang import BackendUnreachable, backend_abort, backend_post
 
@@ -69,6 +70,8 @@ class CompletionRequest:
     # the rate-limit headers from them.
     meter: "UsageMeter | None" = None
     admission: Admission | None = None
+    # Length of the request's routing key (set when it is routed).
+    routing_key_chars: int = 0
 
     @property
     def response_headers(self) -> dict[str, str]:
@@ -347,6 +350,7 @@ class CompletionService:
         failover_attempts: int = 3,
         failover_backoff_seconds: float = 0.05,
         first_chunk_timeout_seconds: float = 60.0,
+        homes: ConversationHomes | None = None,
     ) -> None:
         self._session = session
         self._registry = registry
@@ -359,6 +363,7 @@ class CompletionService:
         self._failover_attempts = failover_attempts
         self._failover_backoff = failover_backoff_seconds
         self._first_chunk_timeout = first_chunk_timeout_seconds
+        self._homes = homes
         # One instance per policy: the cache-aware one keeps a prefix tree per model.
         self._policies = {name: policy_for(name) for name in POLICY_NAMES}
         self._background: set[asyncio.Task] = set()
@@ -408,17 +413,27 @@ class CompletionService:
         model = resolution.model
         policy = self._policies.get(model.routing_policy) or self._policies["least_outstanding"]
         key = routing_key_build(endpoint=request.endpoint, body=request.body, namespace=_namespace(request))
+        request.routing_key_chars = len(key)
+        # A later turn of a conversation this process has not routed: where
+        # another gateway process placed it.
+        home = None
+        if self._homes is not None:
+            conversation = policy.home_lookup(model, key)
+            if conversation is not None:
+                home = await self._homes.get(model.name, conversation)
         tried: set[str] = set()
         last_error: ApiError | None = None
         path = UPSTREAM_PATH[request.endpoint]
         for attempt in range(self._failover_attempts):
             if attempt:
                 await asyncio.sleep(min(self._failover_backoff * 2 ** (attempt - 1), 1.0))
-            backend = policy.pick(model, key, exclude=tried)
+            backend = policy.pick(model, key, exclude=tried, home=home)
             if backend is None:
                 break
             tried.add(backend.url)
-            policy.observe(model, backend, key)
+            placed = policy.observe(model, backend, key)
+            if placed is not None and self._homes is not None and backend.url != home:
+                self._homes.put(model.name, placed, backend.url)
             backend.outstanding += 1
             response: aiohttp.ClientResponse | None = None
             # Whether the backend may be generating for this request right now.
@@ -558,7 +573,7 @@ class CompletionService:
                     response.release()
                 else:
                     response.close()
-            self._request_end(backend, resolution, meter)
+            self._request_end(request, backend, resolution, meter)
 
     async def completion_create(self, request: CompletionRequest) -> dict:
         """A whole (non-streamed) completion in OpenAI's shape."""
@@ -598,14 +613,18 @@ class CompletionService:
             meter.fail(failure)
             raise failure from error
         finally:
-            self._request_end(backend, resolution, meter)
+            self._request_end(request, backend, resolution, meter)
 
-    def _request_end(self, backend: BackendState | None, resolution: Resolution | None,
-                     meter: "UsageMeter") -> None:
+    def _request_end(self, request: CompletionRequest, backend: BackendState | None,
+                     resolution: Resolution | None, meter: "UsageMeter") -> None:
         """What every request gives back, however it ended: its place on the backend,
         its slot in the admission queue; and its usage is recorded and settled."""
         if backend is not None:
             backend.outstanding -= 1
         if resolution is not None:
             self._gate.leave(resolution.model)
+            if meter.prompt_tokens:
+                policy = self._policies.get(resolution.model.routing_policy)
+                if policy is not None:
+                    policy.usage_observe(resolution.model.name, request.routing_key_chars, meter.prompt_tokens)
         meter.finish()

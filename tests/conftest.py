@@ -79,6 +79,21 @@ def sim_start(tmp_dir: Path, model: str, *args: str) -> Sim:
     return Sim(url, model, process)
 
 
+def pool_start(tmp_dir: Path, django_db_blocker, model: str, policy: str, count: int, *args: str) -> list[Sim]:
+    """`count` simulators serving `model` (with `args`), registered as its pool with
+    routing `policy`, committed so gateway processes see them."""
+    from inference.services import backend_add, served_model_upsert
+
+    sims = [sim_start(tmp_dir, model, *args) for _ in range(count)]
+    with django_db_blocker.unblock():
+        served = served_model_upsert(name=model)
+        served.routing_policy = policy
+        served.save()
+        for sim in sims:
+            backend_add(model=served, url=sim.url)
+    return sims
+
+
 @pytest.fixture(scope="session")
 def live_tmp(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("live")

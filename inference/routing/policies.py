@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import time
+from collections import OrderedDict
 from collections.abc import Collection
 from typing import Protocol
 
@@ -14,6 +15,9 @@ from ..registry import BackendState, ModelEntry
 from .key import MESSAGE_START
 from .prefix_tree import DEFAULT_BLOCK_CHARS, PrefixTree
 
+# Characters per prompt token before a model's first usage is seen (English
+# text with a BPE tokenizer).
+DEFAULT_CHARS_PER_TOKEN = 4.0
 # A conversation is identified by everything before its first reply.
 _FIRST_REPLY = MESSAGE_START + "assistant"
 # Without a reply (completions, first turns) at most this much of the key.
@@ -29,6 +33,18 @@ def conversation_anchor(key: str) -> str:
     return key[:end] if end >= 0 else key[:ANCHOR_MAX_CHARS]
 
 
+def conversation_head(key: str) -> str:
+    """The part of a routing key that conversations may share with others: its
+    first message (a system prompt, or the tools block), i.e. the key up to the
+    start of its second message; the key itself when it has one message or
+    none (a completion prompt); at most `ANCHOR_MAX_CHARS`."""
+    first = key.find(MESSAGE_START, 0, ANCHOR_MAX_CHARS)
+    if first < 0:
+        return key[:ANCHOR_MAX_CHARS]
+    second = key.find(MESSAGE_START, first + 1, ANCHOR_MAX_CHARS)
+    return key[:second] if second >= 0 else key[:ANCHOR_MAX_CHARS]
+
+
 def _rendezvous_order(anchor: str, backends: list[BackendState]) -> list[BackendState]:
     """Highest random weight hashing: a pseudo-random order of `backends` that
     depends only on the anchor and the URLs, so every gateway process agrees,
@@ -41,16 +57,44 @@ def _rendezvous_order(anchor: str, backends: list[BackendState]) -> list[Backend
     )
 
 
+def _longest_match(candidates: list[BackendState], matched: dict[str, int],
+                   bound: float) -> tuple[BackendState | None, int]:
+    """The candidate under `bound` (outstanding + 1 ≤ bound) with the most
+    matched characters (ties: fewer outstanding, then candidate order), and
+    that count; (None, 0) when none under the bound matches anything."""
+    best: BackendState | None = None
+    best_chars = 0
+    for backend in candidates:
+        chars = matched.get(backend.url, 0)
+        if chars == 0 or backend.outstanding + 1 > bound:
+            continue
+        if chars > best_chars or (chars == best_chars and backend.outstanding < best.outstanding):
+            best, best_chars = backend, chars
+    return best, best_chars
+
+
 class Policy(Protocol):
     name: str
 
-    def pick(self, model: ModelEntry, key: str, *, exclude: Collection[str] = frozenset()) -> BackendState | None:
+    def pick(self, model: ModelEntry, key: str, *, exclude: Collection[str] = frozenset(),
+             home: str | None = None) -> BackendState | None:
         """A backend of `model` that is available and not in `exclude` (URLs),
         or None when there is none. `key` is `routing_key_build(...)`'s text;
-        policies that ignore prefixes accept ""."""
+        policies that ignore prefixes accept "". `home`: the backend URL the
+        shared conversation homes gave for the key's conversation, if asked."""
 
-    def observe(self, model: ModelEntry, backend: BackendState, key: str) -> None:
-        """The request with `key` was sent to `backend`."""
+    def home_lookup(self, model: ModelEntry, key: str) -> str | None:
+        """The conversation id to look up in the shared homes before `pick`
+        (a later turn this process has not routed), or None: no lookup."""
+
+    def observe(self, model: ModelEntry, backend: BackendState, key: str) -> str | None:
+        """The request with `key` was sent to `backend`. Returns the
+        conversation id to record in the shared homes when this placed the
+        conversation somewhere this process had not seen it, else None."""
+
+    def usage_observe(self, model_name: str, key_chars: int, prompt_tokens: int) -> None:
+        """A request whose routing key had `key_chars` characters ended with
+        `prompt_tokens` prompt tokens (what the backend's tokenizer made of it)."""
 
     def forget_backend(self, url: str) -> None:
         """`url` left the pool (or lost its cache, e.g. restarted)."""
@@ -71,7 +115,8 @@ class LeastOutstanding:
 
     name = "least_outstanding"
 
-    def pick(self, model: ModelEntry, key: str = "", *, exclude: Collection[str] = frozenset()) -> BackendState | None:
+    def pick(self, model: ModelEntry, key: str = "", *, exclude: Collection[str] = frozenset(),
+             home: str | None = None) -> BackendState | None:
         now = time.monotonic()
         backends = model.backends
         count = len(backends)
@@ -87,7 +132,13 @@ class LeastOutstanding:
             model.next_index = (start + 1) % count
         return best
 
+    def home_lookup(self, model: ModelEntry, key: str) -> None:
+        return None
+
     def observe(self, model: ModelEntry, backend: BackendState, key: str) -> None:
+        return None
+
+    def usage_observe(self, model_name: str, key_chars: int, prompt_tokens: int) -> None:
         pass
 
     def forget_backend(self, url: str) -> None:
@@ -99,7 +150,8 @@ class RoundRobin:
 
     name = "round_robin"
 
-    def pick(self, model: ModelEntry, key: str = "", *, exclude: Collection[str] = frozenset()) -> BackendState | None:
+    def pick(self, model: ModelEntry, key: str = "", *, exclude: Collection[str] = frozenset(),
+             home: str | None = None) -> BackendState | None:
         now = time.monotonic()
         backends = model.backends
         count = len(backends)
@@ -112,7 +164,13 @@ class RoundRobin:
                 return backend
         return None
 
+    def home_lookup(self, model: ModelEntry, key: str) -> None:
+        return None
+
     def observe(self, model: ModelEntry, backend: BackendState, key: str) -> None:
+        return None
+
+    def usage_observe(self, model_name: str, key_chars: int, prompt_tokens: int) -> None:
         pass
 
     def forget_backend(self, url: str) -> None:
@@ -122,35 +180,48 @@ class RoundRobin:
 class CacheAware:
     """Send a request where its longest prefix most likely sits in KV cache,
     unless load says otherwise. Per request, among the candidates (available,
-    not excluded):
+    not excluded), with `mean` = (total outstanding + 1) / candidates:
 
     1. Imbalance guard (sgl-router's): if max - min outstanding >
        `balance_abs_threshold` and max > `balance_rel_threshold` × min, take the
        least loaded.
-    2. Bounded load (consistent hashing with bounded loads): a backend may only
-       follow the cache while its outstanding + 1 ≤ (1 + `bounded_load_epsilon`)
-       × (total outstanding + 1) / candidates + `bounded_load_slack`. A hot
-       prefix therefore spills to (and is replicated on) further backends as
-       its load grows, instead of queueing on one. None disables it.
-    3. Among the backends under the bound, take the one with the longest
-       matched prefix (ties: fewer outstanding, then rotation) ...
-       - with `conversation_affinity` (default): if its match covers the
-         conversation's anchor (everything before the first assistant message,
-         see `conversation_anchor`); otherwise the first backend under the
-         bound in the anchor's rendezvous-hash order. Every gateway process
-         computes the same order without sharing state, so the turns of a
-         conversation meet on one backend even when they pass through
-         different processes, and distinct conversations spread uniformly;
-       - without it (sgl-router's rule): if its match covers at least
-         `cache_threshold` of the key.
-    4. Otherwise the least loaded (ties: the smallest tree, i.e. the most free
-       cache, then rotation), which spreads distinct prefixes.
+    2. With `conversation_affinity` (default), the conversation is what is
+       placed (its anchor: everything before the first assistant message, see
+       `conversation_anchor`):
+       a. a conversation this process has routed before (the tree holds its
+          whole anchor on a backend), or whose `home` the shared conversation
+          homes gave, stays on that backend while its outstanding + 1 ≤
+          (1 + 2ε) × mean + slack (ε = `bounded_load_epsilon`, slack =
+          `bounded_load_slack`): elsewhere its whole history would be
+          prefilled again;
+       b. a new one goes to a backend whose outstanding + 1 ≤ the new-placement
+          bound, min((1 + ε) × mean + slack, least outstanding + 1 +
+          max(slack, ε × mean / 2)), so the load of every backend stays within a
+          few requests of the others (a new conversation costs at most a system
+          prompt's prefill; a backend left idle costs its whole share). Among
+          them: those holding the longest prefix of it, if at least
+          `min_shared_chars` (a system prompt other conversations share), by
+          the anchor's rendezvous-hash order, so a shared prefix is copied to
+          another backend only when load pushes it there, and a popular one
+          ends up on several; else the first in the rendezvous order of the
+          conversation's first message (`conversation_head`), the same
+          backend in every gateway process.
+       Every pick after (a) or (b) had no candidate: the least loaded.
+    3. Without it (sgl-router's rule): the backend under the bound
+       (1 + ε) × mean + slack with the longest matched prefix, if that covers at
+       least `cache_threshold` of the key; else the least loaded (ties: the
+       smallest tree, i.e. the most free cache, then rotation). None as ε
+       disables the bounds.
 
     The tree of each model approximates its backends' caches: `observe` inserts
     the key for the backend and evicts that backend's least recently used
-    leaves beyond `max_tree_chars` (about its KV capacity in characters:
-    tokens × ~4). State is per process; see `sim_multiprocess` for what that
-    costs with several gateway processes.
+    leaves beyond the backend's KV capacity (`max_total_num_tokens` read
+    from its /server_info into `BackendState.kv_tokens`) × the characters per
+    prompt token this model's usage shows (`usage_observe`), or beyond
+    `max_tree_chars` while the capacity is unknown. Trees are per process. What several gateway processes need
+    to agree on, where each conversation lives, is shared through
+    `homes.ConversationHomes`: `home_lookup` says when to ask, `observe` when
+    to tell.
     """
 
     name = "cache_aware"
@@ -166,6 +237,8 @@ class CacheAware:
         max_tree_chars: int = 2_000_000,
         block_chars: int = DEFAULT_BLOCK_CHARS,
         conversation_affinity: bool = True,
+        min_shared_chars: int = 512,
+        max_conversations: int = 100_000,
     ) -> None:
         self.cache_threshold = cache_threshold
         self.balance_abs_threshold = balance_abs_threshold
@@ -175,11 +248,21 @@ class CacheAware:
         self.max_tree_chars = max_tree_chars
         self.block_chars = block_chars
         self.conversation_affinity = conversation_affinity
+        self.min_shared_chars = min_shared_chars
         # Keyed by model name: registry reloads replace ModelEntry objects.
         self._trees: dict[str, PrefixTree] = {}
         # The last key split into blocks, so observe() after pick() does not split again.
         self._last_key: str | None = None
         self._last_blocks: list[int] = []
+        # Per model: characters of routing key per prompt token (moving average).
+        self._chars_per_token: dict[str, float] = {}
+        # Per model: conversation id → the backend this process last sent it to
+        # (least recently used first, at most `max_conversations`).
+        self._homes: dict[str, OrderedDict[str, str]] = {}
+        self.max_conversations = max_conversations
+        # The last key's conversation id, so pick() and observe() digest it once.
+        self._last_id_key: str | None = None
+        self._last_id = ""
 
     def tree(self, model_name: str) -> PrefixTree:
         tree = self._trees.get(model_name)
@@ -187,7 +270,30 @@ class CacheAware:
             tree = self._trees[model_name] = PrefixTree(block_chars=self.block_chars)
         return tree
 
-    def pick(self, model: ModelEntry, key: str, *, exclude: Collection[str] = frozenset()) -> BackendState | None:
+    @staticmethod
+    def conversation_id(key: str) -> str:
+        """A digest of the key's conversation anchor: the same for every turn."""
+        anchor = conversation_anchor(key)
+        return hashlib.blake2b(anchor.encode("utf-8", "surrogatepass"), digest_size=16).hexdigest()
+
+    def _id(self, key: str) -> str:
+        if key is not self._last_id_key:
+            self._last_id_key, self._last_id = key, self.conversation_id(key)
+        return self._last_id
+
+    def home_lookup(self, model: ModelEntry, key: str) -> str | None:
+        if not (self.conversation_affinity and key) or len(model.backends) < 2:
+            return None
+        if len(conversation_anchor(key)) == len(key):
+            return None  # a first turn: nobody has placed it yet
+        conversation = self._id(key)
+        homes = self._homes.get(model.name)
+        if homes is not None and conversation in homes:
+            return None
+        return conversation
+
+    def pick(self, model: ModelEntry, key: str, *, exclude: Collection[str] = frozenset(),
+             home: str | None = None) -> BackendState | None:
         candidates, start = _candidates(model, exclude, time.monotonic())
         if not candidates:
             return None
@@ -203,41 +309,80 @@ class CacheAware:
         if not key:
             return self._least_loaded(candidates, low, tree)
         if self.bounded_load_epsilon is None:
-            bound = float("inf")
+            bound = sticky_bound = new_bound = float("inf")
         else:
-            bound = (1 + self.bounded_load_epsilon) * (sum(loads) + 1) / len(candidates) + self.bounded_load_slack
-        best: BackendState | None = None
-        best_chars = 0
-        if tree is not None:
-            _, matched = tree.match(self._blocks(tree, key))
-            for backend in candidates:
-                chars = matched.get(backend.url, 0)
-                if chars == 0 or backend.outstanding + 1 > bound:
-                    continue
-                if chars > best_chars or (chars == best_chars and backend.outstanding < best.outstanding):
-                    best, best_chars = backend, chars
-        if self.conversation_affinity:
-            anchor = conversation_anchor(key)
-            # The tree saw this conversation (its whole anchor, up to block
-            # alignment) on a backend: follow it.
-            if best is not None and best_chars > len(anchor) - self.block_chars:
+            mean = (sum(loads) + 1) / len(candidates)
+            bound = (1 + self.bounded_load_epsilon) * mean + self.bounded_load_slack
+            sticky_bound = (1 + 2 * self.bounded_load_epsilon) * mean + self.bounded_load_slack
+            new_bound = min(bound, low + 1 + max(self.bounded_load_slack, self.bounded_load_epsilon * mean))
+        matched = tree.match(self._blocks(tree, key))[1] if tree is not None else {}
+        if not self.conversation_affinity:
+            best, best_chars = _longest_match(candidates, matched, bound)
+            if best is not None and best_chars >= self.cache_threshold * len(key):
                 return best
-            for backend in _rendezvous_order(anchor, candidates):
-                if backend.outstanding + 1 <= bound:
-                    return backend
-        elif best is not None and best_chars >= self.cache_threshold * len(key):
-            return best
+            return self._least_loaded(candidates, low, tree)
+        # (a) A conversation with a known home stays there.
+        homes = self._homes.get(model.name)
+        known = homes.get(self._id(key)) if homes is not None else None
+        for url in (known, home):
+            if url is not None:
+                for backend in candidates:
+                    if backend.url == url and backend.outstanding + 1 <= sticky_bound:
+                        return backend
+        # (b) A new conversation (or one whose home is gone or full).
+        head = conversation_head(key)
+        best, best_chars = _longest_match(candidates, matched, new_bound)
+        if best is not None and best_chars >= self.min_shared_chars:
+            holders = [b for b in candidates if matched.get(b.url, 0) >= best_chars and b.outstanding + 1 <= new_bound]
+            return _rendezvous_order(head, holders)[0]
+        for backend in _rendezvous_order(head, candidates):
+            if backend.outstanding + 1 <= new_bound:
+                return backend
         return self._least_loaded(candidates, low, tree)
 
-    def observe(self, model: ModelEntry, backend: BackendState, key: str) -> None:
+    def observe(self, model: ModelEntry, backend: BackendState, key: str) -> str | None:
         tree = self.tree(model.name)
-        tree.insert(self._blocks(tree, key), backend.url)
-        if tree.chars(backend.url) > self.max_tree_chars:
-            tree.evict(backend.url, self.max_tree_chars)
+        blocks = self._blocks(tree, key)
+        placed = None
+        if self.conversation_affinity and key:
+            homes = self._homes.get(model.name)
+            if homes is None:
+                homes = self._homes[model.name] = OrderedDict()
+            conversation = self._id(key)
+            # With one backend there is nothing for other processes to learn.
+            if homes.get(conversation) != backend.url and len(model.backends) > 1:
+                placed = conversation
+            homes[conversation] = backend.url
+            homes.move_to_end(conversation)
+            if len(homes) > self.max_conversations:
+                homes.popitem(last=False)
+        tree.insert(blocks, backend.url)
+        limit = self.tree_chars_limit(model.name, backend)
+        if tree.chars(backend.url) > limit:
+            tree.evict(backend.url, limit)
+        return placed
+
+    def tree_chars_limit(self, model_name: str, backend: BackendState) -> int:
+        """How much of a backend's cache the tree pictures, in characters: its KV
+        capacity in tokens × the characters per token seen on this model, when
+        the backend reported its capacity; else `max_tree_chars`."""
+        if not backend.kv_tokens:
+            return self.max_tree_chars
+        return int(backend.kv_tokens * self._chars_per_token.get(model_name, DEFAULT_CHARS_PER_TOKEN))
+
+    def usage_observe(self, model_name: str, key_chars: int, prompt_tokens: int) -> None:
+        if prompt_tokens < 16 or key_chars < 64:
+            return  # too short to say much: chat templates add their own tokens
+        ratio = key_chars / prompt_tokens
+        current = self._chars_per_token.get(model_name)
+        self._chars_per_token[model_name] = ratio if current is None else current + 0.05 * (ratio - current)
 
     def forget_backend(self, url: str) -> None:
         for tree in self._trees.values():
             tree.remove_backend(url)
+        for homes in self._homes.values():
+            for conversation in [c for c, home in homes.items() if home == url]:
+                del homes[conversation]
 
     def _blocks(self, tree: PrefixTree, key: str) -> list[int]:
         if key is not self._last_key:

@@ -12,9 +12,10 @@ spread round-robin over the gateway processes, so consecutive turns of one
 conversation usually pass through different processes.
 
 Model of a gateway process: its own `ModelEntry` / `BackendState`s (so its own
-outstanding counts) and its own policy instance, or, for "shared", one
+outstanding counts) and its own policy instance, or, for "shared tree", one
 CacheAware instance used by all processes (what a Redis-held tree would give,
-without its latency).
+without its latency); "+ shared homes" adds one dict of conversation homes
+used as the gateway uses `homes.ConversationHomes` in Redis.
 
 Model of a backend: an exact LRU prefix cache of `backend_cache_chars`
 characters (a `PrefixTree` with 64-character pages, standing in for
@@ -127,10 +128,13 @@ def simulate(
     workload: Workload,
     cluster: Cluster,
     key_body: Callable[[dict], dict] = lambda body: body,
+    homes: dict[str, str] | None = None,
 ) -> Result:
     """One replay; `policies` has one entry per gateway process (the same
     object repeated = shared state). `key_body` may reduce the body the routing
-    key is built from (e.g. to the first message, as sgl-router does)."""
+    key is built from (e.g. to the first message, as sgl-router does).
+    `homes`: a dict standing in for the shared conversation homes in Redis
+    (`homes.ConversationHomes`), used as the gateway uses it; None: none."""
     systems, isolated, conversations = workload_build(workload)
     urls = [f"http://backend-{index}" for index in range(cluster.backends)]
     processes = [ModelEntry(MODEL, MODEL, 1 << 20, "sim", 0, backends=[BackendState(url) for url in urls])
@@ -164,8 +168,12 @@ def simulate(
             key = routing_key_build(endpoint=CHAT, body=key_body(body), namespace=namespace)
             process = next(next_process) % len(processes)
             model, policy = processes[process], policies[process]
-            backend = policy.pick(model, key, exclude=frozenset())
-            policy.observe(model, backend, key)
+            conversation_id = policy.home_lookup(model, key) if homes is not None else None
+            home = homes.get(conversation_id) if conversation_id is not None else None
+            backend = policy.pick(model, key, exclude=frozenset(), home=home)
+            placed = policy.observe(model, backend, key)
+            if placed is not None and homes is not None and backend.url != home:
+                homes[placed] = backend.url
             backend.outstanding += 1
             index = urls.index(backend.url)
             served[index] += 1
@@ -215,6 +223,10 @@ def scenarios_run(workload: Workload, cluster: Cluster, *, process_counts: tuple
             results.append(simulate(label=f"{name} / {processes} / per process",
                                     policies=[policy_for(name) for _ in range(processes)],
                                     workload=workload, cluster=cluster))
+        if processes > 1:
+            results.append(simulate(label=f"cache_aware / {processes} / per process + shared homes",
+                                    policies=[cache_aware() for _ in range(processes)],
+                                    workload=workload, cluster=cluster, homes={}))
         for suffix, options in (("", {}), (" no affinity", {"conversation_affinity": False})):
             results.append(simulate(label=f"cache_aware{suffix} / {processes} / per process",
                                     policies=[cache_aware(**options) for _ in range(processes)],

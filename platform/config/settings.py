@@ -138,6 +138,11 @@ GATEWAY_HEALTH_FAILURES = env_int("GATEWAY_HEALTH_FAILURES", 2)
 GATEWAY_FAILOVER_ATTEMPTS = env_int("GATEWAY_FAILOVER_ATTEMPTS", 3)
 GATEWAY_FAILOVER_BACKOFF_SECONDS = env_float("GATEWAY_FAILOVER_BACKOFF_SECONDS", 0.05)
 GATEWAY_FIRST_CHUNK_TIMEOUT_SECONDS = env_float("GATEWAY_FIRST_CHUNK_TIMEOUT_SECONDS", 60.0)
+# Cache-aware routing: where each conversation lives is shared by the gateway
+# processes through Redis (inference/routing/homes.py), for this many seconds
+# after its last placement; off: each process routes on what it saw alone.
+GATEWAY_ROUTING_SHARED_HOMES = env_bool("GATEWAY_ROUTING_SHARED_HOMES", True)
+GATEWAY_ROUTING_HOME_TTL_SECONDS = env_int("GATEWAY_ROUTING_HOME_TTL_SECONDS", 3600)
 # Usage events: each gateway process appends them to a spool file in this folder
 # (fsynced every GATEWAY_USAGE_FLUSH_SECONDS); a shipper process stores them in
 # PostgreSQL ("embedded": the gateway starts it; "off": run
@@ -168,9 +173,11 @@ GATEWAY_QUEUE_MAX = env_int("GATEWAY_QUEUE_MAX", 1024)
 GATEWAY_QUEUE_TIMEOUT_PREMIUM_SECONDS = env_float("GATEWAY_QUEUE_TIMEOUT_PREMIUM_SECONDS", 30.0)
 GATEWAY_QUEUE_TIMEOUT_STANDARD_SECONDS = env_float("GATEWAY_QUEUE_TIMEOUT_STANDARD_SECONDS", 10.0)
 GATEWAY_QUEUE_TIMEOUT_FREE_SECONDS = env_float("GATEWAY_QUEUE_TIMEOUT_FREE_SECONDS", 2.0)
-# Fraction of that capacity each tier may fill; the rest is headroom for higher tiers.
+# Fraction of that capacity each tier may fill: lower tiers leave headroom for
+# higher ones, and premium may go past the capacity by a margin, so a premium
+# request finds a slot at once even when the others have filled theirs.
 GATEWAY_TIER_CAPACITY_SHARE = {
-    "premium": 1.0,
+    "premium": env_float("GATEWAY_TIER_SHARE_PREMIUM", 1.25),
     "standard": env_float("GATEWAY_TIER_SHARE_STANDARD", 0.85),
     "free": env_float("GATEWAY_TIER_SHARE_FREE", 0.6),
 }

@@ -13,8 +13,9 @@ import pytest
 from django.db import connection
 
 from inference.models import Backend, ServedModel
-from inference.services import backend_add, backend_set_status, backends_drained_remove, served_model_upsert
-from tests.conftest import ROOT, gateway_start, process_env, process_stop, sim_start, usage_rows_wait
+from inference.services import backend_add, backend_set_status, backends_drained_remove
+from tests.conftest import (ROOT, gateway_start, pool_start, process_env, process_stop, sim_start,
+                            usage_rows_wait)
 from tests.inference.sim_control import sim_call, sim_faults
 
 MESSAGES = [{"role": "user", "content": "Which backend am I on?"}]
@@ -23,13 +24,8 @@ MESSAGES = [{"role": "user", "content": "Which backend am I on?"}]
 @pytest.fixture(scope="module")
 def pool(live_tmp, django_db_blocker, django_db_setup):
     """Model pool-llm on two simulators of its own, routed round robin."""
-    sims = [sim_start(live_tmp, "pool-llm", "--itl-ms", "10") for _ in range(2)]
-    with django_db_blocker.unblock():
-        model = served_model_upsert(name="pool-llm")
-        model.routing_policy = ServedModel.RoutingPolicy.ROUND_ROBIN
-        model.save()
-        for sim in sims:
-            backend_add(model=model, url=sim.url)
+    sims = pool_start(live_tmp, django_db_blocker, "pool-llm", ServedModel.RoutingPolicy.ROUND_ROBIN, 2,
+                      "--itl-ms", "10")
     yield sims
     for sim in sims:
         process_stop(sim.process)

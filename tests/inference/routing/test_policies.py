@@ -107,15 +107,105 @@ def test_cache_aware_spreads_distinct_prefixes(pool):
     assert picked == {"http://a", "http://b", "http://c", "http://d"}
 
 
-def test_cache_aware_affinity_spreads_conversations(pool):
+def test_cache_aware_affinity_spreads_conversations_without_a_shared_prefix(pool):
     policy = CacheAware(conversation_affinity=True)
     counts: dict[str, int] = {}
     for index in range(200):
-        backend = send(policy, pool, chat_key(f"conversation {index} " + "q " * 200))
+        backend = send(policy, pool, chat_key("q " * 200, system=f"System prompt of app {index}. " + "x" * 600))
         counts[backend.url] = counts.get(backend.url, 0) + 1
         finish(backend)
     assert set(counts) == {"http://a", "http://b", "http://c", "http://d"}
     assert max(counts.values()) < 200 * 0.4
+
+
+def test_cache_aware_new_conversations_join_their_system_prompt_while_load_allows(pool):
+    # given a policy that has seen the system prompt on one backend
+    policy = CacheAware(conversation_affinity=True, bounded_load_epsilon=0.5, bounded_load_slack=2)
+    holder = send(policy, pool, chat_key("an earlier conversation " + "q " * 40))
+    finish(holder)
+    # when new conversations sharing it arrive on an idle pool and finish one by one
+    for index in range(20):
+        backend = send(policy, pool, chat_key(f"conversation {index} " + "q " * 40))
+        # then they all go where the system prompt is cached
+        assert backend is holder
+        finish(backend)
+    # when they pile up instead (none finishes)
+    placed = [send(policy, pool, chat_key(f"busy conversation {index} " + "q " * 40)) for index in range(40)]
+    # then the holder takes them only while it is within 1 + max(slack, ε × mean)
+    # of the least loaded backend (mean 10: 6): no backend idles while another queues
+    loads = sorted(backend.outstanding for backend in pool.backends)
+    assert loads[0] >= 5 and loads[-1] - loads[0] <= 6
+    assert placed[:3] == [holder] * 3
+    # and once a conversation spilled to another backend, that one holds the
+    # system prompt too and takes new conversations in turn
+    assert sum(1 for backend in pool.backends if policy.tree(pool.name).match(chat_key())[1].get(backend.url)) == 4
+
+
+def test_cache_aware_a_conversation_stays_beyond_the_new_placement_bound(pool):
+    policy = CacheAware(conversation_affinity=True, bounded_load_epsilon=0.5, bounded_load_slack=2)
+    history = ["Question: " + "details " * 30]
+    home = send(policy, pool, chat_key(*history))
+    finish(home)
+    history += ["Answer " + "words " * 40, "Follow-up " + "more " * 20]
+    # given its backend busier than a new conversation may find it: 13 against 8 elsewhere
+    # (mean 9.5: new placement bound min(1.5 × 9.5 + 2, 8 + 1 + 4.75) = 13.75; a conversation's own 2 × 9.5 + 2 = 21)
+    for backend in pool.backends:
+        backend.outstanding = 8
+    home.outstanding = 13
+    # then a new conversation avoids it, but the conversation's next turn stays
+    assert policy.pick(pool, chat_key("a new conversation " + "q " * 30)) is not home
+    assert policy.pick(pool, chat_key(*history)) is home
+    # until its backend is past the conversation's own bound (mean 13.75: 29.5)
+    home.outstanding = 30
+    assert policy.pick(pool, chat_key(*history)) is not home
+
+
+def test_cache_aware_home_lookup_and_placement_report(pool):
+    policy = CacheAware(conversation_affinity=True)
+    first_turn = chat_key("Where is my parcel? " + "q " * 30)
+    second_turn = chat_key("Where is my parcel? " + "q " * 30, "It left the depot.", "When does it arrive?")
+    conversation = CacheAware.conversation_id(first_turn)
+    assert CacheAware.conversation_id(second_turn) == conversation
+    # a first turn needs no lookup: nobody can have placed it
+    assert policy.home_lookup(pool, first_turn) is None
+    # a later turn this process never routed does
+    assert policy.home_lookup(pool, second_turn) == conversation
+    # and a home given for it wins over the policy's own choice
+    home = by_url(pool)["http://c"]
+    assert policy.pick(pool, second_turn, home="http://c") is home
+    # placing a conversation reports its id, once: following it again does not
+    backend = policy.pick(pool, first_turn)
+    assert policy.observe(pool, backend, first_turn) == conversation
+    assert policy.pick(pool, second_turn) is backend
+    assert policy.home_lookup(pool, second_turn) is None
+    assert policy.observe(pool, backend, second_turn) is None
+    # moving it (its backend gone) reports it again
+    moved = policy.pick(pool, second_turn, exclude={backend.url})
+    assert policy.observe(pool, moved, second_turn) == conversation
+    # the other policies neither ask nor tell
+    for other in (RoundRobin(), LeastOutstanding()):
+        assert other.home_lookup(pool, second_turn) is None
+        assert other.observe(pool, other.pick(pool, second_turn), second_turn) is None
+
+
+def test_cache_aware_tree_is_sized_by_the_backends_kv_capacity(pool):
+    policy = CacheAware(max_tree_chars=1_000_000, conversation_affinity=False)
+    backend = by_url(pool)["http://a"]
+    # unknown capacity: max_tree_chars
+    assert policy.tree_chars_limit(pool.name, backend) == 1_000_000
+    # a reported capacity, at 4 characters per token until usage says otherwise
+    backend.kv_tokens = 5_000
+    assert policy.tree_chars_limit(pool.name, backend) == 20_000
+    policy.usage_observe(pool.name, key_chars=6_000, prompt_tokens=1_000)
+    assert policy.tree_chars_limit(pool.name, backend) == 30_000
+    policy.usage_observe(pool.name, key_chars=40, prompt_tokens=10)  # too short to count
+    assert policy.tree_chars_limit(pool.name, backend) == 30_000
+    # and the tree evicts down to it
+    for index in range(30):
+        key = chat_key(f"conversation {index} " + "words " * 300)
+        policy.pick(pool, key)
+        policy.observe(pool, backend, key)
+    assert 20_000 < policy.tree(pool.name).chars(backend.url) <= 30_000
 
 
 def test_cache_aware_affinity_agrees_across_processes(pool):

@@ -34,3 +34,14 @@ def test_command_line(capsys):
     main(["--conversations", "10", "--tenants", "3", "--cache-chars", "20000", "--processes", "1", "2"])
     out = capsys.readouterr().out
     assert "hit rate" in out and "cache_aware / 2 / shared tree" in out
+
+
+def test_shared_homes_recover_what_per_process_routing_loses():
+    workload = replace(Workload(), conversations=150)
+
+    def hit_rate(**options) -> float:
+        return simulate(label="x", policies=[CacheAware() for _ in range(4)], workload=workload,
+                        cluster=Cluster(), **options).hit_rate
+
+    alone, with_homes = hit_rate(), hit_rate(homes={})
+    assert with_homes > alone + 0.03
