@@ -46,13 +46,14 @@ MODEL = "bench-routing-llm"
 TENANT = "bench-routing"
 REQUEST_TIMEOUT_S = 120.0
 
-# target name -> (label, kind, gateway policy, gateway processes)
+# target name -> (label, kind, gateway policy, gateway processes, shared conversation homes)
 TARGETS = {
-    "round_robin": ("round_robin", "gateway", "round_robin", 1),
-    "least_outstanding": ("least_outstanding", "gateway", "least_outstanding", 1),
-    "cache_aware": ("cache_aware", "gateway", "cache_aware", 1),
-    "cache_aware_4p": ("cache_aware, 4 gateway processes", "gateway", "cache_aware", 4),
-    "sgl_router": ("sgl-router cache_aware", "router", None, 0),
+    "round_robin": ("round_robin", "gateway", "round_robin", 1, True),
+    "least_outstanding": ("least_outstanding", "gateway", "least_outstanding", 1, True),
+    "cache_aware": ("cache_aware", "gateway", "cache_aware", 1, True),
+    "cache_aware_4p": ("cache_aware, 4 gateway processes", "gateway", "cache_aware", 4, True),
+    "cache_aware_4p_local": ("cache_aware, 4 processes, no homes", "gateway", "cache_aware", 4, False),
+    "sgl_router": ("sgl-router cache_aware", "router", None, 0, True),
 }
 ROUTER_FLAGS = ["--policy", "cache_aware", "--log-level", "warn", "--health-check-interval-secs", "3600"]
 
@@ -67,6 +68,17 @@ def http(method: str, url: str, body: dict | None = None, timeout: float = 10.0)
             return response.status, response.read()
     except urllib.error.HTTPError as error:
         return error.code, error.read()
+
+
+def redis_flush(url: str) -> None:
+    """FLUSHDB on the benchmark's own Redis database."""
+    import redis
+
+    client = redis.Redis.from_url(url)
+    try:
+        client.flushdb()
+    finally:
+        client.close()
 
 
 def sim_stats(urls: list[str]) -> list[dict]:
@@ -239,6 +251,7 @@ def oracle(records: list[Record], tokens: Tokens, t0: float, t1: float) -> dict:
 
     cache = RadixCache(capacity_tokens=1 << 60)
     prompt_total = cached_total = mismatched = 0
+    first = [0, 0]  # first turns: prompt, cached
     for r in sorted((r for r in records if r.ok), key=lambda r: r.t_write):
         ids = tokens.prompt(r.messages)
         hit = cache.match_prefix(ids[:-1]).length
@@ -247,8 +260,14 @@ def oracle(records: list[Record], tokens: Tokens, t0: float, t1: float) -> dict:
             prompt_total += len(ids)
             cached_total += hit
             mismatched += len(ids) != r.prompt_tokens
+            if r.turn == 0:
+                first[0] += len(ids)
+                first[1] += hit
+    later = (prompt_total - first[0], cached_total - first[1])
     return {"hit_rate": cached_total / prompt_total if prompt_total else None, "prompt_tokens": prompt_total,
-            "cached_tokens": cached_total, "prompt_length_mismatches": mismatched}
+            "cached_tokens": cached_total, "prompt_length_mismatches": mismatched,
+            "first_turn_hit_rate": first[1] / first[0] if first[0] else None,
+            "later_turn_hit_rate": later[1] / later[0] if later[0] else None}
 
 
 # ---------------------------------------------------------------- analysis --
@@ -364,11 +383,13 @@ def analyse(rows: dict) -> dict:
          "of oracle", f"oracle {oracle_hit:.1%}" if oracle_hit else "")
     goal("cache_aware TTFT p99 <= least_outstanding's", get(ca, "ttft_ms", "p99"), get(lo, "ttft_ms", "p99"), "<=",
          "ms")
-    multi = None
-    if ca and ca4 and ca.get("hit_rate") is not None and ca4.get("hit_rate") is not None:
-        multi = {"hit_rate_1p": ca["hit_rate"], "hit_rate_4p": ca4["hit_rate"],
-                 "difference_points": 100 * (ca4["hit_rate"] - ca["hit_rate"]),
-                 "throughput_ratio": ca4["throughput_tokens_per_s"] / ca["throughput_tokens_per_s"]}
+    multi = {}
+    for name, row in (("shared_homes", ca4), ("local_only", rows.get("cache_aware_4p_local"))):
+        if ca and row and ca.get("hit_rate") is not None and row.get("hit_rate") is not None:
+            multi[name] = {"hit_rate_1p": ca["hit_rate"], "hit_rate_4p": row["hit_rate"],
+                           "difference_points": 100 * (row["hit_rate"] - ca["hit_rate"]),
+                           "throughput_ratio": row["throughput_tokens_per_s"] / ca["throughput_tokens_per_s"],
+                           "history_kept_4p": row["turns"]["history_kept"]}
     return {"goals": goals, "multiprocess": multi}
 
 
@@ -414,11 +435,28 @@ def render(results: dict, meta: dict) -> str:
         out("  WARNING: the simulators fell behind their schedule (CPU starved) during "
             + ", ".join(r["label"] for r in noisy) + ": rerun on a quieter machine or with a larger --time-scale")
     out("")
+    out(f"{'hits by turn':<34} {'first turns':>11} {'oracle':>7} {'later turns':>11} {'oracle':>7} "
+        f"{'history found':>13}")
+    for row in results["targets"].values():
+        turns, orc = row["turns"], row["oracle"]
+
+        def p(value):
+            return f"{fmt(100 * value if value is not None else None, 1)}%"
+
+        out(f"{row['label']:<34} {p(turns['first_turn_hit_rate']):>11} {p(orc.get('first_turn_hit_rate')):>7} "
+            f"{p(turns['later_turn_hit_rate']):>11} {p(orc.get('later_turn_hit_rate')):>7} "
+            f"{p(turns['history_kept']):>13}")
+    out("(history found = later turns whose cached tokens cover the previous turn's prompt + reply)")
+    out("")
     multi = results["analysis"]["multiprocess"]
-    if multi:
-        out(f"routing state: per gateway process (no Redis). 4 processes vs 1: hit rate "
-            f"{100 * multi['hit_rate_4p']:.1f}% vs {100 * multi['hit_rate_1p']:.1f}% "
-            f"({multi['difference_points']:+.1f} points), throughput x{multi['throughput_ratio']:.2f}")
+    for name, text in (("shared_homes", "prefix trees per process, conversation homes shared in Redis"),
+                       ("local_only", "everything per process (GATEWAY_ROUTING_SHARED_HOMES=0)")):
+        m = multi.get(name)
+        if m:
+            out(f"routing state: {text}. {meta['gateway_processes']} processes vs 1: hit rate "
+                f"{100 * m['hit_rate_4p']:.1f}% vs {100 * m['hit_rate_1p']:.1f}% ({m['difference_points']:+.1f} "
+                f"points), throughput x{m['throughput_ratio']:.2f}, later turns finding their history "
+                f"{100 * (m['history_kept_4p'] or 0):.1f}%")
     ca = results["targets"].get("cache_aware")
     if ca:
         out(f"oracle (cache_aware's requests): {100 * ca['oracle']['hit_rate']:.1f}% hit rate")
@@ -528,10 +566,13 @@ def main() -> int:
         executor = concurrent.futures.ThreadPoolExecutor(max_workers=4)
 
         for name in args.targets:
-            label, kind, policy, nproc = TARGETS[name]
+            label, kind, policy, nproc, shared_homes = TARGETS[name]
             if kind == "gateway" and nproc > 1:
                 nproc = args.gateway_processes
-                label = f"cache_aware, {nproc} gateway processes"
+                label = label.replace("4 ", f"{nproc} ")
+            target_env = {**env, "GATEWAY_ROUTING_SHARED_HOMES": "1" if shared_homes else "0"}
+            # Every target starts cold: no conversation homes (nor limit counters) left by the previous one.
+            redis_flush(env["REDIS_URL"])
             started: list[subprocess.Popen] = []
             if kind == "gateway":
                 with pg_connect(args.db) as conn:
@@ -542,7 +583,10 @@ def main() -> int:
                         f"gateway-{name}-{i}",
                         [py, "-m", "uvicorn", "config.asgi:application", "--app-dir", "platform", "--host", HOST,
                          "--port", str(gw_ports[i]), "--loop", "uvloop", "--http", "httptools", "--lifespan", "on",
-                         "--no-access-log", "--log-level", "warning"], core=None, env=env))
+                         "--no-access-log", "--log-level", "warning",
+                         # A slot's connection to one of 4 processes can idle past uvicorn's 5 s default;
+                         # closing it just as the slot reuses it would fail a request.
+                         "--timeout-keep-alive", "75"], core=None, env=target_env))
                 target_ports, key = gw_ports[:nproc], api_key
             else:
                 started.append(procs.start("sgl-router", [
@@ -624,8 +668,9 @@ def main() -> int:
         "workload_spec": spec.__dict__, "simulator": sim_desc, "max_total_tokens": args.max_total_tokens,
         "system_tokens_total": workload.system_tokens_total(), "active_set_tokens": active_set or 0,
         "time_scale": args.time_scale, "warmup_s": args.warmup, "duration_s": args.duration,
+        "gateway_processes": args.gateway_processes,
         "gateway": "uvicorn config.asgi:application, routing_policy set per phase in the DB, fresh processes per "
-                   f"target, Redis DB {args.redis_db}",
+                   f"target, Redis DB {args.redis_db} flushed before each",
         "router_flags": ROUTER_FLAGS, "versions": versions(), "tree": str(tree),
         "machine": {"cpus": os.cpu_count(), "loadavg_before": loadavg_before, "loadavg_after": os.getloadavg()},
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
