@@ -4,11 +4,17 @@ within a tier), each up to its tier's deadline, then get 503 with retry-after.
 When the queue is full a request of a higher tier takes the place of the lowest
 one waiting, so under overload the free tier is shed first.
 
-Saturation is judged per gateway process: each backend takes at most
-GATEWAY_BACKEND_MAX_OUTSTANDING requests from this process. Lower tiers may fill
-only a share of that (GATEWAY_TIER_CAPACITY_SHARE: free 60 %, standard 85 %), so
-premium requests find a free slot at once unless premium traffic alone fills
-the headroom: their time to first token does not grow with the others' load."""
+Saturation is judged per gateway process: each backend takes
+GATEWAY_BACKEND_MAX_OUTSTANDING requests from this process before requests wait.
+Each tier may fill a share of that capacity (GATEWAY_TIER_CAPACITY_SHARE): free
+60 %, standard 85 %, premium 125 %. Premium may go past the capacity because a
+slot it waits for is a slot the others hold: with a Poisson stream of premium
+requests averaging m in flight, the chance that one finds its headroom
+(1.25 − 0.85 = 40 % of the capacity) full is that of m's Poisson count
+exceeding it, negligible unless premium traffic alone nears the capacity. So a
+premium request's time to first token does not grow with the others' load,
+and the backend runs at most a quarter above the threshold, and only by
+premium requests."""
 from __future__ import annotations
 
 import asyncio

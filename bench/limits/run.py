@@ -433,14 +433,17 @@ async def part3(args, port: int, sim_port: int, tenants: dict, pids: dict, pinne
     loaded_no_free["cpu_percent"] = cpu_of(snaps_c)
     log(f"  part 3: loaded without free: premium TTFT p99 {fmt(loaded_no_free['premium']['ttft_ms']['p99'])} ms")
 
-    # Why premium TTFT moves: the premium headroom is capacity - int(capacity * standard share)
-    # slots (inference/admission.py); a premium request arriving while that many premium
-    # requests are in flight waits for the next slot to free. Counted client-side.
+    # Why premium TTFT moves: the premium headroom is int(capacity * premium share) -
+    # int(capacity * standard share) slots (inference/admission.py); a premium request
+    # arriving while that many premium requests are in flight waits for the next slot to
+    # free. Counted client-side.
     from django.conf import settings
 
+    share_prem = settings.GATEWAY_TIER_CAPACITY_SHARE["premium"]
     share_std = settings.GATEWAY_TIER_CAPACITY_SHARE["standard"]
     share_free = settings.GATEWAY_TIER_CAPACITY_SHARE["free"]
-    headroom = args.max_outstanding - max(1, int(args.max_outstanding * share_std))
+    headroom = (max(1, int(args.max_outstanding * share_prem))
+                - max(1, int(args.max_outstanding * share_std)))
     prem = [r for r in results["premium"] if r.ok]
     spans = [(r.t_write, r.t_end) for r in results["premium"]]
     blocked, free_slot = [], []
@@ -448,7 +451,8 @@ async def part3(args, port: int, sim_port: int, tenants: dict, pids: dict, pinne
         in_flight = sum(1 for (s, e) in spans if s < r.t_write < e)
         (blocked if in_flight >= headroom else free_slot).append(r.t_first - r.t_write)
     diagnosis = {
-        "capacity_slots": args.max_outstanding, "standard_share": share_std, "free_share": share_free,
+        "capacity_slots": args.max_outstanding, "premium_share": share_prem, "standard_share": share_std,
+        "free_share": share_free,
         "premium_headroom_slots": headroom,
         "premium_found_headroom_full": {"n": len(blocked), "ttft_p50_ms": ms(pct(blocked, 50)),
                                         "ttft_p99_ms": ms(pct(blocked, 99))},
@@ -630,8 +634,9 @@ def render(results: dict, meta: dict) -> str:
                 out(f"     WARNING: other processes used {c['other']:.0f}% of a core on these 2 cores during the "
                     f"{phase} phase: latency tails are theirs as much as the gateway's; rerun on a quiet machine")
         d = p3["diagnosis"]
-        out(f"   premium headroom: {d['capacity_slots']} slots, standard may fill {d['standard_share']:.0%}, free "
-            f"{d['free_share']:.0%} -> {d['premium_headroom_slots']} slots only premium can take")
+        out(f"   premium headroom: {d['capacity_slots']} slots, premium may fill {d['premium_share']:.0%}, standard "
+            f"{d['standard_share']:.0%}, free {d['free_share']:.0%} -> {d['premium_headroom_slots']} slots only "
+            f"premium can take")
         b, f = d["premium_found_headroom_full"], d["premium_found_a_free_slot"]
         out(f"   loaded premium requests that arrived with >= {d['premium_headroom_slots']} premium in flight: "
             f"{b['n']} (TTFT p50 {fmt(b['ttft_p50_ms'], 1)}, p99 {fmt(b['ttft_p99_ms'], 1)} ms); the others "

@@ -123,3 +123,43 @@ def test_lower_tiers_leave_headroom_for_premium(five_slot_gateway, make_tenant):
     assert premium_first_token < 0.5  # the free requests run for ~1.8 s
     # Three free requests started at once; two waited for a free slot.
     assert free_first_tokens[2] < started < free_first_tokens[3]
+
+
+def test_tier_shares_of_the_capacity():
+    """Capacity 20: free fills 12 slots, standard 17, premium goes up to 25 past
+    the others; a request past its tier's share waits."""
+    import asyncio
+
+    from django.conf import settings
+
+    from inference.admission import AdmissionGate
+    from inference.registry import BackendState, ModelEntry
+
+    async def main():
+        gate = AdmissionGate(max_outstanding_per_backend=20, queue_max=100, timeouts={},
+                             shares=settings.GATEWAY_TIER_CAPACITY_SHARE)
+        model = ModelEntry("m", "m", 8192, "tests", 0, backends=[BackendState("http://a")])
+
+        async def admitted(tier: str) -> bool:
+            task = asyncio.ensure_future(gate.enter(model, tier))
+            await asyncio.sleep(0)
+            if task.done():
+                return True
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            return False
+
+        counts = {}
+        for tier, others in (("free", 0), ("standard", 0), ("premium", 0), ("premium", 17)):
+            for _ in range(others):  # standard requests already in flight
+                assert await admitted("standard")
+            count = 0
+            while await admitted(tier):
+                count += 1
+            counts[(tier, others)] = count
+            for _ in range(count + others):
+                gate.leave(model)
+        return counts
+
+    counts = asyncio.run(main())
+    assert counts == {("free", 0): 12, ("standard", 0): 17, ("premium", 0): 25, ("premium", 17): 8}
