@@ -110,7 +110,23 @@ def _candidates(model: ModelEntry, exclude: Collection[str], now: float) -> tupl
     return [b for b in ordered if b.url not in exclude and b.available(now)], start
 
 
-class LeastOutstanding:
+class _LoadOnly:
+    """A policy that looks only at load: no conversations, prefixes or usage to keep."""
+
+    def home_lookup(self, model: ModelEntry, key: str) -> None:
+        return None
+
+    def observe(self, model: ModelEntry, backend: BackendState, key: str) -> None:
+        return None
+
+    def usage_observe(self, model_name: str, key_chars: int, prompt_tokens: int) -> None:
+        pass
+
+    def forget_backend(self, url: str) -> None:
+        pass
+
+
+class LeastOutstanding(_LoadOnly):
     """Fewest requests in flight from this process; ties rotate."""
 
     name = "least_outstanding"
@@ -132,20 +148,8 @@ class LeastOutstanding:
             model.next_index = (start + 1) % count
         return best
 
-    def home_lookup(self, model: ModelEntry, key: str) -> None:
-        return None
 
-    def observe(self, model: ModelEntry, backend: BackendState, key: str) -> None:
-        return None
-
-    def usage_observe(self, model_name: str, key_chars: int, prompt_tokens: int) -> None:
-        pass
-
-    def forget_backend(self, url: str) -> None:
-        pass
-
-
-class RoundRobin:
+class RoundRobin(_LoadOnly):
     """Each available backend in turn, whatever its load."""
 
     name = "round_robin"
@@ -163,18 +167,6 @@ class RoundRobin:
                 model.next_index = (index + 1) % count
                 return backend
         return None
-
-    def home_lookup(self, model: ModelEntry, key: str) -> None:
-        return None
-
-    def observe(self, model: ModelEntry, backend: BackendState, key: str) -> None:
-        return None
-
-    def usage_observe(self, model_name: str, key_chars: int, prompt_tokens: int) -> None:
-        pass
-
-    def forget_backend(self, url: str) -> None:
-        pass
 
 
 class CacheAware:
