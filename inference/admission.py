@@ -67,8 +67,8 @@ class _ModelQueue:
         return any(self.waiting_by_rank[: rank + 1])
 
 
-class _Deadline(Exception):
-    """A waiter's deadline passed."""
+# What a waiter's future resolves to.
+_GRANTED, _SHED, _EXPIRED = None, "shed", "expired"
 
 
 class AdmissionGate:
@@ -115,26 +115,28 @@ class AdmissionGate:
             if worst is None or worst.rank <= rank:
                 raise overloaded(model.name, shed=True)
             queue.withdraw(worst)
-            worst.future.set_exception(overloaded(model.name, shed=True))
+            worst.future.set_result(_SHED)
         loop = asyncio.get_running_loop()
         waiter = _Waiter(rank, next(self._seq), loop.create_future())
         heapq.heappush(queue.heap, waiter)
         queue.waiting += 1
         queue.waiting_by_rank[rank] += 1
-        timer = loop.call_later(self._timeouts.get(tier, 5.0), _expire, waiter.future)
+        timer = loop.call_later(self._timeouts.get(tier, 5.0), _expire, queue, waiter)
+        # Outcomes are results, not exceptions: an exception kept by the future
+        # would hold its traceback, whose frame (this one) holds the future, a
+        # cycle only the garbage collector frees.
         try:
-            await waiter.future
-        except _Deadline:
-            queue.withdraw(waiter)
-            raise overloaded(model.name, shed=False) from None
+            outcome = await waiter.future
         except asyncio.CancelledError:
             if waiter.active:
                 queue.withdraw(waiter)
-            elif waiter.future.done() and not waiter.future.cancelled() and waiter.future.exception() is None:
+            elif waiter.future.done() and not waiter.future.cancelled() and waiter.future.result() is _GRANTED:
                 self.leave(model)  # granted just as the caller went away
             raise
         finally:
             timer.cancel()
+        if outcome is not _GRANTED:
+            raise overloaded(model.name, shed=outcome is _SHED)
 
     def leave(self, model: ModelEntry) -> None:
         queue = self._queues[model.name]
@@ -151,9 +153,12 @@ class AdmissionGate:
             heapq.heappop(queue.heap)
             queue.withdraw(waiter)
             queue.inflight += 1
-            waiter.future.set_result(None)
+            waiter.future.set_result(_GRANTED)
 
 
-def _expire(future: asyncio.Future) -> None:
-    if not future.done():
-        future.set_exception(_Deadline())
+def _expire(queue: _ModelQueue, waiter: _Waiter) -> None:
+    # Withdrawn here, not when the waiting task resumes: a slot freed in between
+    # must not be handed to it.
+    if waiter.active:
+        queue.withdraw(waiter)
+        waiter.future.set_result(_EXPIRED)

@@ -163,3 +163,86 @@ def test_tier_shares_of_the_capacity():
 
     counts = asyncio.run(main())
     assert counts == {("free", 0): 12, ("standard", 0): 17, ("premium", 0): 25, ("premium", 17): 8}
+
+
+def _gate_and_model(per_backend: int = 1, queue_max: int = 100, timeouts: dict | None = None):
+    from inference.admission import AdmissionGate
+    from inference.registry import BackendState, ModelEntry
+
+    gate = AdmissionGate(max_outstanding_per_backend=per_backend, queue_max=queue_max, timeouts=timeouts or {},
+                         shares={"premium": 1.0, "standard": 1.0, "free": 1.0})
+    return gate, ModelEntry("m", "m", 8192, "tests", 0, backends=[BackendState("http://a")])
+
+
+def test_slot_freed_after_a_deadline_fired_goes_to_the_next_waiter():
+    """The deadline's callback and a slot coming free can run in the same turn of
+    the event loop, before the expired request's task resumes: the slot must go
+    to the request still waiting, not to the expired one."""
+    import asyncio
+
+    from inference import admission
+    from inference.errors import ApiError
+
+    async def main():
+        gate, model = _gate_and_model(timeouts={"free": 60.0, "standard": 60.0})
+        await gate.enter(model, "standard")  # takes the only slot
+        expired = asyncio.ensure_future(gate.enter(model, "standard"))
+        waiting = asyncio.ensure_future(gate.enter(model, "free"))
+        await asyncio.sleep(0)
+        queue = gate._queues["m"]
+        first = min(w for w in queue.heap if w.active)
+        admission._expire(queue, first)  # what the deadline's timer does
+        gate.leave(model)  # same turn: the slot comes free
+        with pytest.raises(ApiError) as error:
+            await expired
+        await asyncio.wait_for(waiting, 1.0)
+        return error.value, queue.inflight, queue.waiting
+
+    error, inflight, waiting = asyncio.run(main())
+    assert (error.status, error.code) == (503, "overloaded")
+    assert (inflight, waiting) == (1, 0)
+
+
+def test_admission_outcomes_leave_no_reference_cycles():
+    """Granted, expired, shed and cancelled waiters are freed by reference
+    counting alone: under overload every request passes here, and garbage
+    left to the cycle collector costs pauses of the whole event loop."""
+    import asyncio
+    import gc
+
+    from inference.errors import ApiError
+
+    async def main():
+        gate, model = _gate_and_model(queue_max=4, timeouts={"free": 0.01, "standard": 5.0, "premium": 5.0})
+        await gate.enter(model, "premium")
+        gc.collect()
+        gc.disable()
+        try:
+            for _ in range(20):
+                granted = asyncio.ensure_future(gate.enter(model, "standard"))
+                expired = asyncio.ensure_future(gate.enter(model, "free"))
+                shed = asyncio.ensure_future(gate.enter(model, "free"))
+                cancelled = asyncio.ensure_future(gate.enter(model, "standard"))
+                await asyncio.sleep(0)
+                asyncio.ensure_future(gate.enter(model, "premium"))  # queue full: sheds the newest free
+                await asyncio.sleep(0.03)  # the free one left expires
+                cancelled.cancel()
+                outcomes = []
+                for task in (expired, shed):
+                    try:
+                        await task
+                    except ApiError as error:
+                        outcomes.append(error.code)
+                    del task
+                await asyncio.gather(cancelled, return_exceptions=True)
+                assert outcomes == ["overloaded", "overloaded"]
+                gate.leave(model)  # the holder leaves: the queued premium gets the slot
+                await asyncio.sleep(0)
+                gate.leave(model)  # then the standard one, the next round's holder
+                await granted
+                del granted, expired, shed, cancelled
+            return gc.collect()
+        finally:
+            gc.enable()
+
+    assert asyncio.run(main()) == 0
