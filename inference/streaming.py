@@ -223,14 +223,17 @@ def _namespace(request: CompletionRequest) -> str:
 
 class UsageMeter:
     """Counts one request's tokens as the backend reports them and hands a usage
-    event to the recorder exactly once, when the request ends in any way."""
+    event to the recorder exactly once, when the request ends in any way.
 
-    __slots__ = ("_request", "_record", "_settle", "prices", "backend", "prompt_tokens", "completion_tokens", "cached_tokens",
+    It does not hold its request (the request holds it): a cycle between them
+    would leave every request's objects to the garbage collector, whose passes
+    stall the event loop under load."""
+
+    __slots__ = ("_record", "_settle", "prices", "backend", "prompt_tokens", "completion_tokens", "cached_tokens",
                  "reasoning_tokens", "usage_reported", "content_chunks", "status", "http_status",
                  "error_code", "first_token_at", "_finished")
 
-    def __init__(self, request: CompletionRequest, record, settle) -> None:
-        self._request = request
+    def __init__(self, record, settle) -> None:
         self._record = record
         self._settle = settle
         self.prices = Prices()
@@ -277,11 +280,10 @@ class UsageMeter:
     def abort(self) -> None:
         self.status, self.http_status, self.error_code = "aborted", CLIENT_CLOSED_STATUS, "client_closed"
 
-    def finish(self) -> None:
+    def finish(self, request: CompletionRequest) -> None:
         if self._finished:
             return
         self._finished = True
-        request = self._request
         now = time.perf_counter()
         completion_tokens = self.billed_completion_tokens
         cost_micros = self.prices.cost_micros(
@@ -374,7 +376,7 @@ class CompletionService:
             policy.forget_backend(url)
 
     def _meter(self, request: CompletionRequest) -> "UsageMeter":
-        meter = request.meter = UsageMeter(request, self._record_usage, self._limiter.settle)
+        meter = request.meter = UsageMeter(self._record_usage, self._limiter.settle)
         return meter
 
     async def _begin(self, request: CompletionRequest, meter: "UsageMeter", *, stream: bool) -> tuple[Resolution, bytes]:
@@ -627,4 +629,4 @@ class CompletionService:
                 policy = self._policies.get(resolution.model.routing_policy)
                 if policy is not None:
                     policy.usage_observe(resolution.model.name, request.routing_key_chars, meter.prompt_tokens)
-        meter.finish()
+        meter.finish(request)
