@@ -122,6 +122,8 @@ def main() -> int:
     parser.add_argument("--batch-rows", type=int, default=5000)
     parser.add_argument("--parent-pid", type=int, default=None,
                         help="exit once this process is gone and nothing is left to ship")
+    parser.add_argument("--nice", type=int, default=None,
+                        help="lower this process's CPU priority by this much (default: GATEWAY_USAGE_SHIPPER_NICE)")
     args = parser.parse_args()
     parent = args.parent_pid or os.getppid()
     # First thing: a gateway stopping right after starting us still gets its
@@ -134,7 +136,18 @@ def main() -> int:
     import django
 
     django.setup()
+    from django.conf import settings
     from django.db import close_old_connections, connection
+
+    # Shipping is background work: a few milliseconds later in PostgreSQL cost
+    # nobody anything, while the gateway it runs beside (and whose CPU it
+    # shares) answers requests. Lowering one's own priority needs no privilege.
+    nice = settings.GATEWAY_USAGE_SHIPPER_NICE if args.nice is None else args.nice
+    if nice > 0:
+        try:
+            os.nice(nice)
+        except OSError:
+            pass
 
     from .metering import SHIPPER_LOCK
 

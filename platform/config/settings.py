@@ -151,6 +151,9 @@ GATEWAY_USAGE_SPOOL_DIR = env_str("GATEWAY_USAGE_SPOOL_DIR", str(BASE_DIR / ".ru
 GATEWAY_USAGE_SPOOL_FSYNC = env_bool("GATEWAY_USAGE_SPOOL_FSYNC", True)
 GATEWAY_USAGE_FLUSH_SECONDS = env_float("GATEWAY_USAGE_FLUSH_SECONDS", 0.05)
 GATEWAY_USAGE_SHIPPER = env_str("GATEWAY_USAGE_SHIPPER", "embedded")
+# The shipper lowers its CPU priority by this much (nice), so on a shared core
+# the gateway's requests come first; 0 leaves it alone.
+GATEWAY_USAGE_SHIPPER_NICE = env_int("GATEWAY_USAGE_SHIPPER_NICE", 10)
 # Limits (inference/limits.py). Redis calls of the hot path give up after this many
 # seconds, and Redis is then left alone for GATEWAY_REDIS_RETRY_SECONDS.
 GATEWAY_REDIS_TIMEOUT_SECONDS = env_float("GATEWAY_REDIS_TIMEOUT_SECONDS", 0.25)

@@ -14,7 +14,7 @@ from django.db import connection
 
 from billing.models import UsageRecord
 from billing.services import UsageEvent
-from inference.metering import usage_event_line
+from inference.metering import SHIPPER_LOCK, usage_event_line
 from tests.conftest import ROOT, gateway_start, process_env, process_stop, usage_rows_wait
 
 MESSAGES = [{"role": "user", "content": "Bill me exactly once."}]
@@ -109,3 +109,56 @@ def test_shipper_killed_mid_batch_then_restarted_stores_each_event_once(live_tmp
     rows = UsageRecord.objects.filter(api_key=tk.api_key)
     assert rows.count() == 6000
     assert sum(rows.values_list("completion_tokens", flat=True)) == sum(i % 7 for i in range(6000))
+
+
+def _niceness(pid: int) -> int:
+    # /proc/PID/stat: the command name may hold spaces; fields after ")" start at 3.
+    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    return int(fields[16])
+
+
+def test_shipper_runs_at_lower_cpu_priority_than_the_gateway(live_tmp):
+    """The shipper shares the gateway's cores; it lowers its own priority so
+    requests come first (GATEWAY_USAGE_SHIPPER_NICE, 10 by default; 0 keeps it)."""
+    ours = os.nice(0)
+    for setting, expected in ((None, min(19, ours + 10)), ("0", ours)):
+        folder = live_tmp / f"spool-nice-{setting}"
+        folder.mkdir()
+        extra = {} if setting is None else {"GATEWAY_USAGE_SHIPPER_NICE": setting}
+        proc = subprocess.Popen([sys.executable, "-m", "inference.shipper", "--spool-dir", str(folder),
+                                 "--parent-pid", str(os.getpid())], cwd=ROOT,
+                                env=process_env(POSTGRES_DB=connection.settings_dict["NAME"], **extra))
+        try:
+            # The shipper takes its lock once set up, after lowering its priority.
+            wait_until(lambda: (folder / SHIPPER_LOCK).exists() or proc.poll() is not None, what="the shipper to start")
+            assert proc.poll() is None
+            assert _niceness(proc.pid) == expected
+        finally:
+            process_stop(proc)
+
+
+def test_a_finished_request_and_its_meter_need_no_cycle_collector():
+    """A request holds its meter and the meter does not hold the request, so both
+    are freed when the request ends, not by a garbage-collector pass."""
+    import gc
+
+    from inference.streaming import CHAT, CompletionRequest, UsageMeter
+    from tenants.selectors import ApiKeyPrincipal
+
+    principal = ApiKeyPrincipal(1, "sk-abc", 1, "t_1", "acme", "standard", "active", "", None, False)
+    recorded = []
+    gc.collect()
+    gc.disable()
+    try:
+        for i in range(50):
+            request = CompletionRequest(principal=principal, endpoint=CHAT, transport="http", request_id=f"r{i}",
+                                        body={"model": "m", "messages": [{"role": "user", "content": "hi"}]},
+                                        stream=False, include_usage=False)
+            request.meter = UsageMeter(recorded.append, lambda *args, **kwargs: None)
+            request.meter.observe({"prompt_tokens": 5, "completion_tokens": 2})
+            request.meter.finish(request)
+            del request
+        assert gc.collect() == 0
+    finally:
+        gc.enable()
+    assert [(e.request_id, e.prompt_tokens, e.completion_tokens) for e in recorded[:2]] == [("r0", 5, 2), ("r1", 5, 2)]
