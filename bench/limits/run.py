@@ -698,7 +698,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--premium-rate", type=float, default=4.0, help="part 3: premium req/s")
     parser.add_argument("--standard-rate", type=float, default=46.0, help="part 3: standard req/s (loaded)")
     parser.add_argument("--free-rate", type=float, default=100.0, help="part 3: free req/s (loaded)")
-    parser.add_argument("--load-duration", type=float, default=20.0, help="part 3: seconds per phase")
+    parser.add_argument("--load-duration", type=float, default=60.0,
+                        help="part 3: seconds per phase (60: ~240 premium samples, so p99 is not the largest one)")
     parser.add_argument("--server-core", type=int, default=0, help="part 3: core of the gateway")
     parser.add_argument("--client-core", type=int, default=1, help="part 3: core of the simulator and load generator")
     parser.add_argument("--no-pin", action="store_true", help="pin nothing")
