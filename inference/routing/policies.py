@@ -186,18 +186,21 @@ class CacheAware:
           (1 + 2ε) × mean + slack (ε = `bounded_load_epsilon`, slack =
           `bounded_load_slack`): elsewhere its whole history would be
           prefilled again;
-       b. a new one goes to a backend whose outstanding + 1 ≤ the new-placement
-          bound, min((1 + ε) × mean + slack, least outstanding + 1 +
-          max(slack, ε × mean / 2)), so the load of every backend stays within a
-          few requests of the others (a new conversation costs at most a system
-          prompt's prefill; a backend left idle costs its whole share). Among
-          them: those holding the longest prefix of it, if at least
-          `min_shared_chars` (a system prompt other conversations share), by
-          the anchor's rendezvous-hash order, so a shared prefix is copied to
-          another backend only when load pushes it there, and a popular one
-          ends up on several; else the first in the rendezvous order of the
-          conversation's first message (`conversation_head`), the same
-          backend in every gateway process.
+       b. a new one goes, when backends hold a long prefix of it (at least
+          `min_shared_chars`: a system prompt other conversations share), to
+          the least loaded of those holding the longest, if its outstanding +
+          1 ≤ the holder bound, min((1 + ε) × mean + slack, least outstanding
+          + 1 + max(slack, 2ε × mean)); else to the first backend in the
+          rendezvous-hash order of the conversation's first message
+          (`conversation_head`, the same in every gateway process) within the
+          new-placement bound, min((1 + ε) × mean + slack, least outstanding
+          + 1 + max(slack, ε × mean)). Both keep every backend within a few
+          requests of the others (a backend left idle costs its whole share);
+          a holder gets twice the room because joining it saves the prefill
+          of the shared prefix (in bench/routing's decision log the tighter
+          bound sent 6 % of first turns away from their system prompt). A
+          shared prefix is thus copied to another backend only when load
+          pushes it there, and a popular one ends up on several.
        Every pick after (a) or (b) had no candidate: the least loaded.
     3. Without it (sgl-router's rule): the backend under the bound
        (1 + ε) × mean + slack with the longest matched prefix, if that covers at
@@ -301,12 +304,13 @@ class CacheAware:
         if not key:
             return self._least_loaded(candidates, low, tree)
         if self.bounded_load_epsilon is None:
-            bound = sticky_bound = new_bound = float("inf")
+            bound = sticky_bound = new_bound = holder_bound = float("inf")
         else:
             mean = (sum(loads) + 1) / len(candidates)
             bound = (1 + self.bounded_load_epsilon) * mean + self.bounded_load_slack
             sticky_bound = (1 + 2 * self.bounded_load_epsilon) * mean + self.bounded_load_slack
             new_bound = min(bound, low + 1 + max(self.bounded_load_slack, self.bounded_load_epsilon * mean))
+            holder_bound = min(bound, low + 1 + max(self.bounded_load_slack, 2 * self.bounded_load_epsilon * mean))
         matched = tree.match(self._blocks(tree, key))[1] if tree is not None else {}
         if not self.conversation_affinity:
             best, best_chars = _longest_match(candidates, matched, bound)
@@ -323,10 +327,10 @@ class CacheAware:
                         return backend
         # (b) A new conversation (or one whose home is gone or full).
         head = conversation_head(key)
-        best, best_chars = _longest_match(candidates, matched, new_bound)
+        best, best_chars = _longest_match(candidates, matched, holder_bound)
         if best is not None and best_chars >= self.min_shared_chars:
-            holders = [b for b in candidates if matched.get(b.url, 0) >= best_chars and b.outstanding + 1 <= new_bound]
-            return _rendezvous_order(head, holders)[0]
+            holders = [b for b in candidates if matched.get(b.url, 0) >= best_chars and b.outstanding + 1 <= holder_bound]
+            return min(_rendezvous_order(head, holders), key=lambda b: b.outstanding)
         for backend in _rendezvous_order(head, candidates):
             if backend.outstanding + 1 <= new_bound:
                 return backend

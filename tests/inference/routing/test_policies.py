@@ -131,14 +131,34 @@ def test_cache_aware_new_conversations_join_their_system_prompt_while_load_allow
         finish(backend)
     # when they pile up instead (none finishes)
     placed = [send(policy, pool, chat_key(f"busy conversation {index} " + "q " * 40)) for index in range(40)]
-    # then the holder takes them only while it is within 1 + max(slack, ε × mean)
-    # of the least loaded backend (mean 10: 6): no backend idles while another queues
+    # then holders take them only while within 1 + max(slack, 2ε × mean) of the least
+    # loaded backend (mean 10: 11), the least loaded holder first: no backend idles
+    # while another queues
     loads = sorted(backend.outstanding for backend in pool.backends)
     assert loads[0] >= 5 and loads[-1] - loads[0] <= 6
     assert placed[:3] == [holder] * 3
     # and once a conversation spilled to another backend, that one holds the
-    # system prompt too and takes new conversations in turn
+    # system prompt too and takes new conversations in turn (least loaded first)
     assert sum(1 for backend in pool.backends if policy.tree(pool.name).match(chat_key())[1].get(backend.url)) == 4
+
+
+def test_cache_aware_new_conversation_takes_the_least_loaded_holder_within_twice_the_room(pool):
+    policy = CacheAware(conversation_affinity=True, bounded_load_epsilon=0.5, bounded_load_slack=2)
+    backends = by_url(pool)
+    # given the system prompt held by a and b (and not by c or d)
+    for url in ("http://a", "http://b"):
+        policy.observe(pool, backends[url], chat_key(f"earlier on {url} " + "q " * 30))
+    # when a is busier than b: the new conversation joins b
+    for url, load in (("http://a", 6), ("http://b", 5), ("http://c", 2), ("http://d", 2)):
+        backends[url].outstanding = load
+    assert policy.pick(pool, chat_key("new " + "q " * 30)) is backends["http://b"]
+    # both at 6 are past the new-placement bound (mean 4.25: min(8.375, 2 + 1 + 2.125) =
+    # 5.125) but within a holder's (min(8.375, 2 + 1 + 4.25) = 7.25): a or b, not c or d
+    backends["http://b"].outstanding = 6
+    assert policy.pick(pool, chat_key("new " + "q " * 30)) in (backends["http://a"], backends["http://b"])
+    # at 9 they are past a holder's bound too (mean 5.75: min(10.625, 2 + 1 + 5.75) = 8.75)
+    backends["http://a"].outstanding = backends["http://b"].outstanding = 9
+    assert policy.pick(pool, chat_key("new " + "q " * 30)) in (backends["http://c"], backends["http://d"])
 
 
 def test_cache_aware_a_conversation_stays_beyond_the_new_placement_bound(pool):
@@ -147,15 +167,15 @@ def test_cache_aware_a_conversation_stays_beyond_the_new_placement_bound(pool):
     home = send(policy, pool, chat_key(*history))
     finish(home)
     history += ["Answer " + "words " * 40, "Follow-up " + "more " * 20]
-    # given its backend busier than a new conversation may find it: 13 against 8 elsewhere
-    # (mean 9.5: new placement bound min(1.5 × 9.5 + 2, 8 + 1 + 4.75) = 13.75; a conversation's own 2 × 9.5 + 2 = 21)
+    # given its backend busier than a new conversation may find it: 14 against 6 elsewhere
+    # (mean 8.25: a holder's bound min(1.5 × 8.25 + 2, 6 + 1 + 8.25) = 14.375; a conversation's own 2 × 8.25 + 2 = 18.5)
     for backend in pool.backends:
-        backend.outstanding = 8
-    home.outstanding = 13
+        backend.outstanding = 6
+    home.outstanding = 14
     # then a new conversation avoids it, but the conversation's next turn stays
     assert policy.pick(pool, chat_key("a new conversation " + "q " * 30)) is not home
     assert policy.pick(pool, chat_key(*history)) is home
-    # until its backend is past the conversation's own bound (mean 13.75: 29.5)
+    # until its backend is past the conversation's own bound (mean 12.25: 26.5)
     home.outstanding = 30
     assert policy.pick(pool, chat_key(*history)) is not home
 
