@@ -32,7 +32,20 @@ local function advance(key)
   -- Drops slots that left the window; returns the window's sum.
   local state = redis.call('HMGET', key, 'sum', 'tail')
   local sum = tonumber(state[1]) or 0
-  local tail = tonumber(state[2]) or oldest
+  local tail = tonumber(state[2])
+  if not tail then
+    -- A new window, or one whose tail was never written: its oldest slot.
+    tail = oldest
+    if state[1] then
+      for _, field in ipairs(redis.call('HKEYS', key)) do
+        local s = tonumber(field)
+        if s and s < tail then
+          tail = s
+        end
+      end
+      redis.call('HSET', key, 'tail', tail)
+    end
+  end
   if tail < oldest then
     if oldest - tail >= window then
       redis.call('DEL', key)
@@ -161,6 +174,9 @@ for scope = 1, 2 do
     redis.call('HINCRBY', budget, 'reserved_tokens', tokens)
   end
   if first_in_slot then
+    -- A window starts with its tail; without one it would never slide.
+    redis.call('HSETNX', req_key, 'tail', slot)
+    redis.call('HSETNX', tok_key, 'tail', slot)
     redis.call('EXPIRE', req_key, expire_s)
     redis.call('EXPIRE', tok_key, expire_s)
     redis.call('EXPIRE', inflight, expire_s)

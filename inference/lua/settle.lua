@@ -44,6 +44,11 @@ for scope = 1, 2 do
     redis.call('HINCRBY', tok_key, 'sum', used_tokens - reserved_tokens)
   elseif not r then
     local now_slot = math.floor(now_ms / 1000)
+    if redis.call('EXISTS', tok_key) == 0 then
+      -- The window had expired: it starts again, and lives as admit.lua's do.
+      redis.call('HSET', tok_key, 'tail', now_slot)
+      redis.call('EXPIRE', tok_key, window * 2)
+    end
     redis.call('HINCRBY', tok_key, now_slot, used_tokens)
     redis.call('HINCRBY', tok_key, 'sum', used_tokens)
   end
