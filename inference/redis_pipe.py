@@ -17,6 +17,11 @@ from urllib.parse import unquote, urlparse
 import hiredis
 
 
+# A timer set from a timer callback for at least a millisecond runs only in a
+# later loop iteration, after an I/O poll (libuv rounds delays to milliseconds).
+VERDICT_DELAY_SECONDS = 0.001
+
+
 class RedisUnavailable(Exception):
     """No answer: the connection failed, broke or timed out."""
 
@@ -103,6 +108,13 @@ class PipelinedRedis(asyncio.Protocol):
         return waiter
 
     def _expire(self, waiter: asyncio.Future) -> None:
+        # uvloop runs due timers before it polls for I/O: after the loop itself
+        # stalled (a long callback, the process starved of CPU), a reply already
+        # waiting in the socket would be called lost. The verdict waits one poll.
+        if not waiter.done():
+            asyncio.get_running_loop().call_later(VERDICT_DELAY_SECONDS, self._expire_now, waiter)
+
+    def _expire_now(self, waiter: asyncio.Future) -> None:
         if not waiter.done():
             waiter.set_exception(RedisUnavailable(f"no reply within {self._timeout}s"))
             # Replies are matched by order: after a lost one, only a new connection is safe.
