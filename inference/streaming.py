@@ -426,6 +426,7 @@ class CompletionService:
         tried: set[str] = set()
         last_error: ApiError | None = None
         path = UPSTREAM_PATH[request.endpoint]
+        loop = asyncio.get_running_loop()
         for attempt in range(self._failover_attempts):
             if attempt:
                 await asyncio.sleep(min(self._failover_backoff * 2 ** (attempt - 1), 1.0))
@@ -440,11 +441,13 @@ class CompletionService:
             response: aiohttp.ClientResponse | None = None
             # Whether the backend may be generating for this request right now.
             maybe_running = True
-            deadline = time.monotonic() + self._first_chunk_timeout
+            # One deadline for the headers and the first chunk, on the current
+            # task (asyncio.wait_for would run each await in a task of its own).
+            deadline = loop.time() + self._first_chunk_timeout
             try:
                 if stream:
-                    response = await asyncio.wait_for(backend_post(self._session, backend, path, body),
-                                                      self._first_chunk_timeout)
+                    async with asyncio.timeout_at(deadline):
+                        response = await backend_post(self._session, backend, path, body)
                 else:
                     response = await backend_post(self._session, backend, path, body)
                 if response.status != 200:
@@ -460,7 +463,8 @@ class CompletionService:
                     backend.request_succeeded()
                     return response, backend, None, None
                 batches = sse_batches(response).__aiter__()
-                first = await asyncio.wait_for(batches.__anext__(), max(0.0, deadline - time.monotonic()))
+                async with asyncio.timeout_at(deadline):
+                    first = await batches.__anext__()
                 if first[0].startswith(b'{"error"'):
                     maybe_running = False
                     raise _BackendFailed(errors.backend_failure(
