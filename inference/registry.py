@@ -17,8 +17,11 @@ class BackendState:
     url: str
     api_key: str = ""
     status: str = "active"
-    # Requests this process has in flight on the backend.
+    # Requests this process has in flight on the backend, and the characters of
+    # their routing keys (what of the backend's KV cache they hold, in the
+    # units of the cache-aware policy's prefix tree).
     outstanding: int = 0
+    outstanding_chars: int = 0
     # Monotonic time before which the backend takes no requests: its circuit
     # breaker is open (it refused a connection, or failed too often).
     cooldown_until: float = 0.0
@@ -30,6 +33,16 @@ class BackendState:
     # KV cache capacity in tokens (`max_total_num_tokens` of GET /server_info);
     # 0 until read. Cache-aware routing sizes its picture of the cache by it.
     kv_tokens: int = 0
+
+    def enter(self, chars: int) -> None:
+        """A request with a key footprint of `chars` was sent here."""
+        self.outstanding += 1
+        self.outstanding_chars += chars
+
+    def leave(self, chars: int) -> None:
+        """That request ended (or never reached the backend)."""
+        self.outstanding -= 1
+        self.outstanding_chars -= chars
 
     def available(self, now: float) -> bool:
         return self.status == "active" and self.healthy and self.cooldown_until <= now

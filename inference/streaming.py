@@ -30,7 +30,7 @@ from .admission import AdmissionGate
 from .errors import ApiError
 from .limits import Admission, Limiter
 from .registry import BackendState, Prices, Resolution
-from .routing import POLICY_NAMES, policy_for, routing_key_build
+from .routing import POLICY_NAMES, key_footprint, policy_for, routing_key_build
 from .routing.homes import ConversationHomes
 from .chunks import ChunkRewriter, error_message, sse_batches
 from .sglang import BackendUnreachable, backend_abort, backend_post
@@ -72,6 +72,9 @@ class CompletionRequest:
     admission: Admission | None = None
     # Length of the request's routing key (set when it is routed).
     routing_key_chars: int = 0
+    # What of a backend's KV cache the request holds that others do not share
+    # (routing.policies.key_footprint), counted while it is in flight there.
+    kv_chars: int = 0
 
     @property
     def response_headers(self) -> dict[str, str]:
@@ -416,6 +419,7 @@ class CompletionService:
         policy = self._policies.get(model.routing_policy) or self._policies["least_outstanding"]
         key = routing_key_build(endpoint=request.endpoint, body=request.body, namespace=_namespace(request))
         request.routing_key_chars = len(key)
+        request.kv_chars = key_footprint(key)
         # A later turn of a conversation this process has not routed: where
         # another gateway process placed it.
         home = None
@@ -437,7 +441,7 @@ class CompletionService:
             placed = policy.observe(model, backend, key)
             if placed is not None and self._homes is not None and backend.url != home:
                 self._homes.put(model.name, placed, backend.url)
-            backend.outstanding += 1
+            backend.enter(request.kv_chars)
             response: aiohttp.ClientResponse | None = None
             # Whether the backend may be generating for this request right now.
             maybe_running = True
@@ -456,7 +460,7 @@ class CompletionService:
                     maybe_running = False
                     error = _upstream_error(response.status, raw)
                     if 400 <= error.status < 500:
-                        backend.outstanding -= 1
+                        backend.leave(request.kv_chars)
                         raise error
                     raise _BackendFailed(error)
                 if not stream:
@@ -474,7 +478,7 @@ class CompletionService:
             except asyncio.CancelledError:
                 # The request may already be running there (a non-streamed one
                 # sends its headers only when done): stop it.
-                backend.outstanding -= 1
+                backend.leave(request.kv_chars)
                 if response is not None:
                     response.close()
                 self._abort_on_backend(backend, request.request_id)
@@ -483,7 +487,7 @@ class CompletionService:
                 raise
             except (BackendUnreachable, _BackendFailed, aiohttp.ClientError, asyncio.TimeoutError,
                     StopAsyncIteration) as failure:
-                backend.outstanding -= 1
+                backend.leave(request.kv_chars)
                 if response is not None:
                     response.close()
                 if maybe_running and not isinstance(failure, BackendUnreachable):
@@ -626,7 +630,7 @@ class CompletionService:
         """What every request gives back, however it ended: its place on the backend,
         its slot in the admission queue; and its usage is recorded and settled."""
         if backend is not None:
-            backend.outstanding -= 1
+            backend.leave(request.kv_chars)
         if resolution is not None:
             self._gate.leave(resolution.model)
             if meter.prompt_tokens:

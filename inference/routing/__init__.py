@@ -44,7 +44,7 @@ Wiring (`CompletionService._upstream_start`):
     conversation = policy.home_lookup(model, key)
     home = await homes.get(model.name, conversation) if conversation else None
     backend = policy.pick(model, key, exclude=tried, home=home)
-    placed = policy.observe(model, backend, key); backend.outstanding += 1
+    placed = policy.observe(model, backend, key); backend.enter(key_footprint(key))
     if placed and backend.url != home: homes.put(model.name, placed, backend.url)
 
 Build the key once per request, outside the failover loop. `key` must be the
@@ -72,10 +72,11 @@ one shared tree 93.9 %, per process alone 82.0 %, one process 94.3 %. A
 shared tree would add Redis work to every request for nothing more.
 """
 from .key import routing_key_build
-from .policies import POLICY_NAMES, CacheAware, LeastOutstanding, Policy, RoundRobin, policy_for
+from .policies import POLICY_NAMES, CacheAware, LeastOutstanding, Policy, RoundRobin, key_footprint, policy_for
 from .prefix_tree import PrefixTree
 
 __all__ = [
+    "key_footprint",
     "POLICY_NAMES",
     "CacheAware",
     "LeastOutstanding",

@@ -45,6 +45,15 @@ def conversation_head(key: str) -> str:
     return key[:second] if second >= 0 else key[:ANCHOR_MAX_CHARS]
 
 
+def key_footprint(key: str) -> int:
+    """Characters of a routing key that occupy a backend's KV cache for this
+    request alone: the key past its first message (`conversation_head`, which
+    conversations of a tenant share and the cache holds once); the whole key
+    when it is a single message or a completion prompt."""
+    head = len(conversation_head(key))
+    return len(key) - head if head < len(key) else len(key)
+
+
 def _rendezvous_order(anchor: str, backends: list[BackendState]) -> list[BackendState]:
     """Highest random weight hashing: a pseudo-random order of `backends` that
     depends only on the anchor and the URLs, so every gateway process agrees,
@@ -200,7 +209,15 @@ class CacheAware:
           of the shared prefix (in bench/routing's decision log the tighter
           bound sent 6 % of first turns away from their system prompt). A
           shared prefix is thus copied to another backend only when load
-          pushes it there, and a popular one ends up on several.
+          pushes it there, and a popular one ends up on several. Only
+          backends with room in their KV cache are considered for (b): the
+          key footprints (`key_footprint`: the key past its first message) of
+          the requests in flight there, plus this one's, within `kv_fill` of
+          the capacity the tree assumes (`tree_chars_limit`); if none has
+          room, all are. Counting requests alone, a backend of long
+          conversations took new ones until its cache could no longer keep
+          their histories between turns (bench/routing with 64k-token
+          caches: later turns then had to prefill their history again).
        Every pick after (a) or (b) had no candidate: the least loaded.
     3. Without it (sgl-router's rule): the backend under the bound
        (1 + ε) × mean + slack with the longest matched prefix, if that covers at
@@ -234,6 +251,7 @@ class CacheAware:
         conversation_affinity: bool = True,
         min_shared_chars: int = 512,
         max_conversations: int = 100_000,
+        kv_fill: float | None = 1.0,
     ) -> None:
         self.cache_threshold = cache_threshold
         self.balance_abs_threshold = balance_abs_threshold
@@ -244,6 +262,7 @@ class CacheAware:
         self.block_chars = block_chars
         self.conversation_affinity = conversation_affinity
         self.min_shared_chars = min_shared_chars
+        self.kv_fill = kv_fill
         # Keyed by model name: registry reloads replace ModelEntry objects.
         self._trees: dict[str, PrefixTree] = {}
         # The last key split into blocks, so observe() after pick() does not split again.
@@ -325,16 +344,29 @@ class CacheAware:
                 for backend in candidates:
                     if backend.url == url and backend.outstanding + 1 <= sticky_bound:
                         return backend
-        # (b) A new conversation (or one whose home is gone or full).
+        # (b) A new conversation (or one whose home is gone or full), among the
+        # backends whose KV cache has room for it beside what is in flight there.
         head = conversation_head(key)
-        best, best_chars = _longest_match(candidates, matched, holder_bound)
+        roomy = self._with_room(model.name, candidates, key_footprint(key))
+        best, best_chars = _longest_match(roomy, matched, holder_bound)
         if best is not None and best_chars >= self.min_shared_chars:
-            holders = [b for b in candidates if matched.get(b.url, 0) >= best_chars and b.outstanding + 1 <= holder_bound]
+            holders = [b for b in roomy if matched.get(b.url, 0) >= best_chars and b.outstanding + 1 <= holder_bound]
             return min(_rendezvous_order(head, holders), key=lambda b: b.outstanding)
-        for backend in _rendezvous_order(head, candidates):
+        for backend in _rendezvous_order(head, roomy):
             if backend.outstanding + 1 <= new_bound:
                 return backend
         return self._least_loaded(candidates, low, tree)
+
+    def _with_room(self, model_name: str, candidates: list[BackendState], footprint: int) -> list[BackendState]:
+        """The candidates whose in-flight requests' footprints plus this one stay
+        within `kv_fill` of their KV capacity (in characters, as the tree
+        counts); all of them when none has room, or capacities are unknown."""
+        if self.kv_fill is None:
+            return candidates
+        roomy = [b for b in candidates
+                 if not b.kv_tokens
+                 or b.outstanding_chars + footprint <= self.kv_fill * self.tree_chars_limit(model_name, b)]
+        return roomy or candidates
 
     def observe(self, model: ModelEntry, backend: BackendState, key: str) -> str | None:
         tree = self.tree(model.name)

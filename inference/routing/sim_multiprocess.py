@@ -37,7 +37,7 @@ from dataclasses import dataclass, field, replace
 
 from ..registry import BackendState, ModelEntry
 from .key import routing_key_build
-from .policies import CacheAware, Policy, policy_for
+from .policies import CacheAware, Policy, key_footprint, policy_for
 from .prefix_tree import PrefixTree
 
 CHAT = "chat.completions"
@@ -174,7 +174,7 @@ def simulate(
             placed = policy.observe(model, backend, key)
             if placed is not None and homes is not None and backend.url != home:
                 homes[placed] = backend.url
-            backend.outstanding += 1
+            backend.enter(key_footprint(key))
             index = urls.index(backend.url)
             served[index] += 1
             hit, _ = caches[index].match(prompt)
@@ -185,10 +185,10 @@ def simulate(
             ttfts.append(prefill_free_at[index] - now)
             cache_fill(index, prompt)
             done = prefill_free_at[index] + len(reply) / cluster.decode_chars_per_s
-            heapq.heappush(events, (done, next(sequence), "finish", (conversation, backend, index, namespace)))
+            heapq.heappush(events, (done, next(sequence), "finish", (conversation, backend, index, namespace, key_footprint(key))))
         else:
-            conversation, backend, index, namespace = payload
-            backend.outstanding -= 1
+            conversation, backend, index, namespace, footprint = payload
+            backend.leave(footprint)
             _, reply = conversation.turns[conversation.next_turn]
             conversation.messages.append({"role": "assistant", "content": reply})
             body = {"model": MODEL, "messages": conversation.messages}

@@ -373,3 +373,86 @@ def test_policy_for_names():
         policy_for("random")
     with pytest.raises(TypeError):
         policy_for("round_robin", cache_threshold=0.5)
+
+
+# ---------------------------------------------------------------- KV room
+
+def test_key_footprint_leaves_out_the_shared_first_message():
+    from inference.routing import key_footprint
+    from inference.routing.policies import conversation_head
+
+    key = chat_key("a question " * 20)
+    # the system prompt is held once for every conversation of the tenant: not counted
+    assert key_footprint(key) == len(key) - len(conversation_head(key)) > 0
+    assert key_footprint(key) < len(key) - len(SYSTEM)
+    # a key of one message (or a completion prompt) is all its own
+    prompt = routing_key_build(endpoint="completions", body={"model": "m", "prompt": "once upon a time " * 30})
+    assert key_footprint(prompt) == len(prompt)
+
+
+def _capacity(pool: ModelEntry, tokens: int) -> None:
+    for backend in pool.backends:
+        backend.kv_tokens = tokens
+
+
+def test_cache_aware_new_conversation_skips_a_holder_without_kv_room(pool):
+    from inference.routing import key_footprint
+
+    policy = CacheAware(conversation_affinity=True, bounded_load_epsilon=0.5, bounded_load_slack=2)
+    backends = by_url(pool)
+    # given the system prompt held by a, every backend with 1,000 tokens of KV
+    # (4,000 characters at the default 4 characters per token)
+    policy.observe(pool, backends["http://a"], chat_key("earlier " + "q " * 30))
+    _capacity(pool, 1_000)
+    new = chat_key("new " + "q " * 30)
+    room = policy.tree_chars_limit(pool.name, backends["http://a"]) - key_footprint(new)
+    # when a's requests in flight leave just enough room: the new conversation joins a
+    backends["http://a"].outstanding_chars = room
+    assert policy.pick(pool, new) is backends["http://a"]
+    # when they leave one character too few: it goes to a backend with room
+    backends["http://a"].outstanding_chars = room + 1
+    assert policy.pick(pool, new) in (backends["http://b"], backends["http://c"], backends["http://d"])
+    # when no backend has room, the holder takes it again (counts alone decide)
+    for backend in pool.backends:
+        backend.outstanding_chars = room + 1
+    assert policy.pick(pool, new) is backends["http://a"]
+
+
+def test_cache_aware_kv_room_is_ignored_when_unknown_or_disabled(pool):
+    backends = by_url(pool)
+    new = chat_key("new " + "q " * 30)
+    for policy in (CacheAware(), CacheAware(kv_fill=None)):
+        policy.observe(pool, backends["http://a"], chat_key("earlier " + "q " * 30))
+        backends["http://a"].outstanding_chars = 10**9
+        # capacities unknown (no /server_info yet): the holder
+        _capacity(pool, 0)
+        assert policy.pick(pool, new) is backends["http://a"]
+        # known, and the check disabled: the holder
+        _capacity(pool, 1_000)
+        if policy.kv_fill is None:
+            assert policy.pick(pool, new) is backends["http://a"]
+        else:
+            assert policy.pick(pool, new) is not backends["http://a"]
+
+
+def test_cache_aware_kv_room_does_not_move_a_conversation_from_its_home(pool):
+    policy = CacheAware(conversation_affinity=True, bounded_load_epsilon=0.5, bounded_load_slack=2)
+    _capacity(pool, 1_000)
+    first = chat_key("my question " + "q " * 30)
+    home = send(policy, pool, first)
+    finish(home)
+    # its home is full of other requests' footprints; its next turn still goes
+    # there: elsewhere its whole history would be prefilled again
+    home.outstanding_chars = 10**9
+    later = chat_key("my question " + "q " * 30, "an answer", "a follow-up")
+    assert policy.pick(pool, later) is home
+
+
+def test_backend_state_counts_requests_and_footprints_together():
+    backend = BackendState("http://a")
+    backend.enter(120)
+    backend.enter(30)
+    backend.leave(120)
+    assert (backend.outstanding, backend.outstanding_chars) == (1, 30)
+    backend.leave(30)
+    assert (backend.outstanding, backend.outstanding_chars) == (0, 0)
