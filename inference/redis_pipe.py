@@ -49,11 +49,16 @@ class PipelinedRedis(asyncio.Protocol):
         self._reader = hiredis.Reader()
         self._waiters: deque[asyncio.Future] = deque()
         self._connecting: asyncio.Future | None = None
+        # True once the connection's AUTH and SELECT were answered; until then
+        # callers wait for `_connecting`, so no command runs before them (in
+        # database 0, or unauthenticated).
+        self._ready = False
 
     # asyncio.Protocol
     def connection_made(self, transport) -> None:
         self._transport = transport
         self._reader = hiredis.Reader()
+        self._ready = False
 
     def data_received(self, data: bytes) -> None:
         self._reader.feed(data)
@@ -71,7 +76,10 @@ class PipelinedRedis(asyncio.Protocol):
                 waiter.set_result(reply)
 
     def connection_lost(self, exc) -> None:
+        if self._transport is not None and not self._transport.is_closing():
+            return  # an earlier, aborted connection: the current one is alive
         self._transport = None
+        self._ready = False
         waiters, self._waiters = self._waiters, deque()
         for waiter in waiters:
             if not waiter.done():
@@ -79,19 +87,24 @@ class PipelinedRedis(asyncio.Protocol):
 
     # client
     async def _connect(self) -> None:
+        """Connects, authenticates and selects the database, all within the timeout."""
         loop = asyncio.get_running_loop()
         try:
-            await asyncio.wait_for(loop.create_connection(lambda: self, self._host, self._port), self._timeout)
-        except (OSError, asyncio.TimeoutError) as error:
+            async with asyncio.timeout(self._timeout):
+                await loop.create_connection(lambda: self, self._host, self._port)
+                if self._password:
+                    auth = ("AUTH", self._username, self._password) if self._username else ("AUTH", self._password)
+                    await self._send(auth)
+                if self._db:
+                    await self._send(("SELECT", self._db))
+        except (OSError, TimeoutError, RedisUnavailable, RedisReplyError) as error:
+            if self._transport is not None:
+                self._transport.abort()
             raise RedisUnavailable(f"cannot connect to {self._host}:{self._port}: {error!r}") from None
-        if self._password:
-            auth = ("AUTH", self._username, self._password) if self._username else ("AUTH", self._password)
-            await self._send(auth)
-        if self._db:
-            await self._send(("SELECT", self._db))
+        self._ready = True
 
     async def _connected(self) -> None:
-        if self._transport is not None and not self._transport.is_closing():
+        if self._ready and self._transport is not None and not self._transport.is_closing():
             return
         if self._connecting is None:
             self._connecting = asyncio.ensure_future(self._connect())
