@@ -17,9 +17,9 @@ class BackendState:
     url: str
     api_key: str = ""
     status: str = "active"
-    # Requests this process has in flight on the backend, and the characters of
-    # their routing keys (what of the backend's KV cache they hold, in the
-    # units of the cache-aware policy's prefix tree).
+    # Requests this process has in flight on the backend, and the sum of their
+    # key footprints (routing.policies.key_footprint: what of the backend's KV
+    # cache they hold, in characters as the cache-aware prefix tree counts).
     outstanding: int = 0
     outstanding_chars: int = 0
     # Monotonic time before which the backend takes no requests: its circuit

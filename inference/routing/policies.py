@@ -50,8 +50,11 @@ def key_footprint(key: str) -> int:
     request alone: the key past its first message (`conversation_head`, which
     conversations of a tenant share and the cache holds once); the whole key
     when it is a single message or a completion prompt."""
-    head = len(conversation_head(key))
-    return len(key) - head if head < len(key) else len(key)
+    return _footprint(key, conversation_head(key))
+
+
+def _footprint(key: str, head: str) -> int:
+    return len(key) - len(head) if len(head) < len(key) else len(key)
 
 
 def _rendezvous_order(anchor: str, backends: list[BackendState]) -> list[BackendState]:
@@ -347,7 +350,7 @@ class CacheAware:
         # (b) A new conversation (or one whose home is gone or full), among the
         # backends whose KV cache has room for it beside what is in flight there.
         head = conversation_head(key)
-        roomy = self._with_room(model.name, candidates, key_footprint(key))
+        roomy = self._with_room(model.name, candidates, _footprint(key, head))
         best, best_chars = _longest_match(roomy, matched, holder_bound)
         if best is not None and best_chars >= self.min_shared_chars:
             holders = [b for b in roomy if matched.get(b.url, 0) >= best_chars and b.outstanding + 1 <= holder_bound]

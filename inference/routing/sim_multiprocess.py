@@ -174,7 +174,8 @@ def simulate(
             placed = policy.observe(model, backend, key)
             if placed is not None and homes is not None and backend.url != home:
                 homes[placed] = backend.url
-            backend.enter(key_footprint(key))
+            footprint = key_footprint(key)
+            backend.enter(footprint)
             index = urls.index(backend.url)
             served[index] += 1
             hit, _ = caches[index].match(prompt)
@@ -185,7 +186,7 @@ def simulate(
             ttfts.append(prefill_free_at[index] - now)
             cache_fill(index, prompt)
             done = prefill_free_at[index] + len(reply) / cluster.decode_chars_per_s
-            heapq.heappush(events, (done, next(sequence), "finish", (conversation, backend, index, namespace, key_footprint(key))))
+            heapq.heappush(events, (done, next(sequence), "finish", (conversation, backend, index, namespace, footprint)))
         else:
             conversation, backend, index, namespace, footprint = payload
             backend.leave(footprint)
