@@ -116,10 +116,19 @@ def limits_set(*, target: Tenant | ApiKey | TierLimits, **limits: int | None) ->
         setattr(target, name, value)
     target.full_clean()
     target.save(update_fields=[*limits, "updated_at"])
+    gateways_reload(target=target)
+
+
+def gateways_reload(*, target: Tenant | ApiKey | TierLimits) -> None:
+    """Once the transaction commits, every gateway process drops what it cached of
+    `target` (a key, a tenant's keys, or every key for a tier's defaults) and reads it
+    again on its next request. For writes made elsewhere than these services, e.g. in
+    Django admin."""
     if isinstance(target, ApiKey):
         key_hash = target.key_hash
         transaction.on_commit(lambda: invalidation_publish(kind="api_key", key_hash=key_hash))
     elif isinstance(target, Tenant):
-        transaction.on_commit(lambda: invalidation_publish(kind="tenant", tenant_id=target.pk))
+        tenant_id = target.pk
+        transaction.on_commit(lambda: invalidation_publish(kind="tenant", tenant_id=tenant_id))
     else:
         transaction.on_commit(lambda: invalidation_publish(kind="all_keys"))
