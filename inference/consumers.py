@@ -8,8 +8,13 @@ client-chosen id:
   → {"type": "request", "id": "r1", "endpoint": "chat.completions" | "completions", "body": {…}}
   ← {"type": "delta", "id": "r1", "index": 0, "content": "Hel"}              (per token)
   ← {"type": "usage", "id": "r1", "request_id": "chatcmpl-…",
-     "finish_reason": "stop" | "length" | "cancelled", "usage": {…}}          (last frame of a request)
-  ← {"type": "error", "id": "r1" | null, "status": 400, "error": {message, type, param, code}}
+     "finish_reason": "stop" | "length" | "cancelled", "usage": {…},
+     "headers": {"x-ratelimit-limit-requests": "600", …}}                     (last frame of a request)
+  ← {"type": "error", "id": "r1" | null, "status": 400, "error": {message, type, param, code},
+     "headers": {"retry-after": "2", "retry-after-ms": "1500", …}}
+  `headers` are those the HTTP API would send with the response: the x-ratelimit-*
+  figures, and with an error retry-after, retry-after-ms, x-should-retry ("false":
+  do not retry, e.g. an exhausted budget); left out when there are none.
   → {"type": "cancel", "id": "r1"}    stops that request; a disconnect stops them all.
 """
 import asyncio
@@ -36,7 +41,18 @@ MAX_ID_LENGTH = 128
 
 
 def _error_frame(error: ApiError, request_id: object = None) -> dict:
-    return {"type": "error", "id": request_id, "status": error.status, **error.payload()}
+    frame = {"type": "error", "id": request_id, "status": error.status, **error.payload()}
+    if error.headers:
+        frame["headers"] = error.headers
+    return frame
+
+
+def _usage_frame(request_id: str, request, finish_reason: str | None, usage: dict | None) -> dict:
+    frame = {"type": "usage", "id": request_id, "request_id": request.request_id,
+             "finish_reason": finish_reason, "usage": usage}
+    if request.response_headers:
+        frame["headers"] = request.response_headers
+    return frame
 
 
 class CompletionStreamConsumer(AsyncJsonWebsocketConsumer):
@@ -163,11 +179,9 @@ class CompletionStreamConsumer(AsyncJsonWebsocketConsumer):
             return
         except asyncio.CancelledError:
             if self.principal is not None and not self.closed:
-                await self.send_json({"type": "usage", "id": request_id, "request_id": request.request_id,
-                                      "finish_reason": "cancelled", "usage": request.meter.openai_usage()})
+                await self.send_json(_usage_frame(request_id, request, "cancelled", request.meter.openai_usage()))
             raise
-        await self.send_json({"type": "usage", "id": request_id, "request_id": request.request_id,
-                              "finish_reason": finish_reason, "usage": usage})
+        await self.send_json(_usage_frame(request_id, request, finish_reason, usage))
 
     async def _deltas_send(self, request_id: str, chunk: dict, finish_reason, usage):
         if chunk.get("usage"):

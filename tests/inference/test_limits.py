@@ -215,6 +215,78 @@ def test_websocket_gets_limit_errors_as_frames(gateway, make_tenant):
     assert refused["error"]["code"] == "rate_limit_exceeded"
 
 
+def ws_request(ws, request_id: str, model: str = "test-llm", max_tokens: int = 3) -> None:
+    ws.send(json.dumps({"type": "request", "id": request_id, "body": {
+        "model": model, "max_tokens": max_tokens, "messages": MESSAGES}}))
+
+
+def ws_last_frame(ws, request_id: str) -> dict:
+    """The request's usage or error frame (its deltas skipped)."""
+    while True:
+        frame = json.loads(ws.recv(timeout=10))
+        if frame.get("id") == request_id and frame["type"] in ("usage", "error"):
+            return frame
+
+
+@pytest.mark.parametrize("case", [
+    # (limits, model, max_tokens, error code, words of the message, headers the 429 carries)
+    ({"tenant_limits": {"rpm_limit": 2}}, "test-llm", 3, "rate_limit_exceeded",
+     ("requests per minute", "organization"), ("retry-after", "retry-after-ms", "x-ratelimit-limit-requests")),
+    ({"key_limits": {"tpm_limit": 100}}, "test-llm", 30, "rate_limit_exceeded",
+     ("tokens per minute", "API key"), ("retry-after", "retry-after-ms", "x-ratelimit-limit-tokens")),
+    ({"key_limits": {"monthly_budget_minor": 1}}, "priced-llm", 16, "insufficient_quota",
+     ("monthly spend budget", "API key"), ("x-should-retry",)),
+    ({"tenant_limits": {"monthly_token_budget": 60}}, "test-llm", 8, "insufficient_quota",
+     ("monthly token budget", "organization"), ("x-should-retry",)),
+], ids=["tenant-rpm", "key-tpm", "key-spend-budget", "tenant-token-budget"])
+def test_websocket_each_limit_refuses_with_the_http_error_and_headers(gateway, make_tenant, case):
+    limits, model, max_tokens, code, words, headers = case
+    tk = make_tenant(**limits)
+    with connect(gateway.ws_url, additional_headers={"Authorization": f"Bearer {tk.secret}"}) as ws:
+        ws.recv(timeout=5)
+        for n in range(40):
+            ws_request(ws, f"r{n}", model, max_tokens)
+            frame = ws_last_frame(ws, f"r{n}")
+            if frame["type"] == "error":
+                break
+            assert frame["finish_reason"] in ("stop", "length")
+            # An admitted request's frame carries the figures of the rate-limit headers.
+            assert "x-ratelimit-remaining-requests" in frame["headers"]
+        else:
+            pytest.fail("never refused")
+    assert n >= 1, "the first request must be admitted"
+    assert (frame["status"], frame["error"]["code"]) == (429, code)
+    assert all(word in frame["error"]["message"] for word in words), frame["error"]["message"]
+    assert all(name in frame["headers"] for name in headers), frame["headers"]
+    if code == "insufficient_quota":
+        assert frame["headers"]["x-should-retry"] == "false"
+    else:
+        assert int(frame["headers"]["retry-after-ms"]) > 0
+
+
+def test_websocket_concurrency_limit_frame_and_release(gateway, make_tenant):
+    tk = make_tenant(tenant_limits={"concurrency_limit": 1})
+    with connect(gateway.ws_url, additional_headers={"Authorization": f"Bearer {tk.secret}"}) as ws:
+        ws.recv(timeout=5)
+        ws_request(ws, "slow", "slow-llm", 40)
+        while json.loads(ws.recv(timeout=10))["type"] != "delta":
+            pass
+        ws_request(ws, "refused")
+        refused = ws_last_frame(ws, "refused")
+        assert (refused["status"], refused["error"]["code"]) == (429, "rate_limit_exceeded")
+        assert "concurrent requests" in refused["error"]["message"]
+        ws.send(json.dumps({"type": "cancel", "id": "slow"}))
+        assert ws_last_frame(ws, "slow")["finish_reason"] == "cancelled"
+        # The cancelled request's slot comes back.
+        deadline = time.monotonic() + 3
+        for n in range(100):
+            ws_request(ws, f"after{n}")
+            if ws_last_frame(ws, f"after{n}")["type"] == "usage":
+                break
+            assert time.monotonic() < deadline, "the slot was never released"
+            time.sleep(0.05)
+
+
 def test_websocket_budget_exhaustion_frame(gateway, make_tenant):
     tk = make_tenant(key_limits={"monthly_token_budget": 1})
     with connect(gateway.ws_url, additional_headers={"Authorization": f"Bearer {tk.secret}"}) as ws:
