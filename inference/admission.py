@@ -4,8 +4,14 @@ within a tier), each up to its tier's deadline, then get 503 with retry-after.
 When the queue is full a request of a higher tier takes the place of the lowest
 one waiting, so under overload the free tier is shed first.
 
-Saturation is judged per gateway process: each backend takes
+Saturation is judged two ways. Per gateway process: each backend takes
 GATEWAY_BACKEND_MAX_OUTSTANDING requests from this process before requests wait.
+And by what the backends report, which counts every gateway process's traffic:
+when each active backend of the model has more than GATEWAY_BACKEND_QUEUE_THRESHOLD
+requests waiting in its own queue (GET /v1/loads, polled every
+GATEWAY_BACKEND_LOAD_POLL_SECONDS), standard and free requests wait here, while
+premium ones still go (the backends' queues drain meanwhile, since no one else is
+sent); they are let through as soon as a poll finds a backend below the threshold.
 Each tier may fill a share of that capacity (GATEWAY_TIER_CAPACITY_SHARE): free
 60 %, standard 85 %, premium 125 %. Premium may go past the capacity because a
 slot it waits for is a slot the others hold: with a Poisson stream of premium
@@ -79,8 +85,11 @@ class AdmissionGate:
         queue_max: int,
         timeouts: dict[str, float],
         shares: dict[str, float],
+        backend_queue_threshold: int | None = None,
     ) -> None:
         self._per_backend = max_outstanding_per_backend
+        # None: the backends' own queues are not looked at.
+        self._backend_queue_threshold = backend_queue_threshold
         self._queue_max = queue_max
         self._timeouts = timeouts
         # Rank -> fraction of the capacity requests of that tier may occupy.
@@ -91,9 +100,21 @@ class AdmissionGate:
     def _capacity(self, model: ModelEntry) -> int:
         return self._per_backend * sum(1 for b in model.backends if b.status == "active")
 
-    def _has_room(self, queue: "_ModelQueue", capacity: int, rank: int) -> bool:
+    def backends_saturated(self, model: ModelEntry) -> bool:
+        """Every active backend of the model reports more requests waiting in its
+        queue than the threshold (one that has not reported does not count as
+        saturated)."""
+        threshold = self._backend_queue_threshold
+        if threshold is None:
+            return False
+        active = [b for b in model.backends if b.status == "active" and b.healthy]
+        return bool(active) and all(b.waiting > threshold for b in active)
+
+    def _has_room(self, queue: "_ModelQueue", capacity: int, rank: int, saturated: bool) -> bool:
         if capacity == 0:  # no backend: let routing answer 503 at once
             return True
+        if saturated and rank > 0:
+            return False
         return queue.inflight < max(1, int(capacity * self._share_by_rank.get(rank, 1.0)))
 
     def waiting(self, model_name: str) -> int:
@@ -107,7 +128,7 @@ class AdmissionGate:
             queue = self._queues[model.name] = _ModelQueue()
         capacity = self._capacity(model)
         rank = TIER_RANK.get(tier, len(TIER_RANK))
-        if self._has_room(queue, capacity, rank) and not queue.anyone_ahead(rank):
+        if self._has_room(queue, capacity, rank, self.backends_saturated(model)) and not queue.anyone_ahead(rank):
             queue.inflight += 1
             return
         if queue.waiting >= self._queue_max:
@@ -141,14 +162,25 @@ class AdmissionGate:
     def leave(self, model: ModelEntry) -> None:
         queue = self._queues[model.name]
         queue.inflight -= 1
+        self._grant(queue, model)
+
+    def pump(self, model: ModelEntry) -> None:
+        """Lets waiting requests through that now have room (after the backends'
+        reported queues changed)."""
+        queue = self._queues.get(model.name)
+        if queue is not None and queue.waiting:
+            self._grant(queue, model)
+
+    def _grant(self, queue: "_ModelQueue", model: ModelEntry) -> None:
         capacity = self._capacity(model)
+        saturated = self.backends_saturated(model)
         while queue.heap:
             waiter = queue.heap[0]
             if not waiter.active:
                 heapq.heappop(queue.heap)
                 continue
             # Shares shrink with rank: if the best waiter has no room, nobody has.
-            if not self._has_room(queue, capacity, waiter.rank):
+            if not self._has_room(queue, capacity, waiter.rank, saturated):
                 break
             heapq.heappop(queue.heap)
             queue.withdraw(waiter)

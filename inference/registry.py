@@ -33,6 +33,9 @@ class BackendState:
     # KV cache capacity in tokens (`max_total_num_tokens` of GET /server_info);
     # 0 until read. Cache-aware routing sizes its picture of the cache by it.
     kv_tokens: int = 0
+    # Requests waiting in the backend's own queue (behind its running batch), as it
+    # last reported them (GET /v1/loads); -1 until read, or when it could not say.
+    waiting: int = -1
 
     def enter(self, chars: int) -> None:
         """A request with a key footprint of `chars` was sent here."""

@@ -26,7 +26,7 @@ from .routing.homes import ConversationHomes
 from .metering import UsageRecorder
 from .models import ServedModel
 from .registry import ModelRow, Prices, Registry
-from .sglang import backend_health, backend_kv_tokens, session_create
+from .sglang import backend_health, backend_kv_tokens, backend_waiting, session_create
 from .streaming import CompletionService
 
 logger = logging.getLogger(__name__)
@@ -107,6 +107,9 @@ class GatewayRuntime:
                       "standard": settings.GATEWAY_QUEUE_TIMEOUT_STANDARD_SECONDS,
                       "free": settings.GATEWAY_QUEUE_TIMEOUT_FREE_SECONDS},
             shares=settings.GATEWAY_TIER_CAPACITY_SHARE,
+            backend_queue_threshold=(settings.GATEWAY_BACKEND_QUEUE_THRESHOLD
+                                     if settings.GATEWAY_BACKEND_QUEUE_THRESHOLD >= 0
+                                     and settings.GATEWAY_BACKEND_LOAD_POLL_SECONDS > 0 else None),
         )
         self.homes = ConversationHomes(
             self.redis, namespace=settings.GATEWAY_REDIS_NAMESPACE,
@@ -144,6 +147,7 @@ class GatewayRuntime:
             loop.create_task(self._registry_refresh_loop(), name="registry-refresh"),
             loop.create_task(self._invalidation_listen_loop(), name="invalidation-listener"),
             loop.create_task(self._health_check_loop(), name="backend-health"),
+            loop.create_task(self._backend_load_loop(), name="backend-load"),
         ]
 
     async def stop(self) -> None:
@@ -169,6 +173,28 @@ class GatewayRuntime:
                 await self.registry_reload()
             except Exception:
                 logger.exception("registry reload failed; keeping the previous snapshot")
+
+    async def _backend_load_loop(self) -> None:
+        """The backends' queues (GET /v1/loads) for priority admission, every
+        GATEWAY_BACKEND_LOAD_POLL_SECONDS; requests held back while every backend
+        of a model was saturated go as soon as one is not."""
+        interval = settings.GATEWAY_BACKEND_LOAD_POLL_SECONDS
+        if interval <= 0 or settings.GATEWAY_BACKEND_QUEUE_THRESHOLD < 0:
+            return
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                backends = [b for b in self.registry.backends() if b.status == "active" and b.healthy]
+                waiting = await asyncio.gather(*(
+                    backend_waiting(self.session, b, timeout=min(interval, settings.GATEWAY_HEALTH_TIMEOUT_SECONDS))
+                    for b in backends
+                ))
+                for backend, count in zip(backends, waiting):
+                    backend.waiting = count
+                for model in self.registry.models():
+                    self.gate.pump(model)
+            except Exception:
+                logger.exception("backend load poll failed")
 
     async def _health_check_loop(self) -> None:
         """Active checks: GET /health of every backend, every GATEWAY_HEALTH_CHECK_SECONDS;

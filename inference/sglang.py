@@ -76,26 +76,46 @@ async def backend_health(session: aiohttp.ClientSession, backend: BackendState, 
         return False
 
 
-async def backend_kv_tokens(session: aiohttp.ClientSession, backend: BackendState, *, timeout: float) -> int:
-    """The backend's KV cache capacity in tokens, from SGLang's GET /server_info
-    (`/get_server_info` on releases before it): `max_total_num_tokens`, at the
-    top level (older releases) or in `internal_states[0]`. 0 when it cannot be read."""
-    for path in ("/server_info", "/get_server_info"):
+async def _get_json_first(session: aiohttp.ClientSession, backend: BackendState, paths: tuple[str, ...], *,
+                          timeout: float) -> object:
+    """The JSON body of the first of `paths` the backend has (a 404 moves on to the
+    next: SGLang renamed some endpoints between releases); None when none answers
+    200 with JSON."""
+    for path in paths:
         try:
             async with session.get(backend.url + path, headers=_headers(backend),
                                    timeout=aiohttp.ClientTimeout(total=timeout)) as response:
                 if response.status == 404:
                     continue
                 if response.status != 200:
-                    return 0
-                info = orjson.loads(await response.read())
+                    return None
+                return orjson.loads(await response.read())
         except (aiohttp.ClientError, asyncio.TimeoutError, orjson.JSONDecodeError):
-            return 0
-        if not isinstance(info, dict):
-            return 0
-        value = info.get("max_total_num_tokens")
-        states = info.get("internal_states")
-        if value is None and isinstance(states, list) and states and isinstance(states[0], dict):
-            value = states[0].get("max_total_num_tokens")
-        return value if isinstance(value, int) and value > 0 else 0
-    return 0
+            return None
+    return None
+
+
+async def backend_kv_tokens(session: aiohttp.ClientSession, backend: BackendState, *, timeout: float) -> int:
+    """The backend's KV cache capacity in tokens, from SGLang's GET /server_info
+    (`/get_server_info` on releases before it): `max_total_num_tokens`, at the
+    top level (older releases) or in `internal_states[0]`. 0 when it cannot be read."""
+    info = await _get_json_first(session, backend, ("/server_info", "/get_server_info"), timeout=timeout)
+    if not isinstance(info, dict):
+        return 0
+    value = info.get("max_total_num_tokens")
+    states = info.get("internal_states")
+    if value is None and isinstance(states, list) and states and isinstance(states[0], dict):
+        value = states[0].get("max_total_num_tokens")
+    return value if isinstance(value, int) and value > 0 else 0
+
+
+async def backend_waiting(session: aiohttp.ClientSession, backend: BackendState, *, timeout: float) -> int:
+    """Requests waiting in the backend's queue, summed over its data-parallel ranks:
+    `num_waiting_reqs` of SGLang's GET /v1/loads (`/get_load` on releases before
+    0.5.23, which have no /v1/loads). -1 when it cannot be read."""
+    body = await _get_json_first(session, backend, ("/v1/loads?include=core", "/get_load"), timeout=timeout)
+    ranks = body.get("loads") if isinstance(body, dict) else body
+    try:
+        return sum(int(rank.get("num_waiting_reqs", 0)) for rank in ranks)
+    except (AttributeError, TypeError, ValueError):
+        return -1

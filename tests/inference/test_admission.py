@@ -23,11 +23,11 @@ def one_slot_gateway(registry, live_tmp, django_db_setup):
     process_stop(gateway.process)
 
 
-def stream_in_thread(gateway, secret, max_tokens, log, name):
+def stream_in_thread(gateway, secret, max_tokens, log, name, model="slow-llm"):
     def run():
         client = openai.OpenAI(base_url=gateway.base_url, api_key=secret, max_retries=0)
         try:
-            for chunk in client.chat.completions.create(model="slow-llm", messages=MESSAGES, max_tokens=max_tokens,
+            for chunk in client.chat.completions.create(model=model, messages=MESSAGES, max_tokens=max_tokens,
                                                         stream=True):
                 if chunk.choices and chunk.choices[0].delta.content:
                     log.append((time.monotonic(), name, "token"))
@@ -246,3 +246,106 @@ def test_admission_outcomes_leave_no_reference_cycles():
             gc.enable()
 
     assert asyncio.run(main()) == 0
+
+
+def test_backends_reported_queues_hold_standard_and_free_but_not_premium():
+    """Every backend reporting more waiting requests than the threshold saturates
+    the model whatever this process has in flight: premium still goes, standard
+    waits until a poll finds a backend below it, free is turned away at its deadline."""
+    import asyncio
+
+    from inference.admission import AdmissionGate
+    from inference.errors import ApiError
+    from inference.registry import BackendState, ModelEntry
+
+    async def main():
+        gate = AdmissionGate(max_outstanding_per_backend=100, queue_max=100,
+                             timeouts={"standard": 60.0, "free": 0.2},
+                             shares={"premium": 1.25, "standard": 0.85, "free": 0.6}, backend_queue_threshold=4)
+        a, b = BackendState("http://a"), BackendState("http://b")
+        model = ModelEntry("m", "m", 8192, "tests", 0, backends=[a, b])
+        # A backend that has not reported does not count as saturated.
+        a.waiting = 9
+        assert not gate.backends_saturated(model)
+        b.waiting = 5
+        assert gate.backends_saturated(model)
+        await asyncio.wait_for(gate.enter(model, "premium"), 0.1)
+        standard = asyncio.ensure_future(gate.enter(model, "standard"))
+        free = asyncio.ensure_future(gate.enter(model, "free"))
+        await asyncio.sleep(0.05)
+        gate.pump(model)  # still saturated: nothing moves
+        assert not standard.done() and not free.done()
+        with pytest.raises(ApiError) as refused:
+            await free
+        assert (refused.value.status, refused.value.code) == (503, "overloaded")
+        assert not standard.done()
+        b.waiting = 4  # at the threshold, not above it
+        gate.pump(model)
+        await asyncio.wait_for(standard, 0.1)
+        return gate._queues["m"].inflight
+
+    assert asyncio.run(main()) == 2
+
+
+@pytest.fixture(scope="module")
+def queued_backend(live_tmp, django_db_blocker, django_db_setup):
+    """Model queued-llm on one simulator that runs one request at a time."""
+    from inference.models import ServedModel
+    from tests.conftest import pool_start
+
+    [sim] = pool_start(live_tmp, django_db_blocker, "queued-llm", ServedModel.RoutingPolicy.ROUND_ROBIN, 1,
+                       "--max-running-requests", "1", "--itl-ms", "10")
+    yield sim
+    process_stop(sim.process)
+
+
+@pytest.fixture(scope="module")
+def queue_watching_gateway(queued_backend, live_tmp, django_db_setup):
+    gateway = gateway_start(live_tmp, connection.settings_dict["NAME"], GATEWAY_BACKEND_QUEUE_THRESHOLD="2",
+                            GATEWAY_BACKEND_LOAD_POLL_SECONDS="0.1", GATEWAY_QUEUE_TIMEOUT_FREE_SECONDS="0.5",
+                            GATEWAY_QUEUE_TIMEOUT_STANDARD_SECONDS="20", GATEWAY_REGISTRY_REFRESH_SECONDS="0.2")
+    yield gateway
+    process_stop(gateway.process)
+
+
+def test_backend_saturated_by_other_traffic_holds_lower_tiers(queue_watching_gateway, queued_backend, make_tenant):
+    """Traffic this gateway never saw (another gateway process's, here straight to
+    the backend) fills the backend's queue: a free request is turned away, a premium
+    one is served, a standard one waits until the backend's queue is short again."""
+    import json
+    import urllib.request
+
+    from tests.inference.sim_control import sim_call
+
+    def direct(max_tokens: int) -> None:
+        body = json.dumps({"model": "queued-llm", "max_tokens": max_tokens, "stream": True,
+                           "messages": MESSAGES}).encode()
+        request = urllib.request.Request(queued_backend.url + "/v1/chat/completions", body,
+                                         {"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=30) as response:
+            response.read()
+
+    def waiting() -> int:
+        return sim_call(queued_backend, "/v1/loads")["loads"][0]["num_waiting_reqs"]
+
+    free, standard, premium = (make_tenant(tier=t) for t in ("free", "standard", "premium"))
+    # Eight requests of ~0.6 s each, one at a time: about 4 s of queue.
+    others = [threading.Thread(target=direct, args=(60,)) for _ in range(8)]
+    for thread in others:
+        thread.start()
+    deadline = time.monotonic() + 5
+    while waiting() < 5:
+        assert time.monotonic() < deadline, "the backend never queued the direct requests"
+        time.sleep(0.02)
+    time.sleep(0.3)  # a poll of the gateway's has seen it
+    log = []
+    threads = [stream_in_thread(queue_watching_gateway, tk.secret, 3, log, name, model="queued-llm")
+               for tk, name in ((free, "free"), (standard, "standard"), (premium, "premium"))]
+    for thread in threads + others:
+        thread.join(timeout=30)
+
+    assert first(log, "free")[2:4] == (503, "overloaded")
+    assert first(log, "premium")[2] == "token" and first(log, "standard")[2] == "token"
+    # Premium joined the backend's queue at once; standard waited here until it was short.
+    assert first(log, "premium")[0] < first(log, "standard")[0]
+    assert waiting() == 0
