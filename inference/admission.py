@@ -107,8 +107,13 @@ class AdmissionGate:
         threshold = self._backend_queue_threshold
         if threshold is None:
             return False
-        active = [b for b in model.backends if b.status == "active" and b.healthy]
-        return bool(active) and all(b.waiting > threshold for b in active)
+        saturated = False
+        for backend in model.backends:
+            if backend.status == "active" and backend.healthy:
+                if backend.waiting <= threshold:
+                    return False
+                saturated = True
+        return saturated
 
     def _has_room(self, queue: "_ModelQueue", capacity: int, rank: int, saturated: bool) -> bool:
         if capacity == 0:  # no backend: let routing answer 503 at once

@@ -22,6 +22,11 @@ class GatewaysReloadMixin:
         services.gateways_reload(target=obj)
         super().delete_model(request, obj)
 
+    def delete_queryset(self, request, queryset):
+        for obj in queryset:
+            services.gateways_reload(target=obj)
+        super().delete_queryset(request, queryset)
+
 
 class MembershipInline(admin.TabularInline):
     model = Membership
