@@ -349,3 +349,46 @@ def test_backend_saturated_by_other_traffic_holds_lower_tiers(queue_watching_gat
     # Premium joined the backend's queue at once; standard waited here until it was short.
     assert first(log, "premium")[0] < first(log, "standard")[0]
     assert waiting() == 0
+
+
+def test_backend_queue_is_read_from_v1_loads_or_get_load():
+    """SGLang 0.5.23 answers GET /v1/loads; earlier releases only /get_load (a list of
+    per-rank dicts). Both are summed over data-parallel ranks; a backend that answers
+    neither, or is not there, reads -1 (unknown)."""
+    import asyncio
+
+    import aiohttp
+    from aiohttp import web
+
+    from inference.registry import BackendState
+    from inference.sglang import backend_waiting
+    from tests.conftest import free_port
+
+    def answer(body):
+        async def handler(request):
+            return web.json_response(body)
+        return handler
+
+    async def main():
+        new, old, neither = web.Application(), web.Application(), web.Application()
+        new.router.add_get("/v1/loads", answer(
+            {"loads": [{"dp_rank": 0, "num_waiting_reqs": 3}, {"dp_rank": 1, "num_waiting_reqs": 4}]}))
+        old.router.add_get("/get_load", answer([{"dp_rank": 0, "num_reqs": 9, "num_waiting_reqs": 5}]))
+        neither.router.add_get("/health", answer({}))
+        runners, urls = [], []
+        for app in (new, old, neither):
+            runner = web.AppRunner(app)
+            await runner.setup()
+            port = free_port()
+            await web.TCPSite(runner, "127.0.0.1", port).start()
+            runners.append(runner)
+            urls.append(f"http://127.0.0.1:{port}")
+        urls.append(f"http://127.0.0.1:{free_port()}")  # nothing listening
+        try:
+            async with aiohttp.ClientSession() as session:
+                return [await backend_waiting(session, BackendState(url), timeout=2.0) for url in urls]
+        finally:
+            for runner in runners:
+                await runner.cleanup()
+
+    assert asyncio.run(main()) == [7, 5, -1, -1]
