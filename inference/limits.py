@@ -85,7 +85,7 @@ def rate_limited(reason: str, retry_after_ms: int, scope: int, headers: dict[str
         return ApiError(
             429, f"The rest of your {owner}'s monthly budget is reserved by requests in flight. "
             "Please try again in 1s.", type="rate_limit_exceeded", code="rate_limit_exceeded",
-            headers={"retry-after": "1", "retry-after-ms": "1000"},
+            headers={**headers, "retry-after": "1", "retry-after-ms": "1000"},
         )
     if reason == "tokens_request_too_large":
         return ApiError(
@@ -256,13 +256,7 @@ class Limiter:
             scope = result[-1]
             if status == 1:
                 reason, retry_ms = result[1].decode(), int(result[2])
-                limits = principal.key_limits if scope == KEY_SCOPE else principal.tenant_limits
-                headers = {}
-                if reason == "requests":
-                    headers = _headers(limits.rpm, 0, retry_ms, 0, 0, 0)
-                elif reason == "tokens":
-                    headers = _headers(0, 0, 0, limits.tpm, 0, retry_ms)
-                raise rate_limited(reason, retry_ms, scope, headers)
+                raise rate_limited(reason, retry_ms, scope, _headers(*result[3:9]))
             budget = result[1].decode()
             self._alert(principal, scope, admission.period, "hard", budget)
             raise insufficient_quota(budget, scope)

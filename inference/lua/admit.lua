@@ -14,10 +14,12 @@
 -- the limit.
 --
 -- Returns {0, req_limit, req_remaining, req_reset_ms, tok_limit, tok_remaining,
---          tok_reset_ms} when admitted, {1, reason, retry_after_ms, scope} when a
--- rate limit refuses it (or a budget held by requests in flight:
--- 'budget_reserved'), {2, reason, scope} when a budget is exhausted, {3, scope} when a
--- budget must first be loaded from the database (budget_init.lua).
+--          tok_reset_ms} when admitted, {1, reason, retry_after_ms, req_limit,
+-- req_remaining, req_reset_ms, tok_limit, tok_remaining, tok_reset_ms, scope} when a
+-- rate limit of `scope` refuses it (or a budget held by requests in flight:
+-- 'budget_reserved'; the figures are that scope's, for the response's headers),
+-- {2, reason, scope} when a budget is exhausted, {3, scope} when a budget must first
+-- be loaded from the database (budget_init.lua).
 
 local now_ms = tonumber(ARGV[1])
 local rid = ARGV[2]
@@ -94,37 +96,73 @@ local function reclaim_expired(inflight, reservations, tok_key, budget)
   end
 end
 
-local best = {0, -1, 0, 0, -1, 0}
-local sums = {}
+-- Every scope's windows are brought up to date first, whatever the verdict, so
+-- that a refusal can report the figures of both scopes.
+local sums, limits = {}, {}
 for scope = 1, 2 do
   local k = (scope - 1) * 5
   local a = 6 + (scope - 1) * 6
-  local rpm, tpm, conc = tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2]), tonumber(ARGV[a + 3])
   local budget_micros, budget_tokens = tonumber(ARGV[a + 4]), tonumber(ARGV[a + 5])
-  local req_key, tok_key, inflight, reservations, budget =
-    KEYS[k + 1], KEYS[k + 2], KEYS[k + 3], KEYS[k + 4], KEYS[k + 5]
-
+  limits[scope] = {tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2]), tonumber(ARGV[a + 3]), budget_micros, budget_tokens}
   if budget_micros > 0 or budget_tokens > 0 then
-    if redis.call('HEXISTS', budget, 'init') == 0 then
+    if redis.call('HEXISTS', KEYS[k + 5], 'init') == 0 then
       return {3, scope}
     end
   end
-  reclaim_expired(inflight, reservations, tok_key, budget)
-  local req_sum = advance(req_key)
-  local tok_sum = advance(tok_key)
-  sums[scope] = {req_sum, tok_sum}
+  reclaim_expired(KEYS[k + 3], KEYS[k + 4], KEYS[k + 2], KEYS[k + 5])
+  sums[scope] = {advance(KEYS[k + 1]), advance(KEYS[k + 2])}
+end
+
+local function figures(more_requests, more_tokens)
+  -- {req_limit, req_remaining, req_reset_ms, tok_limit, tok_remaining, tok_reset_ms}:
+  -- per limit, the scope with the least room left once `more_*` are counted.
+  local f = {0, -1, 0, 0, -1, 0}
+  local reset = window * 1000 - (now_ms % 1000)
+  for scope = 1, 2 do
+    local rpm, tpm = limits[scope][1], limits[scope][2]
+    local req_left = rpm - sums[scope][1] - more_requests
+    local tok_left = tpm - sums[scope][2] - more_tokens
+    if rpm > 0 and (f[2] < 0 or req_left < f[2]) then
+      f[1], f[2], f[3] = rpm, req_left, reset
+    end
+    if tpm > 0 and (f[5] < 0 or tok_left < f[5]) then
+      f[4], f[5], f[6] = tpm, tok_left, reset
+    end
+  end
+  f[2], f[5] = math.max(f[2], 0), math.max(f[5], 0)
+  return f
+end
+
+local function refuse(reason, retry_ms, scope)
+  -- A refusal, with the figures as they stand; the refused limit's are the refusing
+  -- scope's, reset when there is room again.
+  local f = figures(0, 0)
+  if reason == 'requests' then
+    f[1], f[2], f[3] = limits[scope][1], 0, retry_ms
+  elseif reason == 'tokens' then
+    local tpm = limits[scope][2]
+    f[4], f[5], f[6] = tpm, math.max(tpm - sums[scope][2], 0), retry_ms
+  end
+  return {1, reason, retry_ms, f[1], f[2], f[3], f[4], f[5], f[6], scope}
+end
+
+for scope = 1, 2 do
+  local k = (scope - 1) * 5
+  local rpm, tpm, conc, budget_micros, budget_tokens = unpack(limits[scope])
+  local req_key, tok_key, inflight, budget = KEYS[k + 1], KEYS[k + 2], KEYS[k + 3], KEYS[k + 5]
+  local req_sum, tok_sum = sums[scope][1], sums[scope][2]
 
   if rpm > 0 and req_sum + 1 > rpm then
-    return {1, 'requests', retry_after_ms(req_key, req_sum + 1 - rpm), scope}
+    return refuse('requests', retry_after_ms(req_key, req_sum + 1 - rpm), scope)
   end
   if tpm > 0 and tok_sum + tokens > tpm then
     if tokens > tpm then
-      return {1, 'tokens_request_too_large', 0, scope}
+      return refuse('tokens_request_too_large', 0, scope)
     end
-    return {1, 'tokens', retry_after_ms(tok_key, tok_sum + tokens - tpm), scope}
+    return refuse('tokens', retry_after_ms(tok_key, tok_sum + tokens - tpm), scope)
   end
   if conc > 0 and redis.call('ZCARD', inflight) + 1 > conc then
-    return {1, 'concurrency', 1000, scope}
+    return refuse('concurrency', 1000, scope)
   end
   if budget_micros > 0 or budget_tokens > 0 then
     local b = redis.call('HMGET', budget, 'spent_micros', 'reserved_micros', 'spent_tokens', 'reserved_tokens')
@@ -137,22 +175,15 @@ for scope = 1, 2 do
       if spent >= budget_micros or spent + cost > budget_micros then
         return {2, 'spend', scope}
       end
-      return {1, 'budget_reserved', 1000, scope}
+      return refuse('budget_reserved', 1000, scope)
     end
     if budget_tokens > 0 and (used_tokens >= budget_tokens or used_tokens + tokens > budget_tokens) then
       local spent = tonumber(b[3]) or 0
       if spent >= budget_tokens or spent + tokens > budget_tokens then
         return {2, 'tokens', scope}
       end
-      return {1, 'budget_reserved', 1000, scope}
+      return refuse('budget_reserved', 1000, scope)
     end
-  end
-  -- Headers report the scope with the least room left.
-  if rpm > 0 and (best[2] < 0 or rpm - req_sum - 1 < best[2]) then
-    best[1], best[2], best[3] = rpm, rpm - req_sum - 1, window * 1000 - (now_ms % 1000)
-  end
-  if tpm > 0 and (best[5] < 0 or tpm - tok_sum - tokens < best[5]) then
-    best[4], best[5], best[6] = tpm, tpm - tok_sum - tokens, window * 1000 - (now_ms % 1000)
   end
 end
 
@@ -183,4 +214,5 @@ for scope = 1, 2 do
     redis.call('EXPIRE', reservations, expire_s)
   end
 end
-return {0, best[1], math.max(best[2], 0), best[3], best[4], math.max(best[5], 0), best[6]}
+local best = figures(1, tokens)
+return {0, best[1], best[2], best[3], best[4], best[5], best[6]}

@@ -54,6 +54,10 @@ def test_requests_per_minute_per_key(gateway, make_tenant):
     assert 1 <= int(headers["retry-after"]) <= 60
     assert 0 < int(headers["retry-after-ms"]) <= 60_000
     assert headers["x-ratelimit-remaining-requests"] == "0"
+    # The refusing scope's other figures come along, as on every response.
+    assert headers["x-ratelimit-limit-requests"] == "3"
+    assert all(name in headers for name in RATE_HEADERS), dict(headers)
+    assert headers["x-ratelimit-limit-tokens"] == "1000000"  # the standard tier's, for the key's tenant
     # A refused request is recorded, with no tokens to bill.
     rows = usage_rows_wait(api_key=tk.api_key, count=4)
     assert [(r.status, r.http_status) for r in rows] == [("ok", 200)] * 3 + [("error", 429)]
@@ -103,7 +107,11 @@ def test_a_request_larger_than_the_token_limit_is_refused_without_retry(gateway,
     tk = make_tenant(key_limits={"tpm_limit": 100})
     with pytest.raises(openai.RateLimitError) as caught:
         chat_raw(client_for(gateway, tk.secret, retries=2), max_tokens=500)
-    assert caught.value.response.headers["x-should-retry"] == "false"
+    headers = caught.value.response.headers
+    assert headers["x-should-retry"] == "false"
+    # Nothing was used: the whole limit is left, and the requests figures come along.
+    assert (headers["x-ratelimit-limit-tokens"], headers["x-ratelimit-remaining-tokens"]) == ("100", "100")
+    assert headers["x-ratelimit-limit-requests"] == "600"
 
 
 def test_concurrency_limit_and_its_release_after_ok_failed_and_aborted(gateway, registry, make_tenant):
