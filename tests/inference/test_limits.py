@@ -255,6 +255,10 @@ def test_websocket_each_limit_refuses_with_the_http_error_and_headers(gateway, m
         for n in range(40):
             ws_request(ws, f"r{n}", model, max_tokens)
             frame = ws_last_frame(ws, f"r{n}")
+            if frame["type"] == "error" and "in flight" in frame["error"]["message"]:
+                # The previous request's reservation is not settled yet: retry shortly.
+                time.sleep(0.05)
+                continue
             if frame["type"] == "error":
                 break
             assert frame["finish_reason"] in ("stop", "length")
