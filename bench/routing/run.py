@@ -211,6 +211,10 @@ async def closed_loop(*, ports: list[int], api_key: str | None, workload: Worklo
     return records, window[0], window[1]
 
 
+# A first turn that found fewer cached tokens than this found none of its system prompt.
+FIRST_TURN_MISS_TOKENS = 64
+
+
 # ------------------------------------------------------------------ oracle --
 class Tokens:
     """Token ids of chat prompts as the simulator computes them. Each message renders
@@ -252,6 +256,7 @@ def oracle(records: list[Record], tokens: Tokens, t0: float, t1: float) -> dict:
     cache = RadixCache(capacity_tokens=1 << 60)
     prompt_total = cached_total = mismatched = 0
     first = [0, 0]  # first turns: prompt, cached
+    first_misses = 0  # first turns that find none of their system prompt
     for r in sorted((r for r in records if r.ok), key=lambda r: r.t_write):
         ids = tokens.prompt(r.messages)
         hit = cache.match_prefix(ids[:-1]).length
@@ -263,10 +268,12 @@ def oracle(records: list[Record], tokens: Tokens, t0: float, t1: float) -> dict:
             if r.turn == 0:
                 first[0] += len(ids)
                 first[1] += hit
+                first_misses += hit < FIRST_TURN_MISS_TOKENS
     later = (prompt_total - first[0], cached_total - first[1])
     return {"hit_rate": cached_total / prompt_total if prompt_total else None, "prompt_tokens": prompt_total,
             "cached_tokens": cached_total, "prompt_length_mismatches": mismatched,
             "first_turn_hit_rate": first[1] / first[0] if first[0] else None,
+            "first_turn_misses": first_misses,
             "later_turn_hit_rate": later[1] / later[0] if later[0] else None}
 
 
@@ -303,12 +310,15 @@ def turn_breakdown(records: list[Record], t0: float, t1: float) -> dict:
     system prompt (the turn went elsewhere or its history was evicted), or less."""
     previous: dict[tuple[int, int], Record] = {(r.conversation, r.turn): r for r in records if r.ok}
     first_p = first_c = later_p = later_c = kept = system_only = less = 0
+    first_n = first_misses = 0
     for r in records:
         if not (r.ok and t0 <= r.t_write < t1):
             continue
         if r.turn == 0:
             first_p += r.prompt_tokens
             first_c += r.cached_tokens
+            first_n += 1
+            first_misses += r.cached_tokens < FIRST_TURN_MISS_TOKENS
             continue
         later_p += r.prompt_tokens
         later_c += r.cached_tokens
@@ -323,6 +333,7 @@ def turn_breakdown(records: list[Record], t0: float, t1: float) -> dict:
             less += 1
     later = kept + system_only + less
     return {"first_turn_hit_rate": first_c / first_p if first_p else None,
+            "first_turns": first_n, "first_turn_misses": first_misses,
             "later_turn_hit_rate": later_c / later_p if later_p else None,
             "later_turns": later, "history_kept": kept / later if later else None,
             "system_prompt_only": system_only / later if later else None,
@@ -436,7 +447,7 @@ def render(results: dict, meta: dict) -> str:
             + ", ".join(r["label"] for r in noisy) + ": rerun on a quieter machine or with a larger --time-scale")
     out("")
     out(f"{'hits by turn':<34} {'first turns':>11} {'oracle':>7} {'later turns':>11} {'oracle':>7} "
-        f"{'history found':>13}")
+        f"{'history found':>13} {'first-turn misses':>17}")
     for row in results["targets"].values():
         turns, orc = row["turns"], row["oracle"]
 
@@ -445,8 +456,12 @@ def render(results: dict, meta: dict) -> str:
 
         out(f"{row['label']:<34} {p(turns['first_turn_hit_rate']):>11} {p(orc.get('first_turn_hit_rate')):>7} "
             f"{p(turns['later_turn_hit_rate']):>11} {p(orc.get('later_turn_hit_rate')):>7} "
-            f"{p(turns['history_kept']):>13}")
-    out("(history found = later turns whose cached tokens cover the previous turn's prompt + reply)")
+            f"{p(turns['history_kept']):>13} "
+            f"{turns['first_turn_misses']:>5} of {turns['first_turns']:<4} (oracle {orc.get('first_turn_misses')})")
+    out("(history found = later turns whose cached tokens cover the previous turn's prompt + reply;")
+    out(f" first-turn misses = first turns that found fewer than {FIRST_TURN_MISS_TOKENS} cached tokens, none of their "
+        "system prompt;")
+    out("   the oracle misses only a tenant's first conversation)")
     out("")
     multi = results["analysis"]["multiprocess"]
     for name, text in (("shared_homes", "prefix trees per process, conversation homes shared in Redis"),
