@@ -4,6 +4,7 @@ from django.db import transaction
 from config.redis import invalidation_publish
 
 from .models import Backend, ServedModel
+from .sglang import LOAD_PATHS, load_ranks
 
 
 def _registry_changed() -> None:
@@ -49,17 +50,16 @@ def backend_load_get(*, backend: Backend, timeout: float = 2.0) -> int | None:
     import urllib.request
 
     headers = {"Authorization": f"Bearer {backend.api_key}"} if backend.api_key else {}
-    for path in ("/v1/loads?include=core", "/get_load"):
+    for path in LOAD_PATHS:
         try:
             with urllib.request.urlopen(urllib.request.Request(backend.url + path, headers=headers),
                                         timeout=timeout) as response:
                 body = json.load(response)
         except (urllib.error.URLError, OSError, ValueError):
             continue
-        ranks = body.get("loads", []) if isinstance(body, dict) else body
         try:
             return sum(int(r.get("num_running_reqs", r.get("num_reqs", 0))) + int(r.get("num_waiting_reqs", 0))
-                       for r in ranks)
+                       for r in load_ranks(body))
         except (AttributeError, TypeError, ValueError):
             continue
     return None

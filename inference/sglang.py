@@ -113,9 +113,21 @@ async def backend_waiting(session: aiohttp.ClientSession, backend: BackendState,
     """Requests waiting in the backend's queue, summed over its data-parallel ranks:
     `num_waiting_reqs` of SGLang's GET /v1/loads (`/get_load` on releases before
     0.5.23, which have no /v1/loads). -1 when it cannot be read."""
-    body = await _get_json_first(session, backend, ("/v1/loads?include=core", "/get_load"), timeout=timeout)
-    ranks = body.get("loads") if isinstance(body, dict) else body
+    body = await _get_json_first(session, backend, LOAD_PATHS, timeout=timeout)
     try:
-        return sum(int(rank.get("num_waiting_reqs", 0)) for rank in ranks)
+        return sum(int(rank.get("num_waiting_reqs", 0)) for rank in load_ranks(body))
     except (AttributeError, TypeError, ValueError):
         return -1
+
+
+# Where SGLang reports its load: /v1/loads since 0.5.23, /get_load before.
+LOAD_PATHS = ("/v1/loads?include=core", "/get_load")
+
+
+def load_ranks(body: object) -> list:
+    """The per-rank load dicts of a /v1/loads body ({"loads": [...]}) or of a
+    /get_load one (the list itself)."""
+    ranks = body.get("loads") if isinstance(body, dict) else body
+    if not isinstance(ranks, list):
+        raise TypeError("not a load report")
+    return ranks
