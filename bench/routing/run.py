@@ -9,16 +9,19 @@ policy round_robin, least_outstanding and cache_aware (1 process), cache_aware
 with 4 gateway processes (the load spread round robin over them), and the real
 sglang-router (cache_aware, defaults) directly in front of the simulators. An
 oracle computes the hit rate of an unbounded cache with perfect affinity for the
-same requests. Prints one table and writes bench/results/routing.json.
-Everything started here is stopped on exit, Ctrl-C or error.
+same requests. Then cache_aware and sgl-router again on further workload seeds
+(--more-seeds), for a hit-rate comparison that is not one sample's. Prints the
+tables and writes bench/results/routing.json. Everything started here is
+stopped on exit, Ctrl-C or error.
 
-Usage: bench/run.sh routing [--duration S] [--warmup S] [--concurrency N] [--time-scale X] ...
+Usage: bench/run.sh routing [--seed N] [--more-seeds N,M] [--duration S] [--warmup S] [--concurrency N] ...
 """
 from __future__ import annotations
 
 import argparse
 import asyncio
 import concurrent.futures
+import dataclasses
 import gc
 import json
 import os
@@ -55,6 +58,8 @@ TARGETS = {
     "cache_aware_4p_local": ("cache_aware, 4 processes, no homes", "gateway", "cache_aware", 4, False),
     "sgl_router": ("sgl-router cache_aware", "router", None, 0, True),
 }
+# Targets run again on each of --more-seeds (the hit-rate comparison).
+SEED_TARGETS = ("cache_aware", "sgl_router")
 ROUTER_FLAGS = ["--policy", "cache_aware", "--log-level", "warn", "--health-check-interval-secs", "3600"]
 
 
@@ -311,14 +316,23 @@ def turn_breakdown(records: list[Record], t0: float, t1: float) -> dict:
     previous: dict[tuple[int, int], Record] = {(r.conversation, r.turn): r for r in records if r.ok}
     first_p = first_c = later_p = later_c = kept = system_only = less = 0
     first_n = first_misses = 0
-    for r in records:
-        if not (r.ok and t0 <= r.t_write < t1):
+    miss_gaps: list[float | None] = []  # per first-turn miss: wall s since its tenant's last request ended
+    tenant_last_end: dict[int, float] = {}
+    for r in sorted(records, key=lambda r: r.t_write):
+        if not r.ok:
+            continue
+        last_end = tenant_last_end.get(r.tenant)
+        if r.t_end:
+            tenant_last_end[r.tenant] = max(r.t_end, last_end or 0.0)
+        if not t0 <= r.t_write < t1:
             continue
         if r.turn == 0:
             first_p += r.prompt_tokens
             first_c += r.cached_tokens
             first_n += 1
-            first_misses += r.cached_tokens < FIRST_TURN_MISS_TOKENS
+            if r.cached_tokens < FIRST_TURN_MISS_TOKENS:
+                first_misses += 1
+                miss_gaps.append(None if last_end is None else round(max(0.0, r.t_write - last_end), 2))
             continue
         later_p += r.prompt_tokens
         later_c += r.cached_tokens
@@ -333,7 +347,7 @@ def turn_breakdown(records: list[Record], t0: float, t1: float) -> dict:
             less += 1
     later = kept + system_only + less
     return {"first_turn_hit_rate": first_c / first_p if first_p else None,
-            "first_turns": first_n, "first_turn_misses": first_misses,
+            "first_turns": first_n, "first_turn_misses": first_misses, "first_turn_miss_gaps_s": miss_gaps,
             "later_turn_hit_rate": later_c / later_p if later_p else None,
             "later_turns": later, "history_kept": kept / later if later else None,
             "system_prompt_only": system_only / later if later else None,
@@ -361,7 +375,24 @@ def sim_delta(before: list[dict], after: list[dict]) -> dict:
     return out
 
 
-def analyse(rows: dict) -> dict:
+def seed_comparison(rows: dict, seeds: dict, main_seed: int) -> list[dict]:
+    """cache_aware against sgl-router on each seed both ran: hit rate, its oracle,
+    throughput and TTFT p99 of each."""
+    out = []
+    for seed, seed_rows in [(main_seed, rows)] + [(int(k), v) for k, v in seeds.items()]:
+        ca, sg = seed_rows.get("cache_aware"), seed_rows.get("sgl_router")
+        if not (ca and sg) or ca.get("hit_rate") is None or sg.get("hit_rate") is None:
+            continue
+        out.append({"seed": seed, **{
+            f"{prefix}_{field}": value
+            for prefix, row in (("cache_aware", ca), ("sgl_router", sg))
+            for field, value in (("hit_rate", row["hit_rate"]), ("oracle", row["oracle"]["hit_rate"]),
+                                 ("tokens_per_s", row["throughput_tokens_per_s"]),
+                                 ("ttft_p99_ms", row["ttft_ms"]["p99"]))}})
+    return out
+
+
+def analyse(rows: dict, seeds: dict | None = None, main_seed: int = 1) -> dict:
     goals = []
 
     def goal(text: str, value, limit, ok_when: str, unit: str = "", note: str = "") -> None:
@@ -387,7 +418,16 @@ def analyse(rows: dict) -> dict:
     ca_tput, rr_tput = get(ca, "throughput_tokens_per_s"), get(rr, "throughput_tokens_per_s")
     goal("cache_aware throughput >= 1.9x round_robin", ca_tput / rr_tput if ca_tput and rr_tput else None, 1.9,
          ">=", "x")
-    goal("cache_aware hit rate >= sgl-router's", get(ca, "hit_rate"), get(sg, "hit_rate"), ">=")
+    by_seed = seed_comparison(rows, seeds or {}, main_seed)
+    goal(f"cache_aware hit rate >= sgl-router's (seed {main_seed})", get(ca, "hit_rate"), get(sg, "hit_rate"), ">=")
+    if len(by_seed) > 1:
+        def mean(field: str) -> float:
+            return sum(s[field] for s in by_seed) / len(by_seed)
+
+        goal(f"cache_aware hit rate >= sgl-router's (mean over seeds {', '.join(str(s['seed']) for s in by_seed)})",
+             mean("cache_aware_hit_rate"), mean("sgl_router_hit_rate"), ">=",
+             note=f"ahead on {sum(s['cache_aware_hit_rate'] >= s['sgl_router_hit_rate'] for s in by_seed)} "
+                  f"of {len(by_seed)} seeds")
     oracle_hit = get(ca, "oracle", "hit_rate")
     goal("cache_aware hit rate >= 90% of the oracle's",
          get(ca, "hit_rate") / oracle_hit if get(ca, "hit_rate") is not None and oracle_hit else None, 0.9, ">=",
@@ -401,7 +441,7 @@ def analyse(rows: dict) -> dict:
                            "difference_points": 100 * (row["hit_rate"] - ca["hit_rate"]),
                            "throughput_ratio": row["throughput_tokens_per_s"] / ca["throughput_tokens_per_s"],
                            "history_kept_4p": row["turns"]["history_kept"]}
-    return {"goals": goals, "multiprocess": multi}
+    return {"goals": goals, "multiprocess": multi, "seeds": by_seed}
 
 
 def render(results: dict, meta: dict) -> str:
@@ -462,7 +502,32 @@ def render(results: dict, meta: dict) -> str:
     out(f" first-turn misses = first turns that found fewer than {FIRST_TURN_MISS_TOKENS} cached tokens, none of their "
         "system prompt;")
     out("   the oracle misses only a tenant's first conversation)")
+    for row in results["targets"].values():
+        gaps = row["turns"]["first_turn_miss_gaps_s"]
+        if gaps:
+            shown = ", ".join("first" if g is None else f"{g / meta['time_scale']:.1f}" for g in gaps[:12])
+            out(f"  {row['label']}: first-turn misses, simulated s since the tenant's previous request ended "
+                f"(first: none before): {shown}{' ...' if len(gaps) > 12 else ''}")
     out("")
+    by_seed = results["analysis"].get("seeds") or []
+    if len(by_seed) > 1:
+        out(f"{'cache_aware vs sgl-router by seed':<34} {'hit rate':>9} {'oracle':>7} {'tok/s':>8} {'TTFT p99':>9}   "
+            f"{'sgl hit':>8} {'oracle':>7} {'tok/s':>8} {'TTFT p99':>9}")
+        for s in by_seed:
+            out(f"{'seed ' + str(s['seed']):<34} {100 * s['cache_aware_hit_rate']:>8.2f}% "
+                f"{100 * s['cache_aware_oracle']:>6.2f}% "
+                f"{s['cache_aware_tokens_per_s']:>8.0f} {s['cache_aware_ttft_p99_ms']:>9.0f}   "
+                f"{100 * s['sgl_router_hit_rate']:>7.2f}% {100 * s['sgl_router_oracle']:>6.2f}% "
+                f"{s['sgl_router_tokens_per_s']:>8.0f} {s['sgl_router_ttft_p99_ms']:>9.0f}")
+        n = len(by_seed)
+        out(f"{'mean':<34} {100 * sum(s['cache_aware_hit_rate'] for s in by_seed) / n:>8.2f}% "
+            f"{100 * sum(s['cache_aware_oracle'] for s in by_seed) / n:>6.2f}% "
+            f"{sum(s['cache_aware_tokens_per_s'] for s in by_seed) / n:>8.0f} {'':>9}   "
+            f"{100 * sum(s['sgl_router_hit_rate'] for s in by_seed) / n:>7.2f}% "
+            f"{100 * sum(s['sgl_router_oracle'] for s in by_seed) / n:>6.2f}% "
+            f"{sum(s['sgl_router_tokens_per_s'] for s in by_seed) / n:>8.0f}")
+        out("(seeds after the first: only these two targets, same windows; oracle = each target's own requests)")
+        out("")
     multi = results["analysis"]["multiprocess"]
     for name, text in (("shared_homes", "prefix trees per process, conversation homes shared in Redis"),
                        ("local_only", "everything per process (GATEWAY_ROUTING_SHARED_HOMES=0)")):
@@ -500,7 +565,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--warmup", type=float, default=12.0, help="warm-up per target (from cold), wall s")
     parser.add_argument("--concurrency", type=int, default=64, help="concurrent conversations (closed loop)")
     parser.add_argument("--targets", default=",".join(TARGETS), help="subset of " + ",".join(TARGETS))
-    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--seed", type=int, default=1, help="workload seed of every target")
+    parser.add_argument("--more-seeds", default="2,3",
+                        help="further workload seeds on which " + " and ".join(SEED_TARGETS)
+                        + " run again (comma-separated; '' for none)")
     parser.add_argument("--tenants", type=int, default=12)
     parser.add_argument("--zipf", type=float, default=1.1)
     parser.add_argument("--user-tokens", default="100,1200", help="user message length range, tokens")
@@ -519,6 +587,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--json", default=str(RESULTS / "routing.json"), help="results file")
     args = parser.parse_args()
     args.targets = [t for t in args.targets.split(",") if t]
+    args.more_seeds = [int(v) for v in args.more_seeds.split(",") if v.strip()]
+    if args.seed in args.more_seeds:
+        parser.error("--more-seeds must not repeat --seed")
     for target in args.targets:
         if target not in TARGETS:
             parser.error(f"unknown target {target!r}; choose from {', '.join(TARGETS)}")
@@ -562,7 +633,7 @@ def main() -> int:
     gw_ports = ports[args.backends:args.backends + args.gateway_processes]
     router_port, prom_port = ports[-2:]
     sim_urls = [f"http://{HOST}:{p}" for p in sim_ports]
-    results = {"targets": {}}
+    results = {"targets": {}, "seeds": {}}
     tokens = Tokens()
     active_set = None
     try:
@@ -580,7 +651,9 @@ def main() -> int:
         gateway_requests = 0
         executor = concurrent.futures.ThreadPoolExecutor(max_workers=4)
 
-        for name in args.targets:
+        def run_target(name: str, workload: Workload) -> tuple[dict, list[Record], float, float]:
+            """One target, from cold, over `workload`: its row of results, records and window."""
+            nonlocal gateway_requests
             label, kind, policy, nproc, shared_homes = TARGETS[name]
             if kind == "gateway" and nproc > 1:
                 nproc = args.gateway_processes
@@ -650,19 +723,30 @@ def main() -> int:
                 "simulators": 100 * sum(cpu["end"][k] - cpu["start"][k] for k in pids if k.startswith("sim")) / wall,
                 "target": 100 * sum(cpu["end"][k] - cpu["start"][k] for k in pids if k.startswith("target")) / wall,
             }
-            if name == "cache_aware":
-                # Average over the window of the active conversations' sequences, system prompts once.
-                active_set = active_set_tokens(records, tokens, t0, t1)
-            results["targets"][name] = row
             if kind == "gateway":
                 gateway_requests += len(records) + len(target_ports)
-            print(f"[{name}] hit {fmt(100 * row['hit_rate'] if row['hit_rate'] is not None else None, 1)}% "
+            hit = 100 * row["hit_rate"] if row["hit_rate"] is not None else None
+            print(f"[{name}, seed {workload.spec.seed}] hit {fmt(hit, 1)}% "
                   f"(oracle {fmt(100 * row['oracle']['hit_rate'] if row['oracle']['hit_rate'] else None, 1)}%), "
                   f"{row['throughput_tokens_per_s']:.0f} tok/s, TTFT p50/p99 {fmt(row['ttft_ms']['p50'], 0)}/"
                   f"{fmt(row['ttft_ms']['p99'], 0)} ms, {row['requests_completed']} requests, errors {row['errors']}, "
                   f"lag resets {row['sim']['schedule_lag_resets']}, CPU sims {row['cpu_percent']['simulators']:.0f}% "
                   f"target {row['cpu_percent']['target']:.0f}%; {row['turns']}", file=sys.stderr, flush=True)
             procs.stop(started)
+            return row, records, t0, t1
+
+        for name in args.targets:
+            row, records, t0, t1 = run_target(name, workload)
+            if name == "cache_aware":
+                # Average over the window of the active conversations' sequences, system prompts once.
+                active_set = active_set_tokens(records, tokens, t0, t1)
+            results["targets"][name] = row
+        # The hit-rate comparison with sgl-router again on other seeds: one seed is one sample of tenants'
+        # prompt lengths, popularity and arrival order.
+        for seed in args.more_seeds:
+            more = Workload(dataclasses.replace(spec, seed=seed))
+            for name in [t for t in args.targets if t in SEED_TARGETS]:
+                results["seeds"].setdefault(str(seed), {})[name] = run_target(name, more)[0]
         executor.shutdown()
         if gateway_requests:
             time.sleep(1.0)
@@ -674,7 +758,7 @@ def main() -> int:
     finally:
         procs.stop_all()
 
-    results["analysis"] = analyse(results["targets"])
+    results["analysis"] = analyse(results["targets"], results["seeds"], args.seed)
     sim_desc = (f"{args.backends} x inference.sim --preset {args.preset} --max-total-tokens {args.max_total_tokens} "
                 f"--time-scale {args.time_scale} (1 simulated s = {args.time_scale} wall s), --enable-cache-report, "
                 f"same --seed (identical replies on every backend)")
