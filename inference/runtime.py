@@ -100,6 +100,9 @@ class GatewayRuntime:
             alert_record=sync_to_async(_budget_alert_save, thread_sensitive=True),
             namespace=settings.GATEWAY_REDIS_NAMESPACE,
         )
+        # The backends' queues are polled, and judged, only with both settings on.
+        self._backend_load_polled = (settings.GATEWAY_BACKEND_QUEUE_THRESHOLD >= 0
+                                     and settings.GATEWAY_BACKEND_LOAD_POLL_SECONDS > 0)
         self.gate = AdmissionGate(
             max_outstanding_per_backend=settings.GATEWAY_BACKEND_MAX_OUTSTANDING,
             queue_max=settings.GATEWAY_QUEUE_MAX,
@@ -108,8 +111,7 @@ class GatewayRuntime:
                       "free": settings.GATEWAY_QUEUE_TIMEOUT_FREE_SECONDS},
             shares=settings.GATEWAY_TIER_CAPACITY_SHARE,
             backend_queue_threshold=(settings.GATEWAY_BACKEND_QUEUE_THRESHOLD
-                                     if settings.GATEWAY_BACKEND_QUEUE_THRESHOLD >= 0
-                                     and settings.GATEWAY_BACKEND_LOAD_POLL_SECONDS > 0 else None),
+                                     if self._backend_load_polled else None),
         )
         self.homes = ConversationHomes(
             self.redis, namespace=settings.GATEWAY_REDIS_NAMESPACE,
@@ -178,9 +180,9 @@ class GatewayRuntime:
         """The backends' queues (GET /v1/loads) for priority admission, every
         GATEWAY_BACKEND_LOAD_POLL_SECONDS; requests held back while every backend
         of a model was saturated go as soon as one is not."""
-        interval = settings.GATEWAY_BACKEND_LOAD_POLL_SECONDS
-        if interval <= 0 or settings.GATEWAY_BACKEND_QUEUE_THRESHOLD < 0:
+        if not self._backend_load_polled:
             return
+        interval = settings.GATEWAY_BACKEND_LOAD_POLL_SECONDS
         while True:
             await asyncio.sleep(interval)
             try:
