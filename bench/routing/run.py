@@ -29,6 +29,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -354,6 +355,63 @@ def turn_breakdown(records: list[Record], t0: float, t1: float) -> dict:
             "less_than_system_prompt": less / later if later else None}
 
 
+class BackendSampler:
+    """Each simulator's batch, queue and KV cache every `interval_s` (wall) while
+    the window runs, in a thread of its own: where a backend ran short of KV or
+    built a queue, which the window's totals average away."""
+
+    def __init__(self, urls: list[str], interval_s: float = 0.25) -> None:
+        self.urls = urls
+        self.interval_s = interval_s
+        self.samples: list[list[dict]] = []  # per sample time, one dict per backend
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="backend-sampler", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            try:
+                stats = sim_stats(self.urls)
+            except (OSError, urllib.error.URLError, ValueError):
+                continue
+            self.samples.append([{
+                "running": s["engine"]["running_requests"], "queued": s["engine"]["queued_requests"],
+                "used": s["engine"]["used_tokens"], "evictable": s["cache"]["evictable_tokens"],
+                "capacity": s["engine"]["max_total_tokens"]} for s in stats])
+
+    def summary(self) -> list[dict]:
+        """Per backend: mean running and queued requests, the share of samples with a
+        queue, mean and peak KV in use by running requests (of capacity), and the
+        mean KV left to finished requests' cache (of capacity)."""
+        out = []
+        n = len(self.samples)
+        for i in range(len(self.urls)):
+            series = [sample[i] for sample in self.samples]
+            if not series:
+                out.append({})
+                continue
+            capacity = series[0]["capacity"] or 1
+            out.append({
+                "samples": n,
+                "running_mean": sum(s["running"] for s in series) / n,
+                "queued_mean": sum(s["queued"] for s in series) / n,
+                "queued_max": max(s["queued"] for s in series),
+                "queued_share": sum(s["queued"] > 0 for s in series) / n,
+                "kv_used_mean": sum(s["used"] for s in series) / n / capacity,
+                "kv_used_max": max(s["used"] for s in series) / capacity,
+                "kv_cached_mean": sum(s["evictable"] for s in series) / n / capacity,
+            })
+        return out
+
+
 def sim_delta(before: list[dict], after: list[dict]) -> dict:
     out = {"per_backend": []}
     for b, a in zip(before, after):
@@ -366,6 +424,8 @@ def sim_delta(before: list[dict], after: list[dict]) -> dict:
             "schedule_lag_resets": a["engine"]["schedule_lag_resets"] - b["engine"]["schedule_lag_resets"],
         })
     per = out["per_backend"]
+    for p in per:
+        p["hit_rate"] = p["cached_tokens"] / p["prompt_tokens"] if p["prompt_tokens"] else None
     total = sum(p["requests_finished"] for p in per) or 1
     out["request_share"] = [p["requests_finished"] / total for p in per]
     prompt = sum(p["prompt_tokens"] for p in per)
@@ -508,6 +568,19 @@ def render(results: dict, meta: dict) -> str:
             shown = ", ".join("first" if g is None else f"{g / meta['time_scale']:.1f}" for g in gaps[:12])
             out(f"  {row['label']}: first-turn misses, simulated s since the tenant's previous request ended "
                 f"(first: none before): {shown}{' ...' if len(gaps) > 12 else ''}")
+    out("")
+    out(f"{'by backend (seed ' + str(meta['workload_spec']['seed']) + ')':<34} "
+        "requests / hit rate / evicted tokens / running / queued (mean, max, share of time) / KV used (mean, max)")
+    for row in results["targets"].values():
+        for i, b in enumerate(row["sim"]["per_backend"]):
+            if "running_mean" not in b:
+                continue
+            hit = fmt(100 * b["hit_rate"] if b["hit_rate"] is not None else None, 1)
+            out(f"{row['label'] if i == 0 else '':<34} {i}: {b['requests_finished']:>5} / {hit:>5}% / "
+                f"{b['evicted_tokens'] / 1e3:>5.0f}k / {b['running_mean']:>4.1f} / {b['queued_mean']:>4.1f}, "
+                f"{b['queued_max']:>2}, {100 * b['queued_share']:>3.0f}% / {100 * b['kv_used_mean']:>3.0f}, "
+                f"{100 * b['kv_used_max']:>3.0f}%")
+    out("(sampled every 0.25 wall s in the window; KV used = tokens held by running requests, of the capacity)")
     out("")
     by_seed = results["analysis"].get("seeds") or []
     if len(by_seed) > 1:
@@ -703,18 +776,26 @@ def main() -> int:
             cpu: dict[str, dict] = {}
             pids = {f"sim{i}": p.pid for i, p in enumerate(sims)} | {f"target{i}": p.pid for i, p in enumerate(started)}
 
+            sampler = BackendSampler(sim_urls)
+
             async def on_window(tag: str) -> None:
                 cpu[tag] = {"wall": time.perf_counter(), **{k: proc_cpu_seconds(v) for k, v in pids.items()}}
                 snaps[tag] = await asyncio.get_running_loop().run_in_executor(executor, sim_stats, sim_urls)
+                sampler.start() if tag == "start" else sampler.stop()
 
             gc.collect()
-            records, t0, t1 = uvloop.run(closed_loop(
-                ports=target_ports, api_key=key, workload=workload, concurrency=args.concurrency,
-                warmup_s=args.warmup, duration_s=args.duration, on_window=on_window))
+            try:
+                records, t0, t1 = uvloop.run(closed_loop(
+                    ports=target_ports, api_key=key, workload=workload, concurrency=args.concurrency,
+                    warmup_s=args.warmup, duration_s=args.duration, on_window=on_window))
+            finally:
+                sampler.stop()
             procs.check_alive()
             row = {"label": label, "kind": kind, "policy": policy or "cache_aware (sgl-router)",
                    "gateway_processes": nproc, **summarize(records, t0, t1, args.time_scale)}
             row["sim"] = sim_delta(snaps["start"], snaps["end"])
+            for backend, sampled in zip(row["sim"]["per_backend"], sampler.summary()):
+                backend.update(sampled)
             row["oracle"] = oracle(records, tokens, t0, t1)
             wall = cpu["end"]["wall"] - cpu["start"]["wall"]
             row["cpu_percent"] = {
