@@ -79,13 +79,15 @@ local function retry_after_ms(key, excess)
   return window * 1000
 end
 
-local function reclaim_expired(inflight, reservations, tok_key, budget)
-  -- Gives back what requests whose lease ran out (their gateway died) reserved.
+local function reclaim_expired(inflight, reservations, budget)
+  -- Gives back what requests whose lease ran out (their gateway died) reserved
+  -- from the budget. Their estimate stays in its slot of the tokens window (no
+  -- settle will correct it) and leaves with that slot, like any other count.
   local expired = redis.call('ZRANGEBYSCORE', inflight, '-inf', now_ms)
   for _, old in ipairs(expired) do
     local r = redis.call('HGET', reservations, old)
     if r then
-      local t, c, s = string.match(r, '(%d+):(%d+):(%d+)')
+      local t, c = string.match(r, '(%d+):(%d+):%d+')
       redis.call('HINCRBY', budget, 'reserved_micros', 0 - tonumber(c))
       redis.call('HINCRBY', budget, 'reserved_tokens', 0 - tonumber(t))
       redis.call('HDEL', reservations, old)
@@ -109,7 +111,7 @@ for scope = 1, 2 do
       return {3, scope}
     end
   end
-  reclaim_expired(KEYS[k + 3], KEYS[k + 4], KEYS[k + 2], KEYS[k + 5])
+  reclaim_expired(KEYS[k + 3], KEYS[k + 4], KEYS[k + 5])
   sums[scope] = {advance(KEYS[k + 1]), advance(KEYS[k + 2])}
 end
 
