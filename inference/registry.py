@@ -36,6 +36,9 @@ class BackendState:
     # Requests waiting in the backend's own queue (behind its running batch), as it
     # last reported them (GET /v1/loads); -1 until read, or when it could not say.
     waiting: int = -1
+    # The share of its KV cache held by running requests, as it last reported it
+    # (`token_usage` of GET /v1/loads); -1 until read, or when it could not say.
+    kv_usage: float = -1.0
 
     def enter(self, chars: int) -> None:
         """A request with a key footprint of `chars` was sent here."""

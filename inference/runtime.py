@@ -26,7 +26,7 @@ from .routing.homes import ConversationHomes
 from .metering import UsageRecorder
 from .models import ServedModel
 from .registry import ModelRow, Prices, Registry
-from .sglang import backend_health, backend_kv_tokens, backend_waiting, session_create
+from .sglang import backend_health, backend_kv_tokens, backend_load, session_create
 from .streaming import CompletionService
 
 logger = logging.getLogger(__name__)
@@ -177,9 +177,10 @@ class GatewayRuntime:
                 logger.exception("registry reload failed; keeping the previous snapshot")
 
     async def _backend_load_loop(self) -> None:
-        """The backends' queues (GET /v1/loads) for priority admission, every
-        GATEWAY_BACKEND_LOAD_POLL_SECONDS; requests held back while every backend
-        of a model was saturated go as soon as one is not."""
+        """The backends' queues and KV use (GET /v1/loads) every
+        GATEWAY_BACKEND_LOAD_POLL_SECONDS, for priority admission and cache-aware
+        routing; requests held back while every backend of a model was saturated
+        go as soon as one is not."""
         if not self._backend_load_polled:
             return
         interval = settings.GATEWAY_BACKEND_LOAD_POLL_SECONDS
@@ -187,12 +188,12 @@ class GatewayRuntime:
             await asyncio.sleep(interval)
             try:
                 backends = [b for b in self.registry.backends() if b.status == "active" and b.healthy]
-                waiting = await asyncio.gather(*(
-                    backend_waiting(self.session, b, timeout=min(interval, settings.GATEWAY_HEALTH_TIMEOUT_SECONDS))
+                loads = await asyncio.gather(*(
+                    backend_load(self.session, b, timeout=min(interval, settings.GATEWAY_HEALTH_TIMEOUT_SECONDS))
                     for b in backends
                 ))
-                for backend, count in zip(backends, waiting):
-                    backend.waiting = count
+                for backend, (waiting, kv_usage) in zip(backends, loads):
+                    backend.waiting, backend.kv_usage = waiting, kv_usage
                 for model in self.registry.models():
                     self.gate.pump(model)
             except Exception:

@@ -109,15 +109,23 @@ async def backend_kv_tokens(session: aiohttp.ClientSession, backend: BackendStat
     return value if isinstance(value, int) and value > 0 else 0
 
 
-async def backend_waiting(session: aiohttp.ClientSession, backend: BackendState, *, timeout: float) -> int:
-    """Requests waiting in the backend's queue, summed over its data-parallel ranks:
-    `num_waiting_reqs` of SGLang's GET /v1/loads (`/get_load` on releases before
-    0.5.23, which have no /v1/loads). -1 when it cannot be read."""
+async def backend_load(session: aiohttp.ClientSession, backend: BackendState, *,
+                       timeout: float) -> tuple[int, float]:
+    """The backend's queue and KV use from SGLang's GET /v1/loads (`/get_load` on
+    releases before 0.5.23, which have no /v1/loads): requests waiting
+    (`num_waiting_reqs` summed over data-parallel ranks), and the share of KV
+    held by running requests (`token_usage`, the fullest rank's). -1 for what
+    it cannot say."""
     body = await _get_json_first(session, backend, LOAD_PATHS, timeout=timeout)
     try:
-        return sum(int(rank.get("num_waiting_reqs", 0)) for rank in load_ranks(body))
+        ranks = load_ranks(body)
+        waiting = sum(int(rank.get("num_waiting_reqs", 0)) for rank in ranks)
     except (AttributeError, TypeError, ValueError):
-        return -1
+        return -1, -1.0
+    usages = [rank.get("token_usage") for rank in ranks]
+    usage = (max(float(u) for u in usages)
+             if usages and all(isinstance(u, (int, float)) and not isinstance(u, bool) for u in usages) else -1.0)
+    return waiting, usage
 
 
 # Where SGLang reports its load: /v1/loads since 0.5.23, /get_load before.

@@ -221,6 +221,21 @@ class CacheAware:
           conversations took new ones until its cache could no longer keep
           their histories between turns (bench/routing with 64k-token
           caches: later turns then had to prefill their history again).
+          Of those, a backend past `kv_balance_floor` of that capacity, or
+          reporting more than `kv_balance_reported_floor` of its KV in use by
+          running requests (`token_usage` of GET /v1/loads, polled with its
+          queue: what the other gateway processes' requests hold too; the
+          footprints leave out system prompts and replies, hence the higher
+          floor), is considered only while its footprints plus this one stay
+          within (1 + `kv_balance_epsilon`) × the mean over the candidates +
+          slack × the mean footprint of a request in flight (if none is, all
+          are):
+          requests are balanced by count, but conversations differ in size,
+          and the backend that happened to home the long ones kept taking
+          new ones until its running requests filled its KV; its queued
+          turns then lost their histories, prefilled them again and kept it
+          full (bench/routing, 96k-token caches: in 4 runs of 6, 1-4 % of
+          later turns lost their history there; with this bound, in none).
        Every pick after (a) or (b) had no candidate: the least loaded.
     3. Without it (sgl-router's rule): the backend under the bound
        (1 + ε) × mean + slack with the longest matched prefix, if that covers at
@@ -255,6 +270,9 @@ class CacheAware:
         min_shared_chars: int = 512,
         max_conversations: int = 100_000,
         kv_fill: float | None = 1.0,
+        kv_balance_epsilon: float | None = 0.25,
+        kv_balance_floor: float = 0.6,
+        kv_balance_reported_floor: float = 0.7,
     ) -> None:
         self.cache_threshold = cache_threshold
         self.balance_abs_threshold = balance_abs_threshold
@@ -266,6 +284,9 @@ class CacheAware:
         self.conversation_affinity = conversation_affinity
         self.min_shared_chars = min_shared_chars
         self.kv_fill = kv_fill
+        self.kv_balance_epsilon = kv_balance_epsilon
+        self.kv_balance_floor = kv_balance_floor
+        self.kv_balance_reported_floor = kv_balance_reported_floor
         # Keyed by model name: registry reloads replace ModelEntry objects.
         self._trees: dict[str, PrefixTree] = {}
         # The last key split into blocks, so observe() after pick() does not split again.
@@ -363,13 +384,30 @@ class CacheAware:
     def _with_room(self, model_name: str, candidates: list[BackendState], footprint: int) -> list[BackendState]:
         """The candidates whose in-flight requests' footprints plus this one stay
         within `kv_fill` of their KV capacity (in characters, as the tree
-        counts); all of them when none has room, or capacities are unknown."""
+        counts); all of them when none has room, or capacities are unknown.
+        Of those, with `kv_balance_epsilon`, the ones whose footprints plus this
+        one stay within (1 + ε) × the candidates' mean footprint + slack × the
+        mean footprint of a request in flight, or that are not yet full: their
+        footprints plus this one within `kv_balance_floor` of their capacity
+        and their reported KV use (`BackendState.kv_usage`) under
+        `kv_balance_reported_floor`; all of them when none is."""
         if self.kv_fill is None:
             return candidates
+        limits = {b.url: self.tree_chars_limit(model_name, b) for b in candidates if b.kv_tokens}
         roomy = [b for b in candidates
-                 if not b.kv_tokens
-                 or b.outstanding_chars + footprint <= self.kv_fill * self.tree_chars_limit(model_name, b)]
-        return roomy or candidates
+                 if b.url not in limits or b.outstanding_chars + footprint <= self.kv_fill * limits[b.url]]
+        roomy = roomy or candidates
+        if self.kv_balance_epsilon is None or len(roomy) < 2:
+            return roomy
+        total = sum(b.outstanding_chars for b in candidates) + footprint
+        requests = sum(b.outstanding for b in candidates) + 1
+        bound = ((1 + self.kv_balance_epsilon) * total / len(candidates)
+                 + self.bounded_load_slack * total / requests)
+        balanced = [b for b in roomy
+                    if b.outstanding_chars + footprint <= bound
+                    or ((b.url not in limits or b.outstanding_chars + footprint <= self.kv_balance_floor * limits[b.url])
+                        and b.kv_usage < self.kv_balance_reported_floor)]
+        return balanced or roomy
 
     def observe(self, model: ModelEntry, backend: BackendState, key: str) -> str | None:
         tree = self.tree(model.name)

@@ -351,17 +351,18 @@ def test_backend_saturated_by_other_traffic_holds_lower_tiers(queue_watching_gat
     assert waiting() == 0
 
 
-def test_backend_queue_is_read_from_v1_loads_or_get_load():
+def test_backend_queue_and_kv_use_are_read_from_v1_loads_or_get_load():
     """SGLang 0.5.23 answers GET /v1/loads; earlier releases only /get_load (a list of
-    per-rank dicts). Both are summed over data-parallel ranks; a backend that answers
-    neither, or is not there, reads -1 (unknown)."""
+    per-rank dicts). Queues are summed over data-parallel ranks, KV use is the fullest
+    rank's; what a backend does not say (no token_usage, no answer, nothing
+    there) reads -1 (unknown)."""
     import asyncio
 
     import aiohttp
     from aiohttp import web
 
     from inference.registry import BackendState
-    from inference.sglang import backend_waiting
+    from inference.sglang import backend_load
     from tests.conftest import free_port
 
     def answer(body):
@@ -372,7 +373,8 @@ def test_backend_queue_is_read_from_v1_loads_or_get_load():
     async def main():
         new, old, neither = web.Application(), web.Application(), web.Application()
         new.router.add_get("/v1/loads", answer(
-            {"loads": [{"dp_rank": 0, "num_waiting_reqs": 3}, {"dp_rank": 1, "num_waiting_reqs": 4}]}))
+            {"loads": [{"dp_rank": 0, "num_waiting_reqs": 3, "token_usage": 0.25},
+                       {"dp_rank": 1, "num_waiting_reqs": 4, "token_usage": 0.5}]}))
         old.router.add_get("/get_load", answer([{"dp_rank": 0, "num_reqs": 9, "num_waiting_reqs": 5}]))
         neither.router.add_get("/health", answer({}))
         runners, urls = [], []
@@ -386,9 +388,9 @@ def test_backend_queue_is_read_from_v1_loads_or_get_load():
         urls.append(f"http://127.0.0.1:{free_port()}")  # nothing listening
         try:
             async with aiohttp.ClientSession() as session:
-                return [await backend_waiting(session, BackendState(url), timeout=2.0) for url in urls]
+                return [await backend_load(session, BackendState(url), timeout=2.0) for url in urls]
         finally:
             for runner in runners:
                 await runner.cleanup()
 
-    assert asyncio.run(main()) == [7, 5, -1, -1]
+    assert asyncio.run(main()) == [(7, 0.5), (5, -1.0), (-1, -1.0), (-1, -1.0)]

@@ -456,3 +456,66 @@ def test_backend_state_counts_requests_and_footprints_together():
     assert (backend.outstanding, backend.outstanding_chars) == (1, 30)
     backend.leave(30)
     assert (backend.outstanding, backend.outstanding_chars) == (0, 0)
+
+
+def test_cache_aware_new_conversation_avoids_a_backend_whose_footprints_outgrow_the_others(pool):
+    from inference.routing import key_footprint
+
+    policy = CacheAware(conversation_affinity=True, bounded_load_epsilon=0.5, bounded_load_slack=2,
+                        kv_balance_epsilon=0.25, kv_balance_floor=0.6, kv_balance_reported_floor=0.7)
+    _capacity(pool, 1_000)  # 4,000 characters each at 4 characters per token
+    # given a conversation in flight on its home, which now holds the system prompt
+    mine = chat_key("my question " + "q " * 30)
+    home = send(policy, pool, mine)
+    new = chat_key("new " + "q " * 30)
+    footprint = key_footprint(new)
+    # every backend with 2 requests in flight, the home's the long conversations:
+    # 2,800 characters of footprints (0.7 of its capacity) against 200
+    for backend in pool.backends:
+        backend.outstanding, backend.outstanding_chars = 2, 200
+    home.outstanding_chars = 2_800
+    total = 2_800 + 3 * 200 + footprint
+    bound = 1.25 * total / 4 + 2 * total / 9
+    assert 2_800 + footprint > max(bound, 0.6 * 4_000)
+    # then a new conversation goes to another backend, though the home holds its system prompt
+    assert policy.pick(pool, new) is not home
+    # and the conversation stays home: elsewhere its history would be prefilled again
+    assert policy.pick(pool, chat_key("my question " + "q " * 30, "an answer", "a follow-up")) is home
+    # below the floor (0.6 of the capacity) counts alone decide: the holder takes it
+    home.outstanding_chars = 2_000
+    assert 2_000 + footprint <= 0.6 * 4_000
+    assert policy.pick(pool, new) is home
+    # unless the backend itself reports its KV fuller than 0.7 (other gateway
+    # processes' requests, system prompts and replies count there too)
+    home.kv_usage = 0.8
+    assert policy.pick(pool, new) is not home
+    home.kv_usage = 0.7
+    assert policy.pick(pool, new) is not home
+    home.kv_usage = 0.69
+    assert policy.pick(pool, new) is home
+    # a full backend whose footprints are no more than the others' still takes it
+    home.kv_usage = 0.95
+    home.outstanding_chars = 200
+    assert policy.pick(pool, new) is home
+
+
+def test_cache_aware_kv_balance_gives_way_when_no_backend_is_within_it_or_when_disabled(pool):
+    backends = by_url(pool)
+    _capacity(pool, 1_000)
+    new = chat_key("new " + "q " * 30)
+    for policy in (CacheAware(kv_balance_epsilon=0.25), CacheAware(kv_balance_epsilon=None)):
+        policy.observe(pool, backends["http://a"], chat_key("earlier " + "q " * 30))
+        for backend in pool.backends:
+            backend.outstanding, backend.outstanding_chars = 2, 200
+        backends["http://a"].outstanding_chars = 2_800
+        if policy.kv_balance_epsilon is None:
+            # disabled: the holder, which still has room in its KV
+            assert policy.pick(pool, new) is backends["http://a"]
+        else:
+            assert policy.pick(pool, new) is not backends["http://a"]
+        # the others unavailable: a, the only candidate, whatever its footprints
+        for url in ("http://b", "http://c", "http://d"):
+            backends[url].status = "draining"
+        assert policy.pick(pool, new) is backends["http://a"]
+        for url in ("http://b", "http://c", "http://d"):
+            backends[url].status = "active"
