@@ -227,15 +227,20 @@ class CacheAware:
           queue: what the other gateway processes' requests hold too; the
           footprints leave out system prompts and replies, hence the higher
           floor), is considered only while its footprints plus this one stay
-          within (1 + `kv_balance_epsilon`) × the mean over the candidates +
-          slack × the mean footprint of a request in flight (if none is, all
-          are):
+          within (1 + ε_kv) × the mean over the candidates + slack × the mean
+          footprint of a request in flight (if none is, all are), with ε_kv =
+          2 × `kv_balance_epsilon` for a holder of the prompt's longest prefix
+          and `kv_balance_epsilon` for the others (sending a conversation
+          away from the holders copies its system prompt; with ε_kv the same
+          for both, bench/routing's first turns missed their system prompt
+          13 times in a 60 s window instead of 6):
           requests are balanced by count, but conversations differ in size,
           and the backend that happened to home the long ones kept taking
           new ones until its running requests filled its KV; its queued
           turns then lost their histories, prefilled them again and kept it
           full (bench/routing, 96k-token caches: in 4 runs of 6, 1-4 % of
-          later turns lost their history there; with this bound, in none).
+          later turns lost their history there; with this bound, in none of
+          3, and with ε_kv = `kv_balance_epsilon` for holders too, none of 6).
        Every pick after (a) or (b) had no candidate: the least loaded.
     3. Without it (sgl-router's rule): the backend under the bound
        (1 + ε) × mean + slack with the longest matched prefix, if that covers at
@@ -371,22 +376,25 @@ class CacheAware:
         # (b) A new conversation (or one whose home is gone or full), among the
         # backends whose KV cache has room for it beside what is in flight there.
         head = conversation_head(key)
-        roomy = self._with_room(model.name, candidates, _footprint(key, head))
+        footprint = _footprint(key, head)
+        roomy = self._with_room(model.name, candidates, footprint, holder=True)
         best, best_chars = _longest_match(roomy, matched, holder_bound)
         if best is not None and best_chars >= self.min_shared_chars:
             holders = [b for b in roomy if matched.get(b.url, 0) >= best_chars and b.outstanding + 1 <= holder_bound]
             return min(_rendezvous_order(head, holders), key=lambda b: b.outstanding)
-        for backend in _rendezvous_order(head, roomy):
+        for backend in _rendezvous_order(head, self._with_room(model.name, candidates, footprint, holder=False)):
             if backend.outstanding + 1 <= new_bound:
                 return backend
         return self._least_loaded(candidates, low, tree)
 
-    def _with_room(self, model_name: str, candidates: list[BackendState], footprint: int) -> list[BackendState]:
+    def _with_room(self, model_name: str, candidates: list[BackendState], footprint: int, *,
+                   holder: bool) -> list[BackendState]:
         """The candidates whose in-flight requests' footprints plus this one stay
         within `kv_fill` of their KV capacity (in characters, as the tree
         counts); all of them when none has room, or capacities are unknown.
         Of those, with `kv_balance_epsilon`, the ones whose footprints plus this
-        one stay within (1 + ε) × the candidates' mean footprint + slack × the
+        one stay within (1 + ε) × the candidates' mean footprint (2ε for
+        `holder`s of the request's prefix) + slack × the
         mean footprint of a request in flight, or that are not yet full: their
         footprints plus this one within `kv_balance_floor` of their capacity
         and their reported KV use (`BackendState.kv_usage`) under
@@ -401,7 +409,8 @@ class CacheAware:
             return roomy
         total = sum(b.outstanding_chars for b in candidates) + footprint
         requests = sum(b.outstanding for b in candidates) + 1
-        bound = ((1 + self.kv_balance_epsilon) * total / len(candidates)
+        epsilon = 2 * self.kv_balance_epsilon if holder else self.kv_balance_epsilon
+        bound = ((1 + epsilon) * total / len(candidates)
                  + self.bounded_load_slack * total / requests)
         balanced = [b for b in roomy
                     if b.outstanding_chars + footprint <= bound

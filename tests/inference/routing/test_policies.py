@@ -475,8 +475,8 @@ def test_cache_aware_new_conversation_avoids_a_backend_whose_footprints_outgrow_
         backend.outstanding, backend.outstanding_chars = 2, 200
     home.outstanding_chars = 2_800
     total = 2_800 + 3 * 200 + footprint
-    bound = 1.25 * total / 4 + 2 * total / 9
-    assert 2_800 + footprint > max(bound, 0.6 * 4_000)
+    holder_bound = 1.5 * total / 4 + 2 * total / 9  # (1 + 2 × 0.25) × mean + slack × per request
+    assert 2_800 + footprint > max(holder_bound, 0.6 * 4_000)
     # then a new conversation goes to another backend, though the home holds its system prompt
     assert policy.pick(pool, new) is not home
     # and the conversation stays home: elsewhere its history would be prefilled again
@@ -519,3 +519,30 @@ def test_cache_aware_kv_balance_gives_way_when_no_backend_is_within_it_or_when_d
         assert policy.pick(pool, new) is backends["http://a"]
         for url in ("http://b", "http://c", "http://d"):
             backends[url].status = "active"
+
+
+def test_cache_aware_kv_balance_gives_a_holder_twice_the_room(pool):
+    """Sending a conversation away from the backends holding its system prompt
+    copies the prompt; sending it to another non-holder costs nothing."""
+    from inference.routing import key_footprint
+    from inference.routing.policies import _rendezvous_order, conversation_head
+
+    policy = CacheAware(kv_balance_epsilon=0.25, kv_balance_floor=0.6)
+    _capacity(pool, 1_000)  # 4,000 characters
+    new = chat_key("new " + "q " * 30)
+    footprint = key_footprint(new)
+    for backend in pool.backends:
+        backend.outstanding, backend.outstanding_chars = 2, 800
+    # one backend with footprints between the two bounds, past the floor
+    first = _rendezvous_order(conversation_head(new), pool.backends)[0]
+    chars = 3_000
+    first.outstanding_chars = chars
+    total = chars + 3 * 800 + footprint
+    new_bound = 1.25 * total / 4 + 2 * total / 9
+    holder_bound = 1.5 * total / 4 + 2 * total / 9
+    assert new_bound < chars + footprint <= holder_bound and chars + footprint > 0.6 * 4_000
+    # holding nothing of the prompt, it is passed over for the next in rendezvous order
+    assert policy.pick(pool, new) is not first
+    # holding the system prompt, it takes the conversation
+    policy.observe(pool, first, chat_key("earlier " + "q " * 30))
+    assert policy.pick(pool, new) is first
