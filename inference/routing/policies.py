@@ -389,22 +389,22 @@ class CacheAware:
 
     def _with_room(self, model_name: str, candidates: list[BackendState], footprint: int, *,
                    holder: bool) -> list[BackendState]:
-        """The candidates whose in-flight requests' footprints plus this one stay
-        within `kv_fill` of their KV capacity (in characters, as the tree
-        counts); all of them when none has room, or capacities are unknown.
-        Of those, with `kv_balance_epsilon`, the ones whose footprints plus this
-        one stay within (1 + ε) × the candidates' mean footprint (2ε for
-        `holder`s of the request's prefix) + slack × the
-        mean footprint of a request in flight, or that are not yet full: their
-        footprints plus this one within `kv_balance_floor` of their capacity
-        and their reported KV use (`BackendState.kv_usage`) under
-        `kv_balance_reported_floor`; all of them when none is."""
-        if self.kv_fill is None:
-            return candidates
+        """With `kv_fill`, the candidates whose in-flight requests' footprints plus
+        this one stay within `kv_fill` of their KV capacity (in characters, as
+        the tree counts); all of them when none has room, or capacities are
+        unknown. Of those, with `kv_balance_epsilon`, the ones whose footprints
+        plus this one stay within (1 + ε) × the candidates' mean footprint (2ε
+        for a `holder` of the request's prefix) + slack × the mean footprint of
+        a request in flight, or that are not yet full: their footprints plus
+        this one within `kv_balance_floor` of their capacity and their reported
+        KV use (`BackendState.kv_usage`) under `kv_balance_reported_floor`; all
+        of them when none is."""
         limits = {b.url: self.tree_chars_limit(model_name, b) for b in candidates if b.kv_tokens}
-        roomy = [b for b in candidates
-                 if b.url not in limits or b.outstanding_chars + footprint <= self.kv_fill * limits[b.url]]
-        roomy = roomy or candidates
+        roomy = candidates
+        if self.kv_fill is not None:
+            roomy = [b for b in candidates
+                     if b.url not in limits or b.outstanding_chars + footprint <= self.kv_fill * limits[b.url]]
+            roomy = roomy or candidates
         if self.kv_balance_epsilon is None or len(roomy) < 2:
             return roomy
         total = sum(b.outstanding_chars for b in candidates) + footprint

@@ -421,7 +421,7 @@ def test_cache_aware_new_conversation_skips_a_holder_without_kv_room(pool):
 def test_cache_aware_kv_room_is_ignored_when_unknown_or_disabled(pool):
     backends = by_url(pool)
     new = chat_key("new " + "q " * 30)
-    for policy in (CacheAware(), CacheAware(kv_fill=None)):
+    for policy in (CacheAware(), CacheAware(kv_fill=None, kv_balance_epsilon=None)):
         policy.observe(pool, backends["http://a"], chat_key("earlier " + "q " * 30))
         backends["http://a"].outstanding_chars = 10**9
         # capacities unknown (no /server_info yet): the holder
@@ -503,7 +503,8 @@ def test_cache_aware_kv_balance_gives_way_when_no_backend_is_within_it_or_when_d
     backends = by_url(pool)
     _capacity(pool, 1_000)
     new = chat_key("new " + "q " * 30)
-    for policy in (CacheAware(kv_balance_epsilon=0.25), CacheAware(kv_balance_epsilon=None)):
+    for policy in (CacheAware(kv_balance_epsilon=0.25), CacheAware(kv_balance_epsilon=0.25, kv_fill=None),
+                   CacheAware(kv_balance_epsilon=None)):
         policy.observe(pool, backends["http://a"], chat_key("earlier " + "q " * 30))
         for backend in pool.backends:
             backend.outstanding, backend.outstanding_chars = 2, 200
