@@ -781,7 +781,10 @@ def main() -> int:
             async def on_window(tag: str) -> None:
                 cpu[tag] = {"wall": time.perf_counter(), **{k: proc_cpu_seconds(v) for k, v in pids.items()}}
                 snaps[tag] = await asyncio.get_running_loop().run_in_executor(executor, sim_stats, sim_urls)
-                sampler.start() if tag == "start" else sampler.stop()
+                if tag == "start":
+                    sampler.start()
+                else:
+                    sampler.stop()
 
             gc.collect()
             try:

@@ -377,28 +377,30 @@ class CacheAware:
         # backends whose KV cache has room for it beside what is in flight there.
         head = conversation_head(key)
         footprint = _footprint(key, head)
-        roomy = self._with_room(model.name, candidates, footprint, holder=True)
-        best, best_chars = _longest_match(roomy, matched, holder_bound)
+        for_holders, for_others = self._with_room(model.name, candidates, footprint)
+        best, best_chars = _longest_match(for_holders, matched, holder_bound)
         if best is not None and best_chars >= self.min_shared_chars:
-            holders = [b for b in roomy if matched.get(b.url, 0) >= best_chars and b.outstanding + 1 <= holder_bound]
+            holders = [b for b in for_holders
+                       if matched.get(b.url, 0) >= best_chars and b.outstanding + 1 <= holder_bound]
             return min(_rendezvous_order(head, holders), key=lambda b: b.outstanding)
-        for backend in _rendezvous_order(head, self._with_room(model.name, candidates, footprint, holder=False)):
+        for backend in _rendezvous_order(head, for_others):
             if backend.outstanding + 1 <= new_bound:
                 return backend
         return self._least_loaded(candidates, low, tree)
 
-    def _with_room(self, model_name: str, candidates: list[BackendState], footprint: int, *,
-                   holder: bool) -> list[BackendState]:
-        """With `kv_fill`, the candidates whose in-flight requests' footprints plus
-        this one stay within `kv_fill` of their KV capacity (in characters, as
-        the tree counts); all of them when none has room, or capacities are
-        unknown. Of those, with `kv_balance_epsilon`, the ones whose footprints
-        plus this one stay within (1 + ε) × the candidates' mean footprint (2ε
-        for a `holder` of the request's prefix) + slack × the mean footprint of
-        a request in flight, or that are not yet full: their footprints plus
-        this one within `kv_balance_floor` of their capacity and their reported
-        KV use (`BackendState.kv_usage`) under `kv_balance_reported_floor`; all
-        of them when none is."""
+    def _with_room(self, model_name: str, candidates: list[BackendState],
+                   footprint: int) -> tuple[list[BackendState], list[BackendState]]:
+        """The candidates a new conversation may go to: for the holders of its
+        prefix, and for the others. With `kv_fill`, those whose in-flight
+        requests' footprints plus this one stay within `kv_fill` of their KV
+        capacity (in characters, as the tree counts); all of them when none has
+        room, or capacities are unknown. Of those, with `kv_balance_epsilon`,
+        the ones whose footprints plus this one stay within (1 + ε) × the
+        candidates' mean footprint (2ε for holders) + slack × the mean
+        footprint of a request in flight, or that are not yet full: their
+        footprints plus this one within `kv_balance_floor` of their capacity
+        and their reported KV use (`BackendState.kv_usage`) under
+        `kv_balance_reported_floor`; all of them when none is."""
         limits = {b.url: self.tree_chars_limit(model_name, b) for b in candidates if b.kv_tokens}
         roomy = candidates
         if self.kv_fill is not None:
@@ -406,17 +408,20 @@ class CacheAware:
                      if b.url not in limits or b.outstanding_chars + footprint <= self.kv_fill * limits[b.url]]
             roomy = roomy or candidates
         if self.kv_balance_epsilon is None or len(roomy) < 2:
-            return roomy
+            return roomy, roomy
         total = sum(b.outstanding_chars for b in candidates) + footprint
-        requests = sum(b.outstanding for b in candidates) + 1
-        epsilon = 2 * self.kv_balance_epsilon if holder else self.kv_balance_epsilon
-        bound = ((1 + epsilon) * total / len(candidates)
-                 + self.bounded_load_slack * total / requests)
-        balanced = [b for b in roomy
-                    if b.outstanding_chars + footprint <= bound
-                    or ((b.url not in limits or b.outstanding_chars + footprint <= self.kv_balance_floor * limits[b.url])
-                        and b.kv_usage < self.kv_balance_reported_floor)]
-        return balanced or roomy
+        mean = total / len(candidates)
+        slack = self.bounded_load_slack * total / (sum(b.outstanding for b in candidates) + 1)
+        after = [(b, b.outstanding_chars + footprint) for b in roomy]
+        not_full = {b.url for b, chars in after
+                    if (b.url not in limits or chars <= self.kv_balance_floor * limits[b.url])
+                    and b.kv_usage < self.kv_balance_reported_floor}
+
+        def within(epsilon: float) -> list[BackendState]:
+            bound = (1 + epsilon) * mean + slack
+            return [b for b, chars in after if chars <= bound or b.url in not_full] or roomy
+
+        return within(2 * self.kv_balance_epsilon), within(self.kv_balance_epsilon)
 
     def observe(self, model: ModelEntry, backend: BackendState, key: str) -> str | None:
         tree = self.tree(model.name)
