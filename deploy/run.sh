@@ -29,7 +29,7 @@ trap stop_all INT TERM EXIT
 
 wait_http() {  # url, name, log
   for _ in $(seq 1 100); do
-    if .venv/bin/python -c "import sys,urllib.request; urllib.request.urlopen(sys.argv[1], timeout=1)" "$1" 2>/dev/null; then
+    if .venv/bin/python -c "import sys,urllib.request; urllib.request.urlopen(sys.argv[1], timeout=5)" "$1" 2>/dev/null; then
       return 0
     fi
     sleep 0.2

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.inference.sim.sim_process import HEALTH_ARGS, HEALTH_ENV
+
 ROOT = Path(__file__).resolve().parent.parent
 # Redis databases used by the test run (the dev instance uses 0-2).
 TEST_REDIS_ENV = {
@@ -71,8 +73,8 @@ def sim_start(tmp_dir: Path, model: str, *args: str) -> Sim:
     log = tmp_dir / f"sim-{model}-{port}.log"
     process = subprocess.Popen(
         [sys.executable, "-m", "inference.sim", "--host", "127.0.0.1", "--port", str(port),
-         "--served-model-name", model, "--enable-cache-report", *args],
-        cwd=ROOT, env=process_env(), stdout=log.open("w"), stderr=subprocess.STDOUT,
+         "--served-model-name", model, "--enable-cache-report", *HEALTH_ARGS, *args],
+        cwd=ROOT, env=process_env(**HEALTH_ENV), stdout=log.open("w"), stderr=subprocess.STDOUT,
     )
     url = f"http://127.0.0.1:{port}"
     wait_http(url + "/health", process, log)

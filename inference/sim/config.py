@@ -14,8 +14,9 @@ Without a preset every cost is 0: the simulator is an instant upstream.
 from __future__ import annotations
 
 import argparse
-import math
 import json
+import math
+import os
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
@@ -36,6 +37,7 @@ class ServerConfig:
     context_length: int = 8192  # tokens (prompt + completion)
     enable_cache_report: bool = False
     api_key: str | None = None
+    admin_api_key: str | None = None  # guards /flush_cache, /abort_request and LoRA (un)loading
     max_running_requests: int = DEFAULT_MAX_RUNNING_REQUESTS  # requests decoding or prefilling at once
     max_total_tokens: int = DEFAULT_MAX_TOTAL_TOKENS  # KV capacity, tokens: radix cache + running requests
     chunked_prefill_size: int = DEFAULT_CHUNKED_PREFILL_SIZE  # tokens per prefill step; <= 0: no chunking
@@ -46,6 +48,13 @@ class ServerConfig:
     decode_per_request_ms: float = 0.0  # extra decode-step time per running request
     time_scale: float = 1.0  # wall seconds per simulated second
     startup_delay_ms: float = 0.0  # /health, /ready answer 503 this long after start
+    # /health and /health_generate: SGLang starts a one-token generation, then
+    # looks every second (wall) whether the engine has answered, and gives up
+    # with 503 after SGLANG_HEALTH_CHECK_TIMEOUT seconds (20);
+    # SGLANG_ENABLE_HEALTH_ENDPOINT_GENERATION=false makes /health answer at once.
+    health_poll_ms: float = 1000.0
+    health_check_timeout_s: float = 20.0
+    health_generation: bool = True
     enable_lora: bool = False
     lora_paths: tuple[dict, ...] = ()  # {"lora_name", "lora_path", "pinned"} loaded at start
     max_loras_per_batch: int = 8  # distinct adapters (base model included) in one running batch
@@ -117,6 +126,8 @@ def build_argument_parser() -> argparse.ArgumentParser:
     parser.add_argument("--enable-cache-report", action="store_true",
                         help="report usage.prompt_tokens_details.cached_tokens in OpenAI replies")
     parser.add_argument("--api-key", default=None)
+    parser.add_argument("--admin-api-key", default=None,
+                        help="key for /flush_cache, /abort_request and LoRA loading (else --api-key)")
     parser.add_argument("--preset", choices=sorted(PRESETS), default=None,
                         help="hardware preset for the engine model (capacity and step costs)")
     parser.add_argument("--max-running-requests", type=int, default=None,
@@ -134,6 +145,8 @@ def build_argument_parser() -> argparse.ArgumentParser:
                         help="extra decode step time per running request")
     parser.add_argument("--time-scale", type=float, default=1.0,
                         help="wall seconds per simulated second (0.1 runs 10x faster than real time)")
+    parser.add_argument("--health-poll-ms", type=float, default=1000.0,
+                        help="how often /health looks for the engine's answer (SGLang: every second)")
     parser.add_argument("--startup-delay-ms", type=float, default=0.0,
                         help="/health and /ready answer 503 for this long after start")
     parser.add_argument("--enable-lora", action="store_true")
@@ -173,6 +186,14 @@ def parse_lora_path_spec(spec: str) -> dict:
     return {"lora_name": spec, "lora_path": spec, "pinned": False}
 
 
+def _env_seconds(name: str, default: float) -> float:
+    value = os.environ.get(name, "").strip()
+    try:
+        return float(value) if value else default
+    except ValueError as error:
+        raise SystemExit(f"{name} must be a number of seconds, not {value!r}") from error
+
+
 def configs_from_args(args: argparse.Namespace) -> tuple[ServerConfig, RuntimeSettings]:
     preset = PRESETS[args.preset] if args.preset else None
 
@@ -199,6 +220,7 @@ def configs_from_args(args: argparse.Namespace) -> tuple[ServerConfig, RuntimeSe
         context_length=context_length,
         enable_cache_report=args.enable_cache_report,
         api_key=args.api_key,
+        admin_api_key=args.admin_api_key,
         max_running_requests=pick(args.max_running_requests, "max_running_requests", DEFAULT_MAX_RUNNING_REQUESTS),
         max_total_tokens=pick(args.max_total_tokens, "max_total_tokens", DEFAULT_MAX_TOTAL_TOKENS),
         chunked_prefill_size=pick(args.chunked_prefill_size, "chunked_prefill_size", DEFAULT_CHUNKED_PREFILL_SIZE),
@@ -209,6 +231,10 @@ def configs_from_args(args: argparse.Namespace) -> tuple[ServerConfig, RuntimeSe
         decode_per_request_ms=pick(args.decode_per_request_ms, "decode_per_request_ms", 0.0),
         time_scale=args.time_scale,
         startup_delay_ms=args.startup_delay_ms,
+        health_poll_ms=args.health_poll_ms,
+        health_check_timeout_s=_env_seconds("SGLANG_HEALTH_CHECK_TIMEOUT", 20.0),
+        health_generation=os.environ.get("SGLANG_ENABLE_HEALTH_ENDPOINT_GENERATION", "true").strip().lower()
+        not in ("false", "0", "no", "off"),
         enable_lora=args.enable_lora or bool(lora_paths),  # --lora-paths implies --enable-lora
         lora_paths=lora_paths,
         max_loras_per_batch=args.max_loras_per_batch,
@@ -220,7 +246,7 @@ def configs_from_args(args: argparse.Namespace) -> tuple[ServerConfig, RuntimeSe
         if getattr(server_config, name) <= 0:
             raise SystemExit(f"--{name.replace('_', '-')} must be positive")
     for name in ("prefill_tokens_per_s", "decode_base_ms", "decode_per_request_ms", "startup_delay_ms",
-                 "lora_load_ms"):
+                 "lora_load_ms", "health_poll_ms", "health_check_timeout_s"):
         value = getattr(server_config, name)
         if not math.isfinite(value) or value < 0:
             raise SystemExit(f"--{name.replace('_', '-')} must be a non-negative number")

@@ -15,6 +15,9 @@ LoRA: `/load_lora_adapter` and `/unload_lora_adapter` reply
 `{success, error_message, loaded_adapters}` with 200 or 400; loaded adapters
 are listed in `/v1/models`. Slow start: /health and /ready answer 503 until
 `--startup-delay-ms` (or a `startup_delay_ms` sent to /sim/faults) has passed.
+Health: /health and /health_generate answer 200 after one poll of the engine
+(`--health-poll-ms`, SGLang's one second), 503 once SGLANG_HEALTH_CHECK_TIMEOUT
+has passed while the engine hangs (see `InfoHandlers.health`).
 """
 
 from __future__ import annotations
@@ -92,17 +95,27 @@ async def _read_json_body(request: web.Request, *, require_json_content_type: bo
 
 # ---------------------------------------------------------------- middleware
 
-def _auth_middleware(api_key: str | None):
+# Endpoints that --admin-api-key guards (SGLang's AuthLevel.ADMIN_OPTIONAL).
+ADMIN_PATHS = ("/flush_cache", "/abort_request", "/load_lora_adapter", "/unload_lora_adapter")
+
+
+def _auth_middleware(api_key: str | None, admin_api_key: str | None = None):
+    """`--api-key` guards every endpoint but health, readiness and metrics. With
+    `--admin-api-key`, the admin endpoints take that key (and only it); without
+    it, they take the API key like the rest."""
     @web.middleware
     async def check_api_key(request: web.Request, handler):
         path = request.path
         # SGLang leaves health, readiness and metrics open; /sim/* are the
         # simulator's own test hooks and stay open too.
-        if (api_key is None or request.method == "OPTIONS" or path.startswith(("/health", "/ready", "/metrics", "/sim/"))):
+        if request.method == "OPTIONS" or path.startswith(("/health", "/ready", "/metrics", "/sim/")):
+            return await handler(request)
+        required = admin_api_key if admin_api_key is not None and path in ADMIN_PATHS else api_key
+        if required is None:
             return await handler(request)
         authorization = request.headers.get("Authorization", "")
         scheme, _, token = authorization.partition(" ")
-        if scheme.lower() != "bearer" or not secrets.compare_digest(token.encode(), api_key.encode()):
+        if scheme.lower() != "bearer" or not secrets.compare_digest(token.encode(), required.encode()):
             return _json({"error": "Unauthorized"}, status=401)
         return await handler(request)
 
@@ -363,7 +376,26 @@ class InfoHandlers:
         return not self.engine.settings.unhealthy and time.monotonic() >= self.ready_at
 
     async def health(self, request: web.Request) -> web.Response:
-        return web.Response(status=200 if self._serving() else 503)
+        """SGLang's health check: 503 while starting (or with the `unhealthy`
+        fault); else it sends the engine a one-token generation and looks every
+        second whether the engine has answered anything since, giving up with
+        503 after SGLANG_HEALTH_CHECK_TIMEOUT. An engine that is not hung always
+        answers, so the simulator waits one poll and reads the `hang` fault
+        (the probe itself does not enter the batch or the statistics).
+        SGLANG_ENABLE_HEALTH_ENDPOINT_GENERATION=false: /health answers at once."""
+        if not self._serving():
+            return web.Response(status=503)
+        config = self.config
+        if request.path == "/health" and not config.health_generation:
+            return web.Response(status=200)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + config.health_check_timeout_s
+        while loop.time() < deadline:
+            await asyncio.sleep(config.health_poll_ms / 1e3)
+            if not self.engine.settings.hang:
+                return web.Response(status=200)
+        logger.error("Health check failed: no answer from the engine in %.1f s", config.health_check_timeout_s)
+        return web.Response(status=503)
 
     async def ready(self, request: web.Request) -> web.Response:
         return web.Response(status=200 if self._serving() else 503)
@@ -546,8 +578,8 @@ class InfoHandlers:
             token_usage=engine.token_usage(), cache_hit_rate=engine.cache_hit_rate(),
             gen_throughput=engine.gen_throughput(), kv_tokens=engine.kv_token_counts(),
             lora_slots=(engine.lora_slots_used(), self.config.max_loras_per_batch) if self.config.enable_lora else None)
-        return web.Response(text=text, content_type="text/plain", charset="utf-8",
-                            headers={"X-Prometheus-Version": "0.0.4"})
+        # prometheus_client's CONTENT_TYPE_LATEST for the text format, as SGLang sends it.
+        return web.Response(body=text.encode(), headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
 
     async def flush_cache(self, request: web.Request) -> web.Response:
         if self.engine.flush_cache():
@@ -639,7 +671,7 @@ def build_app(*, config: ServerConfig, settings: RuntimeSettings) -> web.Applica
         engine = SimEngine(config=config, settings=settings)
     except LoraError as error:
         raise SystemExit(f"--lora-paths: {error.message}") from error
-    middlewares = [_api_error_middleware, _auth_middleware(config.api_key)]
+    middlewares = [_api_error_middleware, _auth_middleware(config.api_key, config.admin_api_key)]
     if logger.isEnabledFor(logging.DEBUG):
         middlewares.insert(0, _debug_log_middleware)
     app = web.Application(middlewares=middlewares, client_max_size=64 * 1024 * 1024)

@@ -129,7 +129,9 @@ GATEWAY_UPSTREAM_MAX_CONNECTIONS = env_int("GATEWAY_UPSTREAM_MAX_CONNECTIONS", 1
 GATEWAY_BREAKER_FAILURES = env_int("GATEWAY_BREAKER_FAILURES", 5)
 GATEWAY_BREAKER_OPEN_SECONDS = env_float("GATEWAY_BREAKER_OPEN_SECONDS", 5.0)
 # Active checks: GET /health every so many seconds; this many failures in a row
-# mark a backend unhealthy, one success healthy again.
+# mark a backend unhealthy, one success healthy again. SGLang answers /health
+# after about a second (it sends its engine a one-token generation and looks
+# for an answer every second), so the timeout must stay well above 1 s.
 GATEWAY_HEALTH_CHECK_SECONDS = env_float("GATEWAY_HEALTH_CHECK_SECONDS", 5.0)
 GATEWAY_HEALTH_TIMEOUT_SECONDS = env_float("GATEWAY_HEALTH_TIMEOUT_SECONDS", 2.0)
 GATEWAY_HEALTH_FAILURES = env_int("GATEWAY_HEALTH_FAILURES", 2)

@@ -18,8 +18,8 @@ def sim_factory():
     """Start simulators with custom flags; all are stopped at session end."""
     started: list[SimProcess] = []
 
-    def factory(*extra_args: str, api_key: str | None = None) -> SimProcess:
-        sim = start_sim(*extra_args, api_key=api_key)
+    def factory(*extra_args: str, api_key: str | None = None, env: dict[str, str] | None = None) -> SimProcess:
+        sim = start_sim(*extra_args, api_key=api_key, env=env)
         started.append(sim)
         return sim
 

@@ -61,14 +61,21 @@ class SimProcess:
                 self.process.wait(timeout=5)
 
 
-def start_sim(*extra_args: str, api_key: str | None = None) -> SimProcess:
+# The simulators under test look for their engine's answer to a health probe
+# every 20 ms instead of SGLang's second (the gateways under test check health
+# every 0.2 s), and a hung one answers 503 after 1 s instead of 20.
+HEALTH_ARGS = ("--health-poll-ms", "20")
+HEALTH_ENV = {"SGLANG_HEALTH_CHECK_TIMEOUT": "1"}
+
+
+def start_sim(*extra_args: str, api_key: str | None = None, env: dict[str, str] | None = None) -> SimProcess:
     port = free_port()
     command = [sys.executable, "-m", "inference.sim", "--host", "127.0.0.1", "--port", str(port),
-               "--served-model-name", "demo-llm", "--model-path", "demo/demo-llm", *extra_args]
+               "--served-model-name", "demo-llm", "--model-path", "demo/demo-llm", *HEALTH_ARGS, *extra_args]
     if api_key:
         command += ["--api-key", api_key]
     process = subprocess.Popen(command, cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                               env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
+                               env={**os.environ, "PYTHONPATH": str(REPO_ROOT), **HEALTH_ENV, **(env or {})})
     sim = SimProcess(port=port, process=process, api_key=api_key)
     try:
         wait_until_listening(sim.base_url, process,

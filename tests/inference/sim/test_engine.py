@@ -78,7 +78,9 @@ async def test_requests_queue_when_max_running_is_reached():
 
 async def test_ttft_grows_with_uncached_prompt_and_shrinks_on_a_cache_hit():
     # given prefill at 20,000 tokens/s (2,000 tokens ≈ 100 ms) and a 1 ms decode step
-    engine = engine_make("--prefill-tokens-per-s", "20000", "--decode-base-ms", "1", "--time-scale", "0.1")
+    # (real time: at a smaller time scale, a millisecond of scheduling delay on a
+    # busy machine would be ten simulated ones)
+    engine = engine_make("--prefill-tokens-per-s", "20000", "--decode-base-ms", "1", "--time-scale", "1")
     short, = await run_all(engine, [request_make("short", prompt(1, 100))])
     long, = await run_all(engine, [request_make("long", prompt(2, 2000))])
     # when the long prompt is sent again (all but its last token is cached)

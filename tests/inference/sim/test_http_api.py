@@ -378,7 +378,14 @@ def test_unhealthy_and_hang_release(sim):
         client.post("/sim/faults", json={"unhealthy": True}).raise_for_status()
         assert client.get("/health").status_code == 503
         assert client.get("/health_generate").status_code == 503
+        received = client.get("/sim/stats").json()["requests_received"]
         client.post("/sim/faults", json={"unhealthy": False, "hang": True}).raise_for_status()
+        # A hung engine never answers the health probe's generation: 503 once
+        # SGLANG_HEALTH_CHECK_TIMEOUT (1 s under test) has passed.
+        assert client.get("/health").status_code == 503
+        assert client.get("/health_generate").status_code == 503
+        # Probes are not counted as requests.
+        assert client.get("/sim/stats").json()["requests_received"] == received
         releaser = threading.Timer(0.3, lambda: httpx.post(f"{sim.base_url}/sim/faults", json={"hang": False}))
         releaser.start()
         started = time.monotonic()
@@ -444,3 +451,41 @@ def test_api_key(sim_factory):
         assert wrong.status_code == 401
     completion = openai_client(secured).chat.completions.create(model="m", messages=CHAT, max_tokens=1)
     assert completion.usage.completion_tokens == 1
+
+
+def test_admin_api_key_guards_cache_abort_and_lora_endpoints(sim_factory):
+    secured = sim_factory("--enable-lora", api_key="secret-key", env=None)
+    admin = sim_factory("--enable-lora", "--admin-api-key", "admin-key", api_key="secret-key")
+    user = {"Authorization": "Bearer secret-key"}
+    with httpx.Client(base_url=admin.base_url) as client:
+        for path, body in (("/flush_cache", None), ("/abort_request", {"rid": "x"}),
+                           ("/load_lora_adapter", {"lora_name": "a", "lora_path": "/nowhere"}),
+                           ("/unload_lora_adapter", {"lora_name": "a"})):
+            refused = client.post(path, json=body, headers=user)
+            assert refused.status_code == 401 and refused.json() == {"error": "Unauthorized"}, path
+            accepted = client.post(path, json=body, headers={"Authorization": "Bearer admin-key"})
+            assert accepted.status_code != 401, path
+        # Everything else still takes the API key, and only it.
+        assert client.get("/v1/models", headers=user).status_code == 200
+        assert client.get("/v1/models", headers={"Authorization": "Bearer admin-key"}).status_code == 401
+    # Without an admin key, the API key opens the admin endpoints too.
+    with httpx.Client(base_url=secured.base_url, headers=user) as client:
+        assert client.post("/flush_cache").status_code == 200
+
+
+def test_health_probe_waits_for_the_engine_unless_generation_is_off(sim_factory):
+    quick = sim_factory(env={"SGLANG_ENABLE_HEALTH_ENDPOINT_GENERATION": "false"})
+    with quick.client() as client:
+        client.post("/sim/faults", json={"hang": True}).raise_for_status()
+        # /health no longer generates: the process is up, so 200 at once...
+        assert client.get("/health").status_code == 200
+        # ...while /health_generate still waits for an answer that never comes.
+        assert client.get("/health_generate").status_code == 503
+        client.post("/sim/faults", json={"hang": False}).raise_for_status()
+        assert client.get("/health_generate").status_code == 200
+    # SGLang looks for the engine's answer once a second: a probe takes that long.
+    polling = sim_factory("--health-poll-ms", "1000")
+    with polling.client() as client:
+        started = time.monotonic()
+        assert client.get("/health").status_code == 200
+        assert time.monotonic() - started >= 0.9
