@@ -390,8 +390,9 @@ class InfoHandlers:
             return web.Response(status=200)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + config.health_check_timeout_s
+        poll_s = max(config.health_poll_ms / 1e3, 0.001)  # a 0 poll must not spin while hung
         while loop.time() < deadline:
-            await asyncio.sleep(config.health_poll_ms / 1e3)
+            await asyncio.sleep(poll_s)
             if not self.engine.settings.hang:
                 return web.Response(status=200)
         logger.error("Health check failed: no answer from the engine in %.1f s", config.health_check_timeout_s)
