@@ -36,6 +36,10 @@ class ServerConfig:
     model_path: str = "demo/demo-llm"
     context_length: int = 8192  # tokens (prompt + completion)
     enable_cache_report: bool = False
+    # --is-embedding: an embedding model (POST /v1/embeddings; no generation) of
+    # `embedding_dim` dimensions.
+    is_embedding: bool = False
+    embedding_dim: int = 1024
     api_key: str | None = None
     admin_api_key: str | None = None  # guards /flush_cache, /abort_request and LoRA (un)loading
     max_running_requests: int = DEFAULT_MAX_RUNNING_REQUESTS  # requests decoding or prefilling at once
@@ -125,6 +129,9 @@ def build_argument_parser() -> argparse.ArgumentParser:
     parser.add_argument("--context-length", type=int, default=None, help="tokens (default 8192, or the preset's)")
     parser.add_argument("--enable-cache-report", action="store_true",
                         help="report usage.prompt_tokens_details.cached_tokens in OpenAI replies")
+    parser.add_argument("--is-embedding", action="store_true",
+                        help="serve an embedding model: POST /v1/embeddings, no generation")
+    parser.add_argument("--embedding-dim", type=int, default=1024, help="dimensions of an embedding model's vectors")
     parser.add_argument("--api-key", default=None)
     parser.add_argument("--admin-api-key", default=None,
                         help="key for /flush_cache, /abort_request and LoRA loading (else --api-key)")
@@ -219,6 +226,8 @@ def configs_from_args(args: argparse.Namespace) -> tuple[ServerConfig, RuntimeSe
         model_path=model_path,
         context_length=context_length,
         enable_cache_report=args.enable_cache_report,
+        is_embedding=args.is_embedding,
+        embedding_dim=args.embedding_dim,
         api_key=args.api_key,
         admin_api_key=args.admin_api_key,
         max_running_requests=pick(args.max_running_requests, "max_running_requests", DEFAULT_MAX_RUNNING_REQUESTS),
@@ -242,7 +251,7 @@ def configs_from_args(args: argparse.Namespace) -> tuple[ServerConfig, RuntimeSe
         lora_load_ms=args.lora_load_ms,
         seed=args.seed,
     )
-    for name in ("max_running_requests", "max_total_tokens", "max_loras_per_batch"):
+    for name in ("max_running_requests", "max_total_tokens", "max_loras_per_batch", "embedding_dim"):
         if getattr(server_config, name) <= 0:
             raise SystemExit(f"--{name.replace('_', '-')} must be positive")
     for name in ("prefill_tokens_per_s", "decode_base_ms", "decode_per_request_ms", "startup_delay_ms",

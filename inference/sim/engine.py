@@ -255,6 +255,27 @@ class SimEngine:
                 f"of tokens in the input messages or the completion to fit within the limit."
             )
 
+    async def embed(self, inputs: list[list[int]]) -> None:
+        """An embedding request (`--is-embedding`): checks each input's length,
+        counts it, and takes the prefill time of all its tokens. Embedding
+        requests are not batched with one another here, nor cached. Raises
+        RequestRejected or InjectedFailure, as `admit` does."""
+        for token_ids in inputs:
+            self.check_lengths(prompt_tokens=len(token_ids), max_new_tokens=None)
+        stats = self.stats
+        stats.requests_received += 1
+        if self.settings.error_rate > 0 and self._fault_rng.random() < self.settings.error_rate:
+            stats.requests_failed += 1
+            raise InjectedFailure("Injected failure (simulator error_rate)")
+        tokens = sum(len(token_ids) for token_ids in inputs)
+        delay = self.timing.admission_delay_s()
+        if not self.timing.is_instant():
+            delay += self.timing.prefill_step_s(tokens)
+        if delay > 0:
+            await asyncio.sleep(self.timing.wall_s(delay))
+        stats.prompt_tokens_total += tokens
+        stats.requests_finished += 1
+
     def _validate(self, request: GenerationRequest) -> None:
         if not request.prompt_ids:
             raise RequestRejected("The input is empty.")

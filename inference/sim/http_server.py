@@ -34,6 +34,7 @@ from aiohttp import web
 
 from . import __version__ as SIM_VERSION
 from .config import RuntimeSettings, ServerConfig
+from .embedding import embedding_response, embedding_vector, parse_embedding_request
 from .engine import InjectedFailure, RequestRejected, RunningRequest, SimEngine
 from .lora import LoraError
 from .metrics import render_prometheus
@@ -162,9 +163,38 @@ class GenerationHandlers:
             raise openai_error(f"Internal server error: {error}", error_type="InternalServerError",
                                status=500) from error
 
+    def _generation_only(self, *, native: bool = False) -> None:
+        if self.config.is_embedding:
+            message = ("This model does not appear to be a generation model: it was launched with "
+                       "`--is-embedding`; use /v1/embeddings.")
+            raise native_error(message) if native else openai_error(message)
+
+    # ---- OpenAI embeddings
+
+    async def embeddings(self, request: web.Request) -> web.Response:
+        config = self.config
+        if not config.is_embedding:
+            raise openai_error("This model does not appear to be an embedding model by default. Please add "
+                               "`--is-embedding` when launching the server or try another model.")
+        parsed = parse_embedding_request(await _read_json_body(request, require_json_content_type=True),
+                                         dim=config.embedding_dim)
+        try:
+            await self.engine.embed(parsed.inputs)
+        except RequestRejected as error:
+            self.engine.stats.requests_rejected += 1
+            raise openai_error(error.message, error_type=error.error_type, status=error.status_code) from error
+        except InjectedFailure as error:
+            raise openai_error(f"Internal server error: {error}", error_type="InternalServerError",
+                               status=500) from error
+        vectors = [embedding_vector(ids, dim=config.embedding_dim, seed=config.seed, dimensions=parsed.dimensions)
+                   for ids in parsed.inputs]
+        return _json(embedding_response(vectors, model=config.model_path,
+                                        prompt_tokens=sum(len(ids) for ids in parsed.inputs)))
+
     # ---- OpenAI chat
 
     async def chat_completions(self, request: web.Request) -> web.StreamResponse:
+        self._generation_only()
         parsed = parse_chat_request(await _read_json_body(request, require_json_content_type=True),
                                     served_model_name=self.config.served_model_name)
         running = await self._admit_openai(parsed.generation)
@@ -246,6 +276,7 @@ class GenerationHandlers:
     # ---- OpenAI completions
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
+        self._generation_only()
         parsed = parse_completion_request(await _read_json_body(request, require_json_content_type=True),
                                           served_model_name=self.config.served_model_name)
         running = await self._admit_openai(parsed.generation)
@@ -291,6 +322,7 @@ class GenerationHandlers:
     # ---- native /generate
 
     async def generate(self, request: web.Request) -> web.StreamResponse:
+        self._generation_only(native=True)
         generation = parse_generate_request(await _read_json_body(request, require_json_content_type=False))
         if not generation.stream:
             running = await self._admit_native(generation)
@@ -427,7 +459,7 @@ class InfoHandlers:
             "model_path": config.model_path,
             "served_model_name": config.served_model_name,
             "tokenizer_path": config.model_path,
-            "is_generation": True,
+            "is_generation": not config.is_embedding,
             "preferred_sampling_params": None,
             "weight_version": "default",
             "load_format": "auto",
@@ -473,7 +505,7 @@ class InfoHandlers:
             "max_loaded_loras": config.max_loaded_loras,
             "lora_eviction_policy": "lru",
             "enable_metrics": True,
-            "is_embedding": False,
+            "is_embedding": config.is_embedding,
             "skip_tokenizer_init": False,
             "weight_version": "default",
             "random_seed": config.seed,
@@ -686,6 +718,7 @@ def build_app(*, config: ServerConfig, settings: RuntimeSettings) -> web.Applica
     router.add_put("/generate", generation.generate)
     router.add_post("/v1/chat/completions", generation.chat_completions)
     router.add_post("/v1/completions", generation.completions)
+    router.add_post("/v1/embeddings", generation.embeddings)
     router.add_get("/v1/models", info.list_models)
     router.add_get("/v1/models/{model:.+}", info.retrieve_model)
     for path in ("/health", "/health_generate"):

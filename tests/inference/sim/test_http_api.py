@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import threading
 import time
 
@@ -489,3 +490,37 @@ def test_health_probe_waits_for_the_engine_unless_generation_is_off(sim_factory)
         started = time.monotonic()
         assert client.get("/health").status_code == 200
         assert time.monotonic() - started >= 0.9
+
+
+def test_embedding_model_answers_v1_embeddings_as_sglang_does(sim_factory):
+    embedder = sim_factory("--is-embedding", "--embedding-dim", "32")
+    with embedder.client() as client:
+        body = client.post("/v1/embeddings", json={"model": "demo-llm", "input": ["one two three", "four"]}).json()
+        assert body["object"] == "list" and body["model"] == "demo/demo-llm"  # SGLang reports the model path
+        assert [(item["object"], item["index"]) for item in body["data"]] == [("embedding", 0), ("embedding", 1)]
+        vector = body["data"][0]["embedding"]
+        assert len(vector) == 32 and math.isclose(sum(x * x for x in vector), 1.0)
+        assert body["usage"] == {"prompt_tokens": 4, "total_tokens": 4, "completion_tokens": 0,
+                                 "prompt_tokens_details": None, "reasoning_tokens": 0}
+        # Deterministic; `dimensions` keeps a renormalised prefix.
+        again = client.post("/v1/embeddings", json={"model": "m", "input": "one two three"}).json()
+        assert again["data"][0]["embedding"] == vector
+        short = client.post("/v1/embeddings", json={"model": "m", "input": "one two three", "dimensions": 8}).json()
+        assert len(short["data"][0]["embedding"]) == 8
+        for bad, message in (("   ", "Input cannot be empty or whitespace only"),
+                             ([1, -2], "Token ID at index 1 must be non-negative"),
+                             ([[1], []], "Input at index 1 cannot be empty")):
+            refused = client.post("/v1/embeddings", json={"model": "m", "input": bad})
+            assert refused.status_code == 400 and refused.json()["message"] == message
+        # No generation on an embedding model.
+        chat = client.post("/v1/chat/completions", json={"model": "m", "messages": CHAT})
+        assert chat.status_code == 400 and "--is-embedding" in chat.json()["message"]
+        assert client.post("/generate", json={"text": "hi"}).status_code == 400
+        assert client.get("/model_info").json()["is_generation"] is False
+        assert client.get("/server_info").json()["is_embedding"] is True
+
+
+def test_generation_model_refuses_embeddings(sim):
+    with sim.client() as client:
+        refused = client.post("/v1/embeddings", json={"model": "m", "input": "hi"})
+    assert refused.status_code == 400 and "does not appear to be an embedding model" in refused.json()["message"]
