@@ -23,7 +23,7 @@ class UsageRecord(models.Model):
     # As the client named it.
     model = models.CharField(max_length=200)
     backend = models.CharField(max_length=300, blank=True, default="")
-    endpoint = models.CharField(max_length=32)  # chat.completions | completions
+    endpoint = models.CharField(max_length=32)  # chat.completions | completions | embeddings
     transport = models.CharField(max_length=16)  # http | websocket
     stream = models.BooleanField(default=False)
     # Token counts as the backend reported them; for failed and aborted streams,

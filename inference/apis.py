@@ -12,7 +12,7 @@ from . import errors
 from .auth import bearer_token
 from .errors import ApiError
 from .runtime import GatewayRuntime, runtime_get
-from .streaming import CHAT, COMPLETIONS, completion_request_build
+from .streaming import CHAT, COMPLETIONS, EMBEDDINGS, completion_request_build
 
 JSON_CONTENT = (b"content-type", b"application/json")
 SSE_HEADERS = [
@@ -20,7 +20,7 @@ SSE_HEADERS = [
     (b"cache-control", b"no-cache"),
     (b"x-accel-buffering", b"no"),
 ]
-COMPLETION_PATHS = {"/v1/chat/completions": CHAT, "/v1/completions": COMPLETIONS}
+COMPLETION_PATHS = {"/v1/chat/completions": CHAT, "/v1/completions": COMPLETIONS, "/v1/embeddings": EMBEDDINGS}
 DONE_EVENT = b"data: [DONE]\n\n"
 
 

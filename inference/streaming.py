@@ -10,9 +10,11 @@ backend reported for the tokens delivered."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import itertools
 import logging
 import secrets
+import struct
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -39,8 +41,11 @@ logger = logging.getLogger(__name__)
 
 CHAT = "chat.completions"
 COMPLETIONS = "completions"
-UPSTREAM_PATH = {CHAT: "/v1/chat/completions", COMPLETIONS: "/v1/completions"}
-ID_PREFIX = {CHAT: "chatcmpl-", COMPLETIONS: "cmpl-"}
+EMBEDDINGS = "embeddings"
+UPSTREAM_PATH = {CHAT: "/v1/chat/completions", COMPLETIONS: "/v1/completions", EMBEDDINGS: "/v1/embeddings"}
+ID_PREFIX = {CHAT: "chatcmpl-", COMPLETIONS: "cmpl-", EMBEDDINGS: "embd-"}
+# OpenAI's limit on the inputs of one embeddings request.
+EMBEDDING_INPUTS_MAX = 2048
 # Fields a caller may not set: the gateway decides them (rid, adapter selection).
 GATEWAY_OWNED_FIELDS = ("rid", "lora_path")
 # Ids: 64 random bits per process and a counter. uuid4() per request would read
@@ -97,6 +102,8 @@ def completion_request_build(
         raise errors.missing_parameter("model")
     if not isinstance(model, str):
         raise errors.invalid_parameter("model", "'model' must be a string.")
+    if endpoint == EMBEDDINGS:
+        return _embedding_request_build(principal=principal, body=body, transport=transport, started=started)
     if endpoint == CHAT:
         messages = body.get("messages")
         if messages is None:
@@ -154,6 +161,50 @@ def completion_request_build(
     )
 
 
+def _embedding_request_build(*, principal: ApiKeyPrincipal, body: dict, transport: str,
+                             started: float | None) -> CompletionRequest:
+    """An embeddings request: `input` is a non-empty string, or a non-empty array
+    (at most EMBEDDING_INPUTS_MAX) of non-empty strings, of token ids, or of
+    non-empty token-id arrays. Never streamed."""
+    value = body.get("input")
+    if value is None:
+        raise errors.missing_parameter("input")
+    shape = ("'input' must be a non-empty string, or a non-empty array of non-empty strings, "
+             "of token ids, or of non-empty arrays of token ids.")
+
+    def is_token(item: object) -> bool:
+        return isinstance(item, int) and not isinstance(item, bool) and item >= 0
+
+    if isinstance(value, str):
+        if not value:
+            raise errors.invalid_parameter("input", shape)
+    elif isinstance(value, list) and value:
+        if len(value) > EMBEDDING_INPUTS_MAX:
+            raise errors.invalid_parameter("input", f"'input' may hold at most {EMBEDDING_INPUTS_MAX} items.")
+        if not (all(isinstance(item, str) and item for item in value)
+                or all(is_token(item) for item in value)
+                or all(isinstance(item, list) and item and all(is_token(t) for t in item) for item in value)):
+            raise errors.invalid_parameter("input", shape)
+    else:
+        raise errors.invalid_parameter("input", shape)
+    encoding = body.get("encoding_format")
+    if encoding is not None and encoding not in ("float", "base64"):
+        raise errors.invalid_parameter("encoding_format", "'encoding_format' must be 'float' or 'base64'.")
+    dimensions = body.get("dimensions")
+    if dimensions is not None and (not isinstance(dimensions, int) or isinstance(dimensions, bool) or dimensions < 1):
+        raise errors.invalid_parameter("dimensions", "'dimensions' must be an integer of at least 1.")
+    return CompletionRequest(
+        principal=principal,
+        endpoint=EMBEDDINGS,
+        body=body,
+        transport=transport,
+        request_id=f"{ID_PREFIX[EMBEDDINGS]}{_ID_TEXT}{next(_id_counter):08x}",
+        stream=False,
+        include_usage=False,
+        **({"started": started} if started is not None else {}),
+    )
+
+
 def prompt_tokens_upper_bound(request: CompletionRequest) -> int:
     """An upper bound of the prompt's tokens without a tokenizer: every token of a
     byte-level BPE covers at least one byte, and a chat template adds a few tokens
@@ -173,6 +224,11 @@ def prompt_tokens_upper_bound(request: CompletionRequest) -> int:
         if body.get("tools"):
             total += len(orjson.dumps(body["tools"]))
         return total
+    if request.endpoint == EMBEDDINGS:
+        value = body["input"]
+        items = [value] if isinstance(value, str) or isinstance(value[0], int) else value
+        return sum(len(item) if isinstance(item, list) else len(item.encode()) + PROMPT_TOKENS_FIXED
+                   for item in items)
     prompt = body["prompt"]
     if isinstance(prompt, str):
         return len(prompt.encode()) + PROMPT_TOKENS_FIXED
@@ -181,10 +237,13 @@ def prompt_tokens_upper_bound(request: CompletionRequest) -> int:
     return len(orjson.dumps(prompt)) + PROMPT_TOKENS_FIXED
 
 
-def completion_tokens_cap(request: CompletionRequest, default_max_tokens: int) -> tuple[str, int]:
+def completion_tokens_cap(request: CompletionRequest, default_max_tokens: int) -> tuple[str | None, int]:
     """(field, value) bounding the completion: the caller's max_tokens or
     max_completion_tokens, else the gateway's default, which is then also sent to
-    the backend so that what was reserved bounds what is generated."""
+    the backend so that what was reserved bounds what is generated. Embeddings
+    generate nothing: (None, 0)."""
+    if request.endpoint == EMBEDDINGS:
+        return None, 0
     for name in ("max_completion_tokens", "max_tokens"):
         value = request.body.get(name)
         if value is not None:
@@ -193,10 +252,17 @@ def completion_tokens_cap(request: CompletionRequest, default_max_tokens: int) -
 
 
 def _upstream_body(request: CompletionRequest, resolution: Resolution, *, stream: bool,
-                   cap: tuple[str, int]) -> bytes:
+                   cap: tuple[str | None, int]) -> bytes:
     body = {k: v for k, v in request.body.items() if k not in GATEWAY_OWNED_FIELDS}
-    body[cap[0]] = cap[1]
     body["model"] = resolution.model.upstream_name
+    if request.endpoint == EMBEDDINGS:
+        body.pop("stream", None)
+        body.pop("stream_options", None)
+        # Vectors come back as floats; the gateway encodes them as the caller asked.
+        body["encoding_format"] = "float"
+        body["rid"] = request.request_id
+        return orjson.dumps(body)
+    body[cap[0]] = cap[1]
     if request.principal.cache_isolation:
         salt = body.get("cache_salt")
         tenant = request.principal.tenant_public_id
@@ -417,7 +483,9 @@ class CompletionService:
         payloads and the iterator over the rest."""
         model = resolution.model
         policy = self._policies.get(model.routing_policy) or self._policies["least_outstanding"]
-        key = routing_key_build(endpoint=request.endpoint, body=request.body, namespace=_namespace(request))
+        # Embeddings share no prefix cache worth routing for: the least loaded backend.
+        key = "" if request.endpoint == EMBEDDINGS else routing_key_build(
+            endpoint=request.endpoint, body=request.body, namespace=_namespace(request))
         request.routing_key_chars = len(key)
         request.kv_chars = key_footprint(key)
         # A later turn of a conversation this process has not routed: where
@@ -601,6 +669,8 @@ class CompletionService:
                 response.release()
             done = True
             result = orjson.loads(raw)
+            if request.endpoint == EMBEDDINGS:
+                return self._embeddings_result(request, meter, result)
             if not isinstance(result, dict) or "choices" not in result:
                 raise errors.backend_failure("The model backend sent an answer that is not a completion.")
             usage = result.get("usage")
@@ -624,6 +694,28 @@ class CompletionService:
             raise failure from error
         finally:
             self._request_end(request, backend, resolution, meter)
+
+    @staticmethod
+    def _embeddings_result(request: CompletionRequest, meter: "UsageMeter", result: object) -> dict:
+        """OpenAI's embeddings list from the backend's: the caller's model name,
+        vectors as base64 (little-endian float32) when asked, and usage."""
+        data = result.get("data") if isinstance(result, dict) else None
+        if not isinstance(data, list) or not all(isinstance(item, dict) and isinstance(item.get("embedding"), list)
+                                                 for item in data):
+            raise errors.backend_failure("The model backend sent an answer that is not a list of embeddings.")
+        usage = result.get("usage")
+        if usage:
+            meter.observe(usage)
+        meter.first_token_at = time.perf_counter()
+        base64_wanted = request.body.get("encoding_format") == "base64"
+        items = []
+        for index, item in enumerate(data):
+            vector = item["embedding"]
+            if base64_wanted:
+                vector = base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode()
+            items.append({"object": "embedding", "index": item.get("index", index), "embedding": vector})
+        return {"object": "list", "data": items, "model": request.model_name,
+                "usage": {"prompt_tokens": meter.prompt_tokens, "total_tokens": meter.prompt_tokens}}
 
     def _request_end(self, request: CompletionRequest, backend: BackendState | None,
                      resolution: Resolution | None, meter: "UsageMeter") -> None:
