@@ -103,7 +103,24 @@ def completion_request_build(
     if not isinstance(model, str):
         raise errors.invalid_parameter("model", "'model' must be a string.")
     if endpoint == EMBEDDINGS:
-        return _embedding_request_build(principal=principal, body=body, transport=transport, started=started)
+        _embedding_input_check(body)
+        stream = include_usage = False
+    else:
+        stream, include_usage = _generation_check(endpoint, body)
+    return CompletionRequest(
+        principal=principal,
+        endpoint=endpoint,
+        body=body,
+        transport=transport,
+        request_id=f"{ID_PREFIX[endpoint]}{_ID_TEXT}{next(_id_counter):08x}",
+        stream=stream,
+        include_usage=include_usage,
+        **({"started": started} if started is not None else {}),
+    )
+
+
+def _generation_check(endpoint: str, body: dict) -> tuple[bool, bool]:
+    """A chat or completion request's own fields; returns (stream, include_usage)."""
     if endpoint == CHAT:
         messages = body.get("messages")
         if messages is None:
@@ -149,23 +166,13 @@ def completion_request_build(
     n = body.get("n")
     if n is not None and n != 1:
         raise errors.invalid_parameter("n", "Only n=1 is supported.")
-    return CompletionRequest(
-        principal=principal,
-        endpoint=endpoint,
-        body=body,
-        transport=transport,
-        request_id=f"{ID_PREFIX[endpoint]}{_ID_TEXT}{next(_id_counter):08x}",
-        stream=stream,
-        include_usage=include_usage,
-        **({"started": started} if started is not None else {}),
-    )
+    return stream, include_usage
 
 
-def _embedding_request_build(*, principal: ApiKeyPrincipal, body: dict, transport: str,
-                             started: float | None) -> CompletionRequest:
-    """An embeddings request: `input` is a non-empty string, or a non-empty array
-    (at most EMBEDDING_INPUTS_MAX) of non-empty strings, of token ids, or of
-    non-empty token-id arrays. Never streamed."""
+def _embedding_input_check(body: dict) -> None:
+    """An embeddings request's fields: `input` is a non-empty string, or a
+    non-empty array (at most EMBEDDING_INPUTS_MAX) of non-empty strings, of token
+    ids, or of non-empty token-id arrays. Embeddings are never streamed."""
     value = body.get("input")
     if value is None:
         raise errors.missing_parameter("input")
@@ -193,16 +200,6 @@ def _embedding_request_build(*, principal: ApiKeyPrincipal, body: dict, transpor
     dimensions = body.get("dimensions")
     if dimensions is not None and (not isinstance(dimensions, int) or isinstance(dimensions, bool) or dimensions < 1):
         raise errors.invalid_parameter("dimensions", "'dimensions' must be an integer of at least 1.")
-    return CompletionRequest(
-        principal=principal,
-        endpoint=EMBEDDINGS,
-        body=body,
-        transport=transport,
-        request_id=f"{ID_PREFIX[EMBEDDINGS]}{_ID_TEXT}{next(_id_counter):08x}",
-        stream=False,
-        include_usage=False,
-        **({"started": started} if started is not None else {}),
-    )
 
 
 def prompt_tokens_upper_bound(request: CompletionRequest) -> int:
@@ -502,6 +499,11 @@ class CompletionService:
         for attempt in range(self._failover_attempts):
             if attempt:
                 await asyncio.sleep(min(self._failover_backoff * 2 ** (attempt - 1), 1.0))
+            # The registry's current entry: a reload while this request waited
+            # (admission, backoff) replaced it, and the policies' rotation state
+            # (`next_index`) lives on it; advancing the replaced one would make
+            # the next request repeat this pick.
+            model = self._registry.current(model)
             backend = policy.pick(model, key, exclude=tried, home=home)
             if backend is None:
                 break
