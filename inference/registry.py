@@ -157,6 +157,11 @@ class Registry:
             return Resolution(entry)
         raise errors.model_not_found(name)
 
+    def current(self, entry: ModelEntry) -> ModelEntry:
+        """The entry now loaded for `entry`'s model: `entry` itself unless a
+        reload has replaced it (or `entry` when the model is gone)."""
+        return self._models.get(entry.name, entry)
+
     def models(self) -> list[ModelEntry]:
         return list(self._models.values())
 
