@@ -44,6 +44,7 @@ from .protocol import (
     ChatChunkWriter,
     CompletionChunkWriter,
     OpenAIRequest,
+    chat_logprobs,
     chat_response,
     completion_response,
     invalid_json_error,
@@ -207,16 +208,20 @@ class GenerationHandlers:
 
     async def _openai_unary(self, parsed: OpenAIRequest, running: RunningRequest, build) -> web.Response:
         error = None
+        tokens: list[tuple[int, str, int]] = []  # for logprobs: (token id, text, position)
         async with contextlib.aclosing(self.engine.run(running)) as steps:
             async for step in steps:
                 if step.error is not None:
                     error = step.error
+                elif step.token_id is not None and step.delta_text:
+                    tokens.append((step.token_id, step.delta_text, step.completion_tokens - 1))
         if error is not None:
             # SGLang raises HTTPException(status) for an abort with a status
             # code; the OpenAI layer answers it in the flat shape, type = code.
             status = error["status_code"]
             raise openai_error(error["message"], error_type=str(status), status=status)
-        return _json(build(parsed, running, enable_cache_report=self.config.enable_cache_report))
+        extra = {"logprobs": chat_logprobs(parsed, tokens)} if parsed.top_logprobs is not None else {}
+        return _json(build(parsed, running, enable_cache_report=self.config.enable_cache_report, **extra))
 
     async def _chat_stream(self, request: web.Request, parsed: OpenAIRequest,
                            running: RunningRequest) -> web.StreamResponse:
@@ -238,7 +243,11 @@ class GenerationHandlers:
                     if step.delta_text:
                         usage = running_usage(running, enable_cache_report, step.completion_tokens) \
                             if continuous else None
-                        pending.append(writer.content_chunk(step.delta_text, usage))
+                        logprobs = None
+                        if parsed.top_logprobs is not None and step.token_id is not None:
+                            logprobs = chat_logprobs(parsed, [(step.token_id, step.delta_text,
+                                                               step.completion_tokens - 1)])
+                        pending.append(writer.content_chunk(step.delta_text, usage, logprobs))
                     if step.finish_reason is not None:
                         # the last step: its chunks leave with the tail below
                         pending.append(writer.finish_chunk(step.finish_reason["type"],

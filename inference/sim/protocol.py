@@ -23,7 +23,7 @@ from typing import Any
 import orjson
 
 from .engine import GenerationRequest, RunningRequest, Step
-from .tokenizer import render_chat_prompt, tokenize
+from .tokenizer import render_chat_prompt, token_logprobs, tokenize
 
 WEIGHT_VERSION = "default"  # SGLang's default --weight-version
 SSE_DONE = b"data: [DONE]\n\n"
@@ -162,6 +162,9 @@ class OpenAIRequest:
     include_usage: bool
     continuous_usage_stats: bool
     echo_text: str | None = None  # completions `echo`: prompt text to prepend
+    # Chat `logprobs` / `top_logprobs`: None, or how many alternatives each
+    # token's entry lists (0 with logprobs and no top_logprobs).
+    top_logprobs: int | None = None
 
 
 def split_model_adapter(model: str, served_model_name: str | None) -> tuple[str, str | None]:
@@ -243,7 +246,14 @@ def parse_chat_request(body: Any, *, served_model_name: str | None = None) -> Op
     max_tokens = fields.optional_int("max_completion_tokens") or fields.optional_int("max_tokens")
     generation, model, include_usage, continuous = _openai_common(
         fields, prompt_ids=tokenize(prompt_text), max_tokens=max_tokens, served_model_name=served_model_name)
-    return OpenAIRequest(generation, model, include_usage, continuous)
+    logprobs = fields.boolean("logprobs")
+    top = fields.optional_int("top_logprobs")
+    if top is not None and not 0 <= top <= 20:
+        raise openai_error("top_logprobs must be between 0 and 20.")
+    if top and not logprobs:
+        raise openai_error("When using `top_logprobs`, `logprobs` must be set to true.")
+    return OpenAIRequest(generation, model, include_usage, continuous,
+                         top_logprobs=(top or 0) if logprobs else None)
 
 
 def parse_completion_request(body: Any, *, served_model_name: str | None = None) -> OpenAIRequest:
@@ -410,7 +420,17 @@ def _matched_stop(finish_reason: dict | None):
     return finish_reason.get("matched") if finish_reason else None
 
 
-def chat_response(parsed: OpenAIRequest, running: RunningRequest, *, enable_cache_report: bool) -> dict:
+def chat_logprobs(parsed: OpenAIRequest, steps: list[tuple[int, str, int]]) -> dict | None:
+    """A choice's `logprobs` for (token id, text, position) of its generated
+    tokens, or None when the request did not ask for them."""
+    if parsed.top_logprobs is None:
+        return None
+    return {"content": [token_logprobs(token_id, text, position, parsed.top_logprobs)
+                        for token_id, text, position in steps]}
+
+
+def chat_response(parsed: OpenAIRequest, running: RunningRequest, *, enable_cache_report: bool,
+                  logprobs: dict | None = None) -> dict:
     finish_reason = running.finish_reason
     return {
         "id": running.rid,
@@ -421,7 +441,7 @@ def chat_response(parsed: OpenAIRequest, running: RunningRequest, *, enable_cach
             "index": 0,
             # SGLang drops tool_calls when there are none.
             "message": {"role": "assistant", "content": running.text, "reasoning_content": None},
-            "logprobs": None,
+            "logprobs": logprobs,
             "finish_reason": finish_reason["type"] if finish_reason else None,
             "matched_stop": _matched_stop(finish_reason),
         }],
@@ -478,10 +498,13 @@ class ChatChunkWriter:
     def role_chunk(self) -> bytes:
         return self._head + b'"role":"assistant","content":""' + self._choice_tail + b"}\n\n"
 
-    def content_chunk(self, delta_text: str, usage: dict | None = None) -> bytes:
+    def content_chunk(self, delta_text: str, usage: dict | None = None, logprobs: dict | None = None) -> bytes:
+        tail = self._choice_tail
+        if logprobs is not None:
+            tail = tail.replace(b'"logprobs":null', b'"logprobs":' + orjson.dumps(logprobs), 1)
         if usage is None:
-            return self._head + b'"content":' + orjson.dumps(delta_text) + self._choice_tail + b"}\n\n"
-        return (self._head + b'"content":' + orjson.dumps(delta_text) + self._choice_tail
+            return self._head + b'"content":' + orjson.dumps(delta_text) + tail + b"}\n\n"
+        return (self._head + b'"content":' + orjson.dumps(delta_text) + tail
                 + b',"usage":' + orjson.dumps(usage) + b"}\n\n")
 
     def finish_chunk(self, finish_type: str, matched_stop) -> bytes:

@@ -167,6 +167,21 @@ class PseudoTextSource:
 
 
 
+def token_logprobs(token_id: int, piece: str, position: int, top: int) -> dict:
+    """OpenAI's logprob entry of a generated token: a deterministic log
+    probability in (-2, 0] for it, and `top` alternatives (itself first, then
+    other output words, each less likely than the one before)."""
+    digest = hashlib.blake2b(f"{token_id}:{position}".encode(), digest_size=8).digest()
+    mixed = int.from_bytes(digest, "little")
+    logprob = -(mixed % 2000) / 1000.0
+    alternatives = [{"token": piece, "bytes": list(piece.encode()), "logprob": logprob}] if top > 0 else []
+    step = mixed >> 16
+    for rank in range(1, top):
+        other = _OUTPUT_PIECES[(step + rank * 7919) % len(_OUTPUT_PIECES)]
+        alternatives.append({"token": other, "bytes": list(other.encode()), "logprob": logprob - 0.75 * rank})
+    return {"token": piece, "bytes": list(piece.encode()), "logprob": logprob, "top_logprobs": alternatives}
+
+
 def natural_length(seed: int, low: int, high: int) -> int:
     """A deterministic 'EOS position' in [low, high] for a generation seed.
 

@@ -120,3 +120,25 @@ def test_async_client_streams_concurrently(gateway, tenant_key):
     assert len({chunks[0].id for chunks in results}) == 20
     usage_rows = usage_rows_wait(api_key=tenant_key.api_key, count=20)
     assert len(usage_rows) == 20 and all(r.status == "ok" for r in usage_rows)
+
+
+def test_chat_logprobs_reach_the_client_whole_and_streamed(client):
+    completion = client.chat.completions.create(model="test-llm", messages=MESSAGES, max_tokens=6,
+                                                logprobs=True, top_logprobs=3)
+    entries = completion.choices[0].logprobs.content
+    assert "".join(entry.token for entry in entries) == completion.choices[0].message.content
+    assert len(entries) == completion.usage.completion_tokens
+    assert all(len(entry.top_logprobs) == 3 and entry.logprob <= 0 and entry.top_logprobs[0].token == entry.token
+               for entry in entries)
+    # The same request streamed: one entry per content chunk, passed through as the backend sent it.
+    streamed_text, streamed = "", []
+    for chunk in client.chat.completions.create(model="test-llm", messages=MESSAGES, max_tokens=6,
+                                                logprobs=True, stream=True):
+        if chunk.choices and chunk.choices[0].delta.content:
+            streamed_text += chunk.choices[0].delta.content
+            streamed.extend(chunk.choices[0].logprobs.content)
+    assert "".join(entry.token for entry in streamed) == streamed_text
+    assert all(entry.top_logprobs == [] for entry in streamed)
+    # Without logprobs, none.
+    plain = client.chat.completions.create(model="test-llm", messages=MESSAGES, max_tokens=2)
+    assert plain.choices[0].logprobs is None

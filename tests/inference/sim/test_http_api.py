@@ -524,3 +524,22 @@ def test_generation_model_refuses_embeddings(sim):
     with sim.client() as client:
         refused = client.post("/v1/embeddings", json={"model": "m", "input": "hi"})
     assert refused.status_code == 400 and "does not appear to be an embedding model" in refused.json()["message"]
+
+
+def test_chat_logprobs(sim):
+    with sim.client() as client:
+        body = client.post("/v1/chat/completions", json={"model": "m", "messages": CHAT, "max_tokens": 4,
+                                                          "logprobs": True, "top_logprobs": 2}).json()
+        entries = body["choices"][0]["logprobs"]["content"]
+        assert "".join(entry["token"] for entry in entries) == body["choices"][0]["message"]["content"]
+        for entry in entries:
+            assert entry["bytes"] == list(entry["token"].encode()) and -2 < entry["logprob"] <= 0
+            assert [alt["token"] for alt in entry["top_logprobs"]][0] == entry["token"]
+            assert entry["top_logprobs"][0]["logprob"] > entry["top_logprobs"][1]["logprob"]
+        # The same request gives the same figures.
+        again = client.post("/v1/chat/completions", json={"model": "m", "messages": CHAT, "max_tokens": 4,
+                                                           "logprobs": True, "top_logprobs": 2}).json()
+        assert again["choices"][0]["logprobs"] == body["choices"][0]["logprobs"]
+        for extra in ({"logprobs": True, "top_logprobs": 21}, {"top_logprobs": 2}):
+            refused = client.post("/v1/chat/completions", json={"model": "m", "messages": CHAT, **extra})
+            assert refused.status_code == 400, extra
