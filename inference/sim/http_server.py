@@ -155,8 +155,13 @@ class GenerationHandlers:
         self.config = config
 
     async def _admit_openai(self, generation) -> RunningRequest:
+        return await self._openai_answered(self.engine.admit_async(generation))
+
+    async def _openai_answered(self, call):
+        """Awaits an engine call; its refusals and injected failures become
+        errors in the OpenAI routes' shape."""
         try:
-            return await self.engine.admit_async(generation)
+            return await call
         except RequestRejected as error:
             self.engine.stats.requests_rejected += 1
             raise openai_error(error.message, error_type=error.error_type, status=error.status_code) from error
@@ -179,14 +184,7 @@ class GenerationHandlers:
                                "`--is-embedding` when launching the server or try another model.")
         parsed = parse_embedding_request(await _read_json_body(request, require_json_content_type=True),
                                          dim=config.embedding_dim)
-        try:
-            await self.engine.embed(parsed.inputs)
-        except RequestRejected as error:
-            self.engine.stats.requests_rejected += 1
-            raise openai_error(error.message, error_type=error.error_type, status=error.status_code) from error
-        except InjectedFailure as error:
-            raise openai_error(f"Internal server error: {error}", error_type="InternalServerError",
-                               status=500) from error
+        await self._openai_answered(self.engine.embed(parsed.inputs))
         vectors = [embedding_vector(ids, dim=config.embedding_dim, seed=config.seed, dimensions=parsed.dimensions)
                    for ids in parsed.inputs]
         return _json(embedding_response(vectors, model=config.model_path,
