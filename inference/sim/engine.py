@@ -264,9 +264,7 @@ class SimEngine:
             self.check_lengths(prompt_tokens=len(token_ids), max_new_tokens=None)
         stats = self.stats
         stats.requests_received += 1
-        if self.settings.error_rate > 0 and self._fault_rng.random() < self.settings.error_rate:
-            stats.requests_failed += 1
-            raise InjectedFailure("Injected failure (simulator error_rate)")
+        self._error_rate_roll()
         tokens = sum(len(token_ids) for token_ids in inputs)
         delay = self.timing.admission_delay_s()
         if not self.timing.is_instant():
@@ -275,6 +273,12 @@ class SimEngine:
             await asyncio.sleep(self.timing.wall_s(delay))
         stats.prompt_tokens_total += tokens
         stats.requests_finished += 1
+
+    def _error_rate_roll(self) -> None:
+        """The `error_rate` fault: raises InjectedFailure for that share of requests."""
+        if self.settings.error_rate > 0 and self._fault_rng.random() < self.settings.error_rate:
+            self.stats.requests_failed += 1
+            raise InjectedFailure("Injected failure (simulator error_rate)")
 
     def _validate(self, request: GenerationRequest) -> None:
         if not request.prompt_ids:
@@ -312,9 +316,7 @@ class SimEngine:
         self.stats.requests_received += 1
         if request.stream:
             self.stats.streaming_requests += 1
-        if self.settings.error_rate > 0 and self._fault_rng.random() < self.settings.error_rate:
-            self.stats.requests_failed += 1
-            raise InjectedFailure("Injected failure (simulator error_rate)")
+        self._error_rate_roll()
 
         adapter = request.lora_path or None
         room = self.config.context_length - len(prompt_ids)

@@ -175,9 +175,9 @@ def token_logprobs(token_id: int, piece: str, position: int, top: int) -> dict:
     mixed = int.from_bytes(digest, "little")
     logprob = -(mixed % 2000) / 1000.0
     alternatives = [{"token": piece, "bytes": list(piece.encode()), "logprob": logprob}] if top > 0 else []
-    step = mixed >> 16
-    for rank in range(1, top):
-        other = _OUTPUT_PIECES[(step + rank * 7919) % len(_OUTPUT_PIECES)]
+    others = (candidate for candidate in _OUTPUT_PIECES[(mixed >> 16) % len(_OUTPUT_PIECES):] + _OUTPUT_PIECES
+              if candidate != piece)
+    for rank, other in zip(range(1, top), others):
         alternatives.append({"token": other, "bytes": list(other.encode()), "logprob": logprob - 0.75 * rank})
     return {"token": piece, "bytes": list(piece.encode()), "logprob": logprob, "top_logprobs": alternatives}
 
