@@ -125,6 +125,7 @@ class GenerationRequest:
     cache_namespace: Hashable = None  # from cache_salt / extra_key; None = shared
     stream: bool = False
     lora_path: str | None = None  # the adapter *name* (SGLang's lora_path field)
+    sample: int = 0  # which of a prompt's parallel samples (n > 1) this is: each answers differently
 
 
 @dataclass(slots=True)
@@ -323,6 +324,9 @@ class SimEngine:
         seed = generation_seed(prompt_ids=prompt_ids, server_seed=self.config.seed, request_seed=request.seed)
         if adapter is not None:
             seed ^= adapter_seed(adapter)  # each adapter answers differently
+        if request.sample:
+            seed = generation_seed(prompt_ids=(request.sample,), server_seed=seed & 0x7FFF_FFFF_FFFF_FFFF,
+                                   request_seed=None)
         if request.max_new_tokens is not None:
             token_limit, stops_naturally = request.max_new_tokens, False
         else:

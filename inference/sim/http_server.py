@@ -27,6 +27,7 @@ import contextlib
 import logging
 import secrets
 import time
+from dataclasses import replace
 from datetime import datetime, timezone
 
 import orjson
@@ -46,12 +47,14 @@ from .protocol import (
     OpenAIRequest,
     chat_logprobs,
     chat_response,
+    choices_usage,
     completion_response,
     invalid_json_error,
     native_error,
     native_output,
     native_sse,
     native_stream_error_sse,
+    new_rid,
     openai_error,
     openai_stream_error_sse,
     parse_chat_request,
@@ -196,30 +199,159 @@ class GenerationHandlers:
         self._generation_only()
         parsed = parse_chat_request(await _read_json_body(request, require_json_content_type=True),
                                     served_model_name=self.config.served_model_name)
+        if not parsed.single:
+            return await self._choices(request, parsed, chat=True)
         running = await self._admit_openai(parsed.generation)
         try:
             if not parsed.generation.stream:
-                return await self._openai_unary(parsed, running, chat_response)
+                return await self._openai_unary(parsed, [running], chat_response)
             return await self._chat_stream(request, parsed, running)
         finally:
             self.engine.finalize(running)
 
-    async def _openai_unary(self, parsed: OpenAIRequest, running: RunningRequest, build) -> web.Response:
+    async def _collect(self, running: RunningRequest) -> tuple[list[tuple[int, str, int]], dict | None]:
+        """Runs a request to its end: its tokens as (id, text, position), for
+        logprobs, and its error if it failed."""
         error = None
-        tokens: list[tuple[int, str, int]] = []  # for logprobs: (token id, text, position)
+        tokens: list[tuple[int, str, int]] = []
         async with contextlib.aclosing(self.engine.run(running)) as steps:
             async for step in steps:
                 if step.error is not None:
                     error = step.error
                 elif step.token_id is not None and step.delta_text:
                     tokens.append((step.token_id, step.delta_text, step.completion_tokens - 1))
-        if error is not None:
-            # SGLang raises HTTPException(status) for an abort with a status
-            # code; the OpenAI layer answers it in the flat shape, type = code.
-            status = error["status_code"]
-            raise openai_error(error["message"], error_type=str(status), status=status)
-        extra = {"logprobs": chat_logprobs(parsed, tokens)} if parsed.top_logprobs is not None else {}
-        return _json(build(parsed, running, enable_cache_report=self.config.enable_cache_report, **extra))
+        return tokens, error
+
+    async def _openai_unary(self, parsed: OpenAIRequest, runnings: list[RunningRequest], build) -> web.Response:
+        if len(runnings) == 1:
+            results = [await self._collect(runnings[0])]
+        else:
+            results = await asyncio.gather(*(self._collect(running) for running in runnings))
+        for _, error in results:
+            if error is not None:
+                # SGLang raises HTTPException(status) for an abort with a status
+                # code; the OpenAI layer answers it in the flat shape, type = code.
+                status = error["status_code"]
+                raise openai_error(error["message"], error_type=str(status), status=status)
+        logprobs = None
+        if parsed.top_logprobs is not None:
+            logprobs = [chat_logprobs(parsed, tokens) for tokens, _ in results]
+        return _json(build(parsed, runnings, enable_cache_report=self.config.enable_cache_report, logprobs=logprobs))
+
+    # ---- several choices: n > 1, or a batch of completion prompts
+
+    async def _choices(self, request: web.Request, parsed: OpenAIRequest, *, chat: bool) -> web.StreamResponse:
+        runnings = await self._start_choices(parsed)
+        try:
+            if not parsed.generation.stream:
+                return await self._openai_unary(parsed, runnings, chat_response if chat else completion_response)
+            return await self._stream_choices(request, parsed, runnings, chat=chat)
+        finally:
+            for running in runnings:
+                self.engine.finalize(running)
+
+    async def _start_choices(self, parsed: OpenAIRequest) -> list[RunningRequest]:
+        """One engine request per choice, in choice order, as SGLang's tokenizer
+        manager sends them: with n > 1 each prompt first runs alone with
+        max_new_tokens 0, so that its n samples find it cached, and every
+        request gets a fresh rid; without, each prompt's request takes the rid
+        the batch gave it (`OpenAIRequest.choice_rids`)."""
+        template = parsed.generation
+        prompts = parsed.prompts()
+        runnings: list[RunningRequest] = []
+        try:
+            if parsed.n == 1:
+                for (prompt_ids, _), rid in zip(prompts, parsed.choice_rids()):
+                    runnings.append(await self._admit_openai(replace(template, rid=rid, prompt_ids=prompt_ids)))
+                return runnings
+            for prompt_ids, _ in prompts:
+                await self._collect(await self._admit_openai(
+                    replace(template, rid=new_rid(), prompt_ids=prompt_ids, max_new_tokens=0, stream=False)))
+            for prompt_ids, _ in prompts:
+                for sample in range(parsed.n):
+                    runnings.append(await self._admit_openai(replace(
+                        template, rid=new_rid(), prompt_ids=prompt_ids, sample=0 if parsed.greedy else sample)))
+            return runnings
+        except BaseException:
+            for running in runnings:
+                self.engine.finalize(running)
+            raise
+
+    async def _stream_choices(self, request: web.Request, parsed: OpenAIRequest, runnings: list[RunningRequest],
+                              *, chat: bool) -> web.StreamResponse:
+        """Every choice's chunks as its tokens come, each with its index (and its
+        request's rid, as SGLang sends them); continuous usage counts the
+        choice's own tokens, the final usage chunk all of them."""
+        enable_cache_report = self.config.enable_cache_report
+        created = int(time.time())
+        writer_class = ChatChunkWriter if chat else CompletionChunkWriter
+        writers = [writer_class(rid=running.rid, model=parsed.model, created=created, index=index)
+                   for index, running in enumerate(runnings)]
+        echoes = [echo for _, echo in parsed.prompts() for _ in range(parsed.n)]
+        started = [False] * len(runnings)
+
+        def chunks(index: int, step) -> list[bytes]:
+            running, writer = runnings[index], writers[index]
+            first = not started[index]
+            started[index] = True
+            if not chat:
+                delta = step.delta_text
+                if first and echoes[index] is not None:
+                    delta = echoes[index] + delta
+                usage = usage_object(prompt_tokens=running.prompt_tokens, completion_tokens=step.completion_tokens,
+                                     cached_tokens=0, enable_cache_report=False) \
+                    if parsed.continuous_usage_stats else None
+                return [writer.text_chunk(delta, step.finish_reason, usage)]
+            out = [writer.role_chunk()] if first else []
+            if step.delta_text:
+                usage = running_usage(running, enable_cache_report, step.completion_tokens) \
+                    if parsed.continuous_usage_stats else None
+                logprobs = None
+                if parsed.top_logprobs is not None and step.token_id is not None:
+                    logprobs = chat_logprobs(parsed, [(step.token_id, step.delta_text, step.completion_tokens - 1)])
+                out.append(writer.content_chunk(step.delta_text, usage, logprobs))
+            if step.finish_reason is not None:
+                out.append(writer.finish_chunk(step.finish_reason["type"], step.finish_reason.get("matched")))
+            return out
+
+        queue: asyncio.Queue = asyncio.Queue()
+
+        async def pump(index: int, running: RunningRequest) -> None:
+            try:
+                async with contextlib.aclosing(self.engine.run(running)) as steps:
+                    async for step in steps:
+                        queue.put_nowait((index, step))
+            finally:
+                queue.put_nowait((index, None))
+
+        tasks = [asyncio.create_task(pump(index, running)) for index, running in enumerate(runnings)]
+        response: web.StreamResponse | None = None
+        pending: list[bytes] = []
+        try:
+            open_requests = len(tasks)
+            while open_requests:
+                index, step = await queue.get()
+                if step is None:
+                    open_requests -= 1
+                    continue
+                if step.error is not None:
+                    pending.append(openai_stream_error_sse(step.error["message"], step.error["status_code"]))
+                    break
+                pending.extend(chunks(index, step))
+                if queue.empty() or len(pending) >= MAX_COALESCED_CHUNKS:
+                    response = await self._flush_sse(request, response, pending)
+            if parsed.include_usage:
+                pending.append(writers[0].usage_chunk(choices_usage(runnings, parsed.n, enable_cache_report)))
+            pending.append(SSE_DONE)
+            response = await self._finish_sse(request, response, pending)
+        except _CLIENT_GONE:
+            for running in runnings:
+                self.engine.mark_disconnected(running)
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+        return response if response is not None else web.Response(status=499)
 
     async def _chat_stream(self, request: web.Request, parsed: OpenAIRequest,
                            running: RunningRequest) -> web.StreamResponse:
@@ -286,10 +418,12 @@ class GenerationHandlers:
         self._generation_only()
         parsed = parse_completion_request(await _read_json_body(request, require_json_content_type=True),
                                           served_model_name=self.config.served_model_name)
+        if not parsed.single:
+            return await self._choices(request, parsed, chat=False)
         running = await self._admit_openai(parsed.generation)
         try:
             if not parsed.generation.stream:
-                return await self._openai_unary(parsed, running, completion_response)
+                return await self._openai_unary(parsed, [running], completion_response)
             return await self._completion_stream(request, parsed, running)
         finally:
             self.engine.finalize(running)

@@ -165,6 +165,36 @@ class OpenAIRequest:
     # Chat `logprobs` / `top_logprobs`: None, or how many alternatives each
     # token's entry lists (0 with logprobs and no top_logprobs).
     top_logprobs: int | None = None
+    # Choices per prompt (SGLang's parallel sampling).
+    n: int = 1
+    # A batched completions prompt: each prompt's token ids and echo text
+    # (`generation` then holds the first); None for a single prompt.
+    batch: list[tuple[list[int], str | None]] | None = None
+    # The caller's rids when it sent a list (one per prompt).
+    rids: list[str] | None = None
+    explicit_rid: bool = False  # the caller sent a rid
+    greedy: bool = False  # temperature 0: parallel samples are all the same
+
+    @property
+    def single(self) -> bool:
+        """One prompt, one choice: the plain request path."""
+        return self.n == 1 and self.batch is None
+
+    def prompts(self) -> list[tuple[list[int], str | None]]:
+        return self.batch if self.batch is not None else [(self.generation.prompt_ids, self.echo_text)]
+
+    def choice_rids(self) -> list[str]:
+        """The rid of each prompt's request when there is no parallel sampling,
+        as SGLang's GenerateReqInput normalises a batch: the caller's list, or
+        `<rid>_<i>` from a single string, or fresh ones."""
+        count = len(self.prompts())
+        if self.rids is not None:
+            return list(self.rids)
+        if count == 1:
+            return [self.generation.rid]
+        if self.explicit_rid:
+            return [f"{self.generation.rid}_{index}" for index in range(count)]
+        return [new_rid() for _ in range(count)]
 
 
 def split_model_adapter(model: str, served_model_name: str | None) -> tuple[str, str | None]:
@@ -189,9 +219,6 @@ def _openai_common(fields: _Fields, *, prompt_ids: list[int], max_tokens: int | 
     model = body.get("model", "default")
     if not isinstance(model, str):
         fields.fail("model", "Input should be a valid string")
-    n = fields.optional_int("n")
-    if n is not None and n != 1:
-        raise openai_error("The simulator supports only n=1.")
     temperature = fields.optional_float("temperature")
     top_p = fields.optional_float("top_p")
     _check_sampling(temperature, top_p, openai_error)
@@ -204,8 +231,12 @@ def _openai_common(fields: _Fields, *, prompt_ids: list[int], max_tokens: int | 
         include_usage = fields.boolean("include_usage", source=stream_options)
         continuous_usage_stats = fields.boolean("continuous_usage_stats", source=stream_options)
     rid = body.get("rid")
-    if rid is not None and not isinstance(rid, str):
-        raise openai_error("The simulator accepts only a single string rid.")
+    if isinstance(rid, list):
+        if not all(isinstance(item, str) for item in rid):
+            fields.fail("rid", "Input should be a valid list of strings")
+        rid = rid[0] if len(rid) == 1 else None  # a list of several: see `_batch_rids`
+    elif rid is not None and not isinstance(rid, str):
+        fields.fail("rid", "Input should be a valid string")
     for name in ("cache_salt", "extra_key"):
         if body.get(name) is not None and not isinstance(body.get(name), str):
             raise openai_error(f"The simulator accepts only a single string {name}.")
@@ -227,6 +258,23 @@ def _openai_common(fields: _Fields, *, prompt_ids: list[int], max_tokens: int | 
         lora_path=lora_path or None,
     )
     return generation, model, include_usage, continuous_usage_stats
+
+
+def _choices_options(fields: _Fields, parsed: OpenAIRequest, batch_size: int) -> OpenAIRequest:
+    """`n` and a list `rid`, as SGLang's GenerateReqInput takes them: a list
+    must hold one rid per prompt, a string is the prefix of each prompt's."""
+    n = fields.optional_int("n")
+    if n is not None and n < 1:
+        raise openai_error(f"n must be at least 1, got {n}.")
+    parsed.n = n or 1
+    parsed.greedy = fields.optional_float("temperature") == 0
+    rid = fields.body.get("rid")
+    parsed.explicit_rid = rid is not None
+    if isinstance(rid, list):
+        if len(rid) != batch_size:
+            raise openai_error("The specified rids length mismatch with the batch_size for batch processing.")
+        parsed.rids = list(rid) if batch_size > 1 else None
+    return parsed
 
 
 def parse_chat_request(body: Any, *, served_model_name: str | None = None) -> OpenAIRequest:
@@ -252,8 +300,9 @@ def parse_chat_request(body: Any, *, served_model_name: str | None = None) -> Op
         raise openai_error("top_logprobs must be between 0 and 20.")
     if top and not logprobs:
         raise openai_error("When using `top_logprobs`, `logprobs` must be set to true.")
-    return OpenAIRequest(generation, model, include_usage, continuous,
-                         top_logprobs=(top or 0) if logprobs else None)
+    parsed = OpenAIRequest(generation, model, include_usage, continuous,
+                           top_logprobs=(top or 0) if logprobs else None)
+    return _choices_options(fields, parsed, 1)
 
 
 def parse_completion_request(body: Any, *, served_model_name: str | None = None) -> OpenAIRequest:
@@ -263,25 +312,29 @@ def parse_completion_request(body: Any, *, served_model_name: str | None = None)
     prompt = body.get("prompt")
     if not prompt or (isinstance(prompt, list) and all(not item for item in prompt)):
         raise openai_error("Prompt cannot be empty")
-    echo_text = None
     if isinstance(prompt, str):
-        prompt_ids = tokenize(prompt)
-        echo_text = prompt
+        prompts = [(tokenize(prompt), prompt)]
     elif isinstance(prompt, list) and all(isinstance(item, int) and not isinstance(item, bool) for item in prompt):
-        prompt_ids = list(prompt)
-    elif isinstance(prompt, list) and all(isinstance(item, (str, list)) for item in prompt):
-        if len(prompt) != 1:
-            raise openai_error("The simulator does not support batched prompts; send one prompt per request.")
-        return parse_completion_request({**body, "prompt": prompt[0]}, served_model_name=served_model_name)
+        prompts = [(list(prompt), None)]
+    elif isinstance(prompt, list) and all(isinstance(item, str) for item in prompt):
+        prompts = [(tokenize(item), item) for item in prompt]
+    elif isinstance(prompt, list) and all(
+            isinstance(item, list) and item and all(isinstance(t, int) and not isinstance(t, bool) for t in item)
+            for item in prompt):
+        prompts = [(list(item), None) for item in prompt]
     else:
         fields.fail("prompt", "Input should be a valid string or list of token ids")
     max_tokens = fields.optional_int("max_tokens")
     if "max_tokens" not in body:
         max_tokens = 16  # CompletionRequest's default
     generation, model, include_usage, continuous = _openai_common(
-        fields, prompt_ids=prompt_ids, max_tokens=max_tokens, served_model_name=served_model_name)
+        fields, prompt_ids=prompts[0][0], max_tokens=max_tokens, served_model_name=served_model_name)
     echo = fields.boolean("echo")
-    return OpenAIRequest(generation, model, include_usage, continuous, echo_text if echo else None)
+    if not echo:
+        prompts = [(ids, None) for ids, _ in prompts]
+    parsed = OpenAIRequest(generation, model, include_usage, continuous, prompts[0][1],
+                           batch=prompts if len(prompts) > 1 else None)
+    return _choices_options(fields, parsed, len(prompts))
 
 
 # ------------------------------------------------------------------ native requests
@@ -429,45 +482,56 @@ def chat_logprobs(parsed: OpenAIRequest, steps: list[tuple[int, str, int]]) -> d
                         for token_id, text, position in steps]}
 
 
-def chat_response(parsed: OpenAIRequest, running: RunningRequest, *, enable_cache_report: bool,
-                  logprobs: dict | None = None) -> dict:
-    finish_reason = running.finish_reason
+def choices_usage(runnings: list[RunningRequest], n: int, enable_cache_report: bool) -> dict:
+    """Usage of a request's choices, as SGLang's UsageProcessor adds them up:
+    every choice's completion tokens, each prompt's tokens (and cached tokens)
+    once, from the first of its `n` choices."""
+    firsts = runnings[::n]
+    return usage_object(prompt_tokens=sum(r.prompt_tokens for r in firsts),
+                        completion_tokens=sum(r.completion_tokens for r in runnings),
+                        cached_tokens=sum(r.cached_tokens for r in firsts), enable_cache_report=enable_cache_report)
+
+
+def _openai_response(parsed: OpenAIRequest, runnings: list[RunningRequest], kind: str, choice_body, *,
+                     enable_cache_report: bool) -> dict:
+    """The reply around the choices: `choice_body(index, running)` gives each
+    choice's own fields, before its finish reason."""
+    choices = []
+    for index, running in enumerate(runnings):
+        finish_reason = running.finish_reason
+        choices.append({"index": index, **choice_body(index, running),
+                        "finish_reason": finish_reason["type"] if finish_reason else None,
+                        "matched_stop": _matched_stop(finish_reason)})
     return {
-        "id": running.rid,
-        "object": "chat.completion",
+        "id": runnings[0].rid,
+        "object": kind,
         "created": int(time.time()),
         "model": parsed.model,
-        "choices": [{
-            "index": 0,
-            # SGLang drops tool_calls when there are none.
-            "message": {"role": "assistant", "content": running.text, "reasoning_content": None},
-            "logprobs": logprobs,
-            "finish_reason": finish_reason["type"] if finish_reason else None,
-            "matched_stop": _matched_stop(finish_reason),
-        }],
-        "usage": running_usage(running, enable_cache_report),
+        "choices": choices,
+        "usage": choices_usage(runnings, parsed.n, enable_cache_report),
         "metadata": {"weight_version": WEIGHT_VERSION},
     }
 
 
-def completion_response(parsed: OpenAIRequest, running: RunningRequest, *, enable_cache_report: bool) -> dict:
-    finish_reason = running.finish_reason
-    text = running.text if parsed.echo_text is None else parsed.echo_text + running.text
-    return {
-        "id": running.rid,
-        "object": "text_completion",
-        "created": int(time.time()),
-        "model": parsed.model,
-        "choices": [{
-            "index": 0,
-            "text": text,
-            "logprobs": None,
-            "finish_reason": finish_reason["type"] if finish_reason else None,
-            "matched_stop": _matched_stop(finish_reason),
-        }],
-        "usage": running_usage(running, enable_cache_report),
-        "metadata": {"weight_version": WEIGHT_VERSION},
-    }
+def chat_response(parsed: OpenAIRequest, runnings: list[RunningRequest], *, enable_cache_report: bool,
+                  logprobs: list[dict | None] | None = None) -> dict:
+    def message(index: int, running: RunningRequest) -> dict:
+        # SGLang drops tool_calls when there are none.
+        return {"message": {"role": "assistant", "content": running.text, "reasoning_content": None},
+                "logprobs": logprobs[index] if logprobs else None}
+
+    return _openai_response(parsed, runnings, "chat.completion", message, enable_cache_report=enable_cache_report)
+
+
+def completion_response(parsed: OpenAIRequest, runnings: list[RunningRequest], *, enable_cache_report: bool,
+                        logprobs: list[dict | None] | None = None) -> dict:
+    prompts = parsed.prompts()
+
+    def text(index: int, running: RunningRequest) -> dict:
+        echo_text = prompts[index // parsed.n][1]
+        return {"text": running.text if echo_text is None else echo_text + running.text, "logprobs": None}
+
+    return _openai_response(parsed, runnings, "text_completion", text, enable_cache_report=enable_cache_report)
 
 
 def openai_stream_error_sse(message: str, code: int) -> bytes:
@@ -485,13 +549,14 @@ class ChatChunkWriter:
 
     __slots__ = ("_head", "_choice_tail", "_usage_head", "model", "rid", "created")
 
-    def __init__(self, *, rid: str, model: str, created: int) -> None:
+    def __init__(self, *, rid: str, model: str, created: int, index: int = 0) -> None:
         self.rid = rid
         self.model = model
         self.created = created
         head = b'{"id":' + orjson.dumps(rid) + b',"object":"chat.completion.chunk","created":' + \
             str(created).encode() + b',"model":' + orjson.dumps(model)
-        self._head = b"data: " + head + b',"choices":[{"index":0,"delta":{"reasoning_content":null,'
+        self._head = (b"data: " + head + b',"choices":[{"index":' + str(index).encode()
+                      + b',"delta":{"reasoning_content":null,')
         self._choice_tail = b'},"logprobs":null,"finish_reason":null,"matched_stop":null}]'
         self._usage_head = b"data: " + head + b',"choices":[],"usage":'
 
@@ -520,10 +585,10 @@ class CompletionChunkWriter:
 
     __slots__ = ("_head", "_usage_head")
 
-    def __init__(self, *, rid: str, model: str, created: int) -> None:
+    def __init__(self, *, rid: str, model: str, created: int, index: int = 0) -> None:
         head = b'{"id":' + orjson.dumps(rid) + b',"object":"text_completion","created":' + \
             str(created).encode() + b',"model":' + orjson.dumps(model)
-        self._head = b"data: " + head + b',"choices":[{"index":0,"text":'
+        self._head = b"data: " + head + b',"choices":[{"index":' + str(index).encode() + b',"text":'
         self._usage_head = b"data: " + head + b',"choices":[],"usage":'
 
     def text_chunk(self, delta_text: str, finish_reason: dict | None, usage: dict | None = None) -> bytes:

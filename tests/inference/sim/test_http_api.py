@@ -543,3 +543,88 @@ def test_chat_logprobs(sim):
         for extra in ({"logprobs": True, "top_logprobs": 21}, {"top_logprobs": 2}):
             refused = client.post("/v1/chat/completions", json={"model": "m", "messages": CHAT, **extra})
             assert refused.status_code == 400, extra
+
+
+# ---------------------------------------------------------------- several choices
+
+def test_chat_n_choices_whole_and_streamed(sim):
+    """n > 1: SGLang's parallel sampling. The prompt is prefilled once (its own
+    request with max_new_tokens 0), then every sample finds it cached; usage
+    counts the prompt once and every sample's tokens."""
+    client = openai_client(sim)
+    before = wait_for_stats(sim, lambda stats: True)["requests_received"]
+    completion = client.chat.completions.create(model="m", messages=CHAT, max_tokens=5, n=3)
+    assert [choice.index for choice in completion.choices] == [0, 1, 2]
+    texts = [choice.message.content for choice in completion.choices]
+    assert len(set(texts)) == 3  # samples differ
+    assert all(len(text.split()) == 5 for text in texts)
+    single = client.chat.completions.create(model="m", messages=CHAT, max_tokens=5)
+    assert completion.usage.prompt_tokens == single.usage.prompt_tokens
+    assert completion.usage.completion_tokens == 15
+    # Every sample found the prompt that the prefill request had cached.
+    assert completion.usage.prompt_tokens_details.cached_tokens >= completion.usage.prompt_tokens - 1
+    stats = wait_for_stats(sim, lambda stats: stats["requests_received"] >= before + 5)
+    assert stats["requests_received"] == before + 5  # 1 prefill + 3 samples + the single one
+
+    greedy = client.chat.completions.create(model="m", messages=CHAT, max_tokens=5, n=2, temperature=0)
+    assert greedy.choices[0].message.content == greedy.choices[1].message.content
+
+    chunks = list(client.chat.completions.create(model="m", messages=CHAT, max_tokens=4, n=2, stream=True,
+                                                 stream_options={"include_usage": True}))
+    by_index: dict[int, str] = {0: "", 1: ""}
+    finished = {}
+    for chunk in chunks[:-1]:
+        for choice in chunk.choices:
+            by_index[choice.index] += choice.delta.content or ""
+            if choice.finish_reason:
+                finished[choice.index] = choice.finish_reason
+    assert finished == {0: "length", 1: "length"}
+    assert by_index[0] != by_index[1] and all(len(text.split()) == 4 for text in by_index.values())
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 8
+    assert chunks[-1].usage.prompt_tokens == single.usage.prompt_tokens
+
+
+def test_chat_n_continuous_usage_is_per_choice(sim):
+    with sim.client() as client, client.stream("POST", "/v1/chat/completions", json={
+            "model": "m", "messages": CHAT, "max_tokens": 3, "n": 2, "stream": True,
+            "stream_options": {"include_usage": True, "continuous_usage_stats": True}}) as response:
+        events = sse_events(response)
+    counted = [(event["choices"][0]["index"], event["usage"]["completion_tokens"])
+               for event in events[:-1] if event["choices"] and event.get("usage")]
+    assert sorted(counted) == [(0, 1), (0, 2), (0, 3), (1, 1), (1, 2), (1, 3)]
+    assert events[-2]["usage"]["completion_tokens"] == 6 and events[-1] == "[DONE]"
+    with sim.client() as client:
+        refused = client.post("/v1/chat/completions", json={"model": "m", "messages": CHAT, "n": 0})
+    assert refused.status_code == 400 and refused.json()["object"] == "error"
+
+
+def test_completions_batch_of_prompts(sim):
+    """A list of prompts: one choice per prompt (times n), rids `<rid>_<i>`
+    from a string rid, or the caller's list, which must hold one per prompt."""
+    client = openai_client(sim)
+    one = client.completions.create(model="m", prompt="Once upon a time", max_tokens=3)
+    other = client.completions.create(model="m", prompt="In a hole", max_tokens=3)
+    batch = client.completions.create(model="m", prompt=["Once upon a time", "In a hole"], max_tokens=3,
+                                      echo=True)
+    assert [choice.text for choice in batch.choices] == ["Once upon a time" + one.choices[0].text,
+                                                         "In a hole" + other.choices[0].text]
+    assert batch.usage.prompt_tokens == one.usage.prompt_tokens + other.usage.prompt_tokens
+    assert batch.usage.completion_tokens == 6
+
+    sampled = client.completions.create(model="m", prompt=[[5, 6, 7], [8, 9]], max_tokens=2, n=2)
+    assert [choice.index for choice in sampled.choices] == [0, 1, 2, 3]
+    assert sampled.usage.prompt_tokens == 5 and sampled.usage.completion_tokens == 8
+
+    with sim.client() as raw, raw.stream("POST", "/v1/completions", json={
+            "model": "m", "prompt": ["Once upon a time", "In a hole"], "max_tokens": 2, "rid": "batch",
+            "stream": True}) as response:
+        events = sse_events(response)
+    assert {(event["id"], event["choices"][0]["index"]) for event in events[:-1]} == {("batch_0", 0), ("batch_1", 1)}
+    with sim.client() as raw:
+        mismatch = raw.post("/v1/completions", json={"model": "m", "prompt": ["a", "b"], "rid": ["only-one"]})
+        listed = raw.post("/v1/completions", json={"model": "m", "prompt": ["a", "b"], "rid": ["x1", "x2"],
+                                                   "max_tokens": 1})
+    assert mismatch.status_code == 400
+    assert mismatch.json()["message"] == ("The specified rids length mismatch with the batch_size for batch "
+                                          "processing.")
+    assert listed.status_code == 200 and listed.json()["id"] == "x1"
