@@ -48,10 +48,11 @@ class ChunkRewriter:
     """Rewrites one stream's chunk payloads; keeps what the meter needs."""
 
     __slots__ = ("_request_id", "_model_from", "_model_to", "_client_model", "_tail", "_content", "_empty",
+                 "_n", "_choices", "_finished_choices", "_choice_usage",
                  "last_usage_raw", "usage_template", "content_chunks", "finished")
 
     def __init__(self, *, request_id: str, client_model: str, upstream_model: str, include_usage: bool,
-                 chat: bool) -> None:
+                 chat: bool, n: int = 1, choices: int = 1) -> None:
         self._request_id = request_id
         self._client_model = client_model
         if client_model != upstream_model:
@@ -68,6 +69,12 @@ class ChunkRewriter:
         self.usage_template: bytes | None = None
         self.content_chunks = 0
         self.finished = False
+        # Several choices (`n` per prompt, `choices` in all; slow path only):
+        # the indexes that finished, and each one's newest usage.
+        self._n = n
+        self._choices = choices
+        self._finished_choices: set[int] = set()
+        self._choice_usage: dict[int, dict] = {}
 
     def fast_path_fits(self, first_payload: bytes) -> bool:
         """Whether the backend echoes our request id, so chunks need no id rewrite."""
@@ -99,27 +106,56 @@ class ChunkRewriter:
         return body + self._tail, has_content
 
     def rewrite_slow(self, payload: bytes) -> tuple[bytes | None, bool]:
-        """The same for a backend whose chunks do not have the expected layout."""
+        """The same for a backend whose chunks do not have the expected layout,
+        and for several choices, whose chunks each carry their own request's id
+        and, with continuous usage, that choice's usage alone (SGLang): the
+        stream's usage is then their sum (`_choices_usage`) until the final
+        usage chunk gives it, and it is finished once every choice is."""
         chunk = orjson.loads(payload)
         if "error" in chunk and not chunk.get("choices"):
             raise ValueError(payload)
         usage = chunk.pop("usage", None)
-        if usage:
-            self.last_usage_raw = orjson.dumps(usage)
         choices = chunk.get("choices")
         if not choices:
+            if usage:
+                self.last_usage_raw = orjson.dumps(usage)
             self.usage_template = payload
             return None, False
+        if usage:
+            if self._choices == 1:
+                self.last_usage_raw = orjson.dumps(usage)
+            else:
+                self._choice_usage[choices[0].get("index", 0)] = usage
+                self.last_usage_raw = orjson.dumps(self._choices_usage())
         chunk["id"], chunk["model"] = self._request_id, self._client_model
         if self._tail != b"}":
             chunk["usage"] = None
-        choice = choices[0]
-        has_content = bool((choice.get("delta") or {}).get("content") or choice.get("text"))
-        if has_content:
-            self.content_chunks += 1
-        if choice.get("finish_reason") is not None:
-            self.finished = True
+        has_content = False
+        for choice in choices:
+            if (choice.get("delta") or {}).get("content") or choice.get("text"):
+                has_content = True
+                self.content_chunks += 1
+            if choice.get("finish_reason") is not None:
+                self._finished_choices.add(choice.get("index", 0))
+        self.finished = len(self._finished_choices) >= self._choices
         return orjson.dumps(chunk), has_content
+
+    def _choices_usage(self) -> dict:
+        """The choices' usages added up as SGLang's final usage does: each
+        prompt's tokens once (its `n` choices share it), every choice's
+        completion tokens."""
+        by_prompt: dict[int, dict] = {}
+        for index, usage in self._choice_usage.items():
+            by_prompt.setdefault(index // self._n, usage)
+        every = self._choice_usage.values()
+        return {
+            "prompt_tokens": sum(int(usage.get("prompt_tokens") or 0) for usage in by_prompt.values()),
+            "completion_tokens": sum(int(usage.get("completion_tokens") or 0) for usage in every),
+            "prompt_tokens_details": {"cached_tokens": sum(
+                int((usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0)
+                for usage in by_prompt.values())},
+            "reasoning_tokens": sum(int(usage.get("reasoning_tokens") or 0) for usage in every),
+        }
 
     def take_usage(self) -> dict | None:
         """The newest usage seen since the last call, parsed (once per batch)."""

@@ -46,6 +46,8 @@ UPSTREAM_PATH = {CHAT: "/v1/chat/completions", COMPLETIONS: "/v1/completions", E
 ID_PREFIX = {CHAT: "chatcmpl-", COMPLETIONS: "cmpl-", EMBEDDINGS: "embd-"}
 # OpenAI's limit on the inputs of one embeddings request.
 EMBEDDING_INPUTS_MAX = 2048
+# OpenAI's limit on `n`, the choices generated for each prompt.
+CHOICES_PER_PROMPT_MAX = 128
 # Fields a caller may not set: the gateway decides them (rid, adapter selection).
 GATEWAY_OWNED_FIELDS = ("rid", "lora_path")
 # Ids: 64 random bits per process and a counter. uuid4() per request would read
@@ -80,6 +82,14 @@ class CompletionRequest:
     # What of a backend's KV cache the request holds that others do not share
     # (routing.policies.key_footprint), counted while it is in flight there.
     kv_chars: int = 0
+    # Choices per prompt (`n`), and prompts (a completions batch): the response
+    # has n × prompts choices.
+    n: int = 1
+    prompts: int = 1
+
+    @property
+    def choices(self) -> int:
+        return self.n * self.prompts
 
     @property
     def response_headers(self) -> dict[str, str]:
@@ -102,11 +112,12 @@ def completion_request_build(
         raise errors.missing_parameter("model")
     if not isinstance(model, str):
         raise errors.invalid_parameter("model", "'model' must be a string.")
+    n = prompts = 1
     if endpoint == EMBEDDINGS:
         _embedding_input_check(body)
         stream = include_usage = False
     else:
-        stream, include_usage = _generation_check(endpoint, body)
+        stream, include_usage, n, prompts = _generation_check(endpoint, body)
     return CompletionRequest(
         principal=principal,
         endpoint=endpoint,
@@ -115,12 +126,17 @@ def completion_request_build(
         request_id=f"{ID_PREFIX[endpoint]}{_ID_TEXT}{next(_id_counter):08x}",
         stream=stream,
         include_usage=include_usage,
+        n=n,
+        prompts=prompts,
         **({"started": started} if started is not None else {}),
     )
 
 
-def _generation_check(endpoint: str, body: dict) -> tuple[bool, bool]:
-    """A chat or completion request's own fields; returns (stream, include_usage)."""
+def _generation_check(endpoint: str, body: dict) -> tuple[bool, bool, int, int]:
+    """A chat or completion request's own fields; returns (stream, include_usage,
+    n, prompts): the choices per prompt and the prompts of a completions batch
+    (a list of strings or of token-id lists)."""
+    prompts = 1
     if endpoint == CHAT:
         messages = body.get("messages")
         if messages is None:
@@ -138,6 +154,11 @@ def _generation_check(endpoint: str, body: dict) -> tuple[bool, bool]:
             raise errors.missing_parameter("prompt")
         if not isinstance(prompt, (str, list)):
             raise errors.invalid_parameter("prompt", "'prompt' must be a string or an array.")
+        if isinstance(prompt, list) and prompt and not all(isinstance(item, int) for item in prompt):
+            if not (all(isinstance(item, str) for item in prompt) or all(isinstance(item, list) for item in prompt)):
+                raise errors.invalid_parameter(
+                    "prompt", "'prompt' must be a string, an array of strings, of token ids, or of token-id arrays.")
+            prompts = len(prompt)
     stream = body.get("stream", False)
     if stream is None:
         stream = False
@@ -164,9 +185,11 @@ def _generation_check(endpoint: str, body: dict) -> tuple[bool, bool]:
         ):
             raise errors.invalid_parameter(name, f"'{name}' must be a number from {low} to {high}.")
     n = body.get("n")
-    if n is not None and n != 1:
-        raise errors.invalid_parameter("n", "Only n=1 is supported.")
-    return stream, include_usage
+    if n is None:
+        n = 1
+    elif not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= CHOICES_PER_PROMPT_MAX:
+        raise errors.invalid_parameter("n", f"'n' must be an integer from 1 to {CHOICES_PER_PROMPT_MAX}.")
+    return stream, include_usage, n, prompts
 
 
 def _embedding_input_check(body: dict) -> None:
@@ -264,7 +287,11 @@ def _upstream_body(request: CompletionRequest, resolution: Resolution, *, stream
         salt = body.get("cache_salt")
         tenant = request.principal.tenant_public_id
         body["cache_salt"] = f"{tenant}:{salt}" if isinstance(salt, str) and salt else tenant
-    body["rid"] = request.request_id
+    # SGLang takes one rid per prompt for a batch or parallel sampling (a single
+    # string is refused there by older releases); `<rid>_<i>` keeps the
+    # request id a prefix of each, for /abort_request.
+    body["rid"] = request.request_id if request.choices == 1 else [
+        f"{request.request_id}_{index}" for index in range(request.prompts)]
     if stream:
         body["stream"] = True
         body["stream_options"] = {"include_usage": True, "continuous_usage_stats": True}
@@ -452,9 +479,11 @@ class CompletionService:
         meter.prices = resolution.model.prices
         cap = completion_tokens_cap(request, self._default_max_tokens)
         prompt_bound = prompt_tokens_upper_bound(request)
-        reserve_tokens = prompt_bound + cap[1]
+        # Every choice may generate up to the cap.
+        completion_bound = cap[1] * request.choices
+        reserve_tokens = prompt_bound + completion_bound
         reserve_cost = resolution.model.prices.cost_micros(
-            prompt_tokens=prompt_bound, cached_tokens=0, completion_tokens=cap[1]
+            prompt_tokens=prompt_bound, cached_tokens=0, completion_tokens=completion_bound
         )
         # The local queue first: a request waiting for a backend slot holds no
         # rate-limit reservation, and one shed by the queue costs no Redis call.
@@ -596,8 +625,11 @@ class CompletionService:
             meter.backend = backend.url
             rewriter = ChunkRewriter(request_id=request.request_id, client_model=request.model_name,
                                      upstream_model=resolution.model.upstream_name,
-                                     include_usage=request.include_usage, chat=request.endpoint == CHAT)
-            rewrite = rewriter.rewrite if rewriter.fast_path_fits(first[0]) else rewriter.rewrite_slow
+                                     include_usage=request.include_usage, chat=request.endpoint == CHAT,
+                                     n=request.n, choices=request.choices)
+            # Several choices' chunks carry their own ids and usage: the slow path.
+            fast = request.choices == 1 and rewriter.fast_path_fits(first[0])
+            rewrite = rewriter.rewrite if fast else rewriter.rewrite_slow
             batch = first
             while True:
                 out = []
