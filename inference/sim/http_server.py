@@ -45,8 +45,8 @@ from .protocol import (
     ChatChunkWriter,
     CompletionChunkWriter,
     OpenAIRequest,
-    chat_logprobs,
     chat_response,
+    choice_logprobs,
     choices_usage,
     completion_response,
     invalid_json_error,
@@ -80,6 +80,18 @@ STARTED_AT_KEY = web.AppKey("started_at", float)
 
 _SSE_HEADERS = {"Content-Type": "text/event-stream; charset=utf-8", "Cache-Control": "no-cache"}
 _CLIENT_GONE = (ConnectionResetError, ConnectionError)
+
+
+def _step_logprobs(parsed: OpenAIRequest, index: int, step, first: bool) -> dict | None:
+    """The logprobs a streamed chunk carries for choice `index`'s step: its
+    token's, after (on a completion's first chunk) the echoed prompt's."""
+    if parsed.top_logprobs is None and parsed.completion_logprobs is None:
+        return None
+    steps = [(step.token_id, step.delta_text, step.completion_tokens - 1)] \
+        if step.token_id is not None and step.delta_text else []
+    if not steps and not first:
+        return None
+    return choice_logprobs(parsed, index, steps, with_echo=first)
 
 
 def _json(body, status: int = 200) -> web.Response:
@@ -234,8 +246,8 @@ class GenerationHandlers:
                 status = error["status_code"]
                 raise openai_error(error["message"], error_type=str(status), status=status)
         logprobs = None
-        if parsed.top_logprobs is not None:
-            logprobs = [chat_logprobs(parsed, tokens) for tokens, _ in results]
+        if parsed.top_logprobs is not None or parsed.completion_logprobs is not None:
+            logprobs = [choice_logprobs(parsed, index, tokens) for index, (tokens, _) in enumerate(results)]
         return _json(build(parsed, runnings, enable_cache_report=self.config.enable_cache_report, logprobs=logprobs))
 
     # ---- several choices: n > 1, or a batch of completion prompts
@@ -301,15 +313,12 @@ class GenerationHandlers:
                 usage = usage_object(prompt_tokens=running.prompt_tokens, completion_tokens=step.completion_tokens,
                                      cached_tokens=0, enable_cache_report=False) \
                     if parsed.continuous_usage_stats else None
-                return [writer.text_chunk(delta, step.finish_reason, usage)]
+                return [writer.text_chunk(delta, step.finish_reason, usage, _step_logprobs(parsed, index, step, first))]
             out = [writer.role_chunk()] if first else []
             if step.delta_text:
                 usage = running_usage(running, enable_cache_report, step.completion_tokens) \
                     if parsed.continuous_usage_stats else None
-                logprobs = None
-                if parsed.top_logprobs is not None and step.token_id is not None:
-                    logprobs = chat_logprobs(parsed, [(step.token_id, step.delta_text, step.completion_tokens - 1)])
-                out.append(writer.content_chunk(step.delta_text, usage, logprobs))
+                out.append(writer.content_chunk(step.delta_text, usage, _step_logprobs(parsed, index, step, False)))
             if step.finish_reason is not None:
                 out.append(writer.finish_chunk(step.finish_reason["type"], step.finish_reason.get("matched")))
             return out
@@ -373,11 +382,8 @@ class GenerationHandlers:
                     if step.delta_text:
                         usage = running_usage(running, enable_cache_report, step.completion_tokens) \
                             if continuous else None
-                        logprobs = None
-                        if parsed.top_logprobs is not None and step.token_id is not None:
-                            logprobs = chat_logprobs(parsed, [(step.token_id, step.delta_text,
-                                                               step.completion_tokens - 1)])
-                        pending.append(writer.content_chunk(step.delta_text, usage, logprobs))
+                        pending.append(writer.content_chunk(step.delta_text, usage,
+                                                            _step_logprobs(parsed, 0, step, False)))
                     if step.finish_reason is not None:
                         # the last step: its chunks leave with the tail below
                         pending.append(writer.finish_chunk(step.finish_reason["type"],
@@ -444,12 +450,13 @@ class GenerationHandlers:
                     delta = step.delta_text
                     if first and parsed.echo_text is not None:
                         delta = parsed.echo_text + delta
-                    first = False
                     # Completions' continuous usage carries no cached-token details in SGLang.
                     usage = usage_object(prompt_tokens=running.prompt_tokens,
                                          completion_tokens=step.completion_tokens, cached_tokens=0,
                                          enable_cache_report=False) if continuous else None
-                    pending.append(writer.text_chunk(delta, step.finish_reason, usage))
+                    pending.append(writer.text_chunk(delta, step.finish_reason, usage,
+                                                     _step_logprobs(parsed, 0, step, first)))
+                    first = False
                     if step.finish_reason is None and (not step.more_ready or len(pending) >= MAX_COALESCED_CHUNKS):
                         response = await self._flush_sse(request, response, pending)
             if parsed.include_usage:

@@ -23,7 +23,7 @@ from typing import Any
 import orjson
 
 from .engine import GenerationRequest, RunningRequest, Step
-from .tokenizer import render_chat_prompt, token_logprobs, tokenize
+from .tokenizer import piece_to_id, render_chat_prompt, split_pieces, token_logprobs, tokenize
 
 WEIGHT_VERSION = "default"  # SGLang's default --weight-version
 SSE_DONE = b"data: [DONE]\n\n"
@@ -174,6 +174,8 @@ class OpenAIRequest:
     rids: list[str] | None = None
     explicit_rid: bool = False  # the caller sent a rid
     greedy: bool = False  # temperature 0: parallel samples are all the same
+    # Completions `logprobs`: None, or how many alternatives each token lists.
+    completion_logprobs: int | None = None
 
     @property
     def single(self) -> bool:
@@ -332,8 +334,11 @@ def parse_completion_request(body: Any, *, served_model_name: str | None = None)
     echo = fields.boolean("echo")
     if not echo:
         prompts = [(ids, None) for ids, _ in prompts]
+    logprobs = fields.optional_int("logprobs")
+    if logprobs is not None and logprobs < 0:
+        raise openai_error(f"logprobs must be at least 0, got {logprobs}.")
     parsed = OpenAIRequest(generation, model, include_usage, continuous, prompts[0][1],
-                           batch=prompts if len(prompts) > 1 else None)
+                           batch=prompts if len(prompts) > 1 else None, completion_logprobs=logprobs)
     return _choices_options(fields, parsed, len(prompts))
 
 
@@ -513,6 +518,38 @@ def _openai_response(parsed: OpenAIRequest, runnings: list[RunningRequest], kind
     }
 
 
+def completion_logprobs(top: int, steps: list[tuple[int, str, int]], echo_text: str | None = None) -> dict:
+    """A completion choice's `logprobs` as SGLang's to_openai_style_logprobs
+    builds it: parallel lists, with the echoed prompt's tokens first (the
+    very first has no log probability), and no text offsets (-1)."""
+    tokens: list[str] = []
+    values: list[float | None] = []
+    tops: list[dict | None] = []
+    if echo_text is not None:
+        for position, piece in enumerate(split_pieces(echo_text)):
+            entry = token_logprobs(piece_to_id(piece), piece, -1 - position, top)
+            tokens.append(piece)
+            values.append(entry["logprob"] if position else None)
+            tops.append({alt["token"]: alt["logprob"] for alt in entry["top_logprobs"]} if position else None)
+    for token_id, text, position in steps:
+        entry = token_logprobs(token_id, text, position, top)
+        tokens.append(text)
+        values.append(entry["logprob"])
+        tops.append({alt["token"]: alt["logprob"] for alt in entry["top_logprobs"]})
+    return {"text_offset": [-1] * len(tokens), "token_logprobs": values, "tokens": tokens, "top_logprobs": tops}
+
+
+def choice_logprobs(parsed: OpenAIRequest, index: int, steps: list[tuple[int, str, int]], *,
+                    with_echo: bool = True) -> dict | None:
+    """Choice `index`'s logprobs for (token id, text, position) of its
+    generated tokens, in its endpoint's shape; None when not asked for.
+    `with_echo`: a completion's echoed prompt comes first."""
+    if parsed.completion_logprobs is not None:
+        echo_text = parsed.prompts()[index // parsed.n][1] if with_echo else None
+        return completion_logprobs(parsed.completion_logprobs, steps, echo_text)
+    return chat_logprobs(parsed, steps)
+
+
 def chat_response(parsed: OpenAIRequest, runnings: list[RunningRequest], *, enable_cache_report: bool,
                   logprobs: list[dict | None] | None = None) -> dict:
     def message(index: int, running: RunningRequest) -> dict:
@@ -529,7 +566,8 @@ def completion_response(parsed: OpenAIRequest, runnings: list[RunningRequest], *
 
     def text(index: int, running: RunningRequest) -> dict:
         echo_text = prompts[index // parsed.n][1]
-        return {"text": running.text if echo_text is None else echo_text + running.text, "logprobs": None}
+        return {"text": running.text if echo_text is None else echo_text + running.text,
+                "logprobs": logprobs[index] if logprobs else None}
 
     return _openai_response(parsed, runnings, "text_completion", text, enable_cache_report=enable_cache_report)
 
@@ -591,9 +629,11 @@ class CompletionChunkWriter:
         self._head = b"data: " + head + b',"choices":[{"index":' + str(index).encode() + b',"text":'
         self._usage_head = b"data: " + head + b',"choices":[],"usage":'
 
-    def text_chunk(self, delta_text: str, finish_reason: dict | None, usage: dict | None = None) -> bytes:
+    def text_chunk(self, delta_text: str, finish_reason: dict | None, usage: dict | None = None,
+                   logprobs: dict | None = None) -> bytes:
         finish_type = finish_reason["type"] if finish_reason else None
-        chunk = (self._head + orjson.dumps(delta_text) + b',"logprobs":null,"finish_reason":'
+        chunk = (self._head + orjson.dumps(delta_text) + b',"logprobs":' + orjson.dumps(logprobs)
+                 + b',"finish_reason":'
                  + orjson.dumps(finish_type) + b',"matched_stop":' + orjson.dumps(_matched_stop(finish_reason))
                  + b"}]")
         # CompletionStreamResponse is dumped with all fields: "usage" is null when unset.

@@ -142,3 +142,14 @@ def test_chat_logprobs_reach_the_client_whole_and_streamed(client):
     # Without logprobs, none.
     plain = client.chat.completions.create(model="test-llm", messages=MESSAGES, max_tokens=2)
     assert plain.choices[0].logprobs is None
+
+
+def test_completion_logprobs_and_echo_reach_the_client(client):
+    completion = client.completions.create(model="test-llm", prompt="Once upon a time", max_tokens=4,
+                                           logprobs=1, echo=True)
+    logprobs = completion.choices[0].logprobs
+    assert completion.choices[0].text.startswith("Once upon a time")
+    assert "".join(logprobs.tokens) == completion.choices[0].text
+    assert logprobs.token_logprobs[0] is None and len(logprobs.top_logprobs) == len(logprobs.tokens)
+    # The echoed prompt is not billed as completion tokens.
+    assert completion.usage.completion_tokens == 4

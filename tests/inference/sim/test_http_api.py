@@ -628,3 +628,30 @@ def test_completions_batch_of_prompts(sim):
     assert mismatch.json()["message"] == ("The specified rids length mismatch with the batch_size for batch "
                                           "processing.")
     assert listed.status_code == 200 and listed.json()["id"] == "x1"
+
+
+def test_completion_logprobs_with_echo_whole_and_streamed(sim):
+    """Completions' `logprobs` in SGLang's shape: parallel lists, the echoed
+    prompt's tokens first (the first without a log probability), text
+    offsets -1; streamed, each chunk carries its own tokens'."""
+    client = openai_client(sim)
+    completion = client.completions.create(model="m", prompt="The cat sat", max_tokens=3, logprobs=2, echo=True)
+    logprobs = completion.choices[0].logprobs
+    assert "".join(logprobs.tokens) == completion.choices[0].text
+    assert logprobs.tokens[:3] == ["The", " cat", " sat"] and len(logprobs.tokens) == 6
+    assert logprobs.token_logprobs[0] is None and logprobs.top_logprobs[0] is None
+    assert all(-2 < value <= 0 for value in logprobs.token_logprobs[1:])
+    assert all(len(top) == 2 and max(top, key=top.get) == token
+               for token, top in zip(logprobs.tokens[1:], logprobs.top_logprobs[1:]))
+    assert logprobs.text_offset == [-1] * 6
+
+    streamed = list(client.completions.create(model="m", prompt="The cat sat", max_tokens=3, logprobs=2,
+                                              echo=True, stream=True))
+    tokens = [token for chunk in streamed for token in chunk.choices[0].logprobs.tokens]
+    values = [value for chunk in streamed for value in chunk.choices[0].logprobs.token_logprobs]
+    assert tokens == logprobs.tokens and values == logprobs.token_logprobs
+
+    plain = client.completions.create(model="m", prompt="The cat sat", max_tokens=3, logprobs=0)
+    assert plain.choices[0].logprobs.tokens == logprobs.tokens[3:]
+    assert plain.choices[0].logprobs.top_logprobs == [{}, {}, {}]
+    assert client.completions.create(model="m", prompt="The cat sat", max_tokens=1).choices[0].logprobs is None
