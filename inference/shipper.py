@@ -6,8 +6,9 @@ Started by the gateway (inference/metering.py) unless GATEWAY_USAGE_SHIPPER=off;
 one runs per folder (a lock file decides). It tails every spool file, stores
 complete lines in batches through billing.services.usage_records_write
 (idempotent by event_id), and deletes a file once its writer has closed it and
-all of it is stored. It exits on SIGTERM after draining, or by itself once its
-parent gateway is gone and nothing is left to ship."""
+all of it is stored. It exits on SIGTERM after draining (waiting a few seconds
+for gateways still writing to close their files), or by itself once its parent
+gateway is gone and nothing is left to ship."""
 from __future__ import annotations
 
 import argparse
@@ -21,12 +22,17 @@ from pathlib import Path
 
 logger = logging.getLogger("inference.shipper")
 
-# Seconds between looks at the folder when there was nothing to ship.
+# Seconds between looks at the folder, unless a full batch was stored (a backlog).
 POLL_SECONDS = 0.05
 # Bytes read from one file at a time.
 READ_BYTES = 4 * 1024 * 1024
 # Seconds between retries after the database refused a batch, doubling up to the last.
 RETRY_SECONDS = (0.2, 0.5, 1, 2, 5)
+# Told to stop while gateways still write to the folder (a service manager
+# signals the gateway and us at once): seconds to wait for them to close their
+# files, so that those are stored whole and deleted, not shipped again by the
+# next start.
+STOP_WAIT_SECONDS = 5.0
 
 
 class Shipper:
@@ -69,6 +75,10 @@ class Shipper:
                 offset += end
                 self.offsets[path] = offset
                 stored += len(events)
+                if len(data) < READ_BYTES:
+                    # Caught up: lines written meanwhile wait for the next round, in
+                    # one batch, rather than going one transaction per line or two.
+                    return stored
         finally:
             os.close(fd)
 
@@ -160,6 +170,7 @@ def main() -> int:
         return 0  # another shipper serves this folder
 
     shipper = Shipper(args.spool_dir, args.batch_rows)
+    stop_deadline: float | None = None
     while True:
         try:
             close_old_connections()
@@ -172,10 +183,15 @@ def main() -> int:
             connection.close()
             time.sleep(delay)
             continue
-        if stored:
-            continue
+        if stored >= shipper.batch_rows:
+            continue  # a backlog: straight on
+        # Otherwise a pause first, even after storing some: what arrives in the
+        # meantime goes in one transaction.
         orphaned = not _alive(parent)
-        if stopping or (orphaned and not shipper.writers_alive()):
+        if stopping and stop_deadline is None:
+            stop_deadline = time.monotonic() + STOP_WAIT_SECONDS
+        if (stopping or orphaned) and (
+                not shipper.writers_alive() or (stopping and time.monotonic() >= stop_deadline)):
             if not shipper.round():
                 connection.close()
                 return 0
