@@ -126,6 +126,54 @@ def proc_cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CLK_TCK
 
 
+def children_cpu_seconds(pid: int) -> float:
+    """CPU seconds (utime + stime) of a process's live children, e.g. the
+    gateway's usage shipper; 0 when it has none (or has exited)."""
+    total = 0.0
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except FileNotFoundError:
+        return 0.0
+    for task in tasks:
+        try:
+            with open(f"/proc/{pid}/task/{task}/children") as f:
+                children = f.read().split()
+        except FileNotFoundError:
+            continue
+        for child in children:
+            try:
+                total += proc_cpu_seconds(int(child))
+            except (FileNotFoundError, ProcessLookupError):
+                pass
+    return total
+
+
+def named_cpu_seconds(names: tuple[str, ...]) -> dict[int, float]:
+    """CPU seconds of every live process whose command name starts with one of
+    `names` (e.g. the PostgreSQL and Redis servers the gateway writes to), by
+    pid: subtract two of these with `cpu_seconds_delta`."""
+    seconds = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as f:
+                raw = f.read()
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+        name = raw[raw.find(b"(") + 1:raw.rfind(b")")].decode(errors="replace")
+        if name.startswith(names):
+            fields = raw.rsplit(b")", 1)[1].split()
+            seconds[int(entry)] = (int(fields[11]) + int(fields[12])) / CLK_TCK
+    return seconds
+
+
+def cpu_seconds_delta(start: dict[int, float], end: dict[int, float]) -> float:
+    """CPU seconds used between two `named_cpu_seconds` snapshots by the processes
+    alive at the end (one that exited in between is left out, not negative)."""
+    return sum(seconds - start.get(pid, 0.0) for pid, seconds in end.items())
+
+
 def cores_busy_seconds(cores: list[int]) -> float:
     """Busy time (all processes) of the given cores, from /proc/stat."""
     busy = 0

@@ -18,6 +18,7 @@ import gc
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -26,8 +27,10 @@ from pathlib import Path
 
 import uvloop
 
-from bench.common import (HOST, Processes, cores_busy_seconds, cores_choose, db_prepare as common_db_prepare, fmt, free_ports,
-                          ms, pct, proc_cpu_seconds, self_cpu_seconds, usage_rows as common_usage_rows, versions)
+from bench.common import (HOST, Processes, children_cpu_seconds, cores_busy_seconds, cores_choose, cpu_seconds_delta,
+                          db_prepare as common_db_prepare, fmt, free_ports, ms, named_cpu_seconds, pct,
+                          proc_cpu_seconds,
+                          self_cpu_seconds, usage_rows as common_usage_rows, versions)
 from loadgen import EXPECTED_TOKENS, RequestFactory, one_request, run_closed_loop, sequential
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -38,6 +41,8 @@ MODEL = "bench-llm"
 TENANT = "bench"
 TARGETS = ("direct", "gateway", "router")
 LABEL = {"direct": "direct", "gateway": "gateway", "router": "sgl-router"}
+# Command names of the PostgreSQL and Redis server processes.
+STORE_PROCESSES = ("postgres", "redis-server")
 # The simulator's prefix cache is kept empty. With its default capacity (1M tokens)
 # the cache fills after about 40k of these requests, and from then on every insert
 # walks and heapifies all leaves (inference/sim/radix_cache.py, evict()): about 23 ms
@@ -116,6 +121,11 @@ async def bench(args, ports: dict, pids: dict, api_key: str, procs: Processes) -
                 snaps[tag] = {"wall": time.perf_counter(), "loadgen": self_cpu_seconds(),
                               "cores": cores_busy_seconds(args.pinned_cores),
                               **{name: proc_cpu_seconds(pid) for name, pid in pids.items()}}
+                if "gateway" in pids:
+                    # The gateway's usage shipper (its child): it turns the spool into PostgreSQL rows.
+                    snaps[tag]["shipper"] = children_cpu_seconds(pids["gateway"])
+                # The servers the gateway uses (its API keys, limits, usage rows).
+                snaps[tag]["stores"] = named_cpu_seconds(STORE_PROCESSES)
 
             gc.disable()
             try:
@@ -129,7 +139,8 @@ async def bench(args, ports: dict, pids: dict, api_key: str, procs: Processes) -
                 gateway_requests += stats.responses
             wall = snaps["end"]["wall"] - snaps["start"]["wall"]
             cpu = {name: snaps["end"][name] - snaps["start"][name] for name in snaps["end"]
-                   if name not in ("wall", "cores")}
+                   if name not in ("wall", "cores", "stores")}
+            cpu["stores"] = cpu_seconds_delta(snaps["start"]["stores"], snaps["end"]["stores"])
             cores_busy = snaps["end"]["cores"] - snaps["start"]["cores"]
             done = stats.completed_in_window
             row = {
@@ -140,8 +151,8 @@ async def bench(args, ports: dict, pids: dict, api_key: str, procs: Processes) -
                 "itl_ms": {"p50": ms(pct(stats.gaps, 50)), "p99": ms(pct(stats.gaps, 99))},
                 "end_ms": {"p50": ms(pct(stats.total, 50)), "p99": ms(pct(stats.total, 99))},
                 "cpu_percent": {name: 100 * seconds / wall for name, seconds in cpu.items()},
-                # CPU used on the benchmark's cores by everything else (PostgreSQL writing the
-                # gateway's usage rows, Redis, and any unrelated process), % of one core.
+                # CPU used on the benchmark's cores by everything else (unrelated
+                # processes), % of one core.
                 "other_cpu_percent": max(0.0, 100 * (cores_busy - sum(cpu.values())) / wall),
             }
             if target in ("gateway", "router") and done:
@@ -149,6 +160,8 @@ async def bench(args, ports: dict, pids: dict, api_key: str, procs: Processes) -
                 row["server_cpu_ms_per_request"] = server_cpu * 1e3 / done
                 row["server_cpu_us_per_token"] = server_cpu * 1e6 / (done * EXPECTED_TOKENS)
                 row["server_capacity_req_per_s_at_one_core"] = done / server_cpu if server_cpu else None
+            if target == "gateway" and done:
+                row["shipper_cpu_ms_per_request"] = cpu.get("shipper", 0.0) * 1e3 / done
             core_client = row["cpu_percent"]["sim"] + row["cpu_percent"]["loadgen"]
             row["client_core_busy_percent"] = core_client
             row["loadgen_cpu_us_per_request"] = cpu["loadgen"] * 1e6 / done if done else None
@@ -242,21 +255,26 @@ def render(results: dict, meta: dict) -> str:
     out("sgl-router: sglang-router " + meta["versions"].get("sglang-router", "?") + ", " + meta["router_flags"])
     out("")
     head = (f"{'c':>4}  {'target':<10} {'req/s':>7}  {'TTFT p50':>8} {'p99':>7}  {'ITL p50':>7} {'p99':>6}  "
-            f"{'end p50':>7} {'p99':>7}  {'err':>3}  {'srv%':>4} {'sim%':>4} {'lg%':>4} {'oth%':>4}  bound")
+            f"{'end p50':>7} {'p99':>7}  {'err':>3}  {'srv%':>4} {'shp%':>4} {'db%':>4} {'sim%':>4} {'lg%':>4} "
+            f"{'oth%':>4}  bound")
     out(head)
     out("-" * len(head))
     for s in results["scenarios"]:
         cpu = s["cpu_percent"]
         srv = cpu.get(s["target"]) if s["target"] != "direct" else None
+        shipper = cpu.get("shipper") if s["target"] == "gateway" else None
         out(f"{s['concurrency']:>4}  {LABEL[s['target']]:<10} {s['req_per_s']:>7.0f}  "
             f"{fmt(s['ttft_ms']['p50']):>8} {fmt(s['ttft_ms']['p99']):>7}  "
             f"{fmt(s['itl_ms']['p50'], 3):>7} {fmt(s['itl_ms']['p99']):>6}  "
             f"{fmt(s['end_ms']['p50']):>7} {fmt(s['end_ms']['p99']):>7}  {s['errors']:>3}  "
-            f"{fmt(srv, 0):>4} {cpu['sim']:>4.0f} {cpu['loadgen']:>4.0f} {s['other_cpu_percent']:>4.0f}  {s['bound']}")
+            f"{fmt(srv, 0):>4} {fmt(shipper, 0):>4} {cpu['stores']:>4.0f} {cpu['sim']:>4.0f} {cpu['loadgen']:>4.0f} "
+            f"{s['other_cpu_percent']:>4.0f}  {s['bound']}")
     out("(ms; TTFT = request written -> first content token; ITL = between content tokens as read; "
         "end = request written -> end of response;")
     out(" srv/sim/lg = CPU % of one core for the server under test, the simulator and the load generator;")
-    out(" oth = CPU % used on the benchmark's cores by any other process (PostgreSQL, Redis, neighbours);")
+    out(" shp = the gateway's usage shipper (its child process, on the gateway's core: spool -> PostgreSQL rows);")
+    out(" db = PostgreSQL and Redis (every process of theirs; the gateway's usage rows, limits and keys);")
+    out(" oth = CPU % used on the benchmark's cores by any other process (neighbours);")
     out(" bound = the core that ran out: 'server core' >= 80% busy, 'sim+loadgen core' >= 90%, else 'latency')")
     noisy = [s for s in results["scenarios"] if s["other_cpu_percent"] > 25]
     if noisy:
@@ -277,9 +295,11 @@ def render(results: dict, meta: dict) -> str:
     out("server CPU per request / per forwarded token:")
     for s in results["scenarios"]:
         if "server_cpu_ms_per_request" in s:
+            shipper = (f"; + usage shipper {s['shipper_cpu_ms_per_request']:.3f} ms/request"
+                       if "shipper_cpu_ms_per_request" in s else "")
             out(f"  {LABEL[s['target']]:<10} c={s['concurrency']:<4} {s['server_cpu_ms_per_request']:.3f} ms/request  "
                 f"{s['server_cpu_us_per_token']:.1f} us/token  "
-                f"(=> {s['server_capacity_req_per_s_at_one_core']:.0f} req/s at 100% of one core)")
+                f"(=> {s['server_capacity_req_per_s_at_one_core']:.0f} req/s at 100% of one core){shipper}")
     lg = [s for s in results["scenarios"] if s.get("loadgen_cpu_us_per_request")]
     if lg:
         worst = max(lg, key=lambda s: s["cpu_percent"]["loadgen"])
@@ -361,6 +381,11 @@ def main() -> int:
     env["POSTGRES_DB"] = args.db
     env["DJANGO_SETTINGS_MODULE"] = "config.settings"
     env.setdefault("LOG_LEVEL", "WARNING")
+    # A spool folder of this run only: files an earlier run's gateway left (killed
+    # before its shipper stored them) must not be shipped into this run's database.
+    spool = RESULTS / "spool" / "gateway_overhead"
+    shutil.rmtree(spool, ignore_errors=True)
+    env["GATEWAY_USAGE_SPOOL_DIR"] = str(spool)
     py = sys.executable
     router_flags = ("--policy round_robin --log-level warn --health-check-interval-secs 3600 "
                     "(retries and circuit breaker at their defaults)")
