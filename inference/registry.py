@@ -17,9 +17,10 @@ class BackendState:
     url: str
     api_key: str = ""
     status: str = "active"
-    # Requests this process has in flight on the backend, and the sum of their
-    # key footprints (routing.policies.key_footprint: what of the backend's KV
-    # cache they hold, in characters as the cache-aware prefix tree counts).
+    # Sequences this process has in flight on the backend (a request with n
+    # choices runs n), and the sum of their requests' key footprints
+    # (routing.policies.key_footprint: what of the backend's KV cache they hold,
+    # in characters as the cache-aware prefix tree counts).
     outstanding: int = 0
     outstanding_chars: int = 0
     # Monotonic time before which the backend takes no requests: its circuit
@@ -40,14 +41,14 @@ class BackendState:
     # (`token_usage` of GET /v1/loads); -1 until read, or when it could not say.
     kv_usage: float = -1.0
 
-    def enter(self, chars: int) -> None:
-        """A request with a key footprint of `chars` was sent here."""
-        self.outstanding += 1
+    def enter(self, chars: int, sequences: int = 1) -> None:
+        """A request with a key footprint of `chars` and `sequences` choices was sent here."""
+        self.outstanding += sequences
         self.outstanding_chars += chars
 
-    def leave(self, chars: int) -> None:
+    def leave(self, chars: int, sequences: int = 1) -> None:
         """That request ended (or never reached the backend)."""
-        self.outstanding -= 1
+        self.outstanding -= sequences
         self.outstanding_chars -= chars
 
     def available(self, now: float) -> bool:

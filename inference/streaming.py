@@ -540,7 +540,7 @@ class CompletionService:
             placed = policy.observe(model, backend, key)
             if placed is not None and self._homes is not None and backend.url != home:
                 self._homes.put(model.name, placed, backend.url)
-            backend.enter(request.kv_chars)
+            backend.enter(request.kv_chars, request.choices)
             response: aiohttp.ClientResponse | None = None
             # Whether the backend may be generating for this request right now.
             maybe_running = True
@@ -559,7 +559,7 @@ class CompletionService:
                     maybe_running = False
                     error = _upstream_error(response.status, raw)
                     if 400 <= error.status < 500:
-                        backend.leave(request.kv_chars)
+                        backend.leave(request.kv_chars, request.choices)
                         raise error
                     raise _BackendFailed(error)
                 if not stream:
@@ -577,7 +577,7 @@ class CompletionService:
             except asyncio.CancelledError:
                 # The request may already be running there (a non-streamed one
                 # sends its headers only when done): stop it.
-                backend.leave(request.kv_chars)
+                backend.leave(request.kv_chars, request.choices)
                 if response is not None:
                     response.close()
                 self._abort_on_backend(backend, request.request_id)
@@ -586,7 +586,7 @@ class CompletionService:
                 raise
             except (BackendUnreachable, _BackendFailed, aiohttp.ClientError, asyncio.TimeoutError,
                     StopAsyncIteration) as failure:
-                backend.leave(request.kv_chars)
+                backend.leave(request.kv_chars, request.choices)
                 if response is not None:
                     response.close()
                 if maybe_running and not isinstance(failure, BackendUnreachable):
@@ -756,7 +756,7 @@ class CompletionService:
         """What every request gives back, however it ended: its place on the backend,
         its slot in the admission queue; and its usage is recorded and settled."""
         if backend is not None:
-            backend.leave(request.kv_chars)
+            backend.leave(request.kv_chars, request.choices)
         if resolution is not None:
             self._gate.leave(resolution.model)
             if meter.prompt_tokens:

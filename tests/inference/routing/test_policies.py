@@ -73,6 +73,21 @@ def test_least_outstanding_picks_the_least_loaded(pool):
     assert policy.pick(pool, "", exclude={"http://d"}).url == "http://c"
 
 
+def test_a_request_with_n_choices_counts_as_n_sequences_in_flight(pool):
+    """A backend runs each of a request's n choices as a sequence of its own:
+    load-aware policies see n, and the backend is idle again once it ends."""
+    backends = by_url(pool)
+    backends["http://a"].enter(100, 4)
+    for url in ("http://b", "http://c", "http://d"):
+        backends[url].enter(100)
+        backends[url].enter(100)
+    policy = LeastOutstanding()
+    assert {policy.pick(pool, "").url for _ in range(4)} == {"http://b", "http://c", "http://d"}
+    backends["http://a"].leave(100, 4)
+    assert (backends["http://a"].outstanding, backends["http://a"].outstanding_chars) == (0, 0)
+    assert policy.pick(pool, "").url == "http://a"
+
+
 # ---------------------------------------------------------------- cache aware
 
 @pytest.mark.parametrize("affinity", [False, True])
