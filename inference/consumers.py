@@ -16,6 +16,9 @@ client-chosen id:
   figures, and with an error retry-after, retry-after-ms, x-should-retry ("false":
   do not retry, e.g. an exhausted budget); left out when there are none.
   → {"type": "cancel", "id": "r1"}    stops that request; a disconnect stops them all.
+An "embeddings" request gets one frame instead of deltas and usage:
+  ← {"type": "result", "id": "r2", "request_id": "embd-…", "result": {"object": "list", "data": […],
+     "model", "usage"}, "headers": {…}}
 """
 import asyncio
 import contextlib
@@ -28,7 +31,7 @@ from . import errors
 from .auth import bearer_token
 from .errors import ApiError
 from .runtime import runtime_get
-from .streaming import CHAT, COMPLETIONS, completion_request_build
+from .streaming import CHAT, COMPLETIONS, EMBEDDINGS, completion_request_build
 
 # Seconds a connection may stay unauthenticated.
 AUTH_TIMEOUT_SECONDS = 10.0
@@ -145,13 +148,13 @@ class CompletionStreamConsumer(AsyncJsonWebsocketConsumer):
                 type="rate_limit_exceeded", code="too_many_inflight"), request_id))
             return
         endpoint = content.get("endpoint", CHAT)
-        if endpoint not in (CHAT, COMPLETIONS):
+        if endpoint not in (CHAT, COMPLETIONS, EMBEDDINGS):
             await self.send_json(_error_frame(errors.invalid_parameter(
-                "endpoint", "'endpoint' must be 'chat.completions' or 'completions'."), request_id))
+                "endpoint", "'endpoint' must be 'chat.completions', 'completions' or 'embeddings'."), request_id))
             return
         started = time.perf_counter()
         body = content.get("body")
-        if isinstance(body, dict):
+        if isinstance(body, dict) and endpoint != EMBEDDINGS:
             body = {**body, "stream": True, "stream_options": {"include_usage": True}}
         try:
             request = completion_request_build(
@@ -165,15 +168,12 @@ class CompletionStreamConsumer(AsyncJsonWebsocketConsumer):
         task.add_done_callback(lambda _: self.inflight.pop(request_id, None))
 
     async def _request_run(self, request_id: str, request) -> None:
-        finish_reason = None
-        usage = None
-        stream = self.runtime.completions.completion_stream(request)
+        """Runs a request and sends its last frame: usage after the deltas, the
+        result of an embeddings request, or an error; "cancelled" usage when
+        the client cancelled it."""
+        work = self._result_get if request.endpoint == EMBEDDINGS else self._deltas_relay
         try:
-            async with contextlib.aclosing(stream) as batches:
-                async for batch in batches:
-                    for payload in batch:
-                        finish_reason, usage = await self._deltas_send(request_id, orjson.loads(payload),
-                                                                       finish_reason, usage)
+            frame = await work(request_id, request)
         except ApiError as error:
             await self.send_json(_error_frame(error, request_id))
             return
@@ -181,7 +181,27 @@ class CompletionStreamConsumer(AsyncJsonWebsocketConsumer):
             if self.principal is not None and not self.closed:
                 await self.send_json(_usage_frame(request_id, request, "cancelled", request.meter.openai_usage()))
             raise
-        await self.send_json(_usage_frame(request_id, request, finish_reason, usage))
+        await self.send_json(frame)
+
+    async def _deltas_relay(self, request_id: str, request) -> dict:
+        """Sends a streamed request's deltas; returns its usage frame."""
+        finish_reason = None
+        usage = None
+        stream = self.runtime.completions.completion_stream(request)
+        async with contextlib.aclosing(stream) as batches:
+            async for batch in batches:
+                for payload in batch:
+                    finish_reason, usage = await self._deltas_send(request_id, orjson.loads(payload),
+                                                                   finish_reason, usage)
+        return _usage_frame(request_id, request, finish_reason, usage)
+
+    async def _result_get(self, request_id: str, request) -> dict:
+        """A request answered whole (embeddings): its result frame."""
+        result = await self.runtime.completions.completion_create(request)
+        frame = {"type": "result", "id": request_id, "request_id": request.request_id, "result": result}
+        if request.response_headers:
+            frame["headers"] = request.response_headers
+        return frame
 
     async def _deltas_send(self, request_id: str, chunk: dict, finish_reason, usage):
         if chunk.get("usage"):

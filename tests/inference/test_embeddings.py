@@ -124,3 +124,33 @@ def test_the_backend_refuses_what_its_model_cannot_do(gateway, embed_model, make
     # test-llm is served by a generation simulator.
     with pytest.raises(openai.BadRequestError, match="embedding model"):
         client.embeddings.create(model="test-llm", input="hi")
+
+
+def test_embeddings_over_the_websocket_api(gateway, embed_model, make_tenant):
+    """An "embeddings" request on the socket gets one result frame, the HTTP
+    answer's body, and is metered like it; bad input is an error frame."""
+    import json
+
+    from websockets.sync.client import connect
+
+    tk = make_tenant()
+    client = openai.OpenAI(base_url=gateway.base_url, api_key=tk.secret, max_retries=0)
+    over_http = client.embeddings.create(model=embed_model, input=["one text", "another"], encoding_format="float")
+    with connect(gateway.ws_url, additional_headers={"Authorization": f"Bearer {tk.secret}"}) as ws:
+        assert json.loads(ws.recv(timeout=5))["type"] == "auth.ok"
+        ws.send(json.dumps({"type": "request", "id": "e1", "endpoint": "embeddings",
+                            "body": {"model": embed_model, "input": ["one text", "another"]}}))
+        frame = json.loads(ws.recv(timeout=10))
+        ws.send(json.dumps({"type": "request", "id": "e2", "endpoint": "embeddings",
+                            "body": {"model": embed_model, "input": []}}))
+        refused = json.loads(ws.recv(timeout=10))
+    assert frame["type"] == "result" and frame["id"] == "e1" and frame["request_id"].startswith("embd-")
+    assert frame["result"]["object"] == "list" and frame["result"]["model"] == embed_model
+    assert len(frame["result"]["data"]) == 2
+    for item, expected in zip(frame["result"]["data"], over_http.data):
+        assert item["embedding"] == pytest.approx(expected.embedding, rel=1e-6)
+    assert frame["headers"]["x-ratelimit-limit-requests"]
+    assert refused["type"] == "error" and refused["id"] == "e2" and refused["error"]["param"] == "input"
+    rows = usage_rows_wait(api_key=tk.api_key, count=2)
+    assert [(row.transport, row.endpoint) for row in rows] == [("http", "embeddings"), ("websocket", "embeddings")]
+    assert rows[1].prompt_tokens == over_http.usage.prompt_tokens and rows[1].completion_tokens == 0
