@@ -27,10 +27,10 @@ from pathlib import Path
 
 import uvloop
 
-from bench.common import (HOST, Processes, children_cpu_seconds, cores_busy_seconds, cores_choose, cpu_seconds_delta,
-                          db_prepare as common_db_prepare, fmt, free_ports, ms, named_cpu_seconds, pct,
-                          proc_cpu_seconds,
-                          self_cpu_seconds, usage_rows as common_usage_rows, versions)
+from bench.common import (HOST, Processes, children_cpu_seconds, cores_busy_seconds, cores_choose,
+                          cpu_seconds_delta, db_prepare as common_db_prepare, fmt, free_ports, ms,
+                          named_cpu_seconds, pct, proc_cpu_seconds, self_cpu_seconds,
+                          usage_rows as common_usage_rows, versions)
 from loadgen import EXPECTED_TOKENS, RequestFactory, one_request, run_closed_loop, sequential
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -36,7 +36,7 @@ from aiohttp import web
 from . import __version__ as SIM_VERSION
 from .config import RuntimeSettings, ServerConfig
 from .embedding import embedding_response, embedding_vector, parse_embedding_request
-from .engine import InjectedFailure, RequestRejected, RunningRequest, SimEngine
+from .engine import InjectedFailure, RequestRejected, RunningRequest, SimEngine, Step
 from .lora import LoraError
 from .metrics import render_prometheus
 from .protocol import (
@@ -92,6 +92,45 @@ def _step_logprobs(parsed: OpenAIRequest, index: int, step, first: bool) -> dict
     if not steps and not first:
         return None
     return choice_logprobs(parsed, index, steps, with_echo=first)
+
+
+class _ChoiceChunks:
+    """One choice's stream events, step by step, in SGLang's order: chat sends
+    a role chunk first, then a chunk per token (with the choice's own usage
+    under continuous_usage_stats, and its logprobs), then the finish chunk;
+    completions send a chunk per step, the echoed prompt in the first."""
+
+    __slots__ = ("_parsed", "_index", "_running", "_chat", "_echo", "_enable_cache_report", "_first", "writer")
+
+    def __init__(self, parsed: OpenAIRequest, index: int, running: RunningRequest, *, chat: bool, created: int,
+                 enable_cache_report: bool) -> None:
+        self._parsed, self._index, self._running, self._chat = parsed, index, running, chat
+        self._echo = None if chat else parsed.prompts()[index // parsed.n][1]
+        self._enable_cache_report = enable_cache_report
+        self._first = True
+        writer_class = ChatChunkWriter if chat else CompletionChunkWriter
+        self.writer = writer_class(rid=running.rid, model=parsed.model, created=created, index=index)
+
+    def for_step(self, step: Step) -> list[bytes]:
+        parsed, running, writer = self._parsed, self._running, self.writer
+        first, self._first = self._first, False
+        continuous = parsed.continuous_usage_stats
+        if not self._chat:
+            delta = step.delta_text
+            if first and self._echo is not None:
+                delta = self._echo + delta
+            # Completions' continuous usage carries no cached-token details in SGLang.
+            usage = usage_object(prompt_tokens=running.prompt_tokens, completion_tokens=step.completion_tokens,
+                                 cached_tokens=0, enable_cache_report=False) if continuous else None
+            logprobs = _step_logprobs(parsed, self._index, step, first)
+            return [writer.text_chunk(delta, step.finish_reason, usage, logprobs)]
+        out = [writer.role_chunk()] if first else []
+        if step.delta_text:
+            usage = running_usage(running, self._enable_cache_report, step.completion_tokens) if continuous else None
+            out.append(writer.content_chunk(step.delta_text, usage, _step_logprobs(parsed, self._index, step, False)))
+        if step.finish_reason is not None:
+            out.append(writer.finish_chunk(step.finish_reason["type"], step.finish_reason.get("matched")))
+        return out
 
 
 def _json(body, status: int = 200) -> web.Response:
@@ -217,7 +256,7 @@ class GenerationHandlers:
         try:
             if not parsed.generation.stream:
                 return await self._openai_unary(parsed, [running], chat_response)
-            return await self._chat_stream(request, parsed, running)
+            return await self._stream_one(request, parsed, running, chat=True)
         finally:
             self.engine.finalize(running)
 
@@ -294,34 +333,10 @@ class GenerationHandlers:
         """Every choice's chunks as its tokens come, each with its index (and its
         request's rid, as SGLang sends them); continuous usage counts the
         choice's own tokens, the final usage chunk all of them."""
-        enable_cache_report = self.config.enable_cache_report
         created = int(time.time())
-        writer_class = ChatChunkWriter if chat else CompletionChunkWriter
-        writers = [writer_class(rid=running.rid, model=parsed.model, created=created, index=index)
+        choices = [_ChoiceChunks(parsed, index, running, chat=chat, created=created,
+                                 enable_cache_report=self.config.enable_cache_report)
                    for index, running in enumerate(runnings)]
-        echoes = [echo for _, echo in parsed.prompts() for _ in range(parsed.n)]
-        started = [False] * len(runnings)
-
-        def chunks(index: int, step) -> list[bytes]:
-            running, writer = runnings[index], writers[index]
-            first = not started[index]
-            started[index] = True
-            if not chat:
-                delta = step.delta_text
-                if first and echoes[index] is not None:
-                    delta = echoes[index] + delta
-                usage = usage_object(prompt_tokens=running.prompt_tokens, completion_tokens=step.completion_tokens,
-                                     cached_tokens=0, enable_cache_report=False) \
-                    if parsed.continuous_usage_stats else None
-                return [writer.text_chunk(delta, step.finish_reason, usage, _step_logprobs(parsed, index, step, first))]
-            out = [writer.role_chunk()] if first else []
-            if step.delta_text:
-                usage = running_usage(running, enable_cache_report, step.completion_tokens) \
-                    if parsed.continuous_usage_stats else None
-                out.append(writer.content_chunk(step.delta_text, usage, _step_logprobs(parsed, index, step, False)))
-            if step.finish_reason is not None:
-                out.append(writer.finish_chunk(step.finish_reason["type"], step.finish_reason.get("matched")))
-            return out
 
         queue: asyncio.Queue = asyncio.Queue()
 
@@ -346,11 +361,12 @@ class GenerationHandlers:
                 if step.error is not None:
                     pending.append(openai_stream_error_sse(step.error["message"], step.error["status_code"]))
                     break
-                pending.extend(chunks(index, step))
+                pending.extend(choices[index].for_step(step))
                 if queue.empty() or len(pending) >= MAX_COALESCED_CHUNKS:
                     response = await self._flush_sse(request, response, pending)
             if parsed.include_usage:
-                pending.append(writers[0].usage_chunk(choices_usage(runnings, parsed.n, enable_cache_report)))
+                pending.append(choices[0].writer.usage_chunk(
+                    choices_usage(runnings, parsed.n, self.config.enable_cache_report)))
             pending.append(SSE_DONE)
             response = await self._finish_sse(request, response, pending)
         except _CLIENT_GONE:
@@ -362,36 +378,25 @@ class GenerationHandlers:
             await asyncio.gather(*tasks, return_exceptions=True)
         return response if response is not None else web.Response(status=499)
 
-    async def _chat_stream(self, request: web.Request, parsed: OpenAIRequest,
-                           running: RunningRequest) -> web.StreamResponse:
-        enable_cache_report = self.config.enable_cache_report
-        writer = ChatChunkWriter(rid=running.rid, model=parsed.model, created=int(time.time()))
-        continuous = parsed.continuous_usage_stats
+    async def _stream_one(self, request: web.Request, parsed: OpenAIRequest, running: RunningRequest,
+                          *, chat: bool) -> web.StreamResponse:
+        """One choice's stream (`_ChoiceChunks`); steps ready at once go out
+        in one write, the last with the usage chunk and [DONE]."""
+        choice = _ChoiceChunks(parsed, 0, running, chat=chat, created=int(time.time()),
+                               enable_cache_report=self.config.enable_cache_report)
         response: web.StreamResponse | None = None
         pending: list[bytes] = []
-        first_output = True
         try:
             async with contextlib.aclosing(self.engine.run(running)) as steps:
                 async for step in steps:
                     if step.error is not None:
                         pending.append(openai_stream_error_sse(step.error["message"], step.error["status_code"]))
                         break
-                    if first_output:
-                        first_output = False
-                        pending.append(writer.role_chunk())
-                    if step.delta_text:
-                        usage = running_usage(running, enable_cache_report, step.completion_tokens) \
-                            if continuous else None
-                        pending.append(writer.content_chunk(step.delta_text, usage,
-                                                            _step_logprobs(parsed, 0, step, False)))
-                    if step.finish_reason is not None:
-                        # the last step: its chunks leave with the tail below
-                        pending.append(writer.finish_chunk(step.finish_reason["type"],
-                                                           step.finish_reason.get("matched")))
-                    elif not step.more_ready or len(pending) >= MAX_COALESCED_CHUNKS:
+                    pending.extend(choice.for_step(step))
+                    if step.finish_reason is None and (not step.more_ready or len(pending) >= MAX_COALESCED_CHUNKS):
                         response = await self._flush_sse(request, response, pending)
             if parsed.include_usage:
-                pending.append(writer.usage_chunk(running_usage(running, enable_cache_report)))
+                pending.append(choice.writer.usage_chunk(running_usage(running, self.config.enable_cache_report)))
             pending.append(SSE_DONE)
             response = await self._finish_sse(request, response, pending)
         except _CLIENT_GONE:
@@ -430,42 +435,9 @@ class GenerationHandlers:
         try:
             if not parsed.generation.stream:
                 return await self._openai_unary(parsed, [running], completion_response)
-            return await self._completion_stream(request, parsed, running)
+            return await self._stream_one(request, parsed, running, chat=False)
         finally:
             self.engine.finalize(running)
-
-    async def _completion_stream(self, request: web.Request, parsed: OpenAIRequest,
-                                 running: RunningRequest) -> web.StreamResponse:
-        writer = CompletionChunkWriter(rid=running.rid, model=parsed.model, created=int(time.time()))
-        continuous = parsed.continuous_usage_stats
-        response: web.StreamResponse | None = None
-        pending: list[bytes] = []
-        try:
-            async with contextlib.aclosing(self.engine.run(running)) as steps:
-                first = True
-                async for step in steps:
-                    if step.error is not None:
-                        pending.append(openai_stream_error_sse(step.error["message"], step.error["status_code"]))
-                        break
-                    delta = step.delta_text
-                    if first and parsed.echo_text is not None:
-                        delta = parsed.echo_text + delta
-                    # Completions' continuous usage carries no cached-token details in SGLang.
-                    usage = usage_object(prompt_tokens=running.prompt_tokens,
-                                         completion_tokens=step.completion_tokens, cached_tokens=0,
-                                         enable_cache_report=False) if continuous else None
-                    pending.append(writer.text_chunk(delta, step.finish_reason, usage,
-                                                     _step_logprobs(parsed, 0, step, first)))
-                    first = False
-                    if step.finish_reason is None and (not step.more_ready or len(pending) >= MAX_COALESCED_CHUNKS):
-                        response = await self._flush_sse(request, response, pending)
-            if parsed.include_usage:
-                pending.append(writer.usage_chunk(running_usage(running, self.config.enable_cache_report)))
-            pending.append(SSE_DONE)
-            response = await self._finish_sse(request, response, pending)
-        except _CLIENT_GONE:
-            self.engine.mark_disconnected(running)
-        return response if response is not None else web.Response(status=499)
 
     # ---- native /generate
 
