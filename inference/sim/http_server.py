@@ -306,13 +306,13 @@ class GenerationHandlers:
         manager sends them: with n > 1 each prompt first runs alone with
         max_new_tokens 0, so that its n samples find it cached, and every
         request gets a fresh rid; without, each prompt's request takes the rid
-        the batch gave it (`OpenAIRequest.choice_rids`)."""
+        the batch gave it (`OpenAIRequest.prompt_rids`)."""
         template = parsed.generation
         prompts = parsed.prompts()
         runnings: list[RunningRequest] = []
         try:
             if parsed.n == 1:
-                for (prompt_ids, _), rid in zip(prompts, parsed.choice_rids()):
+                for (prompt_ids, _), rid in zip(prompts, parsed.prompt_rids):
                     runnings.append(await self._admit_openai(replace(template, rid=rid, prompt_ids=prompt_ids)))
                 return runnings
             for prompt_ids, _ in prompts:

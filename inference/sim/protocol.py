@@ -170,9 +170,8 @@ class OpenAIRequest:
     # A batched completions prompt: each prompt's token ids and echo text
     # (`generation` then holds the first); None for a single prompt.
     batch: list[tuple[list[int], str | None]] | None = None
-    # The caller's rids when it sent a list (one per prompt).
-    rids: list[str] | None = None
-    explicit_rid: bool = False  # the caller sent a rid
+    # Each prompt's rid, for requests without parallel sampling (`_choices_options`).
+    prompt_rids: list[str] | None = None
     greedy: bool = False  # temperature 0: parallel samples are all the same
     # Completions `logprobs`: None, or how many alternatives each token lists.
     completion_logprobs: int | None = None
@@ -184,19 +183,6 @@ class OpenAIRequest:
 
     def prompts(self) -> list[tuple[list[int], str | None]]:
         return self.batch if self.batch is not None else [(self.generation.prompt_ids, self.echo_text)]
-
-    def choice_rids(self) -> list[str]:
-        """The rid of each prompt's request when there is no parallel sampling,
-        as SGLang's GenerateReqInput normalises a batch: the caller's list, or
-        `<rid>_<i>` from a single string, or fresh ones."""
-        count = len(self.prompts())
-        if self.rids is not None:
-            return list(self.rids)
-        if count == 1:
-            return [self.generation.rid]
-        if self.explicit_rid:
-            return [f"{self.generation.rid}_{index}" for index in range(count)]
-        return [new_rid() for _ in range(count)]
 
 
 def split_model_adapter(model: str, served_model_name: str | None) -> tuple[str, str | None]:
@@ -236,7 +222,7 @@ def _openai_common(fields: _Fields, *, prompt_ids: list[int], max_tokens: int | 
     if isinstance(rid, list):
         if not all(isinstance(item, str) for item in rid):
             fields.fail("rid", "Input should be a valid list of strings")
-        rid = rid[0] if len(rid) == 1 else None  # a list of several: see `_batch_rids`
+        rid = rid[0] if len(rid) == 1 else None  # a list of several: `_choices_options`
     elif rid is not None and not isinstance(rid, str):
         fields.fail("rid", "Input should be a valid string")
     for name in ("cache_salt", "extra_key"):
@@ -263,19 +249,25 @@ def _openai_common(fields: _Fields, *, prompt_ids: list[int], max_tokens: int | 
 
 
 def _choices_options(fields: _Fields, parsed: OpenAIRequest, batch_size: int) -> OpenAIRequest:
-    """`n` and a list `rid`, as SGLang's GenerateReqInput takes them: a list
-    must hold one rid per prompt, a string is the prefix of each prompt's."""
+    """`n`, and each prompt's rid as SGLang's GenerateReqInput normalises a
+    batch: a list must hold one per prompt, a string is the prefix of each
+    (`<rid>_<i>`), none gives fresh ones."""
     n = fields.optional_int("n")
     if n is not None and n < 1:
         raise openai_error(f"n must be at least 1, got {n}.")
     parsed.n = n or 1
     parsed.greedy = fields.optional_float("temperature") == 0
     rid = fields.body.get("rid")
-    parsed.explicit_rid = rid is not None
     if isinstance(rid, list):
         if len(rid) != batch_size:
             raise openai_error("The specified rids length mismatch with the batch_size for batch processing.")
-        parsed.rids = list(rid) if batch_size > 1 else None
+        parsed.prompt_rids = list(rid)
+    elif batch_size == 1:
+        parsed.prompt_rids = [parsed.generation.rid]
+    elif rid is not None:
+        parsed.prompt_rids = [f"{rid}_{index}" for index in range(batch_size)]
+    else:
+        parsed.prompt_rids = [new_rid() for _ in range(batch_size)]
     return parsed
 
 
