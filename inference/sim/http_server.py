@@ -27,6 +27,7 @@ import contextlib
 import logging
 import secrets
 import time
+from collections.abc import AsyncIterator
 from dataclasses import replace
 from datetime import datetime, timezone
 
@@ -36,7 +37,7 @@ from aiohttp import web
 from . import __version__ as SIM_VERSION
 from .config import RuntimeSettings, ServerConfig
 from .embedding import embedding_response, embedding_vector, parse_embedding_request
-from .engine import InjectedFailure, RequestRejected, RunningRequest, SimEngine, Step
+from .engine import GenerationRequest, InjectedFailure, RequestRejected, RunningRequest, SimEngine, Step
 from .lora import LoraError
 from .metrics import render_prometheus
 from .protocol import (
@@ -44,6 +45,7 @@ from .protocol import (
     ApiError,
     ChatChunkWriter,
     CompletionChunkWriter,
+    NativeRequest,
     OpenAIRequest,
     chat_response,
     choice_logprobs,
@@ -302,26 +304,32 @@ class GenerationHandlers:
                 self.engine.finalize(running)
 
     async def _start_choices(self, parsed: OpenAIRequest) -> list[RunningRequest]:
-        """One engine request per choice, in choice order, as SGLang's tokenizer
-        manager sends them: with n > 1 each prompt first runs alone with
-        max_new_tokens 0, so that its n samples find it cached, and every
-        request gets a fresh rid; without, each prompt's request takes the rid
-        the batch gave it (`OpenAIRequest.prompt_rids`)."""
         template = parsed.generation
-        prompts = parsed.prompts()
+        generations = [replace(template, rid=rid, prompt_ids=prompt_ids)
+                       for (prompt_ids, _), rid in zip(parsed.prompts(), parsed.prompt_rids)]
+        return await self._start_samples(generations, parsed.n, [parsed.greedy] * len(generations),
+                                         self._admit_openai)
+
+    async def _start_samples(self, generations: list[GenerationRequest], n: int, greedy: list[bool],
+                             admit) -> list[RunningRequest]:
+        """One engine request per choice, prompt by prompt, as SGLang's
+        tokenizer manager sends a batch: with n > 1 each prompt first runs
+        alone with max_new_tokens 0, so that its n samples find it cached, and
+        every sample gets a fresh rid; without, each prompt's request takes
+        the rid the batch gave it. `admit` answers refusals in the route's
+        error shape."""
         runnings: list[RunningRequest] = []
         try:
-            if parsed.n == 1:
-                for (prompt_ids, _), rid in zip(prompts, parsed.prompt_rids):
-                    runnings.append(await self._admit_openai(replace(template, rid=rid, prompt_ids=prompt_ids)))
+            if n == 1:
+                for generation in generations:
+                    runnings.append(await admit(generation))
                 return runnings
-            for prompt_ids, _ in prompts:
-                await self._collect(await self._admit_openai(
-                    replace(template, rid=new_rid(), prompt_ids=prompt_ids, max_new_tokens=0, stream=False)))
-            for prompt_ids, _ in prompts:
-                for sample in range(parsed.n):
-                    runnings.append(await self._admit_openai(replace(
-                        template, rid=new_rid(), prompt_ids=prompt_ids, sample=0 if parsed.greedy else sample)))
+            for generation in generations:
+                await self._collect(await admit(
+                    replace(generation, rid=new_rid(), max_new_tokens=0, stream=False)))
+            for generation, same in zip(generations, greedy):
+                for sample in range(n):
+                    runnings.append(await admit(replace(generation, rid=new_rid(), sample=0 if same else sample)))
             return runnings
         except BaseException:
             for running in runnings:
@@ -338,6 +346,30 @@ class GenerationHandlers:
                                  enable_cache_report=self.config.enable_cache_report)
                    for index, running in enumerate(runnings)]
 
+        response: web.StreamResponse | None = None
+        pending: list[bytes] = []
+        try:
+            async with contextlib.aclosing(self._interleaved(runnings)) as steps:
+                async for index, step, more_ready in steps:
+                    if step.error is not None:
+                        pending.append(openai_stream_error_sse(step.error["message"], step.error["status_code"]))
+                        break
+                    pending.extend(choices[index].for_step(step))
+                    if not more_ready or len(pending) >= MAX_COALESCED_CHUNKS:
+                        response = await self._flush_sse(request, response, pending)
+            if parsed.include_usage:
+                pending.append(choices[0].writer.usage_chunk(
+                    choices_usage(runnings, parsed.n, self.config.enable_cache_report)))
+            pending.append(SSE_DONE)
+            response = await self._finish_sse(request, response, pending)
+        except _CLIENT_GONE:
+            for running in runnings:
+                self.engine.mark_disconnected(running)
+        return response if response is not None else web.Response(status=499)
+
+    async def _interleaved(self, runnings: list[RunningRequest]) -> AsyncIterator[tuple[int, Step, bool]]:
+        """Every request's steps as they come: (its index, the step, whether
+        another step is already waiting), until every request has ended."""
         queue: asyncio.Queue = asyncio.Queue()
 
         async def pump(index: int, running: RunningRequest) -> None:
@@ -349,34 +381,18 @@ class GenerationHandlers:
                 queue.put_nowait((index, None))
 
         tasks = [asyncio.create_task(pump(index, running)) for index, running in enumerate(runnings)]
-        response: web.StreamResponse | None = None
-        pending: list[bytes] = []
         try:
             open_requests = len(tasks)
             while open_requests:
                 index, step = await queue.get()
                 if step is None:
                     open_requests -= 1
-                    continue
-                if step.error is not None:
-                    pending.append(openai_stream_error_sse(step.error["message"], step.error["status_code"]))
-                    break
-                pending.extend(choices[index].for_step(step))
-                if queue.empty() or len(pending) >= MAX_COALESCED_CHUNKS:
-                    response = await self._flush_sse(request, response, pending)
-            if parsed.include_usage:
-                pending.append(choices[0].writer.usage_chunk(
-                    choices_usage(runnings, parsed.n, self.config.enable_cache_report)))
-            pending.append(SSE_DONE)
-            response = await self._finish_sse(request, response, pending)
-        except _CLIENT_GONE:
-            for running in runnings:
-                self.engine.mark_disconnected(running)
+                else:
+                    yield index, step, not queue.empty()
         finally:
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
-        return response if response is not None else web.Response(status=499)
 
     async def _stream_one(self, request: web.Request, parsed: OpenAIRequest, running: RunningRequest,
                           *, chat: bool) -> web.StreamResponse:
@@ -443,19 +459,22 @@ class GenerationHandlers:
 
     async def generate(self, request: web.Request) -> web.StreamResponse:
         self._generation_only(native=True)
-        generation = parse_generate_request(await _read_json_body(request, require_json_content_type=False))
-        if not generation.stream:
-            running = await self._admit_native(generation)
+        parsed = parse_generate_request(await _read_json_body(request, require_json_content_type=False))
+        if not parsed.stream:
+            runnings = await self._start_native(parsed)
             try:
-                return await self._generate_unary(running)
+                if parsed.single:
+                    return await self._generate_unary(runnings[0])
+                return await self._generate_batch_unary(runnings)
             finally:
-                self.engine.finalize(running)
+                for running in runnings:
+                    self.engine.finalize(running)
 
         # SGLang starts the SSE response before the engine validates the
         # request, so a rejection arrives as an SSE error event; injected
         # failures are still answered (500) before any byte.
         try:
-            running = await self._admit_native(generation)
+            runnings = await self._start_native(parsed)
         except ApiError as error:
             if error.status == 500:
                 raise
@@ -465,9 +484,52 @@ class GenerationHandlers:
             await response.write_eof()
             return response
         try:
-            return await self._generate_stream(request, running)
+            if parsed.single:
+                return await self._generate_stream(request, runnings[0])
+            return await self._generate_batch_stream(request, runnings)
         finally:
-            self.engine.finalize(running)
+            for running in runnings:
+                self.engine.finalize(running)
+
+    async def _start_native(self, parsed: NativeRequest) -> list[RunningRequest]:
+        if parsed.single:
+            return [await self._admit_native(parsed.generations[0])]
+        return await self._start_samples(parsed.generations, parsed.n, parsed.greedy, self._admit_native)
+
+    async def _generate_batch_unary(self, runnings: list[RunningRequest]) -> web.Response:
+        """A batch (or n > 1): the list of every request's output, in order."""
+        results = await asyncio.gather(*(self._collect(running) for running in runnings))
+        for _, error in results:
+            if error is not None:
+                status = error["status_code"]
+                raise ApiError(status, {"object": "error", "message": error["message"], "type": str(status),
+                                        "param": None, "code": status})
+        return _json([native_output(running, final=True) for running in runnings])
+
+    async def _generate_batch_stream(self, request: web.Request, runnings: list[RunningRequest]) -> web.StreamResponse:
+        """A batch streamed: every request's cumulative outputs as they come,
+        each with `index`, its place in the batch (prompt by prompt, then
+        sample), as SGLang's tokenizer manager interleaves them."""
+        response = web.StreamResponse(status=200, headers=_SSE_HEADERS)
+        pending: list[bytes] = []
+        try:
+            await response.prepare(request)
+            async with contextlib.aclosing(self._interleaved(runnings)) as steps:
+                async for index, step, more_ready in steps:
+                    if step.error is not None:
+                        pending.append(native_stream_error_sse(step.error["message"], step.error["status_code"]))
+                        break
+                    pending.append(native_sse(runnings[index], final=step.finish_reason is not None, step=step,
+                                              index=index))
+                    if not more_ready or len(pending) >= MAX_COALESCED_CHUNKS:
+                        await response.write(b"".join(pending))
+                        pending.clear()
+            pending.append(SSE_DONE)
+            await response.write_eof(b"".join(pending))
+        except _CLIENT_GONE:
+            for running in runnings:
+                self.engine.mark_disconnected(running)
+        return response
 
     async def _generate_unary(self, running: RunningRequest) -> web.Response:
         error = None

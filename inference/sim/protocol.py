@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from http import HTTPStatus
 from typing import Any
 
@@ -344,66 +344,132 @@ def native_error(message: str, status: int = 400) -> ApiError:
     return ApiError(status, {"error": {"message": message}})
 
 
-def parse_generate_request(body: Any) -> GenerationRequest:
+@dataclass(slots=True)
+class NativeRequest:
+    """A parsed /generate request: one generation per prompt, each with its rid
+    as SGLang's GenerateReqInput normalises them, and `n` samples of each."""
+
+    generations: list[GenerationRequest]
+    n: int = 1
+    # Per prompt: temperature 0, so that its parallel samples are all the same.
+    greedy: list[bool] = field(default_factory=list)
+    # One prompt given as such (a string, or one list of ids) and n = 1: the
+    # reply is one object; otherwise a list (a stream: events with an index).
+    single: bool = True
+
+    @property
+    def stream(self) -> bool:
+        return self.generations[0].stream
+
+
+def _per_prompt(fields: _Fields, name: str, value: Any, batch_size: int, is_item) -> list:
+    """A field that is one value for every prompt or a list of one per prompt."""
+    if not isinstance(value, list):
+        return [value] * batch_size
+    if len(value) != batch_size:
+        raise native_error(f"The length of {name} should be equal to the batch size.")
+    for item in value:
+        if item is not None and not is_item(item):
+            fields.fail(name, "Input should be a valid list")
+    return list(value)
+
+
+def parse_generate_request(body: Any) -> NativeRequest:
+    """GenerateReqInput: `text` a string or a list (a batch), or `input_ids` a
+    list of ids or of id lists; `sampling_params` one object or one per prompt
+    (all with the same `n`); `rid`, `lora_path`, `cache_salt` and `extra_key`
+    one value or one per prompt. With n > 1 even a single prompt is a batch."""
     fields = _Fields(body, "GenerateReqInput", native_schema_error)
     text = body.get("text")
     input_ids = body.get("input_ids")
     if body.get("input_embeds") is not None:
         raise native_error("The simulator does not support input_embeds.")
     if (text is None) == (input_ids is None):
-        raise native_schema_error("text", "Either text or input_ids should be provided.", "")
+        raise native_error("Either text, input_ids or input_embeds should be provided.")
     if text is not None:
-        if isinstance(text, list):
-            if len(text) != 1 or not isinstance(text[0], str):
-                raise native_error("The simulator does not support batch generate requests.")
-            text = text[0]
-        if not isinstance(text, str):
+        single = isinstance(text, str)
+        texts = [text] if single else text
+        if not isinstance(texts, list) or not all(isinstance(item, str) for item in texts):
             fields.fail("text", "Input should be a valid string")
-        prompt_ids = tokenize(text)
+        prompts = [tokenize(item) for item in texts]
     else:
-        if isinstance(input_ids, list) and input_ids and isinstance(input_ids[0], list):
-            if len(input_ids) != 1:
-                raise native_error("The simulator does not support batch generate requests.")
-            input_ids = input_ids[0]
-        if not isinstance(input_ids, list) or not all(
-                isinstance(item, int) and not isinstance(item, bool) for item in input_ids):
-            fields.fail("input_ids", "Input should be a valid list of integers")
-        prompt_ids = list(input_ids)
+        if not isinstance(input_ids, list) or not input_ids:
+            raise native_error("input_ids cannot be empty.")
+        single = not isinstance(input_ids[0], list)
+        prompts = [input_ids] if single else input_ids
+        for ids in prompts:
+            if not isinstance(ids, list) or not ids or not all(
+                    isinstance(item, int) and not isinstance(item, bool) for item in ids):
+                fields.fail("input_ids", "Input should be a valid list of integers")
+        prompts = [list(ids) for ids in prompts]
+    batch_size = len(prompts)
+    if not batch_size:
+        raise native_error("Either text, input_ids or input_embeds should be provided.")
     sampling = body.get("sampling_params") or {}
     if isinstance(sampling, list):
-        if len(sampling) != 1:
-            raise native_error("The simulator does not support batch generate requests.")
-        sampling = sampling[0]
-    if not isinstance(sampling, dict):
+        if len(sampling) != batch_size:
+            raise native_error("The length of sampling_params should be equal to the batch size.")
+        if not all(isinstance(item, dict) for item in sampling):
+            fields.fail("sampling_params", "Input should be a valid dictionary")
+        ns = {item.get("n", 1) for item in sampling}
+        if len(ns) > 1:
+            raise native_error("The parallel_sample_num should be the same for all samples in sample params.")
+        samplings = sampling
+    elif isinstance(sampling, dict):
+        samplings = [sampling] * batch_size
+    else:
         fields.fail("sampling_params", "Input should be a valid dictionary")
-    max_new_tokens = fields.optional_int("max_new_tokens", source=sampling) if "max_new_tokens" in sampling else 128
-    n = fields.optional_int("n", source=sampling)
-    if n is not None and n != 1:
-        raise native_error("The simulator supports only n=1.")
-    _check_sampling(fields.optional_float("temperature", source=sampling),
-                    fields.optional_float("top_p", source=sampling), native_error)
+    n = fields.optional_int("n", source=samplings[0])
+    n = 1 if n is None else n
+    if n < 1:
+        raise native_error(f"n must be at least 1, got {n}.")
+    if n > 1:
+        single = False
     rid = body.get("rid")
-    if isinstance(rid, list) and len(rid) == 1:
-        rid = rid[0]
-    if rid is not None and not isinstance(rid, str):
-        fields.fail("rid", "Input should be a valid string")
-    lora_path = body.get("lora_path")
-    if isinstance(lora_path, list) and len(lora_path) == 1:
-        lora_path = lora_path[0]
-    if lora_path is not None and not isinstance(lora_path, str):
-        fields.fail("lora_path", "Input should be a valid string")
-    return GenerationRequest(
-        rid=rid or new_rid(),
-        prompt_ids=prompt_ids,
-        max_new_tokens=max_new_tokens,
-        stop=fields.stop_strings(source=sampling),
-        stop_token_ids=fields.token_ids("stop_token_ids", source=sampling),
-        ignore_eos=fields.boolean("ignore_eos", source=sampling),
-        seed=fields.optional_int("sampling_seed", source=sampling),
-        cache_namespace=_cache_namespace(fields.optional_str("cache_salt"), fields.optional_str("extra_key")),
-        stream=fields.boolean("stream"),
-        lora_path=lora_path or None,
-    )
+    if single:
+        if isinstance(rid, list) and len(rid) == 1:
+            rid = rid[0]
+        if rid is not None and not isinstance(rid, str):
+            fields.fail("rid", "Input should be a valid string")
+        rids = [rid or new_rid()]
+    elif rid is None:
+        rids = [new_rid() for _ in range(batch_size)]
+    elif isinstance(rid, str):
+        rids = [f"{rid}_{index}" for index in range(batch_size)]
+    elif isinstance(rid, list):
+        if len(rid) != batch_size:
+            raise native_error("The specified rids length mismatch with the batch_size for batch processing.")
+        if not all(isinstance(item, str) for item in rid):
+            fields.fail("rid", "Input should be a valid list of strings")
+        rids = list(rid)
+    else:
+        raise native_error("The rid should be a string or a list of strings.")
+    per_prompt = {name: _per_prompt(fields, name, body.get(name), batch_size, lambda item: isinstance(item, str))
+                  for name in ("lora_path", "cache_salt", "extra_key")}
+    for name in ("lora_path", "cache_salt", "extra_key"):
+        if any(value is not None and not isinstance(value, str) for value in per_prompt[name]):
+            fields.fail(name, "Input should be a valid string")
+    stream = fields.boolean("stream")
+    generations = []
+    greedy = []
+    for index, (prompt_ids, params) in enumerate(zip(prompts, samplings)):
+        temperature = fields.optional_float("temperature", source=params)
+        _check_sampling(temperature, fields.optional_float("top_p", source=params), native_error)
+        greedy.append(temperature == 0)
+        generations.append(GenerationRequest(
+            rid=rids[index],
+            prompt_ids=prompt_ids,
+            max_new_tokens=fields.optional_int("max_new_tokens", source=params) if "max_new_tokens" in params else 128,
+            stop=fields.stop_strings(source=params),
+            stop_token_ids=fields.token_ids("stop_token_ids", source=params),
+            ignore_eos=fields.boolean("ignore_eos", source=params),
+            seed=fields.optional_int("sampling_seed", source=params),
+            cache_namespace=_cache_namespace(per_prompt["cache_salt"][index] or None,
+                                             per_prompt["extra_key"][index] or None),
+            stream=stream,
+            lora_path=per_prompt["lora_path"][index] or None,
+        ))
+    return NativeRequest(generations=generations, n=n, greedy=greedy, single=single)
 
 
 # ------------------------------------------------------------------ native responses
@@ -424,18 +490,24 @@ def native_meta_info(running: RunningRequest, *, final: bool, completion_tokens:
     return meta_info
 
 
-def native_output(running: RunningRequest, *, final: bool, step: Step | None = None) -> dict:
-    """The cumulative output; with `step`, as it was right after that step."""
+def native_output(running: RunningRequest, *, final: bool, step: Step | None = None,
+                  index: int | None = None) -> dict:
+    """The cumulative output; with `step`, as it was right after that step;
+    with `index`, its place in a streamed batch."""
     if step is None or final:
-        return {"text": running.text, "output_ids": list(running.output_ids),
-                "meta_info": native_meta_info(running, final=final)}
-    count = step.completion_tokens
-    return {"text": running.text[:step.text_end], "output_ids": running.output_ids[:count],
-            "meta_info": native_meta_info(running, final=final, completion_tokens=count)}
+        output = {"text": running.text, "output_ids": list(running.output_ids),
+                  "meta_info": native_meta_info(running, final=final)}
+    else:
+        count = step.completion_tokens
+        output = {"text": running.text[:step.text_end], "output_ids": running.output_ids[:count],
+                  "meta_info": native_meta_info(running, final=final, completion_tokens=count)}
+    if index is not None:
+        output["index"] = index
+    return output
 
 
-def native_sse(running: RunningRequest, *, final: bool, step: Step | None = None) -> bytes:
-    return b"data: " + orjson.dumps(native_output(running, final=final, step=step)) + b"\n\n"
+def native_sse(running: RunningRequest, *, final: bool, step: Step | None = None, index: int | None = None) -> bytes:
+    return b"data: " + orjson.dumps(native_output(running, final=final, step=step, index=index)) + b"\n\n"
 
 
 def native_stream_error_sse(message: str, code: int) -> bytes:

@@ -278,6 +278,63 @@ def test_generate_default_max_new_tokens_and_context_error(sim):
             "The input (4096 tokens) is longer than the model's context length (4096 tokens).")}}
 
 
+def test_generate_batch_and_parallel_sampling(sim):
+    """GenerateReqInput batches: a list of texts (or of id lists) answers a
+    list in prompt order, rids `<rid>_<i>` from a string; `n` > 1 makes even
+    one prompt a batch of n samples with fresh rids, after a prefill request
+    that caches the prompt; streamed, each event carries its `index`."""
+    with sim.client() as client:
+        one = client.post("/generate", json={"text": "Once upon a time", "sampling_params": {"max_new_tokens": 3}})
+        batch = client.post("/generate", json={"text": ["Once upon a time", "In a hole"], "rid": "b",
+                                               "sampling_params": [{"max_new_tokens": 3}, {"max_new_tokens": 2}]})
+        ids = client.post("/generate", json={"input_ids": [[5, 6, 7], [8, 9]], "rid": ["i1", "i2"],
+                                             "sampling_params": {"max_new_tokens": 1}})
+        before = client.get("/sim/stats").json()["requests_received"]
+        sampled = client.post("/generate", json={"text": "A long time ago", "sampling_params": {
+            "max_new_tokens": 4, "n": 3}})
+        after = client.get("/sim/stats").json()["requests_received"]
+        greedy = client.post("/generate", json={"text": "A long time ago", "sampling_params": {
+            "max_new_tokens": 4, "n": 2, "temperature": 0}})
+        mismatch = client.post("/generate", json={"text": ["a", "b"], "rid": ["only-one"]})
+        mixed_n = client.post("/generate", json={"text": ["a", "b"], "sampling_params": [{"n": 1}, {"n": 2}]})
+    outputs = batch.json()
+    assert isinstance(outputs, list) and [o["meta_info"]["id"] for o in outputs] == ["b_0", "b_1"]
+    assert outputs[0]["text"] == one.json()["text"]
+    assert [o["meta_info"]["completion_tokens"] for o in outputs] == [3, 2]
+    assert [o["meta_info"]["id"] for o in ids.json()] == ["i1", "i2"]
+    assert [o["meta_info"]["prompt_tokens"] for o in ids.json()] == [3, 2]
+
+    samples = sampled.json()
+    assert len(samples) == 3 and len({o["text"] for o in samples}) == 3
+    assert all(len(o["meta_info"]["id"]) == 32 for o in samples)  # fresh uuid4 hex rids
+    assert after - before == 4  # the prefill request, then the 3 samples
+    prompt = samples[0]["meta_info"]["prompt_tokens"]
+    assert all(o["meta_info"]["cached_tokens"] >= prompt - 1 for o in samples)
+    assert greedy.json()[0]["text"] == greedy.json()[1]["text"]
+    assert mismatch.status_code == 400 and mismatch.json() == {"error": {"message": (
+        "The specified rids length mismatch with the batch_size for batch processing.")}}
+    assert mixed_n.status_code == 400
+    assert "parallel_sample_num should be the same" in mixed_n.json()["error"]["message"]
+
+    with sim.client() as client, client.stream("POST", "/generate", json={
+            "text": ["Once upon a time", "In a hole"], "sampling_params": {"max_new_tokens": 3, "n": 2},
+            "stream": True}) as response:
+        events = sse_events(response)
+    assert events[-1] == "[DONE]"
+    by_index: dict[int, list] = {}
+    for event in events[:-1]:
+        by_index.setdefault(event["index"], []).append(event)
+    assert sorted(by_index) == [0, 1, 2, 3]
+    for index, stream in by_index.items():
+        assert len(stream) == 3 and stream[-1]["meta_info"]["finish_reason"] == {"type": "length", "length": 3}
+        assert all(later["text"].startswith(earlier["text"]) for earlier, later in zip(stream, stream[1:]))
+    # Prompt by prompt, then sample: events 0 and 1 are the first prompt's samples.
+    first_prompt = {by_index[i][-1]["meta_info"]["prompt_tokens"] for i in (0, 1)}
+    second_prompt = {by_index[i][-1]["meta_info"]["prompt_tokens"] for i in (2, 3)}
+    assert first_prompt == {one.json()["meta_info"]["prompt_tokens"]} and len(second_prompt) == 1
+    assert first_prompt != second_prompt
+
+
 # ---------------------------------------------------------------- abort / disconnect
 
 def test_abort_request_ends_stream_with_abort(sim):
