@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 from .presets import PRESETS
+from .tools import TOOL_CALL_PARSERS
 
 # Without a preset: capacity that never limits a test or a benchmark.
 DEFAULT_MAX_RUNNING_REQUESTS = 4096
@@ -42,6 +43,8 @@ class ServerConfig:
     embedding_dim: int = 1024
     api_key: str | None = None
     admin_api_key: str | None = None  # guards /flush_cache, /abort_request and LoRA (un)loading
+    # --tool-call-parser: chat replies may call the request's tools (`tools.py`).
+    tool_call_parser: str | None = None
     max_running_requests: int = DEFAULT_MAX_RUNNING_REQUESTS  # requests decoding or prefilling at once
     max_total_tokens: int = DEFAULT_MAX_TOTAL_TOKENS  # KV capacity, tokens: radix cache + running requests
     chunked_prefill_size: int = DEFAULT_CHUNKED_PREFILL_SIZE  # tokens per prefill step; <= 0: no chunking
@@ -133,6 +136,8 @@ def build_argument_parser() -> argparse.ArgumentParser:
                         help="serve an embedding model: POST /v1/embeddings, no generation")
     parser.add_argument("--embedding-dim", type=int, default=1024, help="dimensions of an embedding model's vectors")
     parser.add_argument("--api-key", default=None)
+    parser.add_argument("--tool-call-parser", choices=TOOL_CALL_PARSERS, default=None,
+                        help="parse tool calls out of chat replies, in this model family's format")
     parser.add_argument("--admin-api-key", default=None,
                         help="key for /flush_cache, /abort_request and LoRA loading (else --api-key)")
     parser.add_argument("--preset", choices=sorted(PRESETS), default=None,
@@ -230,6 +235,7 @@ def configs_from_args(args: argparse.Namespace) -> tuple[ServerConfig, RuntimeSe
         embedding_dim=args.embedding_dim,
         api_key=args.api_key,
         admin_api_key=args.admin_api_key,
+        tool_call_parser=args.tool_call_parser,
         max_running_requests=pick(args.max_running_requests, "max_running_requests", DEFAULT_MAX_RUNNING_REQUESTS),
         max_total_tokens=pick(args.max_total_tokens, "max_total_tokens", DEFAULT_MAX_TOTAL_TOKENS),
         chunked_prefill_size=pick(args.chunked_prefill_size, "chunked_prefill_size", DEFAULT_CHUNKED_PREFILL_SIZE),

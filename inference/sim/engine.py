@@ -69,7 +69,7 @@ from .lora import LoraError, LoraRegistry
 from .metrics import SimStats
 from .radix_cache import RadixCache, RadixNode
 from .timing import EngineCosts, StepTiming
-from .tokenizer import EOS_TOKEN_ID, PseudoTextSource, generation_seed, natural_length
+from .tokenizer import EOS_TOKEN_ID, PseudoTextSource, ScriptedTextSource, generation_seed, natural_length
 
 logger = logging.getLogger("inference.sim.engine")
 
@@ -126,6 +126,7 @@ class GenerationRequest:
     stream: bool = False
     lora_path: str | None = None  # the adapter *name* (SGLang's lora_path field)
     sample: int = 0  # which of a prompt's parallel samples (n > 1) this is: each answers differently
+    forced_text: str | None = None  # what the model writes, then stops (a tool call), unless max_new_tokens cuts it
 
 
 @dataclass(slots=True)
@@ -162,7 +163,7 @@ class RunningRequest:
     last_token_at: float | None = None
     finished_at: float | None = None
     locked_node: RadixNode | None = None  # holds one cache lock while running
-    text_source: PseudoTextSource | None = None
+    text_source: PseudoTextSource | ScriptedTextSource | None = None
     crash_after: int | None = None  # crash_after_tokens fault, fixed at admission
     state: str = HELD
     scheduled_at: float | None = None  # simulated seconds: left the waiting queue
@@ -334,6 +335,11 @@ class SimEngine:
             token_limit, stops_naturally = min(natural, room), natural <= room
             if request.ignore_eos:
                 token_limit, stops_naturally = room, False
+        text_source = PseudoTextSource(seed)
+        if request.forced_text is not None:
+            text_source = ScriptedTextSource(request.forced_text, text_source)
+            if request.max_new_tokens is None or len(text_source) <= request.max_new_tokens:
+                token_limit, stops_naturally = min(len(text_source), room), len(text_source) <= room
         # Like SGLang's radix key extra_key: adapters never share KV.
         namespace = request.cache_namespace if adapter is None else ("lora", adapter, request.cache_namespace)
         running = RunningRequest(
@@ -345,7 +351,7 @@ class SimEngine:
             clock=self.timing.now,
             adapter=adapter,
             namespace=namespace,
-            text_source=PseudoTextSource(seed),
+            text_source=text_source,
             crash_after=self.settings.crash_after_tokens,
         )
         self._active.add(running)

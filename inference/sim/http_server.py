@@ -39,6 +39,7 @@ from .config import RuntimeSettings, ServerConfig
 from .embedding import embedding_response, embedding_vector, parse_embedding_request
 from .engine import GenerationRequest, InjectedFailure, RequestRejected, RunningRequest, SimEngine, Step
 from .lora import LoraError
+from .tools import CallStream
 from .metrics import render_prometheus
 from .protocol import (
     SSE_DONE,
@@ -102,7 +103,8 @@ class _ChoiceChunks:
     under continuous_usage_stats, and its logprobs), then the finish chunk;
     completions send a chunk per step, the echoed prompt in the first."""
 
-    __slots__ = ("_parsed", "_index", "_running", "_chat", "_echo", "_enable_cache_report", "_first", "writer")
+    __slots__ = ("_parsed", "_index", "_running", "_chat", "_echo", "_enable_cache_report", "_first", "_call",
+                 "writer")
 
     def __init__(self, parsed: OpenAIRequest, index: int, running: RunningRequest, *, chat: bool, created: int,
                  enable_cache_report: bool) -> None:
@@ -110,6 +112,8 @@ class _ChoiceChunks:
         self._echo = None if chat else parsed.prompts()[index // parsed.n][1]
         self._enable_cache_report = enable_cache_report
         self._first = True
+        # A tool call: its deltas replace the content ones (`tools.CallStream`).
+        self._call = CallStream(parsed.tool_call, index) if chat and parsed.tool_call is not None else None
         writer_class = ChatChunkWriter if chat else CompletionChunkWriter
         self.writer = writer_class(rid=running.rid, model=parsed.model, created=created, index=index)
 
@@ -127,11 +131,27 @@ class _ChoiceChunks:
             logprobs = _step_logprobs(parsed, self._index, step, first)
             return [writer.text_chunk(delta, step.finish_reason, usage, logprobs)]
         out = [writer.role_chunk()] if first else []
+        if self._call is not None:
+            return out + self._tool_call_chunks(step)
         if step.delta_text:
             usage = running_usage(running, self._enable_cache_report, step.completion_tokens) if continuous else None
             out.append(writer.content_chunk(step.delta_text, usage, _step_logprobs(parsed, self._index, step, False)))
         if step.finish_reason is not None:
             out.append(writer.finish_chunk(step.finish_reason["type"], step.finish_reason.get("matched")))
+        return out
+
+
+    def _tool_call_chunks(self, step: Step) -> list[bytes]:
+        running = self._running
+        usage = (running_usage(running, self._enable_cache_report, step.completion_tokens)
+                 if self._parsed.continuous_usage_stats else None)
+        out = [self.writer.tool_call_chunk(delta, usage) for delta in self._call.feed(running.text[:step.text_end])]
+        if step.finish_reason is not None:
+            # A call that stopped naturally finishes as `tool_calls` (the matched stop stays).
+            finish_type = step.finish_reason["type"]
+            if finish_type == "stop" and running.text == self._parsed.tool_call.text:
+                finish_type = "tool_calls"
+            out.append(self.writer.finish_chunk(finish_type, step.finish_reason.get("matched")))
         return out
 
 
@@ -251,7 +271,8 @@ class GenerationHandlers:
     async def chat_completions(self, request: web.Request) -> web.StreamResponse:
         self._generation_only()
         parsed = parse_chat_request(await _read_json_body(request, require_json_content_type=True),
-                                    served_model_name=self.config.served_model_name)
+                                    served_model_name=self.config.served_model_name,
+                                    tool_call_parser=self.config.tool_call_parser)
         if not parsed.single:
             return await self._choices(request, parsed, chat=True)
         running = await self._admit_openai(parsed.generation)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from http import HTTPStatus
 from typing import Any
 
@@ -24,6 +24,7 @@ import orjson
 
 from .engine import GenerationRequest, RunningRequest, Step
 from .tokenizer import piece_to_id, render_chat_prompt, split_pieces, token_logprobs, tokenize
+from .tools import ToolCall, ToolRequestError, plan_call
 
 WEIGHT_VERSION = "default"  # SGLang's default --weight-version
 SSE_DONE = b"data: [DONE]\n\n"
@@ -175,6 +176,8 @@ class OpenAIRequest:
     greedy: bool = False  # temperature 0: parallel samples are all the same
     # Completions `logprobs`: None, or how many alternatives each token lists.
     completion_logprobs: int | None = None
+    # Chat: the tool call the model makes (with --tool-call-parser), or None.
+    tool_call: ToolCall | None = None
 
     @property
     def single(self) -> bool:
@@ -271,7 +274,8 @@ def _choices_options(fields: _Fields, parsed: OpenAIRequest, batch_size: int) ->
     return parsed
 
 
-def parse_chat_request(body: Any, *, served_model_name: str | None = None) -> OpenAIRequest:
+def parse_chat_request(body: Any, *, served_model_name: str | None = None,
+                       tool_call_parser: str | None = None) -> OpenAIRequest:
     fields = _Fields(body, "ChatCompletionRequest", openai_schema_error)
     messages = body.get("messages")
     if messages is None:
@@ -281,7 +285,11 @@ def parse_chat_request(body: Any, *, served_model_name: str | None = None) -> Op
     if not messages:
         raise openai_error("Messages cannot be empty.")
     try:
-        prompt_text = render_chat_prompt(messages)
+        tool_call = plan_call(body.get("tools"), body.get("tool_choice"), messages, parser=tool_call_parser)
+    except ToolRequestError as error:
+        raise openai_error(str(error)) from error
+    try:
+        prompt_text = render_chat_prompt(messages, body.get("tools"))
     except ValueError as error:
         raise openai_error(str(error), error_type="BadRequest") from error
     # max_completion_tokens wins over the deprecated max_tokens, as in SGLang.
@@ -294,8 +302,10 @@ def parse_chat_request(body: Any, *, served_model_name: str | None = None) -> Op
         raise openai_error("top_logprobs must be between 0 and 20.")
     if top and not logprobs:
         raise openai_error("When using `top_logprobs`, `logprobs` must be set to true.")
+    if tool_call is not None:
+        generation = replace(generation, forced_text=tool_call.text)
     parsed = OpenAIRequest(generation, model, include_usage, continuous,
-                           top_logprobs=(top or 0) if logprobs else None)
+                           top_logprobs=(top or 0) if logprobs else None, tool_call=tool_call)
     return _choices_options(fields, parsed, 1)
 
 
@@ -568,9 +578,10 @@ def _openai_response(parsed: OpenAIRequest, runnings: list[RunningRequest], kind
     choices = []
     for index, running in enumerate(runnings):
         finish_reason = running.finish_reason
-        choices.append({"index": index, **choice_body(index, running),
-                        "finish_reason": finish_reason["type"] if finish_reason else None,
-                        "matched_stop": _matched_stop(finish_reason)})
+        choice = {"index": index, **choice_body(index, running)}
+        choice.setdefault("finish_reason", finish_reason["type"] if finish_reason else None)
+        choice.setdefault("matched_stop", _matched_stop(finish_reason))
+        choices.append(choice)
     return {
         "id": runnings[0].rid,
         "object": kind,
@@ -617,9 +628,20 @@ def choice_logprobs(parsed: OpenAIRequest, index: int, steps: list[tuple[int, st
 def chat_response(parsed: OpenAIRequest, runnings: list[RunningRequest], *, enable_cache_report: bool,
                   logprobs: list[dict | None] | None = None) -> dict:
     def message(index: int, running: RunningRequest) -> dict:
-        # SGLang drops tool_calls when there are none.
-        return {"message": {"role": "assistant", "content": running.text, "reasoning_content": None},
+        call = parsed.tool_call
+        if call is None:
+            # SGLang drops tool_calls when there are none.
+            return {"message": {"role": "assistant", "content": running.text, "reasoning_content": None},
+                    "logprobs": logprobs[index] if logprobs else None}
+        # The parser takes the call out of the text; one cut short is dropped.
+        finish_reason = running.finish_reason
+        complete = running.text == call.text
+        body = {"message": {"role": "assistant", "content": "", "reasoning_content": None,
+                            **({"tool_calls": call.message_tool_calls(index)} if complete else {})},
                 "logprobs": logprobs[index] if logprobs else None}
+        if complete and finish_reason is not None and finish_reason["type"] == "stop":
+            body.update(finish_reason="tool_calls", matched_stop=None)
+        return body
 
     return _openai_response(parsed, runnings, "chat.completion", message, enable_cache_report=enable_cache_report)
 
@@ -649,7 +671,7 @@ class ChatChunkWriter:
     carries `reasoning_content` (null), `usage` appears only when set.
     """
 
-    __slots__ = ("_head", "_choice_tail", "_usage_head", "model", "rid", "created")
+    __slots__ = ("_delta", "_head", "_choice_tail", "_usage_head", "model", "rid", "created")
 
     def __init__(self, *, rid: str, model: str, created: int, index: int = 0) -> None:
         self.rid = rid
@@ -657,8 +679,8 @@ class ChatChunkWriter:
         self.created = created
         head = b'{"id":' + orjson.dumps(rid) + b',"object":"chat.completion.chunk","created":' + \
             str(created).encode() + b',"model":' + orjson.dumps(model)
-        self._head = (b"data: " + head + b',"choices":[{"index":' + str(index).encode()
-                      + b',"delta":{"reasoning_content":null,')
+        self._delta = b"data: " + head + b',"choices":[{"index":' + str(index).encode() + b',"delta":{'
+        self._head = self._delta + b'"reasoning_content":null,'
         self._choice_tail = b'},"logprobs":null,"finish_reason":null,"matched_stop":null}]'
         self._usage_head = b"data: " + head + b',"choices":[],"usage":'
 
@@ -673,6 +695,13 @@ class ChatChunkWriter:
             return self._head + b'"content":' + orjson.dumps(delta_text) + tail + b"}\n\n"
         return (self._head + b'"content":' + orjson.dumps(delta_text) + tail
                 + b',"usage":' + orjson.dumps(usage) + b"}\n\n")
+
+    def tool_call_chunk(self, tool_call: dict, usage: dict | None = None) -> bytes:
+        """A tool-call delta: SGLang builds these with pydantic, so every delta
+        field is there (null) and `usage` too."""
+        return (self._delta + b'"role":null,"content":null,"reasoning_content":null,"tool_calls":['
+                + orjson.dumps(tool_call) + b']},"logprobs":null,"finish_reason":null,"matched_stop":null}],"usage":'
+                + orjson.dumps(usage) + b"}\n\n")
 
     def finish_chunk(self, finish_type: str, matched_stop) -> bytes:
         return (self._head[:-1] + b'},"logprobs":null,"finish_reason":' + orjson.dumps(finish_type)

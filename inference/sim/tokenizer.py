@@ -25,6 +25,8 @@ import re
 from array import array
 from typing import Iterable, Sequence
 
+from .tools import render_tool_calls, render_tools
+
 # Size of the id space. Ids below RESERVED_IDS are kept for special tokens.
 VOCAB_SIZE = 100_000
 RESERVED_IDS = 256
@@ -91,22 +93,27 @@ def render_message_content(content: object) -> str:
     raise ValueError("Message content must be a string or a list of content parts.")
 
 
-def render_chat_prompt(messages: Sequence[dict]) -> str:
+def render_chat_prompt(messages: Sequence[dict], tools: object = None) -> str:
     """Render messages with the simulator's fixed template.
 
-    Each message becomes ``<|role|>\\n{content}\\n``; the prompt ends with the
+    A non-empty `tools` list comes first, as a ``<|tools|>`` block. Each message
+    becomes ``<|role|>\\n{content}\\n``, an assistant's earlier `tool_calls`
+    written after its content as the model wrote them; the prompt ends with the
     assistant header ``<|assistant|>\\n`` so generation continues from there.
     Identical conversation prefixes therefore render to identical text
     prefixes, and (see module doc) to identical token prefixes.
     """
-    parts: list[str] = []
+    parts: list[str] = [render_tools(tools)] if isinstance(tools, list) and tools else []
     for message in messages:
         if not isinstance(message, dict):
             raise ValueError("Each message must be an object.")
         role = message.get("role")
         if not isinstance(role, str) or not role:
             raise ValueError("Each message must have a string 'role'.")
-        parts.append(f"<|{role}|>\n{render_message_content(message.get('content'))}\n")
+        content = render_message_content(message.get("content"))
+        if message.get("tool_calls"):
+            content += render_tool_calls(message["tool_calls"])
+        parts.append(f"<|{role}|>\n{content}\n")
     parts.append("<|assistant|>\n")
     return "".join(parts)
 
@@ -165,6 +172,27 @@ class PseudoTextSource:
         index %= len(_OUTPUT_IDS)
         return _OUTPUT_IDS[index], _OUTPUT_PIECES[index]
 
+
+class ScriptedTextSource:
+    """Output tokens that spell a given text (a tool call the model makes),
+    then `then`'s."""
+
+    __slots__ = ("_pieces", "_next", "_then")
+
+    def __init__(self, text: str, then: PseudoTextSource) -> None:
+        self._pieces = split_pieces(text)
+        self._next = 0
+        self._then = then
+
+    def __len__(self) -> int:
+        return len(self._pieces)
+
+    def next_token(self) -> tuple[int, str]:
+        if self._next < len(self._pieces):
+            piece = self._pieces[self._next]
+            self._next += 1
+            return piece_to_id(piece), piece
+        return self._then.next_token()
 
 
 def token_logprobs(token_id: int, piece: str, position: int, top: int) -> dict:

@@ -1,0 +1,200 @@
+"""Function calling, as SGLang serves it with `--tool-call-parser qwen25`.
+
+Qwen 2.5 and 3 models (SGLang's `qwen25` and `qwen` parsers) write a call as
+`<tool_call>\\n{"name": ..., "arguments": {...}}\\n</tool_call>`; SGLang parses
+that text out of the reply: the message's `content` keeps what is outside the
+calls, `tool_calls` holds each call with an id `call_<24 hex>` and its
+arguments as a JSON string, and a reply that stopped naturally finishes with
+`tool_calls`. Streamed, nothing is sent while the call's name is incomplete;
+then one delta carries the id and name with empty arguments, and later ones
+the arguments piece by piece (id and name null).
+
+What the simulated model calls is deterministic:
+- `tool_choice` "none", no tools or no parser: no call (plain text);
+- a named function (`{"type": "function", "function": {"name": ...}}`): that one;
+- "required": the function whose name the last message mentions, else the first;
+- "auto" (the default with tools): the function whose name the last message,
+  if it is the user's, mentions; otherwise no call.
+Arguments fill the function's `parameters` schema: every required property
+(all of them when none is marked required) gets a value of its type, an enum's
+first value, or a word picked from the conversation's hash.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+# SGLang's parsers whose format the simulator writes (the same for both).
+TOOL_CALL_PARSERS = ("qwen25", "qwen")
+CALL_START = "<tool_call>\n"
+CALL_END = "\n</tool_call>"
+_WORDS = ("alpha", "river", "paris", "blue", "seven", "north", "garden", "signal")
+
+
+class ToolRequestError(ValueError):
+    """The request's tools or tool_choice cannot be served (SGLang's wording)."""
+
+
+@dataclass(slots=True)
+class ToolCall:
+    """The call the simulated model makes: its text and its parts."""
+
+    name: str
+    arguments: str  # JSON, as SGLang hands it on (json.dumps, ensure_ascii=False)
+    text: str  # the model's output: CALL_START + {"name", "arguments"} + CALL_END
+    ids: list[str] = field(default_factory=list)  # one call id per choice, made on demand
+
+    def call_id(self, choice: int) -> str:
+        while len(self.ids) <= choice:
+            self.ids.append(f"call_{uuid.uuid4().hex[:24]}")
+        return self.ids[choice]
+
+    def message_tool_calls(self, choice: int) -> list[dict]:
+        return [{"id": self.call_id(choice), "index": 0, "type": "function",
+                 "function": {"name": self.name, "arguments": self.arguments}}]
+
+
+def call_text(name: str, arguments: Any) -> str:
+    """A call as the model writes it; `arguments` an object or its JSON text."""
+    if isinstance(arguments, str):
+        try:
+            arguments = json.loads(arguments)
+        except ValueError:
+            pass
+    return CALL_START + json.dumps({"name": name, "arguments": arguments}, ensure_ascii=False) + CALL_END
+
+
+def render_tool_calls(tool_calls: Any) -> str:
+    """An assistant message's earlier `tool_calls`, as the model wrote them, so
+    that a conversation's next turn finds its previous reply cached."""
+    if not isinstance(tool_calls, list):
+        return ""
+    calls = []
+    for call in tool_calls:
+        function = call.get("function") if isinstance(call, dict) else None
+        if isinstance(function, dict) and isinstance(function.get("name"), str):
+            calls.append(call_text(function["name"], function.get("arguments") or {}))
+    return "\n".join(calls)
+
+
+def render_tools(tools: list[dict]) -> str:
+    """The tools block the chat template puts before the messages."""
+    return "<|tools|>\n" + json.dumps(tools, ensure_ascii=False, sort_keys=True) + "\n"
+
+
+def functions_of(tools: Any) -> dict[str, dict]:
+    """Name → parameters schema of each `{"type": "function", "function": {...}}`."""
+    if tools is None:
+        return {}
+    if not isinstance(tools, list):
+        raise ToolRequestError("tools must be a list.")
+    functions: dict[str, dict] = {}
+    for tool in tools:
+        function = tool.get("function") if isinstance(tool, dict) else None
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+            raise ToolRequestError("Each tool must be {'type': 'function', 'function': {'name': ...}}.")
+        parameters = function.get("parameters")
+        functions[function["name"]] = parameters if isinstance(parameters, dict) else {}
+    return functions
+
+
+def plan_call(tools: Any, tool_choice: Any, messages: list, *, parser: str | None) -> ToolCall | None:
+    """The call the model makes for this request, or None. Raises
+    ToolRequestError for a tool_choice SGLang refuses."""
+    functions = functions_of(tools)
+    if tool_choice is None:
+        tool_choice = "auto" if tools is not None else "none"
+    named = None
+    if isinstance(tool_choice, dict):
+        function = tool_choice.get("function")
+        named = function.get("name") if isinstance(function, dict) else None
+        if not isinstance(named, str):
+            raise ToolRequestError("tool_choice must be 'none', 'auto', 'required' or "
+                                   "{'type': 'function', 'function': {'name': ...}}.")
+        if not functions:
+            raise ToolRequestError("Tools cannot be empty if tool choice is set to a specific tool.")
+        if named not in functions:
+            raise ToolRequestError(f"Tool '{named}' not found in tools list.")
+    elif tool_choice not in ("none", "auto", "required"):
+        raise ToolRequestError("tool_choice must be 'none', 'auto', 'required' or "
+                               "{'type': 'function', 'function': {'name': ...}}.")
+    elif tool_choice == "required" and not functions:
+        raise ToolRequestError("Tools cannot be empty if tool choice is set to required.")
+    if parser is None or not functions or tool_choice == "none":
+        return None
+    last = messages[-1] if messages and isinstance(messages[-1], dict) else {}
+    said = last.get("content") if isinstance(last.get("content"), str) else ""
+    mentioned = next((name for name in functions if re.search(rf"\b{re.escape(name)}\b", said, re.IGNORECASE)),
+                     None)
+    if named is not None:
+        name = named
+    elif tool_choice == "required":
+        name = mentioned or next(iter(functions))
+    elif last.get("role") == "user" and mentioned is not None:
+        name = mentioned
+    else:
+        return None
+    seed = int.from_bytes(hashlib.blake2b(f"{name}\0{said}".encode(), digest_size=8).digest(), "little")
+    arguments = json.dumps(_arguments(functions[name], seed), ensure_ascii=False)
+    return ToolCall(name=name, arguments=arguments, text=call_text(name, arguments))
+
+
+def _arguments(schema: dict, seed: int) -> dict:
+    properties = schema.get("properties") if isinstance(schema.get("properties"), dict) else {}
+    required = schema.get("required") if isinstance(schema.get("required"), list) else list(properties)
+    return {name: _value(properties.get(name) or {}, seed + index)
+            for index, name in enumerate(required) if isinstance(name, str)}
+
+
+def _value(schema: dict, seed: int) -> Any:
+    if isinstance(schema.get("enum"), list) and schema["enum"]:
+        return schema["enum"][0]
+    kind = schema.get("type")
+    if isinstance(kind, list):
+        kind = next((k for k in kind if k != "null"), "string")
+    if kind == "integer":
+        return seed % 10 + 1
+    if kind == "number":
+        return (seed % 100) / 4
+    if kind == "boolean":
+        return bool(seed & 1)
+    if kind == "array":
+        return []
+    if kind == "object":
+        return _arguments(schema, seed)
+    return _WORDS[seed % len(_WORDS)]
+
+
+class CallStream:
+    """One choice's streamed call: fed the reply's text so far, it gives the
+    tool-call deltas SGLang would send since the last feed."""
+
+    __slots__ = ("_call", "_choice", "_name_sent", "_arguments_sent", "_arguments_at")
+
+    def __init__(self, call: ToolCall, choice: int) -> None:
+        self._call = call
+        self._choice = choice
+        self._name_sent = False
+        self._arguments_sent = 0
+        # Where the arguments start in the call's text.
+        self._arguments_at = call.text.index('"arguments": ') + len('"arguments": ')
+
+    def feed(self, text: str) -> list[dict]:
+        call = self._call
+        deltas = []
+        if not self._name_sent:
+            if len(text) < self._arguments_at:
+                return deltas
+            self._name_sent = True
+            deltas.append({"id": call.call_id(self._choice), "index": 0, "type": "function",
+                           "function": {"name": call.name, "arguments": ""}})
+        ready = min(len(text) - self._arguments_at, len(call.arguments))
+        if ready > self._arguments_sent:
+            deltas.append({"id": None, "index": 0, "type": "function",
+                           "function": {"name": None, "arguments": call.arguments[self._arguments_sent:ready]}})
+            self._arguments_sent = ready
+        return deltas

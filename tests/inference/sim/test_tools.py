@@ -1,0 +1,123 @@
+"""Function calling with `--tool-call-parser qwen25`, through the OpenAI SDK."""
+
+from __future__ import annotations
+
+import json
+
+import openai
+import pytest
+
+from .test_http_api import openai_client, sse_events
+
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "The weather in a city.",
+    "parameters": {"type": "object", "properties": {
+        "city": {"type": "string"}, "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]},
+        "days": {"type": "integer"}}, "required": ["city", "unit"]}}}
+CLOCK = {"type": "function", "function": {"name": "get_time", "parameters": {
+    "type": "object", "properties": {"zone": {"type": "string"}}}}}
+ASK = [{"role": "user", "content": "What does get_weather say for tomorrow?"}]
+
+
+@pytest.fixture(scope="module")
+def tool_sim(sim_factory):
+    return sim_factory("--tool-call-parser", "qwen25", "--enable-cache-report")
+
+
+def test_auto_calls_the_tool_the_user_names(tool_sim):
+    client = openai_client(tool_sim)
+    completion = client.chat.completions.create(model="m", messages=ASK, tools=[CLOCK, WEATHER])
+    choice = completion.choices[0]
+    assert choice.finish_reason == "tool_calls"
+    assert choice.message.content == ""
+    [call] = choice.message.tool_calls
+    assert call.type == "function" and call.id.startswith("call_") and len(call.id) == 29
+    assert call.function.name == "get_weather"
+    arguments = json.loads(call.function.arguments)
+    assert set(arguments) == {"city", "unit"} and arguments["unit"] == "celsius"
+    assert isinstance(arguments["city"], str)
+    # The call is what the model wrote: its tokens are the completion's.
+    assert completion.usage.completion_tokens > 10
+
+    # Without a mention (or with tool_choice "none") the model answers in text.
+    plain = client.chat.completions.create(model="m", messages=[{"role": "user", "content": "Hello"}],
+                                           tools=[WEATHER], max_tokens=5)
+    assert plain.choices[0].message.tool_calls is None and plain.choices[0].finish_reason == "length"
+    refused = client.chat.completions.create(model="m", messages=ASK, tools=[WEATHER], tool_choice="none",
+                                             max_tokens=5)
+    assert refused.choices[0].message.tool_calls is None
+
+
+def test_required_and_named_choices(tool_sim):
+    client = openai_client(tool_sim)
+    hello = [{"role": "user", "content": "Hello"}]
+    required = client.chat.completions.create(model="m", messages=hello, tools=[CLOCK, WEATHER],
+                                              tool_choice="required")
+    assert required.choices[0].message.tool_calls[0].function.name == "get_time"  # none named: the first
+    named = client.chat.completions.create(model="m", messages=ASK, tools=[CLOCK, WEATHER],
+                                           tool_choice={"type": "function", "function": {"name": "get_time"}})
+    assert named.choices[0].message.tool_calls[0].function.name == "get_time"
+    # No property marked required: every one gets a value.
+    assert set(json.loads(named.choices[0].message.tool_calls[0].function.arguments)) == {"zone"}
+
+    with pytest.raises(openai.BadRequestError) as missing:
+        client.chat.completions.create(model="m", messages=ASK, tools=[WEATHER],
+                                       tool_choice={"type": "function", "function": {"name": "nope"}})
+    assert "Tool 'nope' not found in tools list." in str(missing.value)
+    with pytest.raises(openai.BadRequestError) as empty:
+        client.chat.completions.create(model="m", messages=ASK, tool_choice="required")
+    assert "Tools cannot be empty if tool choice is set to required." in str(empty.value)
+
+
+def test_streamed_call_arrives_in_pieces(tool_sim):
+    client = openai_client(tool_sim)
+    chunks = list(client.chat.completions.create(model="m", messages=ASK, tools=[WEATHER], stream=True,
+                                                 stream_options={"include_usage": True}))
+    calls = [call for chunk in chunks if chunk.choices for call in (chunk.choices[0].delta.tool_calls or [])]
+    assert len(calls) >= 2
+    assert calls[0].id.startswith("call_") and calls[0].function.name == "get_weather"
+    assert calls[0].function.arguments == ""
+    assert all(call.id is None and call.function.name is None for call in calls[1:])
+    whole = client.chat.completions.create(model="m", messages=ASK, tools=[WEATHER])
+    assert "".join(call.function.arguments for call in calls) == whole.choices[0].message.tool_calls[0].function.arguments
+    assert not any(chunk.choices[0].delta.content for chunk in chunks if chunk.choices)
+    finishes = [chunk.choices[0].finish_reason for chunk in chunks if chunk.choices and chunk.choices[0].finish_reason]
+    assert finishes == ["tool_calls"]
+    assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+
+    # The raw chunk has every delta field, as SGLang's pydantic models dump it.
+    with tool_sim.client() as raw, raw.stream("POST", "/v1/chat/completions", json={
+            "model": "m", "messages": ASK, "tools": [WEATHER], "stream": True}) as response:
+        events = sse_events(response)
+    first_call = next(event for event in events[:-1] if event["choices"] and "tool_calls" in event["choices"][0]["delta"])
+    assert list(first_call["choices"][0]["delta"]) == ["role", "content", "reasoning_content", "tool_calls"]
+    assert first_call["usage"] is None
+
+
+def test_the_next_turn_finds_the_call_cached(tool_sim):
+    """The assistant's tool_calls render as the model wrote them, so the turn
+    that brings the tool's result reuses the whole previous sequence."""
+    client = openai_client(tool_sim)
+    first = client.chat.completions.create(model="m", messages=ASK, tools=[WEATHER])
+    call = first.choices[0].message.tool_calls[0]
+    history = ASK + [{"role": "assistant", "content": "", "tool_calls": [call.model_dump()]},
+                     {"role": "tool", "tool_call_id": call.id, "content": "Sunny, 21 degrees."}]
+    second = client.chat.completions.create(model="m", messages=history, tools=[WEATHER], max_tokens=4)
+    assert second.choices[0].message.tool_calls is None  # the last message is the tool's: an answer
+    previous = first.usage.prompt_tokens + first.usage.completion_tokens
+    assert second.usage.prompt_tokens_details.cached_tokens >= previous - 1
+
+
+def test_a_call_cut_by_max_tokens_is_dropped(tool_sim):
+    client = openai_client(tool_sim)
+    cut = client.chat.completions.create(model="m", messages=ASK, tools=[WEATHER], max_tokens=3)
+    assert cut.choices[0].finish_reason == "length"
+    assert cut.choices[0].message.tool_calls is None and cut.choices[0].message.content == ""
+
+
+def test_without_a_parser_tools_only_lengthen_the_prompt(sim):
+    client = openai_client(sim)
+    bare = client.chat.completions.create(model="m", messages=ASK, max_tokens=3)
+    with_tools = client.chat.completions.create(model="m", messages=ASK, tools=[WEATHER], max_tokens=3)
+    assert with_tools.choices[0].message.tool_calls is None
+    assert with_tools.usage.prompt_tokens > bare.usage.prompt_tokens
