@@ -257,18 +257,26 @@ def prompt_tokens_upper_bound(request: CompletionRequest) -> int:
     return len(orjson.dumps(prompt)) + PROMPT_TOKENS_FIXED
 
 
-def completion_tokens_cap(request: CompletionRequest, default_max_tokens: int) -> tuple[str | None, int]:
+def completion_tokens_cap(request: CompletionRequest, default_max_tokens: int, *, context_length: int,
+                          prompt_bound: int) -> tuple[str | None, int]:
     """(field, value) bounding the completion: the caller's max_tokens or
     max_completion_tokens, else the gateway's default, which is then also sent to
-    the backend so that what was reserved bounds what is generated. Embeddings
-    generate nothing: (None, 0)."""
+    the backend so that what was reserved bounds what is generated. The default
+    leaves room for the prompt in the model's context: SGLang refuses a request
+    whose prompt plus max_tokens exceeds it, while one without max_tokens may
+    use all of it. `prompt_bound` over-counts the prompt's tokens (a token per
+    byte), so when it alone fills the context, a quarter of it is taken instead
+    (about the tokens of English text). Embeddings generate nothing: (None, 0)."""
     if request.endpoint == EMBEDDINGS:
         return None, 0
     for name in ("max_completion_tokens", "max_tokens"):
         value = request.body.get(name)
         if value is not None:
             return name, value
-    return "max_tokens", default_max_tokens
+    room = context_length - prompt_bound
+    if room < 1:
+        room = context_length - prompt_bound // 4
+    return "max_tokens", max(1, min(default_max_tokens, room))
 
 
 def _upstream_body(request: CompletionRequest, resolution: Resolution, *, stream: bool,
@@ -477,8 +485,9 @@ class CompletionService:
         share of the caller's limits. Returns the model and the upstream body."""
         resolution = self._registry.resolve(request.body.get("model"))
         meter.prices = resolution.model.prices
-        cap = completion_tokens_cap(request, self._default_max_tokens)
         prompt_bound = prompt_tokens_upper_bound(request)
+        cap = completion_tokens_cap(request, self._default_max_tokens,
+                                    context_length=resolution.model.context_length, prompt_bound=prompt_bound)
         # Every choice may generate up to the cap.
         completion_bound = cap[1] * request.choices
         reserve_tokens = prompt_bound + completion_bound
