@@ -40,7 +40,7 @@ wait_http() {  # url, name, log
 }
 
 .venv/bin/python -m inference.sim --host 127.0.0.1 --port "$SIM_PORT" --served-model-name "$MODEL" \
-  --enable-cache-report --ttft-ms 40 --itl-ms 15 > .run/sim.log 2>&1 &
+  --enable-cache-report --tool-call-parser qwen25 --ttft-ms 40 --itl-ms 15 > .run/sim.log 2>&1 &
 pids+=($!)
 wait_http "http://127.0.0.1:$SIM_PORT/health" simulator .run/sim.log
 

@@ -48,7 +48,7 @@ class ChunkRewriter:
     """Rewrites one stream's chunk payloads; keeps what the meter needs."""
 
     __slots__ = ("_request_id", "_model_from", "_model_to", "_client_model", "_tail", "_content", "_empty",
-                 "_n", "_choices", "_finished_choices", "_choice_usage",
+                 "_chat", "_n", "_choices", "_finished_choices", "_choice_usage",
                  "last_usage_raw", "usage_template", "content_chunks", "finished")
 
     def __init__(self, *, request_id: str, client_model: str, upstream_model: str, include_usage: bool,
@@ -63,6 +63,7 @@ class ChunkRewriter:
         self._tail = b',"usage":null}' if include_usage else b"}"
         self._content = b'"content":"' if chat else b'"text":"'
         self._empty = b'"content":""' if chat else b'"text":""'
+        self._chat = chat
         # The newest usage object not yet read (the backend's counts are cumulative).
         self.last_usage_raw: bytes | None = None
         # The backend's usage-only chunk (`choices: []`), for the client's final one.
@@ -82,7 +83,8 @@ class ChunkRewriter:
 
     def rewrite(self, payload: bytes) -> tuple[bytes | None, bool]:
         """(the client's payload, or None for the backend's usage-only chunk; whether
-        it carries content). Raises ValueError for a backend error chunk."""
+        it carries generated tokens: content, a tool call or reasoning). Raises
+        ValueError for a backend error chunk."""
         if payload.startswith(b'{"error"'):
             raise ValueError(payload)
         position = payload.rfind(USAGE_KEY)
@@ -98,7 +100,9 @@ class ChunkRewriter:
             return None, False
         if self._model_from is not None:
             body = body.replace(self._model_from, self._model_to, 1)
-        has_content = self._content in body and self._empty not in body
+        # Generated tokens handed on: text, or a chat's tool-call or reasoning deltas.
+        has_content = (self._content in body and self._empty not in body) or (
+            self._chat and (b'"tool_calls":[' in body or b'"reasoning_content":"' in body))
         if has_content:
             self.content_chunks += 1
         if b'"finish_reason":null' not in body and b'"finish_reason":' in body:
@@ -132,7 +136,8 @@ class ChunkRewriter:
             chunk["usage"] = None
         has_content = False
         for choice in choices:
-            if (choice.get("delta") or {}).get("content") or choice.get("text"):
+            delta = choice.get("delta") or {}
+            if delta.get("content") or delta.get("tool_calls") or delta.get("reasoning_content") or choice.get("text"):
                 has_content = True
                 self.content_chunks += 1
             if choice.get("finish_reason") is not None:

@@ -106,7 +106,7 @@ def sims(live_tmp):
     """Simulators by role: 'fast' answers at once, 'slow' streams a token every
     30 ms (for cancel and disconnect tests), 'faulty' takes injected faults."""
     started = {
-        "fast": sim_start(live_tmp, "test-llm", "--context-length", "4096"),
+        "fast": sim_start(live_tmp, "test-llm", "--context-length", "4096", "--tool-call-parser", "qwen25"),
         "slow": sim_start(live_tmp, "slow-llm", "--itl-ms", "30"),
         "faulty": sim_start(live_tmp, "faulty-llm"),
     }

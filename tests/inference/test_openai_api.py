@@ -1,5 +1,7 @@
 """The public API through the official openai SDK, against a live gateway process
 backed by live simulator processes."""
+import json
+
 import openai
 import pytest
 
@@ -153,3 +155,68 @@ def test_completion_logprobs_and_echo_reach_the_client(client):
     assert logprobs.token_logprobs[0] is None and len(logprobs.top_logprobs) == len(logprobs.tokens)
     # The echoed prompt is not billed as completion tokens.
     assert completion.usage.completion_tokens == 4
+
+
+WEATHER = {"type": "function", "function": {"name": "get_weather", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
+ASK_WEATHER = [{"role": "user", "content": "Please call get_weather for Lisbon."}]
+
+
+def test_tool_calls_reach_the_client_whole_and_streamed(client, tenant_key):
+    """Function calling through the gateway (the simulator parses calls as
+    SGLang's qwen25 parser does): the call whole, its deltas streamed under our
+    id, and the stream's usage row with a time to first token although no
+    chunk carried text."""
+    whole = client.chat.completions.create(model="test-llm", messages=ASK_WEATHER, tools=[WEATHER])
+    assert whole.id.startswith("chatcmpl-") and whole.choices[0].finish_reason == "tool_calls"
+    [call] = whole.choices[0].message.tool_calls
+    assert call.function.name == "get_weather" and set(json.loads(call.function.arguments)) == {"city"}
+
+    chunks = list(client.chat.completions.create(model="test-llm", messages=ASK_WEATHER, tools=[WEATHER],
+                                                 stream=True, stream_options={"include_usage": True}))
+    assert {chunk.id for chunk in chunks} == {chunks[0].id} and chunks[0].id.startswith("chatcmpl-")
+    deltas = [delta for chunk in chunks if chunk.choices for delta in (chunk.choices[0].delta.tool_calls or [])]
+    assert deltas[0].function.name == "get_weather"
+    assert "".join(delta.function.arguments for delta in deltas) == call.function.arguments
+    assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == ["tool_calls"]
+    usage = chunks[-1].usage
+    assert usage.completion_tokens == whole.usage.completion_tokens
+
+    rows = usage_rows_wait(api_key=tenant_key.api_key, count=2)
+    streamed = next(row for row in rows if row.stream)
+    assert streamed.status == "ok" and streamed.completion_tokens == usage.completion_tokens
+    assert streamed.ttft_ms is not None and 0 < streamed.ttft_ms <= streamed.latency_ms
+
+    # The tool's result goes back with the call; the model then answers in text.
+    follow = client.chat.completions.create(model="test-llm", max_tokens=4, tools=[WEATHER], messages=ASK_WEATHER + [
+        {"role": "assistant", "content": "", "tool_calls": [call.model_dump()]},
+        {"role": "tool", "tool_call_id": call.id, "content": "Sunny."}])
+    assert follow.choices[0].message.tool_calls is None and follow.choices[0].message.content
+
+
+def test_without_max_tokens_the_default_leaves_room_for_the_prompt(client, tenant_key):
+    """The gateway's default max_tokens (4096 here) would overflow test-llm's 4096-token
+    context with any prompt; it is cut to the room the prompt leaves."""
+    long = [{"role": "user", "content": "tell me more " * 250}]  # 3,250 bytes, 756 tokens
+    completion = client.chat.completions.create(model="test-llm", messages=long)
+    # The simulator generates all of a max_tokens it is sent: here the room left
+    # by the prompt's bound (a token per byte, plus a few per message).
+    usage = completion.usage
+    assert completion.choices[0].finish_reason == "length"
+    assert 700 < usage.completion_tokens < 4096 - usage.prompt_tokens
+
+
+def test_default_cap_arithmetic():
+    from inference.streaming import completion_tokens_cap
+
+    class Request:
+        endpoint, body = "chat.completions", {}
+
+    assert completion_tokens_cap(Request, 4096, context_length=8192, prompt_bound=1000) == ("max_tokens", 4096)
+    assert completion_tokens_cap(Request, 4096, context_length=4096, prompt_bound=1000) == ("max_tokens", 3096)
+    # A byte count above the context: a quarter of it, as tokens of English text.
+    assert completion_tokens_cap(Request, 4096, context_length=4096, prompt_bound=6000) == ("max_tokens", 2596)
+    assert completion_tokens_cap(Request, 4096, context_length=4096, prompt_bound=20000) == ("max_tokens", 1)
+    Request.body = {"max_completion_tokens": 9}
+    assert completion_tokens_cap(Request, 4096, context_length=4096, prompt_bound=20000) == (
+        "max_completion_tokens", 9)
