@@ -7,9 +7,13 @@ client-chosen id:
 
   → {"type": "request", "id": "r1", "endpoint": "chat.completions" | "completions", "body": {…}}
   ← {"type": "delta", "id": "r1", "index": 0, "content": "Hel"}              (per token)
+     a delta carries what the backend's chunk had: "content", "reasoning_content",
+     and "tool_calls" (OpenAI's tool-call deltas: id and name first, then arguments)
   ← {"type": "usage", "id": "r1", "request_id": "chatcmpl-…",
-     "finish_reason": "stop" | "length" | "cancelled", "usage": {…},
+     "finish_reason": "stop" | "length" | "tool_calls" | "cancelled", "usage": {…},
      "headers": {"x-ratelimit-limit-requests": "600", …}}                     (last frame of a request)
+     with several choices (`n`, a batch of prompts), "finish_reason" is the first
+     choice's and "finish_reasons" lists every choice's, by index
   ← {"type": "error", "id": "r1" | null, "status": 400, "error": {message, type, param, code},
      "headers": {"retry-after": "2", "retry-after-ms": "1500", …}}
   `headers` are those the HTTP API would send with the response: the x-ratelimit-*
@@ -41,6 +45,9 @@ MAX_INFLIGHT_PER_SOCKET = 64
 CLOSE_UNAUTHENTICATED = 4401
 CLOSE_FORBIDDEN = 4403
 MAX_ID_LENGTH = 128
+# What a delta frame relays of a chunk's choice: a chat delta's fields, or a
+# completion's text (sent as "content").
+DELTA_FIELDS = ("content", "reasoning_content", "tool_calls", "text")
 
 
 def _error_frame(error: ApiError, request_id: object = None) -> dict:
@@ -50,9 +57,15 @@ def _error_frame(error: ApiError, request_id: object = None) -> dict:
     return frame
 
 
-def _usage_frame(request_id: str, request, finish_reason: str | None, usage: dict | None) -> dict:
+def _usage_frame(request_id: str, request, finishes: dict[int, str] | str, usage: dict | None) -> dict:
+    """The request's last frame; `finishes` maps choice indexes to their finish
+    reasons, or is one reason for every choice ("cancelled")."""
+    if isinstance(finishes, str):
+        finishes = dict.fromkeys(range(request.choices), finishes)
     frame = {"type": "usage", "id": request_id, "request_id": request.request_id,
-             "finish_reason": finish_reason, "usage": usage}
+             "finish_reason": finishes.get(0), "usage": usage}
+    if request.choices > 1:
+        frame["finish_reasons"] = [finishes.get(index) for index in range(request.choices)]
     if request.response_headers:
         frame["headers"] = request.response_headers
     return frame
@@ -185,15 +198,14 @@ class CompletionStreamConsumer(AsyncJsonWebsocketConsumer):
 
     async def _deltas_relay(self, request_id: str, request) -> dict:
         """Sends a streamed request's deltas; returns its usage frame."""
-        finish_reason = None
+        finishes: dict[int, str] = {}
         usage = None
         stream = self.runtime.completions.completion_stream(request)
         async with contextlib.aclosing(stream) as batches:
             async for batch in batches:
                 for payload in batch:
-                    finish_reason, usage = await self._deltas_send(request_id, orjson.loads(payload),
-                                                                   finish_reason, usage)
-        return _usage_frame(request_id, request, finish_reason, usage)
+                    usage = await self._deltas_send(request_id, orjson.loads(payload), finishes, usage)
+        return _usage_frame(request_id, request, finishes, usage)
 
     async def _result_get(self, request_id: str, request) -> dict:
         """A request answered whole (embeddings): its result frame."""
@@ -203,17 +215,26 @@ class CompletionStreamConsumer(AsyncJsonWebsocketConsumer):
             frame["headers"] = request.response_headers
         return frame
 
-    async def _deltas_send(self, request_id: str, chunk: dict, finish_reason, usage):
+    async def _deltas_send(self, request_id: str, chunk: dict, finishes: dict[int, str], usage):
+        """Sends a chunk's deltas; notes each choice's finish reason in
+        `finishes`; returns the newest usage."""
         if chunk.get("usage"):
             usage = chunk["usage"]
         for choice in chunk.get("choices") or ():
-            content = (choice.get("delta") or {}).get("content") or choice.get("text")
-            if content:
-                await self.send_json({"type": "delta", "id": request_id, "index": choice.get("index", 0),
-                                      "content": content})
+            index = choice.get("index", 0)
+            delta = choice.get("delta") or {}
+            frame = None
+            for name in DELTA_FIELDS:
+                value = delta.get(name) if name != "text" else choice.get("text")
+                if value:
+                    if frame is None:
+                        frame = {"type": "delta", "id": request_id, "index": index}
+                    frame["content" if name == "text" else name] = value
+            if frame is not None:
+                await self.send_json(frame)
             if choice.get("finish_reason") is not None:
-                finish_reason = choice["finish_reason"]
-        return finish_reason, usage
+                finishes[index] = choice["finish_reason"]
+        return usage
 
     async def disconnect(self, code) -> None:
         self.closed = True

@@ -116,3 +116,4 @@ def test_websocket_deltas_carry_their_choice(gateway, tenant_key):
     deltas = [frame for frame in frames if frame["type"] == "delta"]
     assert sorted({frame["index"] for frame in deltas}) == [0, 1] and len(deltas) == 8
     assert frames[-1]["type"] == "usage" and frames[-1]["usage"]["completion_tokens"] == 8
+    assert frames[-1]["finish_reason"] == "length" and frames[-1]["finish_reasons"] == ["length", "length"]

@@ -151,3 +151,24 @@ def assert_backend_aborted(sim, rid: str, timeout: float = 5.0) -> None:
             return
         assert time.monotonic() < deadline, f"{rid} was not aborted on the backend: {stats}"
         time.sleep(0.05)
+
+
+def test_tool_call_deltas_reach_the_socket(gateway, tenant_key):
+    """Tool-call deltas are relayed as they come (the test simulator parses
+    calls as SGLang's qwen25 parser does), and the usage frame says tool_calls."""
+    tools = [{"type": "function", "function": {"name": "lookup", "parameters": {
+        "type": "object", "properties": {"term": {"type": "string"}}, "required": ["term"]}}}]
+    with connect(gateway.ws_url, additional_headers={"Authorization": f"Bearer {tenant_key.secret}"}) as ws:
+        assert json.loads(ws.recv(timeout=5))["type"] == "auth.ok"
+        ws.send(json.dumps({"type": "request", "id": "t", "body": {
+            "model": "test-llm", "tools": tools, "messages": [{"role": "user", "content": "Use lookup."}]}}))
+        frames = frames_until(ws, lambda f, _: f["type"] in ("usage", "error"))
+    deltas = [frame for frame in frames if frame["type"] == "delta"]
+    calls = [call for frame in deltas for call in frame["tool_calls"]]
+    assert deltas and all("content" not in frame for frame in deltas)
+    assert calls[0]["function"]["name"] == "lookup" and calls[0]["id"].startswith("call_")
+    arguments = json.loads("".join(call["function"]["arguments"] for call in calls))
+    assert set(arguments) == {"term"}
+    final = frames[-1]
+    assert final["type"] == "usage" and final["finish_reason"] == "tool_calls" and "finish_reasons" not in final
+    assert final["usage"]["completion_tokens"] > len(calls)
