@@ -37,6 +37,7 @@ class RequestFactory:
             "model": model,
             "messages": [{"role": "user", "content": f"bench {tag} request 00000000: say something short"}],
             "max_tokens": max_tokens,
+            "ignore_eos": True,  # every reply EXPECTED_TOKENS long
             "stream": True,
         })
         marker = b"00000000"

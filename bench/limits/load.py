@@ -78,7 +78,8 @@ class Requests:
         self._counter = itertools.count(1)
 
     def body(self) -> dict:
-        return {"model": self.model, "max_tokens": self.max_tokens, "stream": True,
+        # ignore_eos: every reply is max_tokens long, the capacity the figures assume.
+        return {"model": self.model, "max_tokens": self.max_tokens, "ignore_eos": True, "stream": True,
                 "stream_options": {"include_usage": True},
                 "messages": [{"role": "user", "content": f"{self.tag} {next(self._counter):08d} {self.prompt}"}]}
 

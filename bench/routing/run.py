@@ -172,8 +172,9 @@ async def closed_loop(*, ports: list[int], api_key: str | None, workload: Worklo
                         if conn is not None:
                             conn.close()
                         conn = conns[port] = await reopen(HOST, port)
-                    body = {"model": MODEL, "messages": messages, "max_tokens": max_tokens, "stream": True,
-                            "stream_options": {"include_usage": True}}
+                    # ignore_eos: every reply has its drawn length (as SGLang's bench_serving).
+                    body = {"model": MODEL, "messages": messages, "max_tokens": max_tokens, "ignore_eos": True,
+                            "stream": True, "stream_options": {"include_usage": True}}
                     record = Record(conv.index, turn, conv.tenant, port, time.perf_counter(), messages=messages)
                     records.append(record)
                     result = Result(collect_text=True)

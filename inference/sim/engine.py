@@ -44,12 +44,12 @@ Output rules (deterministic):
 - Text is pseudo-text from `tokenizer.PseudoTextSource`, seeded by the prompt
   ids, `--seed`, the request's `seed` and the LoRA adapter's name; sampling
   parameters other than stop / max tokens do not change it.
-- With a max-token limit, exactly that many tokens are generated (finish
-  `length`) unless a stop string appears first (finish `stop`, matched = the
-  string, which is trimmed from the text as SGLang does).
-- Without a limit (chat with no max_tokens), the request ends at a natural
-  EOS after `natural_length` tokens in [16, 64] (finish `stop`, matched =
-  EOS_TOKEN_ID) or earlier at the context length (finish `length`).
+- A request ends at a natural EOS after `natural_length` tokens in [16, 64]
+  (finish `stop`, matched = EOS_TOKEN_ID), as a model does, unless its
+  max-token limit comes first (finish `length`; a limit of 16 or less always
+  does), the context length does (`length`), or a stop string appears first
+  (finish `stop`, matched = the string, which is trimmed from the text as
+  SGLang does). With `ignore_eos` it runs to the limit (or the context).
 """
 
 from __future__ import annotations
@@ -150,6 +150,9 @@ class RunningRequest:
     prompt_tokens: int
     token_limit: int  # tokens this request will generate at most
     stops_naturally: bool  # reaching token_limit means EOS, not length
+    # New tokens the scheduler budgets KV for: max_new_tokens when given (SGLang
+    # cannot know the EOS ahead), else token_limit.
+    reserve_tokens: int
     admitted_at: float  # simulated seconds (StepTiming.now)
     clock: Callable[[], float]  # simulated clock, for latencies of unfinished requests
     adapter: str | None = None  # LoRA adapter name, None = base model
@@ -328,13 +331,13 @@ class SimEngine:
         if request.sample:
             seed = generation_seed(prompt_ids=(request.sample,), server_seed=seed & 0x7FFF_FFFF_FFFF_FFFF,
                                    request_seed=None)
-        if request.max_new_tokens is not None:
+        natural = natural_length(seed, self.config.natural_length_min, self.config.natural_length_max)
+        if request.ignore_eos:
+            token_limit, stops_naturally = (room if request.max_new_tokens is None else request.max_new_tokens), False
+        elif request.max_new_tokens is not None and request.max_new_tokens <= natural:
             token_limit, stops_naturally = request.max_new_tokens, False
         else:
-            natural = natural_length(seed, self.config.natural_length_min, self.config.natural_length_max)
             token_limit, stops_naturally = min(natural, room), natural <= room
-            if request.ignore_eos:
-                token_limit, stops_naturally = room, False
         text_source = PseudoTextSource(seed)
         if request.forced_text is not None:
             text_source = ScriptedTextSource(request.forced_text, text_source)
@@ -346,6 +349,8 @@ class SimEngine:
             request=request,
             prompt_tokens=len(prompt_ids),
             token_limit=token_limit,
+            reserve_tokens=token_limit if request.max_new_tokens is None else max(token_limit, min(
+                request.max_new_tokens, room)),
             stops_naturally=stops_naturally,
             admitted_at=self.timing.now(),
             clock=self.timing.now,
@@ -571,7 +576,7 @@ class SimEngine:
         match = cache.match_prefix(running.request.prompt_ids[:-1], namespace=running.namespace)
         cache.lock(match.node)
         uncached = running.prompt_tokens - match.length
-        need = uncached + running.token_limit
+        need = uncached + running.reserve_tokens
         available = self.capacity_tokens - self._reserved_tokens - cache.protected_tokens
         if need > available:
             if self._running:

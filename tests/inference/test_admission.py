@@ -28,7 +28,7 @@ def stream_in_thread(gateway, secret, max_tokens, log, name, model="slow-llm"):
         client = openai.OpenAI(base_url=gateway.base_url, api_key=secret, max_retries=0)
         try:
             for chunk in client.chat.completions.create(model=model, messages=MESSAGES, max_tokens=max_tokens,
-                                                        stream=True):
+                                                        stream=True, extra_body={"ignore_eos": True}):
                 if chunk.choices and chunk.choices[0].delta.content:
                     log.append((time.monotonic(), name, "token"))
             log.append((time.monotonic(), name, "done"))
@@ -318,7 +318,7 @@ def test_backend_saturated_by_other_traffic_holds_lower_tiers(queue_watching_gat
     from tests.inference.sim_control import sim_call
 
     def direct(max_tokens: int) -> None:
-        body = json.dumps({"model": "queued-llm", "max_tokens": max_tokens, "stream": True,
+        body = json.dumps({"model": "queued-llm", "max_tokens": max_tokens, "ignore_eos": True, "stream": True,
                            "messages": MESSAGES}).encode()
         request = urllib.request.Request(queued_backend.url + "/v1/chat/completions", body,
                                          {"Content-Type": "application/json"})

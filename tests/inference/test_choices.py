@@ -96,7 +96,7 @@ def test_n_broken_mid_stream_bills_what_was_delivered(gateway, registry, tenant_
     delivered = 0
     with sim_faults(registry["faulty"], crash_after_tokens=3):
         stream = client.chat.completions.create(model="faulty-llm", messages=MESSAGES, max_tokens=20, n=2,
-                                                stream=True)
+                                                stream=True, extra_body={"ignore_eos": True})
         with pytest.raises(openai.APIError) as caught:
             for chunk in stream:
                 delivered += sum(1 for choice in chunk.choices if choice.delta.content)

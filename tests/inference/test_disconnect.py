@@ -11,7 +11,7 @@ from tests.inference.test_websocket import assert_backend_aborted
 
 def test_sse_client_disconnect_sends_abort_request(gateway, registry, tenant_key):
     received = 0
-    conn = post(gateway, tenant_key, {"model": "slow-llm", "stream": True, "max_tokens": 500,
+    conn = post(gateway, tenant_key, {"model": "slow-llm", "stream": True, "max_tokens": 500, "ignore_eos": True,
                                       "messages": [{"role": "user", "content": "Tell me a long story."}]})
     response = conn.getresponse()
     assert response.status == 200
@@ -33,7 +33,7 @@ def test_sse_client_disconnect_sends_abort_request(gateway, registry, tenant_key
 
 
 def test_non_streaming_client_disconnect_aborts_too(gateway, registry, tenant_key):
-    conn = post(gateway, tenant_key, {"model": "slow-llm", "max_tokens": 400,
+    conn = post(gateway, tenant_key, {"model": "slow-llm", "max_tokens": 400, "ignore_eos": True,
                                       "messages": [{"role": "user", "content": "Write an essay."}]}, timeout=0.5)
     try:
         conn.getresponse()

@@ -178,7 +178,8 @@ def test_backend_failure_mid_stream_ends_with_error_event_and_bills_delivered(ga
     client = client_for(gateway, tenant_key.secret)
     received = []
     with sim_faults(registry["faulty"], crash_after_tokens=3):
-        stream = client.chat.completions.create(model="faulty-llm", messages=MESSAGES, max_tokens=20, stream=True)
+        stream = client.chat.completions.create(model="faulty-llm", messages=MESSAGES, max_tokens=20, stream=True,
+                                                extra_body={"ignore_eos": True})
         with pytest.raises(openai.APIError) as caught:
             for chunk in stream:
                 if chunk.choices and chunk.choices[0].delta.content:

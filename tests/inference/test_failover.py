@@ -142,6 +142,7 @@ def test_backend_killed_under_load_loses_no_request_that_had_not_started(live_tm
         tokens = 0
         try:
             for chunk in client.chat.completions.create(model="pool-llm", max_tokens=30, stream=True,
+                                                        extra_body={"ignore_eos": True},
                                                         messages=[{"role": "user", "content": f"load {i}"}]):
                 if chunk.choices and chunk.choices[0].delta.content:
                     tokens += 1

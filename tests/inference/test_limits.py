@@ -23,7 +23,7 @@ def client_for(gateway, secret: str, retries: int = 0) -> openai.OpenAI:
 def chat_raw(client, **kwargs):
     return client.chat.completions.with_raw_response.create(
         model=kwargs.pop("model", "test-llm"), messages=kwargs.pop("messages", MESSAGES),
-        max_tokens=kwargs.pop("max_tokens", 4), **kwargs)
+        max_tokens=kwargs.pop("max_tokens", 4), extra_body={"ignore_eos": True}, **kwargs)
 
 
 def test_every_response_carries_rate_limit_headers(gateway, tenant_key):
@@ -118,7 +118,8 @@ def test_concurrency_limit_and_its_release_after_ok_failed_and_aborted(gateway, 
     tk = make_tenant(key_limits={"concurrency_limit": 1})
     client = client_for(gateway, tk.secret)
 
-    stream = client.chat.completions.create(model="slow-llm", messages=MESSAGES, max_tokens=40, stream=True)
+    stream = client.chat.completions.create(model="slow-llm", messages=MESSAGES, max_tokens=40, stream=True,
+                                            extra_body={"ignore_eos": True})
     next(iter(stream))
     with pytest.raises(openai.RateLimitError) as caught:
         chat_raw(client)
@@ -323,7 +324,8 @@ def test_budget_held_by_requests_in_flight_is_a_retryable_429(gateway, make_tena
     # Two slow streams each reserve about 430 tokens of a 1,000-token budget and have used few.
     tk = make_tenant(tenant_limits={"monthly_token_budget": 1000})
     client = client_for(gateway, tk.secret)
-    holders = [client.chat.completions.create(model="slow-llm", messages=MESSAGES, max_tokens=400, stream=True)
+    holders = [client.chat.completions.create(model="slow-llm", messages=MESSAGES, max_tokens=400, stream=True,
+                                              extra_body={"ignore_eos": True})
                for _ in range(2)]
     for holder in holders:
         next(iter(holder))

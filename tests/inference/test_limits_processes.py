@@ -11,7 +11,7 @@ from django.db import connection
 
 from tests.conftest import free_port, gateway_start, process_stop, usage_rows_wait
 
-BODY = {"model": "test-llm", "max_tokens": 50, "messages": [{"role": "user", "content": "Count to ten."}]}
+BODY = {"model": "test-llm", "max_tokens": 50, "ignore_eos": True, "messages": [{"role": "user", "content": "Count to ten."}]}
 RESERVED_PER_REQUEST = len("Count to ten.") + 8 + 8 + 50
 
 

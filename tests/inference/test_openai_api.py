@@ -198,11 +198,13 @@ def test_without_max_tokens_the_default_leaves_room_for_the_prompt(client, tenan
     """The gateway's default max_tokens (4096 here) would overflow test-llm's 4096-token
     context with any prompt; it is cut to the room the prompt leaves."""
     long = [{"role": "user", "content": "tell me more " * 250}]  # 3,250 bytes, 756 tokens
-    completion = client.chat.completions.create(model="test-llm", messages=long)
-    # The simulator generates all of a max_tokens it is sent: here the room left
-    # by the prompt's bound (a token per byte, plus a few per message).
-    usage = completion.usage
-    assert completion.choices[0].finish_reason == "length"
+    natural = client.chat.completions.create(model="test-llm", messages=long)
+    assert natural.choices[0].finish_reason == "stop"  # the model's own end (the simulator's 16-64 tokens)
+    # ignore_eos runs to the max_tokens the gateway sent: the room left by the
+    # prompt's bound (a token per byte, plus a few per message).
+    capped = client.chat.completions.create(model="test-llm", messages=long, extra_body={"ignore_eos": True})
+    usage = capped.usage
+    assert capped.choices[0].finish_reason == "length"
     assert 700 < usage.completion_tokens < 4096 - usage.prompt_tokens
 
 

@@ -22,7 +22,7 @@ def frames_until(ws, predicate, timeout: float = 15.0) -> list[dict]:
 
 def request_frame(request_id: str, model: str = "test-llm", max_tokens: int = 8, content: str = "Hi") -> str:
     return json.dumps({"type": "request", "id": request_id, "body": {
-        "model": model, "max_tokens": max_tokens, "messages": [{"role": "user", "content": content}]}})
+        "model": model, "max_tokens": max_tokens, "ignore_eos": True, "messages": [{"role": "user", "content": content}]}})
 
 
 def test_auth_by_header_and_a_streamed_request(gateway, tenant_key):

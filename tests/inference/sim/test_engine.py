@@ -14,6 +14,7 @@ import pytest
 
 from inference.sim.config import build_argument_parser, configs_from_args
 from inference.sim.engine import GenerationRequest, RunningRequest, SimEngine
+from inference.sim.tokenizer import EOS_TOKEN_ID
 
 
 def engine_make(*flags: str) -> SimEngine:
@@ -127,9 +128,27 @@ async def test_itl_grows_with_batch_size():
 
 async def test_zero_costs_are_instant_and_burst_tokens():
     engine = engine_make()
-    running, = await run_all(engine, [request_make("instant", prompt(7, 8), max_new_tokens=100)])
+    running, = await run_all(engine, [request_make("instant", prompt(7, 8), max_new_tokens=100, ignore_eos=True)])
     assert running.completion_tokens == 100 and ttft(running) < 0.05
     assert running.finish_reason == {"type": "length", "length": 100}
+
+
+async def test_a_natural_eos_comes_before_a_larger_max_tokens():
+    """As a model does: the reply ends at its EOS (16-64 tokens here) unless
+    max_new_tokens is smaller, or ignore_eos runs it to the limit; KV is
+    budgeted for max_new_tokens either way, as SGLang's scheduler cannot know
+    the EOS ahead."""
+    engine = engine_make()
+    natural, capped, ignoring = await run_all(engine, [
+        request_make("natural", prompt(9, 8), max_new_tokens=500),
+        request_make("capped", prompt(9, 8), max_new_tokens=10),
+        request_make("ignoring", prompt(9, 8), max_new_tokens=500, ignore_eos=True)])
+    assert 16 <= natural.completion_tokens <= 64 and natural.reserve_tokens == 500
+    assert natural.finish_reason["type"] == "stop" and natural.finish_reason["matched"] == EOS_TOKEN_ID
+    assert capped.completion_tokens == 10 and capped.finish_reason == {"type": "length", "length": 10}
+    assert ignoring.completion_tokens == 500 and ignoring.finish_reason["type"] == "length"
+    # The same text up to where each ends.
+    assert ignoring.text.startswith(natural.text) and natural.text.startswith(capped.text)
 
 
 # ---------------------------------------------------------------- KV capacity

@@ -270,8 +270,10 @@ def test_generate_streaming_is_cumulative(sim):
 
 def test_generate_default_max_new_tokens_and_context_error(sim):
     with sim.client() as client:
-        body = client.post("/generate", json={"text": "Hi"}).json()
-        assert body["meta_info"]["completion_tokens"] == 128
+        body = client.post("/generate", json={"text": "Hi", "sampling_params": {"ignore_eos": True}}).json()
+        assert body["meta_info"]["completion_tokens"] == 128  # SGLang's default max_new_tokens
+        natural = client.post("/generate", json={"text": "Hi"}).json()["meta_info"]
+        assert natural["finish_reason"]["type"] == "stop" and 16 <= natural["completion_tokens"] <= 64
         too_long = client.post("/generate", json={"input_ids": list(range(4096))})
         assert too_long.status_code == 400
         assert too_long.json() == {"error": {"message": (
