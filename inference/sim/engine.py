@@ -340,9 +340,15 @@ class SimEngine:
             token_limit, stops_naturally = min(natural, room), natural <= room
         text_source = PseudoTextSource(seed)
         if request.forced_text is not None:
+            # The model writes that text and stops, unless max_new_tokens cuts it
+            # (or ignore_eos makes it go on).
             text_source = ScriptedTextSource(request.forced_text, text_source)
-            if request.max_new_tokens is None or len(text_source) <= request.max_new_tokens:
+            if request.ignore_eos:
+                pass
+            elif request.max_new_tokens is None or len(text_source) <= request.max_new_tokens:
                 token_limit, stops_naturally = min(len(text_source), room), len(text_source) <= room
+            else:
+                token_limit, stops_naturally = min(request.max_new_tokens, room), False
         # Like SGLang's radix key extra_key: adapters never share KV.
         namespace = request.cache_namespace if adapter is None else ("lora", adapter, request.cache_namespace)
         running = RunningRequest(

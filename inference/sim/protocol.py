@@ -372,16 +372,15 @@ class NativeRequest:
         return self.generations[0].stream
 
 
-def _per_prompt(fields: _Fields, name: str, value: Any, batch_size: int, is_item) -> list:
-    """A field that is one value for every prompt or a list of one per prompt."""
-    if not isinstance(value, list):
-        return [value] * batch_size
-    if len(value) != batch_size:
+def _per_prompt(fields: _Fields, name: str, batch_size: int) -> list[str | None]:
+    """A string field given once for every prompt or as a list of one per prompt."""
+    value = fields.body.get(name)
+    values = value if isinstance(value, list) else [value] * batch_size
+    if len(values) != batch_size:
         raise native_error(f"The length of {name} should be equal to the batch size.")
-    for item in value:
-        if item is not None and not is_item(item):
-            fields.fail(name, "Input should be a valid list")
-    return list(value)
+    if any(item is not None and not isinstance(item, str) for item in values):
+        fields.fail(name, "Input should be a valid string")
+    return values
 
 
 def parse_generate_request(body: Any) -> NativeRequest:
@@ -454,11 +453,7 @@ def parse_generate_request(body: Any) -> NativeRequest:
         rids = list(rid)
     else:
         raise native_error("The rid should be a string or a list of strings.")
-    per_prompt = {name: _per_prompt(fields, name, body.get(name), batch_size, lambda item: isinstance(item, str))
-                  for name in ("lora_path", "cache_salt", "extra_key")}
-    for name in ("lora_path", "cache_salt", "extra_key"):
-        if any(value is not None and not isinstance(value, str) for value in per_prompt[name]):
-            fields.fail(name, "Input should be a valid string")
+    per_prompt = {name: _per_prompt(fields, name, batch_size) for name in ("lora_path", "cache_salt", "extra_key")}
     stream = fields.boolean("stream")
     generations = []
     greedy = []

@@ -110,9 +110,15 @@ def test_the_next_turn_finds_the_call_cached(tool_sim):
 
 def test_a_call_cut_by_max_tokens_is_dropped(tool_sim):
     client = openai_client(tool_sim)
-    cut = client.chat.completions.create(model="m", messages=ASK, tools=[WEATHER], max_tokens=3)
-    assert cut.choices[0].finish_reason == "length"
-    assert cut.choices[0].message.tool_calls is None and cut.choices[0].message.content == ""
+    form = {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object", "properties": {
+        f"field_{index}": {"type": "string"} for index in range(12)}}}}
+    whole = client.chat.completions.create(model="m", messages=ASK, tools=[form])
+    assert whole.usage.completion_tokens > 64  # longer than any plain reply of the simulator
+    # Cut early, and cut past where a plain reply would have ended.
+    for limit in (3, whole.usage.completion_tokens - 1):
+        cut = client.chat.completions.create(model="m", messages=ASK, tools=[form], max_tokens=limit)
+        assert cut.choices[0].finish_reason == "length" and cut.usage.completion_tokens == limit
+        assert cut.choices[0].message.tool_calls is None and cut.choices[0].message.content == ""
 
 
 def test_without_a_parser_tools_only_lengthen_the_prompt(sim):
