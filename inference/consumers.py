@@ -30,6 +30,7 @@ import time
 
 import orjson
 from channels.generic.websocket import AsyncJsonWebsocketConsumer
+from django.conf import settings
 
 from . import errors
 from .auth import bearer_token
@@ -37,8 +38,6 @@ from .errors import ApiError
 from .runtime import runtime_get
 from .streaming import CHAT, COMPLETIONS, EMBEDDINGS, completion_request_build
 
-# Seconds a connection may stay unauthenticated.
-AUTH_TIMEOUT_SECONDS = 10.0
 # Requests one socket may have in flight.
 MAX_INFLIGHT_PER_SOCKET = 64
 # Close codes (4000-4999 are the application's): authentication failed, or timed out.
@@ -85,12 +84,15 @@ class CompletionStreamConsumer(AsyncJsonWebsocketConsumer):
         if authorization is not None:
             await self._authenticate(bearer_token(authorization.decode("latin-1")))
         else:
-            self.auth_deadline = asyncio.get_running_loop().call_later(AUTH_TIMEOUT_SECONDS, self._auth_expired)
+            self.auth_deadline = asyncio.get_running_loop().call_later(
+                settings.GATEWAY_WS_AUTH_TIMEOUT_SECONDS, self._auth_expired)
 
     def _auth_expired(self) -> None:
         if self.principal is None:
-            asyncio.ensure_future(self._reject(errors.ApiError(
-                401, "Authenticate within 10 seconds of connecting.", code="auth_timeout")))
+            # Held, so the task cannot be collected before it has closed the socket.
+            self.auth_rejection = asyncio.ensure_future(self._reject(errors.ApiError(
+                401, f"Authenticate within {settings.GATEWAY_WS_AUTH_TIMEOUT_SECONDS:g} s of connecting.",
+                code="auth_timeout")))
 
     async def _reject(self, error: ApiError) -> None:
         await self.send_json(_error_frame(error))

@@ -167,6 +167,8 @@ GATEWAY_REQUEST_LEASE_SECONDS = env_float("GATEWAY_REQUEST_LEASE_SECONDS", 1800.
 # Completion tokens reserved (and sent to the backend as max_tokens) when a request
 # names no max_tokens.
 GATEWAY_DEFAULT_MAX_TOKENS = env_int("GATEWAY_DEFAULT_MAX_TOKENS", 4096)
+# Seconds a WebSocket connection may stay unauthenticated before it is closed (4401).
+GATEWAY_WS_AUTH_TIMEOUT_SECONDS = env_float("GATEWAY_WS_AUTH_TIMEOUT_SECONDS", 10.0)
 # While Redis is unreachable, what each process may spend per budgeted scope.
 GATEWAY_BUDGET_OFFLINE_ALLOWANCE_MICROS = env_int("GATEWAY_BUDGET_OFFLINE_ALLOWANCE_MICROS", 10_000)
 GATEWAY_BUDGET_OFFLINE_ALLOWANCE_TOKENS = env_int("GATEWAY_BUDGET_OFFLINE_ALLOWANCE_TOKENS", 20_000)

@@ -6,7 +6,10 @@ import time
 import pytest
 from websockets.sync.client import connect
 
-from tests.conftest import usage_rows_wait
+from django.db import connection
+from websockets.exceptions import ConnectionClosed
+
+from tests.conftest import gateway_start, process_stop, usage_rows_wait
 from tests.inference.sim_control import sim_call
 
 
@@ -59,6 +62,27 @@ def test_bad_key_gets_error_frame_and_close(gateway):
         with pytest.raises(Exception):
             ws.recv(timeout=5)
         assert ws.close_code == 4401
+
+
+@pytest.fixture(scope="module")
+def impatient_gateway(registry, live_tmp, django_db_setup):
+    """A gateway that gives a socket one second to authenticate."""
+    gateway = gateway_start(live_tmp, connection.settings_dict["NAME"], GATEWAY_WS_AUTH_TIMEOUT_SECONDS="1")
+    yield gateway
+    process_stop(gateway.process)
+
+
+def test_unauthenticated_socket_is_closed_after_the_timeout(impatient_gateway):
+    started = time.monotonic()
+    with connect(impatient_gateway.ws_url) as ws:
+        frame = json.loads(ws.recv(timeout=5))
+        waited = time.monotonic() - started
+        assert frame["type"] == "error" and frame["status"] == 401 and frame["error"]["code"] == "auth_timeout"
+        assert frame["error"]["message"] == "Authenticate within 1 s of connecting."
+        assert 0.9 < waited < 4
+        with pytest.raises(ConnectionClosed) as closed:
+            ws.recv(timeout=5)
+    assert closed.value.rcvd.code == 4401
 
 
 def test_request_before_auth_is_refused(gateway):
