@@ -40,6 +40,25 @@ class BackendState:
     # The share of its KV cache held by running requests, as it last reported it
     # (`token_usage` of GET /v1/loads); -1 until read, or when it could not say.
     kv_usage: float = -1.0
+    # Requests running there as it last reported them (from every client: other
+    # gateway processes too); -1 until read. `outstanding` at that moment.
+    running: int = -1
+    outstanding_at_report: int = 0
+
+    @property
+    def load(self) -> int:
+        """Sequences in flight on the backend from every client, as well as this
+        process can tell: what the backend last reported running and waiting,
+        plus what this process sent (or saw end) since; never less than this
+        process's own `outstanding`. Without a report, `outstanding`."""
+        if self.running < 0 or self.waiting < 0:
+            return self.outstanding
+        return max(self.outstanding, self.running + self.waiting + self.outstanding - self.outstanding_at_report)
+
+    def load_report(self, waiting: int, kv_usage: float, running: int) -> None:
+        """What GET /v1/loads said (-1: could not say)."""
+        self.waiting, self.kv_usage, self.running = waiting, kv_usage, running
+        self.outstanding_at_report = self.outstanding
 
     def enter(self, chars: int, sequences: int = 1) -> None:
         """A request with a key footprint of `chars` and `sequences` choices was sent here."""

@@ -192,8 +192,8 @@ class GatewayRuntime:
                     backend_load(self.session, b, timeout=min(interval, settings.GATEWAY_HEALTH_TIMEOUT_SECONDS))
                     for b in backends
                 ))
-                for backend, (waiting, kv_usage) in zip(backends, loads):
-                    backend.waiting, backend.kv_usage = waiting, kv_usage
+                for backend, report in zip(backends, loads):
+                    backend.load_report(*report)
                 for model in self.registry.models():
                     self.gate.pump(model)
             except Exception:

@@ -110,22 +110,28 @@ async def backend_kv_tokens(session: aiohttp.ClientSession, backend: BackendStat
 
 
 async def backend_load(session: aiohttp.ClientSession, backend: BackendState, *,
-                       timeout: float) -> tuple[int, float]:
-    """The backend's queue and KV use from SGLang's GET /v1/loads (`/get_load` on
-    releases before 0.5.23, which have no /v1/loads): requests waiting
-    (`num_waiting_reqs` summed over data-parallel ranks), and the share of KV
-    held by running requests (`token_usage`, the fullest rank's). -1 for what
-    it cannot say."""
+                       timeout: float) -> tuple[int, float, int]:
+    """The backend's queue, KV use and running requests from SGLang's GET
+    /v1/loads (`/get_load` on releases before 0.5.23, which have no /v1/loads):
+    requests waiting (`num_waiting_reqs` summed over data-parallel ranks), the
+    share of KV held by running requests (`token_usage`, the fullest rank's),
+    and requests running (`num_running_reqs`, or `/get_load`'s `num_reqs` less
+    the waiting ones, summed). -1 for what it cannot say."""
     body = await _get_json_first(session, backend, LOAD_PATHS, timeout=timeout)
     try:
         ranks = load_ranks(body)
         waiting = sum(int(rank.get("num_waiting_reqs", 0)) for rank in ranks)
     except (AttributeError, TypeError, ValueError):
-        return -1, -1.0
+        return -1, -1.0, -1
     usages = [rank.get("token_usage") for rank in ranks]
     usage = (max(float(u) for u in usages)
              if usages and all(isinstance(u, (int, float)) and not isinstance(u, bool) for u in usages) else -1.0)
-    return waiting, usage
+    try:
+        running = sum(int(rank["num_running_reqs"]) if "num_running_reqs" in rank
+                      else int(rank["num_reqs"]) - int(rank.get("num_waiting_reqs", 0)) for rank in ranks)
+    except (KeyError, TypeError, ValueError):
+        running = -1
+    return waiting, usage, running
 
 
 # Where SGLang reports its load: /v1/loads since 0.5.23, /get_load before.

@@ -78,9 +78,9 @@ def _longest_match(candidates: list[BackendState], matched: dict[str, int],
     best_chars = 0
     for backend in candidates:
         chars = matched.get(backend.url, 0)
-        if chars == 0 or backend.outstanding + 1 > bound:
+        if chars == 0 or backend.load + 1 > bound:
             continue
-        if chars > best_chars or (chars == best_chars and backend.outstanding < best.outstanding):
+        if chars > best_chars or (chars == best_chars and backend.load < best.load):
             best, best_chars = backend, chars
     return best, best_chars
 
@@ -183,8 +183,12 @@ class RoundRobin(_LoadOnly):
 
 class CacheAware:
     """Send a request where its longest prefix most likely sits in KV cache,
-    unless load says otherwise. Per request, among the candidates (available,
-    not excluded), with `mean` = (total outstanding + 1) / candidates:
+    unless load says otherwise. A backend's load ("outstanding" below) is
+    `BackendState.load`: the sequences in flight there from every gateway
+    process, as the backend last reported them plus what this process sent
+    since (this process's own alone, with 4 processes, counted a quarter of
+    the load and copied prompts on noise). Per request, among the candidates
+    (available, not excluded), with `mean` = (total outstanding + 1) / candidates:
 
     1. Imbalance guard (sgl-router's): if max - min outstanding >
        `balance_abs_threshold` and max > `balance_rel_threshold` × min, take the
@@ -345,7 +349,7 @@ class CacheAware:
         if len(candidates) == 1:
             return candidates[0]
         tree = self._trees.get(model.name)
-        loads = [b.outstanding for b in candidates]
+        loads = [b.load for b in candidates]
         low, high = min(loads), max(loads)
         if high - low > self.balance_abs_threshold and high > self.balance_rel_threshold * low:
             return self._least_loaded(candidates, low, tree)
@@ -371,7 +375,7 @@ class CacheAware:
         for url in (known, home):
             if url is not None:
                 for backend in candidates:
-                    if backend.url == url and backend.outstanding + 1 <= sticky_bound:
+                    if backend.url == url and backend.load + 1 <= sticky_bound:
                         return backend
         # (b) A new conversation (or one whose home is gone or full), among the
         # backends whose KV cache has room for it beside what is in flight there.
@@ -381,10 +385,10 @@ class CacheAware:
         best, best_chars = _longest_match(for_holders, matched, holder_bound)
         if best is not None and best_chars >= self.min_shared_chars:
             holders = [b for b in for_holders
-                       if matched.get(b.url, 0) >= best_chars and b.outstanding + 1 <= holder_bound]
-            return min(_rendezvous_order(head, holders), key=lambda b: b.outstanding)
+                       if matched.get(b.url, 0) >= best_chars and b.load + 1 <= holder_bound]
+            return min(_rendezvous_order(head, holders), key=lambda b: b.load)
         for backend in _rendezvous_order(head, for_others):
-            if backend.outstanding + 1 <= new_bound:
+            if backend.load + 1 <= new_bound:
                 return backend
         return self._least_loaded(candidates, low, tree)
 
@@ -474,7 +478,7 @@ class CacheAware:
 
     @staticmethod
     def _least_loaded(candidates: list[BackendState], low: int, tree: PrefixTree | None) -> BackendState:
-        least = [b for b in candidates if b.outstanding == low]
+        least = [b for b in candidates if b.load == low]
         if len(least) == 1 or tree is None:
             return least[0]
         return min(least, key=lambda b: tree.chars(b.url))

@@ -373,8 +373,8 @@ def test_backend_queue_and_kv_use_are_read_from_v1_loads_or_get_load():
     async def main():
         new, old, neither = web.Application(), web.Application(), web.Application()
         new.router.add_get("/v1/loads", answer(
-            {"loads": [{"dp_rank": 0, "num_waiting_reqs": 3, "token_usage": 0.25},
-                       {"dp_rank": 1, "num_waiting_reqs": 4, "token_usage": 0.5}]}))
+            {"loads": [{"dp_rank": 0, "num_running_reqs": 5, "num_waiting_reqs": 3, "token_usage": 0.25},
+                       {"dp_rank": 1, "num_running_reqs": 6, "num_waiting_reqs": 4, "token_usage": 0.5}]}))
         old.router.add_get("/get_load", answer([{"dp_rank": 0, "num_reqs": 9, "num_waiting_reqs": 5}]))
         neither.router.add_get("/health", answer({}))
         runners, urls = [], []
@@ -393,4 +393,4 @@ def test_backend_queue_and_kv_use_are_read_from_v1_loads_or_get_load():
             for runner in runners:
                 await runner.cleanup()
 
-    assert asyncio.run(main()) == [(7, 0.5), (5, -1.0), (-1, -1.0), (-1, -1.0)]
+    assert asyncio.run(main()) == [(7, 0.5, 11), (5, -1.0, 4), (-1, -1.0, -1), (-1, -1.0, -1)]

@@ -176,6 +176,36 @@ def test_cache_aware_new_conversation_takes_the_least_loaded_holder_within_twice
     assert policy.pick(pool, chat_key("new " + "q " * 30)) in (backends["http://c"], backends["http://d"])
 
 
+def test_backend_load_counts_other_processes_as_last_reported():
+    backend = BackendState("http://a")
+    backend.outstanding = 3
+    assert backend.load == 3  # no report yet: this process's own
+    backend.load_report(waiting=2, kv_usage=0.5, running=10)  # 12 in all, 3 of them ours
+    assert backend.load == 12
+    backend.outstanding = 5  # this process sent 2 more since
+    assert backend.load == 14
+    backend.outstanding = 0  # ours ended, and the others' count is not known to have changed
+    assert backend.load == 9
+    backend.load_report(waiting=0, kv_usage=0.1, running=0)
+    backend.outstanding = 4  # never less than what this process has there
+    assert backend.load == 4
+    backend.load_report(waiting=-1, kv_usage=-1.0, running=-1)  # the backend could not say
+    assert backend.load == 4
+
+
+def test_cache_aware_sees_the_load_other_processes_put_on_a_holder(pool):
+    """Another gateway process's requests count: a holder that this process
+    leaves idle but the backend reports busy is past a holder's bound."""
+    policy = CacheAware(conversation_affinity=True, bounded_load_epsilon=0.5, bounded_load_slack=2)
+    backends = by_url(pool)
+    policy.observe(pool, backends["http://a"], chat_key("earlier " + "q " * 30))
+    for backend in pool.backends:
+        backend.load_report(waiting=0, kv_usage=0.2, running=4)
+    assert policy.pick(pool, chat_key("new " + "q " * 30)) is backends["http://a"]
+    backends["http://a"].load_report(waiting=6, kv_usage=0.6, running=20)
+    assert policy.pick(pool, chat_key("new " + "q " * 30)) is not backends["http://a"]
+
+
 def test_cache_aware_a_conversation_stays_beyond_the_new_placement_bound(pool):
     policy = CacheAware(conversation_affinity=True, bounded_load_epsilon=0.5, bounded_load_slack=2)
     history = ["Question: " + "details " * 30]
