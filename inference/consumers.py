@@ -44,9 +44,6 @@ MAX_INFLIGHT_PER_SOCKET = 64
 CLOSE_UNAUTHENTICATED = 4401
 CLOSE_FORBIDDEN = 4403
 MAX_ID_LENGTH = 128
-# What a delta frame relays of a chunk's choice: a chat delta's fields, or a
-# completion's text (sent as "content").
-DELTA_FIELDS = ("content", "reasoning_content", "tool_calls", "text")
 
 
 def _error_frame(error: ApiError, request_id: object = None) -> dict:
@@ -225,15 +222,12 @@ class CompletionStreamConsumer(AsyncJsonWebsocketConsumer):
         for choice in chunk.get("choices") or ():
             index = choice.get("index", 0)
             delta = choice.get("delta") or {}
-            frame = None
-            for name in DELTA_FIELDS:
-                value = delta.get(name) if name != "text" else choice.get("text")
-                if value:
-                    if frame is None:
-                        frame = {"type": "delta", "id": request_id, "index": index}
-                    frame["content" if name == "text" else name] = value
-            if frame is not None:
-                await self.send_json(frame)
+            # A chat delta's fields, or a completion's text (as "content").
+            fields = {"content": delta.get("content") or choice.get("text"),
+                      "reasoning_content": delta.get("reasoning_content"), "tool_calls": delta.get("tool_calls")}
+            relayed = {name: value for name, value in fields.items() if value}
+            if relayed:
+                await self.send_json({"type": "delta", "id": request_id, "index": index, **relayed})
             if choice.get("finish_reason") is not None:
                 finishes[index] = choice["finish_reason"]
         return usage
