@@ -14,6 +14,8 @@ Error bodies, as SGLang sends them:
 
 from __future__ import annotations
 
+import hashlib
+import json
 import time
 import uuid
 from dataclasses import dataclass, field, replace
@@ -24,9 +26,11 @@ import orjson
 
 from .engine import GenerationRequest, RunningRequest, Step
 from .tokenizer import piece_to_id, render_chat_prompt, split_pieces, token_logprobs, tokenize
+from .structured import schema_value
 from .tools import ToolCall, ToolRequestError, plan_call
 
 WEIGHT_VERSION = "default"  # SGLang's default --weight-version
+RESPONSE_FORMAT_TYPES = ("text", "json_object", "json_schema")
 SSE_DONE = b"data: [DONE]\n\n"
 
 
@@ -247,8 +251,36 @@ def _openai_common(fields: _Fields, *, prompt_ids: list[int], max_tokens: int | 
         cache_namespace=_cache_namespace(body.get("cache_salt"), body.get("extra_key")),
         stream=stream,
         lora_path=lora_path or None,
+        forced_text=_constrained_reply(fields, prompt_ids),
     )
     return generation, model, include_usage, continuous_usage_stats
+
+
+def _constrained_reply(fields: _Fields, prompt_ids: list[int]) -> str | None:
+    """What the model writes under `response_format`, as SGLang's grammar backend
+    constrains it: JSON valid under the `json_schema`'s schema (also accepted
+    as a top-level `schema`, as SGLang does), any JSON object for
+    `json_object`; None for "text" or none. Values: `structured.schema_value`,
+    seeded by the prompt."""
+    response_format = fields.body.get("response_format")
+    if response_format is None:
+        return None
+    if not isinstance(response_format, dict) or response_format.get("type") not in RESPONSE_FORMAT_TYPES:
+        fields.fail("response_format.type", "Input should be 'text', 'json_object' or 'json_schema'")
+    kind = response_format["type"]
+    if kind == "text":
+        return None
+    seed = int.from_bytes(hashlib.blake2b(orjson.dumps(prompt_ids), digest_size=8).digest(), "little")
+    if kind == "json_object":
+        return json.dumps({"answer": schema_value({"type": "string"}, seed)})
+    json_schema = response_format.get("json_schema")
+    if json_schema is None and isinstance(response_format.get("schema"), dict):
+        json_schema = {"name": "Schema", "schema": response_format["schema"]}
+    if not isinstance(json_schema, dict):
+        fields.fail("response_format.json_schema", "Field required")
+    if not isinstance(json_schema.get("name"), str):
+        fields.fail("response_format.json_schema.name", "Field required")
+    return json.dumps(schema_value(json_schema.get("schema") or {}, seed), ensure_ascii=False)
 
 
 def _choices_options(fields: _Fields, parsed: OpenAIRequest, batch_size: int) -> OpenAIRequest:

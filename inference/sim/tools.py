@@ -15,9 +15,8 @@ What the simulated model calls is deterministic:
 - "required": the function whose name the last message mentions, else the first;
 - "auto" (the default with tools): the function whose name the last message,
   if it is the user's, mentions; otherwise no call.
-Arguments fill the function's `parameters` schema: every required property
-(all of them when none is marked required) gets a value of its type, an enum's
-first value, or a word picked from the conversation's hash.
+Arguments fill the function's `parameters` schema (`structured.object_value`),
+seeded by the function's name and the last message.
 """
 from __future__ import annotations
 
@@ -28,11 +27,12 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
+from .structured import object_value
+
 # SGLang's parsers whose format the simulator writes (the same for both).
 TOOL_CALL_PARSERS = ("qwen25", "qwen")
 CALL_START = "<tool_call>\n"
 CALL_END = "\n</tool_call>"
-_WORDS = ("alpha", "river", "paris", "blue", "seven", "north", "garden", "signal")
 
 
 class ToolRequestError(ValueError):
@@ -139,34 +139,8 @@ def plan_call(tools: Any, tool_choice: Any, messages: list, *, parser: str | Non
     else:
         return None
     seed = int.from_bytes(hashlib.blake2b(f"{name}\0{said}".encode(), digest_size=8).digest(), "little")
-    arguments = json.dumps(_arguments(functions[name], seed), ensure_ascii=False)
+    arguments = json.dumps(object_value(functions[name], seed), ensure_ascii=False)
     return ToolCall(name=name, arguments=arguments, text=call_text(name, arguments))
-
-
-def _arguments(schema: dict, seed: int) -> dict:
-    properties = schema.get("properties") if isinstance(schema.get("properties"), dict) else {}
-    required = schema.get("required") if isinstance(schema.get("required"), list) else list(properties)
-    return {name: _value(properties.get(name) or {}, seed + index)
-            for index, name in enumerate(required) if isinstance(name, str)}
-
-
-def _value(schema: dict, seed: int) -> Any:
-    if isinstance(schema.get("enum"), list) and schema["enum"]:
-        return schema["enum"][0]
-    kind = schema.get("type")
-    if isinstance(kind, list):
-        kind = next((k for k in kind if k != "null"), "string")
-    if kind == "integer":
-        return seed % 10 + 1
-    if kind == "number":
-        return (seed % 100) / 4
-    if kind == "boolean":
-        return bool(seed & 1)
-    if kind == "array":
-        return []
-    if kind == "object":
-        return _arguments(schema, seed)
-    return _WORDS[seed % len(_WORDS)]
 
 
 class CallStream:

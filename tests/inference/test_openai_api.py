@@ -222,3 +222,19 @@ def test_default_cap_arithmetic():
     Request.body = {"max_completion_tokens": 9}
     assert completion_tokens_cap(Request, 4096, context_length=4096, prompt_bound=20000) == (
         "max_completion_tokens", 9)
+
+
+def test_structured_output_parses_through_the_gateway(client):
+    """The SDK's parse helper (a strict json_schema response_format) through the
+    gateway: the backend's constrained JSON reaches the client whole."""
+    import pydantic
+
+    class Order(pydantic.BaseModel):
+        item: str
+        quantity: int
+        gift: bool
+
+    completion = client.chat.completions.parse(model="test-llm", messages=MESSAGES, response_format=Order)
+    order = completion.choices[0].message.parsed
+    assert isinstance(order, Order) and isinstance(order.quantity, int)
+    assert completion.id.startswith("chatcmpl-") and completion.choices[0].finish_reason == "stop"
