@@ -5,10 +5,13 @@ Deterministic for a seed: every required property (all of them when the schema
 marks none required) gets a value of its type; an enum or const its first
 value; `anyOf` / `oneOf` their first alternative that is not null; `$ref`
 resolves within the root schema (`#/$defs/...`, `#/definitions/...`, as
-pydantic writes nested models); strings are words picked by the seed.
+pydantic writes nested models); strings are words picked by the seed, or
+values of their `format` (date-time, date, time, email, uri, uuid), within
+`minLength` / `maxLength`.
 """
 from __future__ import annotations
 
+import uuid
 from typing import Any
 
 _WORDS = ("alpha", "river", "paris", "blue", "seven", "north", "garden", "signal")
@@ -53,7 +56,7 @@ def schema_value(schema: Any, seed: int, *, root: Any = None, depth: int = 0) ->
         return bool(seed & 1)
     if kind == "null":
         return None
-    return _WORDS[seed % len(_WORDS)]
+    return _string(schema, seed)
 
 
 def object_value(schema: dict, seed: int, *, root: Any = None, depth: int = 0) -> dict:
@@ -62,6 +65,30 @@ def object_value(schema: dict, seed: int, *, root: Any = None, depth: int = 0) -
     required = schema.get("required") if isinstance(schema.get("required"), list) else list(properties)
     return {name: schema_value(properties.get(name) or {}, seed + index, root=root, depth=depth + 1)
             for index, name in enumerate(required) if isinstance(name, str)}
+
+
+def _string(schema: dict, seed: int) -> str:
+    """A word, or a value of the string's `format`, within its length bounds."""
+    word = _WORDS[seed % len(_WORDS)]
+    formatted = _FORMATS.get(schema.get("format"))
+    if formatted is not None:
+        return formatted(word, seed)
+    low, high = schema.get("minLength"), schema.get("maxLength")
+    if isinstance(low, int) and len(word) < low:
+        word = (word * (low // len(word) + 1))[:low]
+    if isinstance(high, int) and len(word) > high:
+        word = word[:high]
+    return word
+
+
+_FORMATS = {
+    "date-time": lambda word, seed: f"2026-{seed % 12 + 1:02d}-{seed % 28 + 1:02d}T12:00:00Z",
+    "date": lambda word, seed: f"2026-{seed % 12 + 1:02d}-{seed % 28 + 1:02d}",
+    "time": lambda word, seed: f"{seed % 24:02d}:00:00",
+    "email": lambda word, seed: f"{word}@example.com",
+    "uri": lambda word, seed: f"https://example.com/{word}",
+    "uuid": lambda word, seed: str(uuid.UUID(int=seed % (1 << 128), version=4)),
+}
 
 
 def _resolve(root: Any, reference: str) -> Any:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import datetime
 import json
+import uuid
 from typing import Literal
 
 import pydantic
@@ -22,6 +24,10 @@ class Person(pydantic.BaseModel):
     home: Address
     nickname: str | None
     tags: list[str]
+    born: datetime.date
+    seen: datetime.datetime
+    id: uuid.UUID
+    code: str = pydantic.Field(min_length=12, max_length=12)
 
 
 def test_json_schema_reply_parses_into_the_model(sim):
@@ -32,6 +38,7 @@ def test_json_schema_reply_parses_into_the_model(sim):
     person = choice.message.parsed
     assert isinstance(person, Person) and isinstance(person.home, Address)
     assert person.tier == "gold" and person.tags == [] and isinstance(person.nickname, str)
+    assert isinstance(person.seen, datetime.datetime) and len(person.code) == 12
     assert choice.finish_reason == "stop"
     # Deterministic for the prompt.
     again = openai_client(sim).chat.completions.parse(model="m", messages=CHAT, response_format=Person)
