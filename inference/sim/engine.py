@@ -126,7 +126,8 @@ class GenerationRequest:
     stream: bool = False
     lora_path: str | None = None  # the adapter *name* (SGLang's lora_path field)
     sample: int = 0  # which of a prompt's parallel samples (n > 1) this is: each answers differently
-    forced_text: str | None = None  # what the model writes, then stops (a tool call), unless max_new_tokens cuts it
+    # What the model writes, then stops (a tool call, a constrained reply), unless max_new_tokens cuts it.
+    forced_text: str | None = None
 
 
 @dataclass(slots=True)
@@ -341,22 +342,23 @@ class SimEngine:
         text_source = PseudoTextSource(seed)
         if request.forced_text is not None:
             # The model writes that text and stops, unless max_new_tokens cuts it
-            # (or ignore_eos makes it go on).
+            # (ignore_eos: it goes on, as above).
             text_source = ScriptedTextSource(request.forced_text, text_source)
-            if request.ignore_eos:
-                pass
-            elif request.max_new_tokens is None or len(text_source) <= request.max_new_tokens:
-                token_limit, stops_naturally = min(len(text_source), room), len(text_source) <= room
-            else:
-                token_limit, stops_naturally = min(request.max_new_tokens, room), False
+            if not request.ignore_eos:
+                if request.max_new_tokens is None or len(text_source) <= request.max_new_tokens:
+                    token_limit, stops_naturally = min(len(text_source), room), len(text_source) <= room
+                else:
+                    token_limit, stops_naturally = min(request.max_new_tokens, room), False
+        # SGLang's scheduler budgets KV for all of max_new_tokens: it cannot know the EOS ahead.
+        reserve_tokens = token_limit if request.max_new_tokens is None else max(
+            token_limit, min(request.max_new_tokens, room))
         # Like SGLang's radix key extra_key: adapters never share KV.
         namespace = request.cache_namespace if adapter is None else ("lora", adapter, request.cache_namespace)
         running = RunningRequest(
             request=request,
             prompt_tokens=len(prompt_ids),
             token_limit=token_limit,
-            reserve_tokens=token_limit if request.max_new_tokens is None else max(token_limit, min(
-                request.max_new_tokens, room)),
+            reserve_tokens=reserve_tokens,
             stops_naturally=stops_naturally,
             admitted_at=self.timing.now(),
             clock=self.timing.now,

@@ -174,8 +174,8 @@ class PseudoTextSource:
 
 
 class ScriptedTextSource:
-    """Output tokens that spell a given text (a tool call the model makes),
-    then `then`'s."""
+    """Output tokens that spell a given text (a tool call, a constrained
+    reply), then `then`'s."""
 
     __slots__ = ("_pieces", "_next", "_then")
 
