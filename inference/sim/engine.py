@@ -128,6 +128,8 @@ class GenerationRequest:
     sample: int = 0  # which of a prompt's parallel samples (n > 1) this is: each answers differently
     # What the model writes, then stops (a tool call, a constrained reply), unless max_new_tokens cuts it.
     forced_text: str | None = None
+    # /generate's return_logprob (protocol.NativeLogprobs): what meta_info reports; the engine ignores it.
+    logprobs: object = None
 
 
 @dataclass(slots=True)

@@ -53,6 +53,7 @@ from .protocol import (
     choices_usage,
     completion_response,
     invalid_json_error,
+    logprob_start_error,
     native_error,
     native_output,
     native_sse,
@@ -588,6 +589,9 @@ class GenerationHandlers:
         return response
 
     async def _admit_native(self, generation) -> RunningRequest:
+        refusal = logprob_start_error(generation)
+        if refusal is not None:
+            raise native_error(refusal, 400)
         try:
             return await self.engine.admit_async(generation)
         except RequestRejected as error:
@@ -667,7 +671,7 @@ class InfoHandlers:
             "weight_version": "default",
             "load_format": "auto",
             "reasoning_parser": None,
-            "tool_call_parser": None,
+            "tool_call_parser": self.config.tool_call_parser,
             "disaggregation_mode": "null",
             "has_image_understanding": False,
             "has_audio_understanding": False,
@@ -709,6 +713,8 @@ class InfoHandlers:
             "lora_eviction_policy": "lru",
             "enable_metrics": True,
             "is_embedding": config.is_embedding,
+            "tool_call_parser": config.tool_call_parser,
+            "reasoning_parser": None,
             "skip_tokenizer_init": False,
             "weight_version": "default",
             "random_seed": config.seed,

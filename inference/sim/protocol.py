@@ -25,7 +25,7 @@ from typing import Any
 import orjson
 
 from .engine import GenerationRequest, RunningRequest, Step
-from .tokenizer import piece_to_id, render_chat_prompt, split_pieces, token_logprobs, tokenize
+from .tokenizer import piece_of, piece_to_id, render_chat_prompt, split_pieces, token_logprobs, tokenize
 from .structured import schema_value
 from .tools import ToolCall, ToolRequestError, plan_call
 
@@ -404,15 +404,44 @@ class NativeRequest:
         return self.generations[0].stream
 
 
-def _per_prompt(fields: _Fields, name: str, batch_size: int) -> list[str | None]:
-    """A string field given once for every prompt or as a list of one per prompt."""
+def _per_prompt(fields: _Fields, name: str, batch_size: int, kind: type = str) -> list:
+    """A field given once for every prompt or as a list of one per prompt,
+    each None or of `kind` (str, bool or int)."""
     value = fields.body.get(name)
     values = value if isinstance(value, list) else [value] * batch_size
     if len(values) != batch_size:
         raise native_error(f"The length of {name} should be equal to the batch size.")
-    if any(item is not None and not isinstance(item, str) for item in values):
-        fields.fail(name, "Input should be a valid string")
+    for item in values:
+        if item is not None and (not isinstance(item, kind) or (kind is int and isinstance(item, bool))):
+            fields.fail(name, f"Input should be a valid {_KIND_NAMES[kind]}")
     return values
+
+
+_KIND_NAMES = {str: "string", bool: "boolean", int: "integer"}
+
+
+@dataclass(slots=True)
+class NativeLogprobs:
+    """What a /generate prompt's `return_logprob` asks for: logprobs of the
+    input from `start` (SGLang's `logprob_start_len`; -1, the default: none,
+    only the output's), `top` alternatives per position (`top_logprobs_num`)
+    and the tokens' text (`return_text_in_logprobs`; else null)."""
+
+    start: int
+    top: int
+    text: bool
+    # The input's entries, computed once (the prompt does not change while a
+    # stream repeats them in every event).
+    inputs: dict | None = None
+
+
+def _native_logprobs(fields: _Fields, batch_size: int) -> list[NativeLogprobs | None]:
+    wanted = _per_prompt(fields, "return_logprob", batch_size, bool)
+    starts = _per_prompt(fields, "logprob_start_len", batch_size, int)
+    tops = _per_prompt(fields, "top_logprobs_num", batch_size, int)
+    text = fields.boolean("return_text_in_logprobs")
+    return [NativeLogprobs(start=-1 if start is None else start, top=top or 0, text=text) if want else None
+            for want, start, top in zip(wanted, starts, tops)]
 
 
 def parse_generate_request(body: Any) -> NativeRequest:
@@ -486,6 +515,7 @@ def parse_generate_request(body: Any) -> NativeRequest:
     else:
         raise native_error("The rid should be a string or a list of strings.")
     per_prompt = {name: _per_prompt(fields, name, batch_size) for name in ("lora_path", "cache_salt", "extra_key")}
+    logprobs = _native_logprobs(fields, batch_size)
     stream = fields.boolean("stream")
     generations = []
     greedy = []
@@ -505,6 +535,7 @@ def parse_generate_request(body: Any) -> NativeRequest:
                                              per_prompt["extra_key"][index] or None),
             stream=stream,
             lora_path=per_prompt["lora_path"][index] or None,
+            logprobs=logprobs[index],
         ))
     return NativeRequest(generations=generations, n=n, greedy=greedy, single=single)
 
@@ -522,9 +553,68 @@ def native_meta_info(running: RunningRequest, *, final: bool, completion_tokens:
         "completion_tokens": running.completion_tokens if completion_tokens is None else completion_tokens,
         "cached_tokens": running.cached_tokens,
     }
+    if running.request.logprobs is not None:
+        meta_info.update(native_logprobs(running, meta_info["completion_tokens"]))
     if final:
         meta_info["e2e_latency"] = running.e2e_latency_s()
     return meta_info
+
+
+def logprob_start_error(request: GenerationRequest) -> str | None:
+    """SGLang's refusal of a `logprob_start_len` past the prompt, if it is."""
+    spec = request.logprobs
+    if spec is None or spec.start <= len(request.prompt_ids):
+        return None
+    return (f"req.logprob_start_len={spec.start} is higher than the number of input tokens "
+            f"len(req.origin_input_ids)={len(request.prompt_ids)}. Please use a smaller logprob_start_len.")
+
+
+def native_logprobs(running: RunningRequest, completion_tokens: int) -> dict:
+    """meta_info's logprob fields, as SGLang's tokenizer manager fills them:
+    entries [logprob, token id, text or null]; the input's from
+    `logprob_start_len` (its first entry has no logprob: nothing before it was
+    scored), the output's for the first `completion_tokens` tokens; with
+    `top_logprobs_num`, per position the top alternatives (null where the
+    entry has no logprob). Input positions are scored as the completions
+    route's `echo` scores them, output positions as its generated tokens."""
+    spec: NativeLogprobs = running.request.logprobs
+    if spec.inputs is None:
+        prompt = running.request.prompt_ids
+        start = len(prompt) if spec.start == -1 else spec.start
+        entries, tops = [], []
+        for position in range(start, len(prompt)):
+            token_id = prompt[position]
+            if position == start:
+                entries.append([None, token_id, piece_of(token_id) if spec.text else None])
+                tops.append(None)
+            else:
+                entry, top = _logprob_entry(spec, token_id, -1 - position)
+                entries.append(entry)
+                tops.append(top)
+        spec.inputs = {"input_token_logprobs": entries}
+        if spec.top > 0:
+            spec.inputs["input_top_logprobs"] = tops
+    out = {"input_token_logprobs": spec.inputs["input_token_logprobs"]}
+    entries, tops = [], []
+    for position, token_id in enumerate(running.output_ids[:completion_tokens]):
+        entry, top = _logprob_entry(spec, token_id, position)
+        entries.append(entry)
+        tops.append(top)
+    out["output_token_logprobs"] = entries
+    out["output_token_logprobs_length"] = len(entries)
+    if spec.top > 0:
+        out["input_top_logprobs"] = spec.inputs["input_top_logprobs"]
+        out["output_top_logprobs"] = tops
+    return out
+
+
+def _logprob_entry(spec: NativeLogprobs, token_id: int, position: int) -> tuple[list, list]:
+    """A token's [logprob, id, text] and its top alternatives in that shape."""
+    scored = token_logprobs(token_id, piece_of(token_id), position, spec.top)
+    entry = [scored["logprob"], token_id, scored["token"] if spec.text else None]
+    top = [[alt["logprob"], piece_to_id(alt["token"]), alt["token"] if spec.text else None]
+           for alt in scored["top_logprobs"]]
+    return entry, top
 
 
 def native_output(running: RunningRequest, *, final: bool, step: Step | None = None,

@@ -23,7 +23,7 @@ import functools
 import hashlib
 import re
 from array import array
-from typing import Iterable, Sequence
+from typing import Sequence
 
 from .tools import render_tool_calls, render_tools
 
@@ -50,14 +50,28 @@ SPECIAL_TOKEN_IDS: dict[str, int] = {
 _PIECE_PATTERN = re.compile(r"<\|[a-z_]+\|>| ?\w+| ?[^\w\s]|\s", re.UNICODE)
 
 
+# The piece of each id piece_to_id has computed (the first, should two pieces
+# share an id), for turning ids back into text; at most this many.
+_PIECE_OF_ID: dict[int, str] = {}
+_PIECE_OF_ID_MAX = 1 << 18
+
+
 @functools.lru_cache(maxsize=1 << 17)
 def piece_to_id(piece: str) -> int:
     """Stable id of one piece: special ids for known specials, else a hash."""
-    special_id = SPECIAL_TOKEN_IDS.get(piece)
-    if special_id is not None:
-        return special_id
-    digest = hashlib.blake2b(piece.encode("utf-8"), digest_size=8).digest()
-    return RESERVED_IDS + int.from_bytes(digest, "little") % (VOCAB_SIZE - RESERVED_IDS)
+    token_id = SPECIAL_TOKEN_IDS.get(piece)
+    if token_id is None:
+        digest = hashlib.blake2b(piece.encode("utf-8"), digest_size=8).digest()
+        token_id = RESERVED_IDS + int.from_bytes(digest, "little") % (VOCAB_SIZE - RESERVED_IDS)
+    if len(_PIECE_OF_ID) < _PIECE_OF_ID_MAX:
+        _PIECE_OF_ID.setdefault(token_id, piece)
+    return token_id
+
+
+def piece_of(token_id: int) -> str:
+    """The text of a token id: a piece this process has tokenized or
+    generated with that id, else "" (the toy vocabulary cannot say more)."""
+    return _PIECE_OF_ID.get(token_id, "")
 
 
 def split_pieces(text: str) -> list[str]:
@@ -217,9 +231,3 @@ def natural_length(seed: int, low: int, high: int) -> int:
     whether or not it sets max_tokens (only where it ends differs).
     """
     return low + (seed >> 17) % (high - low + 1)
-
-
-def decode_known(token_ids: Iterable[int]) -> str:
-    """Best-effort decode of generated ids (only output words are known)."""
-    lookup = dict(zip(_OUTPUT_IDS, _OUTPUT_PIECES))
-    return "".join(lookup.get(token_id, "") for token_id in token_ids)

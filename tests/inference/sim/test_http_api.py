@@ -714,3 +714,68 @@ def test_completion_logprobs_with_echo_whole_and_streamed(sim):
     assert plain.choices[0].logprobs.tokens == logprobs.tokens[3:]
     assert plain.choices[0].logprobs.top_logprobs == [{}, {}, {}]
     assert client.completions.create(model="m", prompt="The cat sat", max_tokens=1).choices[0].logprobs is None
+
+
+def test_generate_logprobs(sim):
+    """`return_logprob` on /generate: meta_info's `[logprob, id, text]` entries,
+    the input's from `logprob_start_len` (first unscored), top alternatives with
+    `top_logprobs_num`, texts with `return_text_in_logprobs`; the same scores
+    the completions route gives the same tokens with echo; cumulative in a
+    stream; a start past the prompt refused as SGLang's scheduler does."""
+    text = "The quick brown fox jumps"
+    with sim.client() as client:
+        plain = client.post("/generate", json={"text": text, "return_logprob": True,
+                                               "sampling_params": {"max_new_tokens": 5, "ignore_eos": True}}).json()
+        full = client.post("/generate", json={
+            "text": text, "return_logprob": True, "logprob_start_len": 0, "top_logprobs_num": 2,
+            "return_text_in_logprobs": True, "sampling_params": {"max_new_tokens": 5, "ignore_eos": True}}).json()
+        echoed = client.post("/v1/completions", json={"model": "demo-llm", "prompt": text, "max_tokens": 5,
+                                                       "echo": True, "logprobs": 2, "ignore_eos": True}).json()
+        mixed = client.post("/generate", json={"text": [text, "Hello"], "return_logprob": [False, True],
+                                               "sampling_params": {"max_new_tokens": 2}}).json()
+        too_far = client.post("/generate", json={"text": "one two", "return_logprob": True,
+                                                 "logprob_start_len": 5})
+        with client.stream("POST", "/generate", json={
+                "text": text, "return_logprob": True, "stream": True,
+                "sampling_params": {"max_new_tokens": 4, "ignore_eos": True}}) as response:
+            events = [json.loads(line[6:]) for line in response.iter_lines()
+                      if line.startswith("data: {")]
+        with client.stream("POST", "/generate", json={"text": "one two", "return_logprob": True,
+                                                      "logprob_start_len": 9, "stream": True}) as response:
+            refused_stream = [line for line in response.iter_lines() if line.startswith("data: ")]
+
+    meta = plain["meta_info"]
+    assert meta["input_token_logprobs"] == []  # the default start: the output only
+    assert [entry[1] for entry in meta["output_token_logprobs"]] == plain["output_ids"]
+    assert all(isinstance(entry[0], float) and entry[0] <= 0 and entry[2] is None
+               for entry in meta["output_token_logprobs"])
+    assert meta["output_token_logprobs_length"] == 5 and "output_top_logprobs" not in meta
+
+    meta = full["meta_info"]
+    inputs = meta["input_token_logprobs"]
+    assert len(inputs) == meta["prompt_tokens"] == 5
+    assert inputs[0][0] is None and "".join(entry[2] for entry in inputs) == text
+    assert "".join(entry[2] for entry in meta["output_token_logprobs"]) == full["text"]
+    assert meta["input_top_logprobs"][0] is None
+    for entry, top in zip(inputs[1:] + meta["output_token_logprobs"],
+                          meta["input_top_logprobs"][1:] + meta["output_top_logprobs"]):
+        assert len(top) == 2 and top[0] == entry and top[1][0] < entry[0]
+    choice = echoed["choices"][0]
+    assert choice["text"] == text + full["text"]
+    assert choice["logprobs"]["token_logprobs"] == [entry[0] for entry in inputs + meta["output_token_logprobs"]]
+
+    assert "input_token_logprobs" not in mixed[0]["meta_info"]
+    assert len(mixed[1]["meta_info"]["output_token_logprobs"]) == 2
+
+    assert too_far.status_code == 400 and too_far.json() == {"error": {"message": (
+        "req.logprob_start_len=5 is higher than the number of input tokens len(req.origin_input_ids)=2. "
+        "Please use a smaller logprob_start_len.")}}
+    assert len(refused_stream) == 2 and "is higher than the number of input tokens" in refused_stream[0]
+
+    assert len(events) == 4
+    for event in events:
+        count = event["meta_info"]["completion_tokens"]
+        assert [entry[1] for entry in event["meta_info"]["output_token_logprobs"]] == event["output_ids"][:count]
+    # The same prompt generates the same tokens, scored the same, streamed or not.
+    assert events[-1]["meta_info"]["output_token_logprobs"] == plain["meta_info"]["output_token_logprobs"][:4]
+    assert events[-1]["meta_info"]["output_token_logprobs_length"] == 4

@@ -127,3 +127,11 @@ def test_without_a_parser_tools_only_lengthen_the_prompt(sim):
     with_tools = client.chat.completions.create(model="m", messages=ASK, tools=[WEATHER], max_tokens=3)
     assert with_tools.choices[0].message.tool_calls is None
     assert with_tools.usage.prompt_tokens > bare.usage.prompt_tokens
+
+
+def test_model_and_server_info_name_the_parser(tool_sim, sim):
+    """Clients read the parser from /model_info (and /server_info's server args)."""
+    for server, parser in ((tool_sim, "qwen25"), (sim, None)):
+        with server.client() as client:
+            assert client.get("/model_info").json()["tool_call_parser"] == parser
+            assert client.get("/server_info").json()["tool_call_parser"] == parser
