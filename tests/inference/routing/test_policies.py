@@ -493,6 +493,43 @@ def test_cache_aware_kv_room_does_not_move_a_conversation_from_its_home(pool):
     assert policy.pick(pool, later) is home
 
 
+def test_cache_aware_a_conversation_leaves_a_saturated_home_for_a_backend_with_room(pool):
+    """A home that reports a queue with its KV full of running requests loses
+    its queued turns' histories anyway: a later turn goes elsewhere, if some
+    backend reports room, and is homed there from then on."""
+    policy = CacheAware(conversation_affinity=True, bounded_load_epsilon=0.5, bounded_load_slack=2)
+    first = chat_key("my question " + "q " * 30)
+    home = send(policy, pool, first)
+    finish(home)
+    later = chat_key("my question " + "q " * 30, "an answer", "a follow-up")
+    for backend in pool.backends:
+        backend.load_report(waiting=0, kv_usage=0.5, running=3)
+    home.load_report(waiting=1, kv_usage=0.95, running=3)  # a short queue: stays
+    assert policy.pick(pool, later) is home
+    home.load_report(waiting=2, kv_usage=0.8, running=3)  # KV not full: stays
+    assert policy.pick(pool, later) is home
+    home.load_report(waiting=2, kv_usage=0.9, running=3)
+    moved = send(policy, pool, later)
+    assert moved is not home
+    finish(moved)
+    # the conversation now lives where it went, even once the old home recovers
+    home.load_report(waiting=0, kv_usage=0.2, running=0)
+    assert policy.pick(pool, chat_key("my question " + "q " * 30, "an answer", "a follow-up", "x", "more")) is moved
+
+
+def test_cache_aware_a_saturated_home_is_kept_when_no_backend_has_room_or_when_disabled(pool):
+    later = chat_key("my question " + "q " * 30, "an answer", "a follow-up")
+    for saturated_waiting, others in ((2, (3, 0.5)), (2, (0, 0.75)), (None, (0, 0.1))):
+        policy = CacheAware(conversation_affinity=True, bounded_load_epsilon=0.5, bounded_load_slack=2,
+                            saturated_waiting=saturated_waiting)
+        home = send(policy, pool, chat_key("my question " + "q " * 30))
+        finish(home)
+        for backend in pool.backends:
+            backend.load_report(waiting=others[0], kv_usage=others[1], running=3)
+        home.load_report(waiting=4, kv_usage=0.97, running=3)
+        assert policy.pick(pool, later) is home, (saturated_waiting, others)
+
+
 def test_backend_state_counts_requests_and_footprints_together():
     backend = BackendState("http://a")
     backend.enter(120)
