@@ -213,7 +213,7 @@ class CacheAware:
           caches: one backend held 6 requests queued for the whole window
           and served 40 % of prompt tokens from cache, the others 77–88 %).
           Measured on seed 1, cache_aware alone, alternated runs: 64k
-          caches, TTFT p99 529–1,017 ms in 7 runs against 885–1,637 ms in
+          caches, TTFT p99 528–1,017 ms in 7 runs against 885–1,637 ms in
           8 without, the hit rate unchanged (77.8 against 77.9 % mean);
           96k caches, 87.0–87.2 % in 7 runs, every later turn finding its
           history, against 85.0–87.2 % (two runs lost histories after a
