@@ -53,7 +53,6 @@ from .protocol import (
     choices_usage,
     completion_response,
     invalid_json_error,
-    logprob_start_error,
     native_error,
     native_output,
     native_sse,
@@ -514,6 +513,8 @@ class GenerationHandlers:
                 self.engine.finalize(running)
 
     async def _start_native(self, parsed: NativeRequest) -> list[RunningRequest]:
+        if parsed.refusal is not None:
+            raise native_error(parsed.refusal, 400)
         if parsed.single:
             return [await self._admit_native(parsed.generations[0])]
         return await self._start_samples(parsed.generations, parsed.n, parsed.greedy, self._admit_native)
@@ -589,9 +590,6 @@ class GenerationHandlers:
         return response
 
     async def _admit_native(self, generation) -> RunningRequest:
-        refusal = logprob_start_error(generation)
-        if refusal is not None:
-            raise native_error(refusal, 400)
         try:
             return await self.engine.admit_async(generation)
         except RequestRejected as error:

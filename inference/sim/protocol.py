@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import random
+import re
 import time
 import uuid
 from dataclasses import dataclass, field, replace
@@ -23,6 +25,7 @@ from http import HTTPStatus
 from typing import Any
 
 import orjson
+import rstr
 
 from .engine import GenerationRequest, RunningRequest, Step
 from .tokenizer import piece_of, piece_to_id, render_chat_prompt, split_pieces, token_logprobs, tokenize
@@ -257,30 +260,75 @@ def _openai_common(fields: _Fields, *, prompt_ids: list[int], max_tokens: int | 
 
 
 def _constrained_reply(fields: _Fields, prompt_ids: list[int]) -> str | None:
-    """What the model writes under `response_format`, as SGLang's grammar backend
-    constrains it: JSON valid under the `json_schema`'s schema (also accepted
-    as a top-level `schema`, as SGLang does), any JSON object for
-    `json_object`; None for "text" or none. Values: `structured.schema_value`,
-    seeded by the prompt."""
+    """What the model writes under the request's output constraint, as SGLang
+    turns an OpenAI request into sampling params: `response_format` (a
+    `json_schema`'s schema, also accepted as a top-level `schema` as SGLang
+    does; any JSON object for `json_object`; nothing for "text"), or the
+    `regex` / `ebnf` extras, or completions' `json_schema` string. See
+    `constrained_text`."""
+    constraints = {kind: fields.optional_str(kind) for kind in ("regex", "ebnf", "json_schema")}
     response_format = fields.body.get("response_format")
-    if response_format is None:
+    if response_format is not None:
+        if not isinstance(response_format, dict) or response_format.get("type") not in RESPONSE_FORMAT_TYPES:
+            fields.fail("response_format.type", "Input should be 'text', 'json_object' or 'json_schema'")
+        kind = response_format["type"]
+        if kind == "json_object":
+            constraints["json_schema"] = ANY_JSON
+        elif kind == "json_schema":
+            json_schema = response_format.get("json_schema")
+            if json_schema is None and isinstance(response_format.get("schema"), dict):
+                json_schema = {"name": "Schema", "schema": response_format["schema"]}
+            if not isinstance(json_schema, dict):
+                fields.fail("response_format.json_schema", "Field required")
+            if not isinstance(json_schema.get("name"), str):
+                fields.fail("response_format.json_schema.name", "Field required")
+            constraints["json_schema"] = json.dumps(json_schema.get("schema") or {})
+    try:
+        return constrained_text(constraints, _prompt_seed(prompt_ids))
+    except ValueError as error:
+        raise openai_error(str(error)) from None
+
+
+# sampling_params.json_schema's "any JSON" value (SGLang's builtin JSON grammar).
+ANY_JSON = "$$ANY$$"
+GRAMMAR_KINDS = ("json_schema", "regex", "ebnf", "structural_tag")
+
+
+def _prompt_seed(prompt_ids: list[int]) -> int:
+    return int.from_bytes(hashlib.blake2b(orjson.dumps(prompt_ids), digest_size=8).digest(), "little")
+
+
+def constrained_text(constraints: dict[str, str | None], seed: int) -> str | None:
+    """The reply SGLang's grammar backend lets the model write under
+    `constraints` (sampling params `json_schema`, `regex`, `ebnf`,
+    `structural_tag`; None or "" = unset), or None when none is set:
+    JSON valid under the schema (`structured.schema_value`; `$$ANY$$`: a JSON
+    object), or a string the regex matches (rstr's xeger); both seeded, so a
+    prompt gets the same reply every time. Raises ValueError with SGLang's
+    message for more than one constraint or one that does not compile, and
+    for ebnf and structural tags, which the simulator does not model."""
+    given = [kind for kind in GRAMMAR_KINDS if constraints.get(kind)]
+    if not given:
         return None
-    if not isinstance(response_format, dict) or response_format.get("type") not in RESPONSE_FORMAT_TYPES:
-        fields.fail("response_format.type", "Input should be 'text', 'json_object' or 'json_schema'")
-    kind = response_format["type"]
-    if kind == "text":
-        return None
-    seed = int.from_bytes(hashlib.blake2b(orjson.dumps(prompt_ids), digest_size=8).digest(), "little")
-    if kind == "json_object":
-        return json.dumps({"answer": schema_value({"type": "string"}, seed)})
-    json_schema = response_format.get("json_schema")
-    if json_schema is None and isinstance(response_format.get("schema"), dict):
-        json_schema = {"name": "Schema", "schema": response_format["schema"]}
-    if not isinstance(json_schema, dict):
-        fields.fail("response_format.json_schema", "Field required")
-    if not isinstance(json_schema.get("name"), str):
-        fields.fail("response_format.json_schema.name", "Field required")
-    return json.dumps(schema_value(json_schema.get("schema") or {}, seed), ensure_ascii=False)
+    if len(given) > 1:
+        raise ValueError("Only one of json_schema, regex, ebnf, or structural_tag can be set.")
+    kind = given[0]
+    spec = constraints[kind]
+    if kind == "json_schema":
+        if spec == ANY_JSON:
+            return json.dumps({"answer": schema_value({"type": "string"}, seed)})
+        try:
+            schema = json.loads(spec)
+        except ValueError as error:
+            raise ValueError(f"Failed to compile json grammar: {error}") from None
+        return json.dumps(schema_value(schema if isinstance(schema, dict) else {}, seed), ensure_ascii=False)
+    if kind == "regex":
+        try:
+            re.compile(spec)
+        except re.error as error:
+            raise ValueError(f"Failed to compile regex grammar: {error}") from None
+        return rstr.Rstr(random.Random(seed)).xeger(spec)
+    raise ValueError(f"The simulator does not model {kind} constraints.")
 
 
 def _choices_options(fields: _Fields, parsed: OpenAIRequest, batch_size: int) -> OpenAIRequest:
@@ -398,6 +446,10 @@ class NativeRequest:
     # One prompt given as such (a string, or one list of ids) and n = 1: the
     # reply is one object; otherwise a list (a stream: events with an index).
     single: bool = True
+    # Why SGLang's scheduler would abort it at once (400): a constraint that does
+    # not compile, a logprob_start_len past the prompt. A stream is already open
+    # by then, so the route answers it as the stream's error event.
+    refusal: str | None = None
 
     @property
     def stream(self) -> bool:
@@ -519,10 +571,21 @@ def parse_generate_request(body: Any) -> NativeRequest:
     stream = fields.boolean("stream")
     generations = []
     greedy = []
+    refusals = []
     for index, (prompt_ids, params) in enumerate(zip(prompts, samplings)):
         temperature = fields.optional_float("temperature", source=params)
         _check_sampling(temperature, fields.optional_float("top_p", source=params), native_error)
         greedy.append(temperature == 0)
+        forced_text = None
+        try:
+            forced_text = constrained_text({kind: fields.optional_str(kind, source=params) for kind in GRAMMAR_KINDS},
+                                           _prompt_seed(prompt_ids))
+        except ValueError as error:
+            refusals.append(str(error))
+        start = logprobs[index].start if logprobs[index] is not None else -1
+        if start > len(prompt_ids):
+            refusals.append(f"req.logprob_start_len={start} is higher than the number of input tokens "
+                            f"len(req.origin_input_ids)={len(prompt_ids)}. Please use a smaller logprob_start_len.")
         generations.append(GenerationRequest(
             rid=rids[index],
             prompt_ids=prompt_ids,
@@ -535,9 +598,11 @@ def parse_generate_request(body: Any) -> NativeRequest:
                                              per_prompt["extra_key"][index] or None),
             stream=stream,
             lora_path=per_prompt["lora_path"][index] or None,
+            forced_text=forced_text,
             logprobs=logprobs[index],
         ))
-    return NativeRequest(generations=generations, n=n, greedy=greedy, single=single)
+    return NativeRequest(generations=generations, n=n, greedy=greedy, single=single,
+                         refusal=refusals[0] if refusals else None)
 
 
 # ------------------------------------------------------------------ native responses
@@ -558,15 +623,6 @@ def native_meta_info(running: RunningRequest, *, final: bool, completion_tokens:
     if final:
         meta_info["e2e_latency"] = running.e2e_latency_s()
     return meta_info
-
-
-def logprob_start_error(request: GenerationRequest) -> str | None:
-    """SGLang's refusal of a `logprob_start_len` past the prompt, if it is."""
-    spec = request.logprobs
-    if spec is None or spec.start <= len(request.prompt_ids):
-        return None
-    return (f"req.logprob_start_len={spec.start} is higher than the number of input tokens "
-            f"len(req.origin_input_ids)={len(request.prompt_ids)}. Please use a smaller logprob_start_len.")
 
 
 def native_logprobs(running: RunningRequest, completion_tokens: int) -> dict:
