@@ -104,11 +104,13 @@ def live_tmp(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def sims(live_tmp):
     """Simulators by role: 'fast' answers at once, 'slow' streams a token every
-    30 ms (for cancel and disconnect tests), 'faulty' takes injected faults."""
+    30 ms (for cancel and disconnect tests), 'faulty' takes injected faults,
+    'thinking' is a reasoning model (its replies open with a think block)."""
     started = {
         "fast": sim_start(live_tmp, "test-llm", "--context-length", "4096", "--tool-call-parser", "qwen25"),
         "slow": sim_start(live_tmp, "slow-llm", "--itl-ms", "30"),
         "faulty": sim_start(live_tmp, "faulty-llm"),
+        "thinking": sim_start(live_tmp, "think-llm", "--reasoning-parser", "qwen3", "--enable-cache-report"),
     }
     yield started
     for sim in started.values():

@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 from .presets import PRESETS
+from .reasoning import REASONING_PARSERS
 from .tools import TOOL_CALL_PARSERS
 
 # Without a preset: capacity that never limits a test or a benchmark.
@@ -45,6 +46,8 @@ class ServerConfig:
     admin_api_key: str | None = None  # guards /flush_cache, /abort_request and LoRA (un)loading
     # --tool-call-parser: chat replies may call the request's tools (`tools.py`).
     tool_call_parser: str | None = None
+    # --reasoning-parser: chat replies think first, split into reasoning_content (`reasoning.py`).
+    reasoning_parser: str | None = None
     max_running_requests: int = DEFAULT_MAX_RUNNING_REQUESTS  # requests decoding or prefilling at once
     max_total_tokens: int = DEFAULT_MAX_TOTAL_TOKENS  # KV capacity, tokens: radix cache + running requests
     chunked_prefill_size: int = DEFAULT_CHUNKED_PREFILL_SIZE  # tokens per prefill step; <= 0: no chunking
@@ -138,6 +141,8 @@ def build_argument_parser() -> argparse.ArgumentParser:
     parser.add_argument("--api-key", default=None)
     parser.add_argument("--tool-call-parser", choices=TOOL_CALL_PARSERS, default=None,
                         help="parse tool calls out of chat replies, in this model family's format")
+    parser.add_argument("--reasoning-parser", choices=REASONING_PARSERS, default=None,
+                        help="a reasoning model: chat replies open with a think block, given as reasoning_content")
     parser.add_argument("--admin-api-key", default=None,
                         help="key for /flush_cache, /abort_request and LoRA loading (else --api-key)")
     parser.add_argument("--preset", choices=sorted(PRESETS), default=None,
@@ -236,6 +241,7 @@ def configs_from_args(args: argparse.Namespace) -> tuple[ServerConfig, RuntimeSe
         api_key=args.api_key,
         admin_api_key=args.admin_api_key,
         tool_call_parser=args.tool_call_parser,
+        reasoning_parser=args.reasoning_parser,
         max_running_requests=pick(args.max_running_requests, "max_running_requests", DEFAULT_MAX_RUNNING_REQUESTS),
         max_total_tokens=pick(args.max_total_tokens, "max_total_tokens", DEFAULT_MAX_TOTAL_TOKENS),
         chunked_prefill_size=pick(args.chunked_prefill_size, "chunked_prefill_size", DEFAULT_CHUNKED_PREFILL_SIZE),

@@ -69,7 +69,8 @@ from .lora import LoraError, LoraRegistry
 from .metrics import SimStats
 from .radix_cache import RadixCache, RadixNode
 from .timing import EngineCosts, StepTiming
-from .tokenizer import EOS_TOKEN_ID, PseudoTextSource, ScriptedTextSource, generation_seed, natural_length
+from .tokenizer import (EOS_TOKEN_ID, PseudoTextSource, ScriptedTextSource, generation_seed, natural_length,
+                        split_pieces)
 
 logger = logging.getLogger("inference.sim.engine")
 
@@ -130,6 +131,10 @@ class GenerationRequest:
     forced_text: str | None = None
     # /generate's return_logprob (protocol.NativeLogprobs): what meta_info reports; the engine ignores it.
     logprobs: object = None
+    # What the model writes before its reply (a reasoning model's think block,
+    # `reasoning.Thinking`), and how many of its tokens count as reasoning.
+    preamble: str | None = None
+    reasoning_tokens: int = 0
 
 
 @dataclass(slots=True)
@@ -335,6 +340,8 @@ class SimEngine:
             seed = generation_seed(prompt_ids=(request.sample,), server_seed=seed & 0x7FFF_FFFF_FFFF_FFFF,
                                    request_seed=None)
         natural = natural_length(seed, self.config.natural_length_min, self.config.natural_length_max)
+        if request.preamble:
+            natural += len(split_pieces(request.preamble))  # the think block, then a reply of the usual length
         if request.ignore_eos:
             token_limit, stops_naturally = (room if request.max_new_tokens is None else request.max_new_tokens), False
         elif request.max_new_tokens is not None and request.max_new_tokens <= natural:
@@ -342,10 +349,11 @@ class SimEngine:
         else:
             token_limit, stops_naturally = min(natural, room), natural <= room
         text_source = PseudoTextSource(seed)
+        if request.preamble or request.forced_text is not None:
+            text_source = ScriptedTextSource((request.preamble or "") + (request.forced_text or ""), text_source)
         if request.forced_text is not None:
-            # The model writes that text and stops, unless max_new_tokens cuts it
-            # (ignore_eos: it goes on, as above).
-            text_source = ScriptedTextSource(request.forced_text, text_source)
+            # The model writes that text (after its preamble) and stops, unless
+            # max_new_tokens cuts it (ignore_eos: it goes on, as above).
             if not request.ignore_eos:
                 if request.max_new_tokens is None or len(text_source) <= request.max_new_tokens:
                     token_limit, stops_naturally = min(len(text_source), room), len(text_source) <= room

@@ -41,6 +41,7 @@ from .engine import GenerationRequest, InjectedFailure, RequestRejected, Running
 from .lora import LoraError
 from .tools import CallStream
 from .metrics import render_prometheus
+from .reasoning import ReasoningSplitter
 from .protocol import (
     SSE_DONE,
     ApiError,
@@ -104,7 +105,7 @@ class _ChoiceChunks:
     completions send a chunk per step, the echoed prompt in the first."""
 
     __slots__ = ("_parsed", "_index", "_running", "_chat", "_echo", "_enable_cache_report", "_first", "_call",
-                 "writer")
+                 "_reasoning", "writer")
 
     def __init__(self, parsed: OpenAIRequest, index: int, running: RunningRequest, *, chat: bool, created: int,
                  enable_cache_report: bool) -> None:
@@ -114,6 +115,9 @@ class _ChoiceChunks:
         self._first = True
         # A tool call: its deltas replace the content ones (`tools.CallStream`).
         self._call = CallStream(parsed.tool_call, index) if chat and parsed.tool_call is not None else None
+        # A reasoning model's think block: its deltas go out as reasoning_content.
+        self._reasoning = ReasoningSplitter(parsed.reasoning_parser) \
+            if chat and parsed.reasoning_parser is not None else None
         writer_class = ChatChunkWriter if chat else CompletionChunkWriter
         self.writer = writer_class(rid=running.rid, model=parsed.model, created=created, index=index)
 
@@ -133,6 +137,8 @@ class _ChoiceChunks:
         out = [writer.role_chunk()] if first else []
         if self._call is not None:
             return out + self._tool_call_chunks(step)
+        if self._reasoning is not None:
+            return out + self._reasoning_chunks(step)
         if step.delta_text:
             usage = running_usage(running, self._enable_cache_report, step.completion_tokens) if continuous else None
             out.append(writer.content_chunk(step.delta_text, usage, _step_logprobs(parsed, self._index, step, False)))
@@ -140,6 +146,33 @@ class _ChoiceChunks:
             out.append(writer.finish_chunk(step.finish_reason["type"], step.finish_reason.get("matched")))
         return out
 
+
+    def _reasoning_chunks(self, step: Step) -> list[bytes]:
+        """As SGLang streams through a reasoning parser: the step's text split
+        into a reasoning and a content chunk (what the parser holds back, a
+        possible tag, goes out later, or at the end); the step's logprobs on
+        the first of them, else alone."""
+        running, writer = self._running, self.writer
+        reasoning, content = self._reasoning.feed(step.delta_text) if step.delta_text else ("", "")
+        finish = step.finish_reason
+        if finish is not None and finish["type"] != "abort":
+            rest_reasoning, rest_content = self._reasoning.finish()
+            reasoning, content = reasoning + rest_reasoning, content + rest_content
+        usage = (running_usage(running, self._enable_cache_report, step.completion_tokens)
+                 if self._parsed.continuous_usage_stats else None)
+        logprobs = _step_logprobs(self._parsed, self._index, step, False)
+        out = []
+        if reasoning:
+            out.append(writer.reasoning_chunk(reasoning, usage, logprobs))
+            logprobs = None
+        if content:
+            out.append(writer.content_chunk(content, usage, logprobs))
+            logprobs = None
+        if logprobs is not None:
+            out.append(writer.reasoning_chunk(None, usage, logprobs))
+        if finish is not None:
+            out.append(writer.finish_chunk(finish["type"], finish.get("matched")))
+        return out
 
     def _tool_call_chunks(self, step: Step) -> list[bytes]:
         running = self._running
@@ -272,7 +305,8 @@ class GenerationHandlers:
         self._generation_only()
         parsed = parse_chat_request(await _read_json_body(request, require_json_content_type=True),
                                     served_model_name=self.config.served_model_name,
-                                    tool_call_parser=self.config.tool_call_parser)
+                                    tool_call_parser=self.config.tool_call_parser,
+                                    reasoning_parser=self.config.reasoning_parser)
         if not parsed.single:
             return await self._choices(request, parsed, chat=True)
         running = await self._admit_openai(parsed.generation)
@@ -668,7 +702,7 @@ class InfoHandlers:
             "preferred_sampling_params": None,
             "weight_version": "default",
             "load_format": "auto",
-            "reasoning_parser": None,
+            "reasoning_parser": self.config.reasoning_parser,
             "tool_call_parser": self.config.tool_call_parser,
             "disaggregation_mode": "null",
             "has_image_understanding": False,
@@ -712,7 +746,7 @@ class InfoHandlers:
             "enable_metrics": True,
             "is_embedding": config.is_embedding,
             "tool_call_parser": config.tool_call_parser,
-            "reasoning_parser": None,
+            "reasoning_parser": config.reasoning_parser,
             "skip_tokenizer_init": False,
             "weight_version": "default",
             "random_seed": config.seed,

@@ -29,6 +29,7 @@ import rstr
 
 from .engine import GenerationRequest, RunningRequest, Step
 from .tokenizer import piece_of, piece_to_id, render_chat_prompt, split_pieces, token_logprobs, tokenize
+from .reasoning import ReasoningSplitter, thinking_for
 from .structured import schema_value
 from .tools import ToolCall, ToolRequestError, plan_call
 
@@ -185,6 +186,8 @@ class OpenAIRequest:
     completion_logprobs: int | None = None
     # Chat: the tool call the model makes (with --tool-call-parser), or None.
     tool_call: ToolCall | None = None
+    # The reasoning parser that splits chat replies (`reasoning.ReasoningSplitter`), if any.
+    reasoning_parser: str | None = None
 
     @property
     def single(self) -> bool:
@@ -355,7 +358,7 @@ def _choices_options(fields: _Fields, parsed: OpenAIRequest, batch_size: int) ->
 
 
 def parse_chat_request(body: Any, *, served_model_name: str | None = None,
-                       tool_call_parser: str | None = None) -> OpenAIRequest:
+                       tool_call_parser: str | None = None, reasoning_parser: str | None = None) -> OpenAIRequest:
     fields = _Fields(body, "ChatCompletionRequest", openai_schema_error)
     messages = body.get("messages")
     if messages is None:
@@ -384,8 +387,14 @@ def parse_chat_request(body: Any, *, served_model_name: str | None = None,
         raise openai_error("When using `top_logprobs`, `logprobs` must be set to true.")
     if tool_call is not None:
         generation = replace(generation, forced_text=tool_call.text)
+    # A reply that calls a tool does not think first (a simplification).
+    thinking = None if tool_call is not None else thinking_for(reasoning_parser, body,
+                                                               _prompt_seed(generation.prompt_ids))
+    if thinking is not None:
+        generation = replace(generation, preamble=thinking.preamble, reasoning_tokens=thinking.reasoning_tokens)
     parsed = OpenAIRequest(generation, model, include_usage, continuous,
-                           top_logprobs=(top or 0) if logprobs else None, tool_call=tool_call)
+                           top_logprobs=(top or 0) if logprobs else None, tool_call=tool_call,
+                           reasoning_parser=thinking.parser if thinking is not None else None)
     return _choices_options(fields, parsed, 1)
 
 
@@ -608,14 +617,16 @@ def parse_generate_request(body: Any) -> NativeRequest:
 # ------------------------------------------------------------------ native responses
 
 def native_meta_info(running: RunningRequest, *, final: bool, completion_tokens: int | None = None) -> dict:
+    if completion_tokens is None:
+        completion_tokens = running.completion_tokens
     meta_info = {
         "id": running.rid,
         "finish_reason": running.finish_reason if final else None,
         "prompt_tokens": running.prompt_tokens,
         "weight_version": WEIGHT_VERSION,
         "num_retractions": 0,
-        "reasoning_tokens": 0,
-        "completion_tokens": running.completion_tokens if completion_tokens is None else completion_tokens,
+        "reasoning_tokens": _reasoning_tokens(running, completion_tokens),
+        "completion_tokens": completion_tokens,
         "cached_tokens": running.cached_tokens,
     }
     if running.request.logprobs is not None:
@@ -701,15 +712,15 @@ def native_stream_error_sse(message: str, code: int) -> bytes:
 # ------------------------------------------------------------------ OpenAI responses
 
 def usage_object(*, prompt_tokens: int, completion_tokens: int, cached_tokens: int,
-                 enable_cache_report: bool) -> dict:
-    """SGLang's UsageInfo (reasoning_tokens 0, so completion_tokens_details null)."""
+                 enable_cache_report: bool, reasoning_tokens: int = 0) -> dict:
+    """SGLang's UsageInfo: completion_tokens_details only with reasoning tokens."""
     return {
         "prompt_tokens": prompt_tokens,
         "total_tokens": prompt_tokens + completion_tokens,
         "completion_tokens": completion_tokens,
         "prompt_tokens_details": {"cached_tokens": cached_tokens} if enable_cache_report else None,
-        "reasoning_tokens": 0,
-        "completion_tokens_details": None,
+        "reasoning_tokens": reasoning_tokens,
+        "completion_tokens_details": {"reasoning_tokens": reasoning_tokens} if reasoning_tokens else None,
     }
 
 
@@ -718,7 +729,14 @@ def running_usage(running: RunningRequest, enable_cache_report: bool, completion
     if completion_tokens is None:
         completion_tokens = running.completion_tokens
     return usage_object(prompt_tokens=running.prompt_tokens, completion_tokens=completion_tokens,
-                        cached_tokens=running.cached_tokens, enable_cache_report=enable_cache_report)
+                        cached_tokens=running.cached_tokens, enable_cache_report=enable_cache_report,
+                        reasoning_tokens=_reasoning_tokens(running, completion_tokens))
+
+
+def _reasoning_tokens(running: RunningRequest, completion_tokens: int) -> int:
+    """The reasoning tokens among a reply's first `completion_tokens`: those
+    of its think block, through the end tag, as SGLang's scheduler counts them."""
+    return min(running.request.reasoning_tokens, completion_tokens)
 
 
 def _matched_stop(finish_reason: dict | None):
@@ -741,7 +759,8 @@ def choices_usage(runnings: list[RunningRequest], n: int, enable_cache_report: b
     firsts = runnings[::n]
     return usage_object(prompt_tokens=sum(r.prompt_tokens for r in firsts),
                         completion_tokens=sum(r.completion_tokens for r in runnings),
-                        cached_tokens=sum(r.cached_tokens for r in firsts), enable_cache_report=enable_cache_report)
+                        cached_tokens=sum(r.cached_tokens for r in firsts), enable_cache_report=enable_cache_report,
+                        reasoning_tokens=sum(_reasoning_tokens(r, r.completion_tokens) for r in runnings))
 
 
 def _openai_response(parsed: OpenAIRequest, runnings: list[RunningRequest], kind: str, choice_body, *,
@@ -804,7 +823,10 @@ def chat_response(parsed: OpenAIRequest, runnings: list[RunningRequest], *, enab
         call = parsed.tool_call
         if call is None:
             # SGLang drops tool_calls when there are none.
-            return {"message": {"role": "assistant", "content": running.text, "reasoning_content": None},
+            content, reasoning = running.text, None
+            if parsed.reasoning_parser is not None:
+                reasoning, content = ReasoningSplitter(parsed.reasoning_parser).split(running.text)
+            return {"message": {"role": "assistant", "content": content, "reasoning_content": reasoning or None},
                     "logprobs": logprobs[index] if logprobs else None}
         # The parser takes the call out of the text; one cut short is dropped.
         finish_reason = running.finish_reason
@@ -861,13 +883,21 @@ class ChatChunkWriter:
         return self._head + b'"role":"assistant","content":""' + self._choice_tail + b"}\n\n"
 
     def content_chunk(self, delta_text: str, usage: dict | None = None, logprobs: dict | None = None) -> bytes:
+        return self._chunk(self._head + b'"content":' + orjson.dumps(delta_text), usage, logprobs)
+
+    def reasoning_chunk(self, delta_text: str | None, usage: dict | None = None,
+                        logprobs: dict | None = None) -> bytes:
+        """A reasoning delta (`--reasoning-parser`); with None, a chunk that
+        only carries logprobs whose token the parser held back."""
+        return self._chunk(self._delta + b'"reasoning_content":' + orjson.dumps(delta_text), usage, logprobs)
+
+    def _chunk(self, head: bytes, usage: dict | None, logprobs: dict | None) -> bytes:
         tail = self._choice_tail
         if logprobs is not None:
             tail = tail.replace(b'"logprobs":null', b'"logprobs":' + orjson.dumps(logprobs), 1)
         if usage is None:
-            return self._head + b'"content":' + orjson.dumps(delta_text) + tail + b"}\n\n"
-        return (self._head + b'"content":' + orjson.dumps(delta_text) + tail
-                + b',"usage":' + orjson.dumps(usage) + b"}\n\n")
+            return head + tail + b"}\n\n"
+        return head + tail + b',"usage":' + orjson.dumps(usage) + b"}\n\n"
 
     def tool_call_chunk(self, tool_call: dict, usage: dict | None = None) -> bytes:
         """A tool-call delta: SGLang builds these with pydantic, so every delta

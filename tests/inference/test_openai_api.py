@@ -17,7 +17,7 @@ def client(gateway, tenant_key):
 
 def test_models_lists_the_registry(client):
     ids = {model.id for model in client.models.list()}
-    assert {"test-llm", "slow-llm", "faulty-llm"} <= ids
+    assert {"test-llm", "slow-llm", "faulty-llm", "think-llm"} <= ids
     assert client.models.retrieve("test-llm").id == "test-llm"
 
 
@@ -192,6 +192,32 @@ def test_tool_calls_reach_the_client_whole_and_streamed(client, tenant_key):
         {"role": "assistant", "content": "", "tool_calls": [call.model_dump()]},
         {"role": "tool", "tool_call_id": call.id, "content": "Sunny."}])
     assert follow.choices[0].message.tool_calls is None and follow.choices[0].message.content
+
+
+def test_a_reasoning_models_think_block_reaches_the_client_and_is_metered(client, tenant_key):
+    """A reasoning model (the simulator as SGLang with --reasoning-parser qwen3):
+    the think block arrives as reasoning_content, whole and streamed, before
+    the answer; its tokens are completion tokens in usage and in the usage
+    row, and the stream's time to first token is the first reasoning delta's."""
+    ask = [{"role": "user", "content": "Think, then answer."}]
+    whole = client.chat.completions.create(model="think-llm", messages=ask, max_tokens=200)
+    message = whole.choices[0].message
+    assert message.reasoning_content and message.content and whole.choices[0].finish_reason == "stop"
+    assert 0 < whole.usage.completion_tokens_details.reasoning_tokens < whole.usage.completion_tokens
+
+    chunks = list(client.chat.completions.create(model="think-llm", messages=ask, max_tokens=200, stream=True,
+                                                 stream_options={"include_usage": True}))
+    deltas = [chunk.choices[0].delta for chunk in chunks if chunk.choices]
+    assert "".join(getattr(d, "reasoning_content", None) or "" for d in deltas) == message.reasoning_content
+    assert "".join(d.content or "" for d in deltas) == message.content
+    usage = chunks[-1].usage
+    assert usage.completion_tokens == whole.usage.completion_tokens
+    assert usage.completion_tokens_details.reasoning_tokens == whole.usage.completion_tokens_details.reasoning_tokens
+
+    rows = usage_rows_wait(api_key=tenant_key.api_key, count=2)
+    assert all(row.completion_tokens == usage.completion_tokens for row in rows)
+    streamed = next(row for row in rows if row.stream)
+    assert streamed.ttft_ms is not None and 0 < streamed.ttft_ms <= streamed.latency_ms
 
 
 def test_without_max_tokens_the_default_leaves_room_for_the_prompt(client, tenant_key):

@@ -196,3 +196,20 @@ def test_tool_call_deltas_reach_the_socket(gateway, tenant_key):
     final = frames[-1]
     assert final["type"] == "usage" and final["finish_reason"] == "tool_calls" and "finish_reasons" not in final
     assert final["usage"]["completion_tokens"] > len(calls)
+
+
+def test_reasoning_deltas_reach_the_socket(gateway, tenant_key):
+    """A reasoning model's think block arrives in delta frames' reasoning_content,
+    before the answer's content."""
+    with connect(gateway.ws_url, additional_headers={"Authorization": f"Bearer {tenant_key.secret}"}) as ws:
+        assert json.loads(ws.recv(timeout=5))["type"] == "auth.ok"
+        ws.send(json.dumps({"type": "request", "id": "r", "body": {
+            "model": "think-llm", "max_tokens": 200, "messages": [{"role": "user", "content": "Think first."}]}}))
+        frames = frames_until(ws, lambda f, _: f["type"] in ("usage", "error"))
+    deltas = [frame for frame in frames if frame["type"] == "delta"]
+    reasoning = [i for i, frame in enumerate(deltas) if frame.get("reasoning_content")]
+    content = [i for i, frame in enumerate(deltas) if frame.get("content")]
+    assert reasoning and content and max(reasoning) < min(content)
+    final = frames[-1]
+    assert final["type"] == "usage" and final["finish_reason"] == "stop"
+    assert final["usage"]["completion_tokens_details"]["reasoning_tokens"] >= len(reasoning)

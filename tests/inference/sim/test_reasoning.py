@@ -1,0 +1,87 @@
+"""Reasoning models (`--reasoning-parser`): the think block a reply opens with,
+split into `reasoning_content` as SGLang's parsers split it."""
+
+from __future__ import annotations
+
+import pytest
+
+from inference.sim.reasoning import THINK_END, ReasoningSplitter
+
+from .test_http_api import openai_client
+
+ASK = [{"role": "user", "content": "Why is the sky blue?"}]
+
+
+@pytest.fixture(scope="module")
+def qwen3_sim(sim_factory):
+    return sim_factory("--reasoning-parser", "qwen3", "--enable-cache-report")
+
+
+@pytest.fixture(scope="module")
+def r1_sim(sim_factory):
+    return sim_factory("--reasoning-parser", "deepseek-r1")
+
+
+@pytest.mark.parametrize("which", ["qwen3", "deepseek-r1"])
+def test_a_reply_thinks_then_answers_whole_and_streamed(which, qwen3_sim, r1_sim):
+    client = openai_client(qwen3_sim if which == "qwen3" else r1_sim)
+    whole = client.chat.completions.create(model="m", messages=ASK)
+    message = whole.choices[0].message
+    assert message.reasoning_content and message.content and whole.choices[0].finish_reason == "stop"
+    assert "<think>" not in message.reasoning_content and THINK_END not in message.reasoning_content
+    assert "think>" not in message.content and message.content.startswith("\n\n")
+    usage = whole.usage
+    assert 0 < usage.reasoning_tokens < usage.completion_tokens
+    assert usage.completion_tokens_details.reasoning_tokens == usage.reasoning_tokens
+
+    chunks = list(client.chat.completions.create(model="m", messages=ASK, stream=True,
+                                                 stream_options={"include_usage": True}))
+    deltas = [chunk.choices[0].delta for chunk in chunks if chunk.choices]
+    reasoning = "".join(getattr(delta, "reasoning_content", None) or "" for delta in deltas)
+    content = "".join(delta.content or "" for delta in deltas)
+    assert (reasoning, content) == (message.reasoning_content, message.content)
+    # Every reasoning delta comes before the first content one.
+    kinds = [bool(getattr(delta, "reasoning_content", None)) for delta in deltas if
+             getattr(delta, "reasoning_content", None) or delta.content]
+    assert kinds == sorted(kinds, reverse=True)
+    assert chunks[-1].usage.reasoning_tokens == usage.reasoning_tokens
+
+
+def test_qwen3_without_thinking_and_unseparated_reasoning(qwen3_sim):
+    client = openai_client(qwen3_sim)
+    plain = client.chat.completions.create(model="m", messages=ASK,
+                                           extra_body={"chat_template_kwargs": {"enable_thinking": False}})
+    assert plain.choices[0].message.reasoning_content is None and plain.usage.reasoning_tokens == 0
+    assert plain.usage.completion_tokens_details is None
+    raw = client.chat.completions.create(model="m", messages=ASK, extra_body={"separate_reasoning": False})
+    assert raw.choices[0].message.reasoning_content is None
+    assert raw.choices[0].message.content.startswith("<think>\n") and THINK_END in raw.choices[0].message.content
+    # The answer after the block is the same reply the model gives without thinking.
+    assert raw.choices[0].message.content.endswith(plain.choices[0].message.content)
+
+
+def test_a_reply_cut_while_thinking_is_all_reasoning(r1_sim):
+    client = openai_client(r1_sim)
+    cut = client.chat.completions.create(model="m", messages=ASK, max_tokens=5)
+    assert cut.choices[0].finish_reason == "length" and cut.choices[0].message.content == ""
+    assert cut.choices[0].message.reasoning_content and cut.usage.reasoning_tokens == 5
+    with r1_sim.client() as http:
+        info = http.get("/model_info").json()
+    assert info["reasoning_parser"] == "deepseek-r1"
+
+
+@pytest.mark.parametrize("parser", ["qwen3", "deepseek-r1"])
+def test_the_splitter_holds_back_a_tag_split_across_deltas(parser):
+    text = ("<think>\n" if parser == "qwen3" else "") + "a <b> c\n</think>\n\nanswer </thin"
+    splitter = ReasoningSplitter(parser)
+    reasoning = content = ""
+    for char in text:
+        more_reasoning, more_content = splitter.feed(char)
+        reasoning, content = reasoning + more_reasoning, content + more_content
+    rest_reasoning, rest_content = splitter.finish()
+    assert (reasoning + rest_reasoning, content + rest_content) == ("\na <b> c\n"[parser != "qwen3":],
+                                                                     "\n\nanswer </thin")
+    assert ReasoningSplitter(parser).split(text) == (reasoning + rest_reasoning, content + rest_content)
+    # qwen3 without a block answers plainly; a tool call ends qwen3's block.
+    assert ReasoningSplitter("qwen3").split("just an answer") == ("", "just an answer")
+    assert ReasoningSplitter("qwen3").split("<think>hmm<tool_call>{}") == ("hmm", "<tool_call>{}")
