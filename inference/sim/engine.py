@@ -69,8 +69,7 @@ from .lora import LoraError, LoraRegistry
 from .metrics import SimStats
 from .radix_cache import RadixCache, RadixNode
 from .timing import EngineCosts, StepTiming
-from .tokenizer import (EOS_TOKEN_ID, PseudoTextSource, ScriptedTextSource, generation_seed, natural_length,
-                        split_pieces)
+from .tokenizer import EOS_TOKEN_ID, PseudoTextSource, ScriptedTextSource, generation_seed, natural_length
 
 logger = logging.getLogger("inference.sim.engine")
 
@@ -339,18 +338,18 @@ class SimEngine:
         if request.sample:
             seed = generation_seed(prompt_ids=(request.sample,), server_seed=seed & 0x7FFF_FFFF_FFFF_FFFF,
                                    request_seed=None)
+        text_source = PseudoTextSource(seed)
+        if request.preamble or request.forced_text is not None:
+            text_source = ScriptedTextSource((request.preamble or "") + (request.forced_text or ""), text_source)
         natural = natural_length(seed, self.config.natural_length_min, self.config.natural_length_max)
-        if request.preamble:
-            natural += len(split_pieces(request.preamble))  # the think block, then a reply of the usual length
+        if request.preamble and request.forced_text is None:
+            natural += len(text_source)  # the think block, then a reply of the usual length
         if request.ignore_eos:
             token_limit, stops_naturally = (room if request.max_new_tokens is None else request.max_new_tokens), False
         elif request.max_new_tokens is not None and request.max_new_tokens <= natural:
             token_limit, stops_naturally = request.max_new_tokens, False
         else:
             token_limit, stops_naturally = min(natural, room), natural <= room
-        text_source = PseudoTextSource(seed)
-        if request.preamble or request.forced_text is not None:
-            text_source = ScriptedTextSource((request.preamble or "") + (request.forced_text or ""), text_source)
         if request.forced_text is not None:
             # The model writes that text (after its preamble) and stops, unless
             # max_new_tokens cuts it (ignore_eos: it goes on, as above).

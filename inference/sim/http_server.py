@@ -41,7 +41,6 @@ from .engine import GenerationRequest, InjectedFailure, RequestRejected, Running
 from .lora import LoraError
 from .tools import CallStream
 from .metrics import render_prometheus
-from .reasoning import ReasoningSplitter
 from .protocol import (
     SSE_DONE,
     ApiError,
@@ -68,6 +67,7 @@ from .protocol import (
     unsupported_media_type_error,
     usage_object,
 )
+from .reasoning import ReasoningSplitter
 
 logger = logging.getLogger("inference.sim")
 
