@@ -59,6 +59,7 @@ import hashlib
 import itertools
 import logging
 import random
+import re
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -119,6 +120,7 @@ class GenerationRequest:
     prompt_ids: list[int]
     max_new_tokens: int | None  # None: stop at a natural EOS (capped by context)
     stop: tuple[str, ...] = ()
+    stop_regex: tuple[re.Pattern, ...] = ()
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
     seed: int | None = None
@@ -672,6 +674,7 @@ class SimEngine:
         pending = running.pending
         next_token = running.text_source.next_token
         stop_strings = request.stop
+        stop_regex = request.stop_regex
         stop_token_ids = request.stop_token_ids
         token_limit = running.token_limit
         crash_after = running.crash_after
@@ -704,6 +707,17 @@ class SimEngine:
                         text = text[:found_at]
                         delta = text[previous_length:]
                         finish_reason = {"type": "stop", "matched": stop}
+                        break
+            if finish_reason is None and stop_regex:
+                for pattern in stop_regex:
+                    if pattern.search(text) is not None:
+                        # SGLang trims `matched` as if it were a stop string: the
+                        # pattern's own text, so only a literal pattern is cut.
+                        found_at = text.find(pattern.pattern)
+                        if found_at != -1:
+                            text = text[:found_at]
+                            delta = text[previous_length:]
+                        finish_reason = {"type": "stop", "matched": pattern.pattern}
                         break
             if finish_reason is None and stop_token_ids and token_id in stop_token_ids:
                 finish_reason = {"type": "stop", "matched": token_id}

@@ -34,6 +34,9 @@ from .structured import schema_value
 from .tools import ToolCall, ToolRequestError, plan_call
 
 WEIGHT_VERSION = "default"  # SGLang's default --weight-version
+# SGLang's limits on a request's stop_regex patterns (srt/sampling/sampling_params.py).
+MAX_STOP_REGEX_COUNT = 32
+MAX_STOP_REGEX_LEN = 256
 RESPONSE_FORMAT_TYPES = ("text", "json_object", "json_schema")
 SSE_DONE = b"data: [DONE]\n\n"
 
@@ -136,6 +139,23 @@ class _Fields:
         if isinstance(value, list) and all(isinstance(item, str) for item in value):
             return tuple(item for item in value if item)
         self.fail(name, "Input should be a valid string or list of strings")
+
+    def stop_regexes(self, make_error, source: dict | None = None) -> tuple[re.Pattern, ...]:
+        """`stop_regex`: a pattern or a list, compiled, within SGLang's limits
+        (at most MAX_STOP_REGEX_COUNT patterns of MAX_STOP_REGEX_LEN bytes)."""
+        patterns = self.stop_strings("stop_regex", source=source)
+        if len(patterns) > MAX_STOP_REGEX_COUNT:
+            raise make_error(f"at most {MAX_STOP_REGEX_COUNT} stop_regex patterns are allowed, got {len(patterns)}")
+        compiled = []
+        for pattern in patterns:
+            size = len(pattern.encode("utf-8"))
+            if size > MAX_STOP_REGEX_LEN:
+                raise make_error(f"stop_regex is {size} bytes, over the {MAX_STOP_REGEX_LEN}-byte limit")
+            try:
+                compiled.append(re.compile(pattern))
+            except re.error as error:
+                raise make_error(f"invalid stop_regex {pattern!r}: {error}") from None
+        return tuple(compiled)
 
     def token_ids(self, name: str, source: dict | None = None) -> tuple[int, ...]:
         value = (source if source is not None else self.body).get(name)
@@ -251,6 +271,7 @@ def _openai_common(fields: _Fields, *, prompt_ids: list[int], max_tokens: int | 
         prompt_ids=prompt_ids,
         max_new_tokens=max_tokens,
         stop=fields.stop_strings(),
+        stop_regex=fields.stop_regexes(openai_error),
         stop_token_ids=fields.token_ids("stop_token_ids"),
         ignore_eos=fields.boolean("ignore_eos"),
         seed=fields.optional_int("seed"),
@@ -600,6 +621,7 @@ def parse_generate_request(body: Any) -> NativeRequest:
             prompt_ids=prompt_ids,
             max_new_tokens=fields.optional_int("max_new_tokens", source=params) if "max_new_tokens" in params else 128,
             stop=fields.stop_strings(source=params),
+            stop_regex=fields.stop_regexes(native_error, source=params),
             stop_token_ids=fields.token_ids("stop_token_ids", source=params),
             ignore_eos=fields.boolean("ignore_eos", source=params),
             seed=fields.optional_int("sampling_seed", source=params),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import threading
 import time
 
@@ -779,3 +780,35 @@ def test_generate_logprobs(sim):
     # The same prompt generates the same tokens, scored the same, streamed or not.
     assert events[-1]["meta_info"]["output_token_logprobs"] == plain["meta_info"]["output_token_logprobs"][:4]
     assert events[-1]["meta_info"]["output_token_logprobs_length"] == 4
+
+
+def test_stop_regex_ends_a_reply_as_sglang_does(sim):
+    """`stop_regex` (native sampling params, OpenAI extra): the reply ends at
+    the token that first makes a pattern match, finish `stop` with the pattern
+    as `matched`; SGLang then trims `matched` like a stop string, so a literal
+    pattern is cut from the text and another pattern is not."""
+    prompt = "Tell me a story about the sea"
+    with sim.client() as client:
+        plain = client.post("/generate", json={"text": prompt, "sampling_params": {
+            "max_new_tokens": 40, "ignore_eos": True}}).json()["text"]
+        word = plain.split(" ")[3]
+        literal = client.post("/generate", json={"text": prompt, "sampling_params": {
+            "max_new_tokens": 40, "ignore_eos": True, "stop_regex": " " + word}}).json()
+        pattern = r" [a-z]{6,}"
+        regex = client.post("/generate", json={"text": prompt, "sampling_params": {
+            "max_new_tokens": 40, "ignore_eos": True, "stop_regex": [r"\d", pattern]}}).json()
+        chat = client.post("/v1/chat/completions", json={
+            "model": "m", "messages": [{"role": "user", "content": prompt}], "max_tokens": 40, "ignore_eos": True,
+            "stop_regex": pattern}).json()
+        invalid = client.post("/generate", json={"text": prompt, "sampling_params": {"stop_regex": "(open"}})
+        too_many = client.post("/v1/completions", json={"model": "m", "prompt": prompt,
+                                                        "stop_regex": [f"x{i}" for i in range(33)]})
+    assert literal["text"] == plain[:plain.find(" " + word)]
+    assert literal["meta_info"]["finish_reason"] == {"type": "stop", "matched": " " + word}
+    found = re.search(pattern, plain)
+    assert regex["meta_info"]["finish_reason"] == {"type": "stop", "matched": pattern}
+    # Not trimmed: the reply ends with the token (a whole word) that made the first match.
+    assert regex["text"] == plain[:found.end()]
+    assert chat["choices"][0]["finish_reason"] == "stop" and chat["choices"][0]["matched_stop"] == pattern
+    assert invalid.status_code == 400 and invalid.json()["error"]["message"].startswith("invalid stop_regex '(open'")
+    assert too_many.status_code == 400 and "at most 32 stop_regex patterns" in too_many.json()["message"]
