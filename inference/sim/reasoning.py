@@ -105,9 +105,10 @@ class ReasoningSplitter:
             if tool >= 0:
                 self._buffer, self._in_reasoning = "", False
                 return text[:tool], text[tool:]
-            # Hold back an end that may be a marker split across deltas.
-            held = max(_partial_suffix(text, marker) for marker in markers[1:] + ([] if self._stripped_start
-                                                                               else [THINK_START]))
+            # Hold back an end that may be a marker split across deltas (the
+            # opening one too while it has not been seen).
+            held = max(_partial_suffix(text, marker) for marker in markers
+                       if marker != THINK_START or not self._stripped_start)
             self._buffer = text[len(text) - held:]
             return text[:len(text) - held], ""
         self._buffer = ""
