@@ -16,6 +16,7 @@ import aiohttp
 import orjson
 
 USAGE_KEY = b',"usage":'
+SGLEXT_KEY = b'"sglext":'
 
 
 async def sse_batches(response: aiohttp.ClientResponse) -> AsyncIterator[list[bytes]]:
@@ -87,6 +88,8 @@ class ChunkRewriter:
         ValueError for a backend error chunk."""
         if payload.startswith(b'{"error"'):
             raise ValueError(payload)
+        if SGLEXT_KEY in payload:
+            return self.rewrite_slow(payload)
         position = payload.rfind(USAGE_KEY)
         if position != -1:
             usage_raw = payload[position + len(USAGE_KEY):-1]
@@ -120,6 +123,13 @@ class ChunkRewriter:
             raise ValueError(payload)
         usage = chunk.pop("usage", None)
         choices = chunk.get("choices")
+        if not choices and not usage and "sglext" in chunk:
+            # SGLang's response-level extension (`return_cached_tokens_details`
+            # and the like): handed on as it came, not taken for the usage chunk.
+            chunk["id"], chunk["model"] = self._request_id, self._client_model
+            if self._tail != b"}":
+                chunk["usage"] = None
+            return orjson.dumps(chunk), False
         if not choices:
             if usage:
                 self.last_usage_raw = orjson.dumps(usage)

@@ -64,6 +64,7 @@ from .protocol import (
     parse_completion_request,
     parse_generate_request,
     running_usage,
+    sglext,
     unsupported_media_type_error,
     usage_object,
 )
@@ -412,6 +413,9 @@ class GenerationHandlers:
                     pending.extend(choices[index].for_step(step))
                     if not more_ready or len(pending) >= MAX_COALESCED_CHUNKS:
                         response = await self._flush_sse(request, response, pending)
+                else:
+                    if (extension := sglext(parsed, runnings)) is not None:
+                        pending.append(choices[0].writer.sglext_chunk(extension))
             if parsed.include_usage:
                 pending.append(choices[0].writer.usage_chunk(
                     choices_usage(runnings, parsed.n, self.config.enable_cache_report)))
@@ -466,6 +470,9 @@ class GenerationHandlers:
                     pending.extend(choice.for_step(step))
                     if step.finish_reason is None and (not step.more_ready or len(pending) >= MAX_COALESCED_CHUNKS):
                         response = await self._flush_sse(request, response, pending)
+                else:
+                    if (extension := sglext(parsed, [running])) is not None:
+                        pending.append(choice.writer.sglext_chunk(extension))
             if parsed.include_usage:
                 pending.append(choice.writer.usage_chunk(running_usage(running, self.config.enable_cache_report)))
             pending.append(SSE_DONE)

@@ -208,6 +208,8 @@ class OpenAIRequest:
     tool_call: ToolCall | None = None
     # The reasoning parser that splits chat replies (`reasoning.ReasoningSplitter`), if any.
     reasoning_parser: str | None = None
+    # `return_cached_tokens_details`: the reply's `sglext` says where its cached tokens came from.
+    cached_tokens_details: bool = False
 
     @property
     def single(self) -> bool:
@@ -415,7 +417,8 @@ def parse_chat_request(body: Any, *, served_model_name: str | None = None,
         generation = replace(generation, preamble=thinking.preamble, reasoning_tokens=thinking.reasoning_tokens)
     parsed = OpenAIRequest(generation, model, include_usage, continuous,
                            top_logprobs=(top or 0) if logprobs else None, tool_call=tool_call,
-                           reasoning_parser=thinking.parser if thinking is not None else None)
+                           reasoning_parser=thinking.parser if thinking is not None else None,
+                           cached_tokens_details=fields.boolean("return_cached_tokens_details"))
     return _choices_options(fields, parsed, 1)
 
 
@@ -450,7 +453,8 @@ def parse_completion_request(body: Any, *, served_model_name: str | None = None)
     if logprobs is not None and logprobs < 0:
         raise openai_error(f"logprobs must be at least 0, got {logprobs}.")
     parsed = OpenAIRequest(generation, model, include_usage, continuous, prompts[0][1],
-                           batch=prompts if len(prompts) > 1 else None, completion_logprobs=logprobs)
+                           batch=prompts if len(prompts) > 1 else None, completion_logprobs=logprobs,
+                           cached_tokens_details=fields.boolean("return_cached_tokens_details"))
     return _choices_options(fields, parsed, len(prompts))
 
 
@@ -650,12 +654,31 @@ def native_meta_info(running: RunningRequest, *, final: bool, completion_tokens:
         "reasoning_tokens": _reasoning_tokens(running, completion_tokens),
         "completion_tokens": completion_tokens,
         "cached_tokens": running.cached_tokens,
+        "cached_tokens_details": cached_tokens_details(running),
     }
     if running.request.logprobs is not None:
         meta_info.update(native_logprobs(running, meta_info["completion_tokens"]))
     if final:
         meta_info["e2e_latency"] = running.e2e_latency_s()
     return meta_info
+
+
+def cached_tokens_details(running: RunningRequest) -> dict | None:
+    """Where a request's cached tokens came from, as SGLang's scheduler reports
+    them without a hierarchical cache: all from the device, or None when
+    nothing was cached."""
+    if not running.cached_tokens:
+        return None
+    return {"device": running.cached_tokens, "host": 0}
+
+
+def sglext(parsed: OpenAIRequest, runnings: list[RunningRequest]) -> dict | None:
+    """An OpenAI reply's `sglext` (response level): the cached-token details
+    of the first choice that has any, when the request asked for them."""
+    if not parsed.cached_tokens_details:
+        return None
+    details = next((found for found in map(cached_tokens_details, runnings) if found is not None), None)
+    return {"cached_tokens_details": details} if details is not None else None
 
 
 def native_logprobs(running: RunningRequest, completion_tokens: int) -> dict:
@@ -796,7 +819,7 @@ def _openai_response(parsed: OpenAIRequest, runnings: list[RunningRequest], kind
         choice.setdefault("finish_reason", finish_reason["type"] if finish_reason else None)
         choice.setdefault("matched_stop", _matched_stop(finish_reason))
         choices.append(choice)
-    return {
+    response = {
         "id": runnings[0].rid,
         "object": kind,
         "created": int(time.time()),
@@ -805,6 +828,10 @@ def _openai_response(parsed: OpenAIRequest, runnings: list[RunningRequest], kind
         "usage": choices_usage(runnings, parsed.n, enable_cache_report),
         "metadata": {"weight_version": WEIGHT_VERSION},
     }
+    extension = sglext(parsed, runnings[:1])  # SGLang reads the first result only
+    if extension is not None:
+        response["sglext"] = extension
+    return response
 
 
 def completion_logprobs(top: int, steps: list[tuple[int, str, int]], echo_text: str | None = None) -> dict:
@@ -935,6 +962,9 @@ class ChatChunkWriter:
     def usage_chunk(self, usage: dict) -> bytes:
         return self._usage_head + orjson.dumps(usage) + b"}\n\n"
 
+    def sglext_chunk(self, extension: dict) -> bytes:
+        return _sglext_chunk(self._usage_head, extension)
+
 
 class CompletionChunkWriter:
     """Pre-encoded pieces of one request's text_completion stream events."""
@@ -961,3 +991,12 @@ class CompletionChunkWriter:
         # SGLang dumps this one with exclude_none=True: null fields vanish.
         trimmed = {key: value for key, value in usage.items() if value is not None}
         return self._usage_head + orjson.dumps(trimmed) + b"}\n\n"
+
+    def sglext_chunk(self, extension: dict) -> bytes:
+        return _sglext_chunk(self._usage_head, extension)
+
+
+def _sglext_chunk(usage_head: bytes, extension: dict) -> bytes:
+    """The chunk that carries a stream's `sglext`, after every choice has
+    finished and before the usage chunk: no choices, usage null."""
+    return usage_head + b'null,"sglext":' + orjson.dumps(extension) + b"}\n\n"

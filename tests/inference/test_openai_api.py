@@ -220,6 +220,28 @@ def test_a_reasoning_models_think_block_reaches_the_client_and_is_metered(client
     assert streamed.ttft_ms is not None and 0 < streamed.ttft_ms <= streamed.latency_ms
 
 
+def test_sglangs_cached_token_details_pass_through_and_usage_stays_exact(client, tenant_key):
+    """`return_cached_tokens_details` is SGLang's: the backend adds a response-level
+    `sglext`, streamed as a choice-less chunk before the usage chunk. The client
+    gets it, and the stream's usage (and the metered row) is still the backend's."""
+    ask = {"model": "test-llm", "messages": [{"role": "user", "content": "Cache tiers, please: " * 20}],
+           "max_tokens": 5, "extra_body": {"return_cached_tokens_details": True}}
+    client.chat.completions.create(**ask)  # the prompt is cached from here on
+    whole = client.chat.completions.create(**ask)
+    cached = whole.usage.prompt_tokens_details.cached_tokens
+    assert cached > 0 and whole.model_extra["sglext"] == {"cached_tokens_details": {"device": cached, "host": 0}}
+
+    chunks = list(client.chat.completions.create(**ask, stream=True))
+    extension = [chunk for chunk in chunks if not chunk.choices and "sglext" in (chunk.model_extra or {})]
+    assert len(extension) == 1 and extension[0].id == chunks[0].id and extension[0].model == "test-llm"
+    assert extension[0].model_extra["sglext"]["cached_tokens_details"]["device"] > 0
+    assert all(chunk.usage is None for chunk in chunks)  # the client did not ask for usage
+
+    rows = usage_rows_wait(api_key=tenant_key.api_key, count=3)
+    streamed = next(row for row in rows if row.stream)
+    assert streamed.completion_tokens == 5 and streamed.prompt_tokens == whole.usage.prompt_tokens
+    assert streamed.cached_tokens == extension[0].model_extra["sglext"]["cached_tokens_details"]["device"]
+
 def test_without_max_tokens_the_default_leaves_room_for_the_prompt(client, tenant_key):
     """The gateway's default max_tokens (4096 here) would overflow test-llm's 4096-token
     context with any prompt; it is cut to the room the prompt leaves."""

@@ -161,6 +161,50 @@ def test_multi_turn_reuses_previous_answer(sim):
     assert second.usage.prompt_tokens_details.cached_tokens >= first.usage.prompt_tokens + 6
 
 
+def test_cached_tokens_details_as_sglang_reports_them(sim):
+    """`meta_info.cached_tokens_details` is null until something is cached,
+    then all from the device; OpenAI replies carry it in a response-level
+    `sglext` only when asked, streamed in a choice-less chunk before usage."""
+    salt = {"cache_salt": "test-cached-details"}
+    messages = [{"role": "user", "content": "Where did these cached tokens come from?"}]
+    with sim.client() as client:
+        cold = client.post("/generate", json={"text": "A native prompt about cache tiers.", **salt,
+                                              "sampling_params": {"max_new_tokens": 2}}).json()
+        warm = client.post("/generate", json={"text": "A native prompt about cache tiers.", **salt,
+                                              "sampling_params": {"max_new_tokens": 2}}).json()
+        assert cold["meta_info"]["cached_tokens"] == 0 and cold["meta_info"]["cached_tokens_details"] is None
+        assert warm["meta_info"]["cached_tokens_details"] == {"device": warm["meta_info"]["cached_tokens"],
+                                                               "host": 0}
+        assert warm["meta_info"]["cached_tokens"] > 0
+
+        ask = {"model": "m", "messages": messages, "max_tokens": 3, **salt}
+        plain = client.post("/v1/chat/completions", json=ask).json()  # warms the prompt
+        assert "sglext" not in plain
+        asked = client.post("/v1/chat/completions", json={**ask, "return_cached_tokens_details": True}).json()
+        cached = asked["usage"]["prompt_tokens_details"]["cached_tokens"]
+        assert cached > 0 and asked["sglext"] == {"cached_tokens_details": {"device": cached, "host": 0}}
+
+        with client.stream("POST", "/v1/chat/completions",
+                           json={**ask, "stream": True, "return_cached_tokens_details": True,
+                                 "stream_options": {"include_usage": True}}) as response:
+            events = sse_events(response)
+        extension, usage, done = events[-3:]
+        assert done == "[DONE]" and usage["choices"] == [] and usage["usage"]["completion_tokens"] == 3
+        assert extension["object"] == "chat.completion.chunk" and extension["choices"] == []
+        assert extension["usage"] is None and extension["id"] == usage["id"]
+        assert extension["sglext"] == {"cached_tokens_details": {
+            "device": usage["usage"]["prompt_tokens_details"]["cached_tokens"], "host": 0}}
+        assert events[-4]["choices"][0]["finish_reason"] == "length"
+
+        prompt = {"model": "m", "prompt": "A completion prompt never sent before.", "max_tokens": 2,
+                  "return_cached_tokens_details": True, "cache_salt": "test-cached-details-completion"}
+        first = client.post("/v1/completions", json=prompt).json()
+        assert first["usage"]["prompt_tokens_details"]["cached_tokens"] == 0 and "sglext" not in first
+        with client.stream("POST", "/v1/completions", json={**prompt, "stream": True}) as response:
+            events = sse_events(response)
+        assert events[-1] == "[DONE]" and events[-2]["object"] == "text_completion"
+        assert events[-2]["choices"] == [] and events[-2]["sglext"]["cached_tokens_details"]["device"] > 0
+
 def test_no_cache_report_without_flag(sim_factory):
     plain = sim_factory()
     completion = openai_client(plain).chat.completions.create(model="m", messages=CHAT, max_tokens=2)
