@@ -131,12 +131,29 @@ def backends_by_request(api_key, count: int) -> dict[str, str]:
     return {row.request_id: row.backend for row in rows}
 
 
+def stored_homes() -> list[bytes]:
+    """The homes-llm conversation homes in Redis (the gateways' namespace is the
+    database name)."""
+    import redis
+
+    namespace = connection.settings_dict["NAME"]
+    client = redis.Redis.from_url(os.environ["REDIS_URL"])
+    try:
+        return list(client.scan_iter(match=f"{namespace}:home:{MODEL}:*", count=1000))
+    finally:
+        client.close()
+
+
 def turns_through(first, second, tk) -> tuple[list[str], list[str]]:
     """9 conversations sharing a system prompt, started at once through `first`
     (so load spreads them over the three backends), each one's second turn
     through `second`, which routed none of them; the backend of each first turn
     and of each second turn, from the usage records."""
     started = first_turns(first, tk.secret, 9)
+    if first is not second:
+        # the first process has said where each conversation lives (by the time a
+        # reply is back, its placement has long been written)
+        assert len(stored_homes()) >= 9
     seconds = [next_turn(second, tk.secret, history) for history, _ in started]
     backend = backends_by_request(tk.api_key, 18)
     placed = [backend[request_id] for _, request_id in started]
