@@ -136,6 +136,11 @@ class GenerationRequest:
     # `reasoning.Thinking`), and how many of its tokens count as reasoning.
     preamble: str | None = None
     reasoning_tokens: int = 0
+    # SGLang's min_new_tokens: EOS and stop_token_ids are masked until the
+    # reply has that many tokens (stop strings still match).
+    min_new_tokens: int = 0
+    # no_stop_trim: the matched stop string (or stop token's text) stays in the reply.
+    no_stop_trim: bool = False
 
 
 @dataclass(slots=True)
@@ -346,6 +351,7 @@ class SimEngine:
         natural = natural_length(seed, self.config.natural_length_min, self.config.natural_length_max)
         if request.preamble and request.forced_text is None:
             natural += len(text_source)  # the think block, then a reply of the usual length
+        natural = max(natural, min(request.min_new_tokens, room))  # EOS masked until then
         if request.ignore_eos:
             token_limit, stops_naturally = (room if request.max_new_tokens is None else request.max_new_tokens), False
         elif request.max_new_tokens is not None and request.max_new_tokens <= natural:
@@ -703,8 +709,9 @@ class SimEngine:
                 for stop in stop_strings:
                     found_at = text.find(stop, max(0, previous_length - len(stop) + 1))
                     if found_at != -1:
-                        # SGLang trims the matched stop string from the output.
-                        text = text[:found_at]
+                        # SGLang trims the matched stop string from the output
+                        # (no_stop_trim: what follows it in the token).
+                        text = text[:found_at + len(stop)] if request.no_stop_trim else text[:found_at]
                         delta = text[previous_length:]
                         finish_reason = {"type": "stop", "matched": stop}
                         break
@@ -715,12 +722,17 @@ class SimEngine:
                         # pattern's own text, so only a literal pattern is cut.
                         found_at = text.find(pattern.pattern)
                         if found_at != -1:
-                            text = text[:found_at]
+                            text = text[:found_at + len(pattern.pattern)] if request.no_stop_trim else text[:found_at]
                             delta = text[previous_length:]
                         finish_reason = {"type": "stop", "matched": pattern.pattern}
                         break
-            if finish_reason is None and stop_token_ids and token_id in stop_token_ids:
+            if finish_reason is None and stop_token_ids and token_id in stop_token_ids \
+                    and len(output_ids) > request.min_new_tokens:
                 finish_reason = {"type": "stop", "matched": token_id}
+                if not request.no_stop_trim:
+                    # SGLang drops the stop token from the text it decodes.
+                    text = text[:previous_length]
+                    delta = ""
             if finish_reason is None and len(output_ids) >= token_limit:
                 if running.stops_naturally:
                     finish_reason = {"type": "stop", "matched": EOS_TOKEN_ID}

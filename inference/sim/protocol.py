@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import random
 import re
 import time
@@ -28,7 +29,15 @@ import orjson
 import rstr
 
 from .engine import GenerationRequest, RunningRequest, Step
-from .tokenizer import piece_of, piece_to_id, render_chat_prompt, split_pieces, token_logprobs, tokenize
+from .tokenizer import (
+    VOCAB_SIZE,
+    piece_of,
+    piece_to_id,
+    render_chat_prompt,
+    split_pieces,
+    token_logprobs,
+    tokenize,
+)
 from .reasoning import ReasoningSplitter, thinking_for
 from .structured import schema_value
 from .tools import ToolCall, ToolRequestError, plan_call
@@ -172,12 +181,57 @@ def _cache_namespace(cache_salt: str | None, extra_key: str | None):
     return (cache_salt, extra_key)
 
 
-def _check_sampling(temperature: float | None, top_p: float | None, make_error) -> None:
-    """SGLang's SamplingParams.verify wording for the params we accept."""
-    if temperature is not None and temperature < 0:
-        raise make_error(f"temperature must be a non-negative finite number, got {temperature}.")
-    if top_p is not None and not 0.0 < top_p <= 1.0:
-        raise make_error(f"top_p must be in (0, 1], got {top_p}.")
+def _verify_sampling(fields: _Fields, source: dict, *, max_new_tokens: int | None, min_name: str,
+                     seed_name: str) -> tuple[int, bool]:
+    """SGLang's SamplingParams.verify, in its order and wording (a ValueError):
+    the params the simulator only checks (the penalties, top_k, min_p,
+    logit_bias) and those it honours. Returns (min_new_tokens, no_stop_trim)."""
+    def number(name: str, default: float) -> float:
+        value = fields.optional_float(name, source=source)
+        return default if value is None else value
+
+    temperature = number("temperature", 1.0)
+    top_p = number("top_p", 1.0)
+    min_p = number("min_p", 0.0)
+    top_k = fields.optional_int("top_k", source=source)
+    top_k = -1 if top_k is None else top_k
+    if 0 <= temperature < 1e-6:
+        top_k = 1  # greedy
+    if not math.isfinite(temperature) or temperature < 0:
+        raise ValueError(f"temperature must be a non-negative finite number, got {temperature}.")
+    if not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}.")
+    if not 0.0 <= min_p <= 1.0:
+        raise ValueError(f"min_p must be in [0, 1], got {min_p}.")
+    if top_k < 1 and top_k != -1:
+        raise ValueError(f"top_k must be -1 (disable) or at least 1, got {top_k}.")
+    for name in ("frequency_penalty", "presence_penalty"):
+        value = number(name, 0.0)
+        if not -2.0 <= value <= 2.0:
+            raise ValueError(f"{name} must be in [-2, 2], got {value}.")
+    repetition_penalty = number("repetition_penalty", 1.0)
+    if not 0.0 < repetition_penalty <= 2.0:
+        raise ValueError(f"repetition_penalty must be in (0, 2] (1.0 = no penalty), got {repetition_penalty}.")
+    min_new_tokens = fields.optional_int(min_name, source=source) or 0
+    if min_new_tokens < 0:
+        raise ValueError(f"min_new_tokens must be in [0, max_new_tokens], got {min_new_tokens}.")
+    if max_new_tokens is not None:
+        if max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be at least 0, got {max_new_tokens}.")
+        if min_new_tokens > max_new_tokens:
+            raise ValueError(f"min_new_tokens must be in [0, max_new_tokens({max_new_tokens})], got "
+                             f"{min_new_tokens}.")
+    logit_bias = source.get("logit_bias")
+    if logit_bias is not None:
+        if not isinstance(logit_bias, dict):
+            fields.fail("logit_bias", "Input should be a valid dictionary")
+        for token_id in logit_bias:
+            if not 0 <= int(token_id) < VOCAB_SIZE:  # int() raises SGLang's ValueError for a non-number
+                raise ValueError(f"logit_bias must has keys in [0, {VOCAB_SIZE - 1}], got {token_id}.")
+    seed = fields.optional_int(seed_name, source=source)
+    if seed is not None and not -(2 ** 63) <= seed <= 2 ** 63 - 1:
+        raise ValueError(f"sampling_seed must be in [-2**63, 2**63 - 1], got {seed}.")
+    return min_new_tokens, fields.boolean("no_stop_trim", source=source)
 
 
 # ------------------------------------------------------------------ OpenAI requests
@@ -242,9 +296,11 @@ def _openai_common(fields: _Fields, *, prompt_ids: list[int], max_tokens: int | 
     model = body.get("model", "default")
     if not isinstance(model, str):
         fields.fail("model", "Input should be a valid string")
-    temperature = fields.optional_float("temperature")
-    top_p = fields.optional_float("top_p")
-    _check_sampling(temperature, top_p, openai_error)
+    try:
+        min_new_tokens, no_stop_trim = _verify_sampling(fields, body, max_new_tokens=max_tokens,
+                                                        min_name="min_tokens", seed_name="seed")
+    except ValueError as error:
+        raise openai_error(str(error)) from error
     stream = fields.boolean("stream")
     stream_options = body.get("stream_options")
     include_usage = continuous_usage_stats = False
@@ -277,6 +333,8 @@ def _openai_common(fields: _Fields, *, prompt_ids: list[int], max_tokens: int | 
         stop_token_ids=fields.token_ids("stop_token_ids"),
         ignore_eos=fields.boolean("ignore_eos"),
         seed=fields.optional_int("seed"),
+        min_new_tokens=min_new_tokens,
+        no_stop_trim=no_stop_trim,
         cache_namespace=_cache_namespace(body.get("cache_salt"), body.get("extra_key")),
         stream=stream,
         lora_path=lora_path or None,
@@ -608,8 +666,14 @@ def parse_generate_request(body: Any) -> NativeRequest:
     refusals = []
     for index, (prompt_ids, params) in enumerate(zip(prompts, samplings)):
         temperature = fields.optional_float("temperature", source=params)
-        _check_sampling(temperature, fields.optional_float("top_p", source=params), native_error)
         greedy.append(temperature == 0)
+        max_new_tokens = fields.optional_int("max_new_tokens", source=params) if "max_new_tokens" in params else 128
+        min_new_tokens, no_stop_trim = 0, False
+        try:
+            min_new_tokens, no_stop_trim = _verify_sampling(fields, params, max_new_tokens=max_new_tokens,
+                                                            min_name="min_new_tokens", seed_name="sampling_seed")
+        except ValueError as error:
+            refusals.append(str(error))
         forced_text = None
         try:
             forced_text = constrained_text({kind: fields.optional_str(kind, source=params) for kind in GRAMMAR_KINDS},
@@ -623,7 +687,9 @@ def parse_generate_request(body: Any) -> NativeRequest:
         generations.append(GenerationRequest(
             rid=rids[index],
             prompt_ids=prompt_ids,
-            max_new_tokens=fields.optional_int("max_new_tokens", source=params) if "max_new_tokens" in params else 128,
+            max_new_tokens=max_new_tokens,
+            min_new_tokens=min_new_tokens,
+            no_stop_trim=no_stop_trim,
             stop=fields.stop_strings(source=params),
             stop_regex=fields.stop_regexes(native_error, source=params),
             stop_token_ids=fields.token_ids("stop_token_ids", source=params),

@@ -94,6 +94,68 @@ def test_stop_string_is_matched_and_trimmed(sim):
     assert choice.message.content == words[:words.index(" " + stop_word)]
 
 
+def test_no_stop_trim_min_tokens_and_stop_tokens_as_sglang_applies_them(sim):
+    client = openai_client(sim)
+    words = client.chat.completions.create(model="m", messages=CHAT, max_tokens=10).choices[0].message.content
+    stop = " " + words.split()[4]
+    kept = client.chat.completions.create(model="m", messages=CHAT, max_tokens=10, stop=[stop],
+                                          extra_body={"no_stop_trim": True}).choices[0]
+    assert kept.finish_reason == "stop" and kept.message.content == words[:words.index(stop) + len(stop)]
+
+    # min_tokens masks EOS: a reply that would end by itself goes on to at least that length
+    natural = client.chat.completions.create(model="m", messages=CHAT).usage.completion_tokens
+    longer = client.chat.completions.create(model="m", messages=CHAT, extra_body={"min_tokens": natural + 20})
+    assert longer.choices[0].finish_reason == "stop" and longer.usage.completion_tokens == natural + 20
+    assert longer.choices[0].message.content.startswith(
+        client.chat.completions.create(model="m", messages=CHAT).choices[0].message.content)
+
+    with sim.client() as http:
+        ask = {"text": "Stop tokens.", "sampling_params": {"max_new_tokens": 8, "ignore_eos": True}}
+        full = http.post("/generate", json=ask).json()
+        stop_id = full["output_ids"][3]
+        cut = http.post("/generate", json={**ask, "sampling_params": {
+            **ask["sampling_params"], "stop_token_ids": [stop_id]}}).json()
+        # the stop token is the last output id; SGLang drops its text
+        assert cut["meta_info"]["finish_reason"] == {"type": "stop", "matched": stop_id}
+        assert cut["output_ids"] == full["output_ids"][:4]
+        kept_text = http.post("/generate", json={**ask, "sampling_params": {
+            **ask["sampling_params"], "stop_token_ids": [stop_id], "no_stop_trim": True}}).json()["text"]
+        assert full["text"].startswith(kept_text) and len(cut["text"]) < len(kept_text)
+        masked = http.post("/generate", json={**ask, "sampling_params": {
+            **ask["sampling_params"], "stop_token_ids": [stop_id], "min_new_tokens": 6}}).json()
+        assert masked["meta_info"]["finish_reason"]["type"] == "length" and masked["text"] == full["text"]
+
+
+def test_sampling_params_are_verified_as_sglang_verifies_them(sim):
+    """SamplingParams.verify's checks and wording: a 400 on the OpenAI routes (also
+    when streaming), on /generate a 400, or an error event once a stream is open."""
+    cases = [({"top_k": 0}, "top_k must be -1 (disable) or at least 1, got 0."),
+             ({"min_p": 1.5}, "min_p must be in [0, 1], got 1.5."),
+             ({"frequency_penalty": 2.5}, "frequency_penalty must be in [-2, 2], got 2.5."),
+             ({"presence_penalty": -3}, "presence_penalty must be in [-2, 2], got -3.0."),
+             ({"repetition_penalty": 0}, "repetition_penalty must be in (0, 2] (1.0 = no penalty), got 0.0."),
+             ({"logit_bias": {"100000": 1.0}}, "logit_bias must has keys in [0, 99999], got 100000.")]
+    with sim.client() as client:
+        for params, message in cases:
+            for stream in (False, True):
+                reply = client.post("/v1/chat/completions", json={"model": "m", "messages": CHAT, "max_tokens": 2,
+                                                                  "stream": stream, **params})
+                assert reply.status_code == 400 and reply.json()["message"] == message, (params, stream)
+            native = client.post("/generate", json={"text": "x", "sampling_params": {"max_new_tokens": 2, **params}})
+            assert native.status_code == 400 and native.json() == {"error": {"message": message}}
+        too_few = client.post("/v1/completions", json={"model": "m", "prompt": "x", "max_tokens": 2, "min_tokens": 3})
+        assert too_few.json()["message"] == "min_new_tokens must be in [0, max_new_tokens(2)], got 3."
+        with client.stream("POST", "/generate", json={"text": "x", "stream": True,
+                                                      "sampling_params": {"top_k": 0}}) as response:
+            assert response.status_code == 200
+            events = sse_events(response)
+        assert events[0]["error"]["message"] == cases[0][1] and events[-1] == "[DONE]"
+        fine = client.post("/v1/chat/completions", json={"model": "m", "messages": CHAT, "max_tokens": 2, "top_k": -1,
+                                                         "min_p": 0.1, "repetition_penalty": 1.1,
+                                                         "logit_bias": {"5": -100}})
+        assert fine.status_code == 200
+
+
 def test_chat_streaming_with_include_usage(sim):
     stream = openai_client(sim).chat.completions.create(
         model="m", messages=CHAT, max_tokens=5, stream=True, stream_options={"include_usage": True})
