@@ -110,7 +110,8 @@ def sims(live_tmp):
         "fast": sim_start(live_tmp, "test-llm", "--context-length", "4096", "--tool-call-parser", "qwen25"),
         "slow": sim_start(live_tmp, "slow-llm", "--itl-ms", "30"),
         "faulty": sim_start(live_tmp, "faulty-llm"),
-        "thinking": sim_start(live_tmp, "think-llm", "--reasoning-parser", "qwen3", "--enable-cache-report"),
+        "thinking": sim_start(live_tmp, "think-llm", "--reasoning-parser", "qwen3", "--tool-call-parser", "qwen25",
+                              "--enable-cache-report"),
     }
     yield started
     for sim in started.values():

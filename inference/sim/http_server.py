@@ -139,7 +139,7 @@ class _ChoiceChunks:
         if self._call is not None:
             return out + self._tool_call_chunks(step)
         if self._reasoning is not None:
-            return out + self._reasoning_chunks(step)
+            return out + self._reasoning_chunks(step, step.delta_text)
         if step.delta_text:
             usage = running_usage(running, self._enable_cache_report, step.completion_tokens) if continuous else None
             out.append(writer.content_chunk(step.delta_text, usage, _step_logprobs(parsed, self._index, step, False)))
@@ -148,15 +148,20 @@ class _ChoiceChunks:
         return out
 
 
-    def _reasoning_chunks(self, step: Step) -> list[bytes]:
-        """As SGLang streams through a reasoning parser: the step's text split
+    def _reasoning_chunks(self, step: Step, text: str, *, ends: bool = False) -> list[bytes]:
+        """As SGLang streams through a reasoning parser: the step's `text` split
         into a reasoning and a content chunk (what the parser holds back, a
-        possible tag, goes out later, or at the end); the step's logprobs on
-        the first of them, else alone."""
+        possible tag, goes out later, or at the end of the reply or, with
+        `ends`, of the text it parses); the step's logprobs on the first of
+        them, else alone. Without a parser (`separate_reasoning` false), all
+        of it is content."""
         running, writer = self._running, self.writer
-        reasoning, content = self._reasoning.feed(step.delta_text) if step.delta_text else ("", "")
+        if self._reasoning is None:
+            reasoning, content = "", text
+        else:
+            reasoning, content = self._reasoning.feed(text) if text else ("", "")
         finish = step.finish_reason
-        if finish is not None and finish["type"] != "abort":
+        if self._reasoning is not None and (ends or (finish is not None and finish["type"] != "abort")):
             rest_reasoning, rest_content = self._reasoning.finish()
             reasoning, content = reasoning + rest_reasoning, content + rest_content
         usage = (running_usage(running, self._enable_cache_report, step.completion_tokens)
@@ -176,14 +181,26 @@ class _ChoiceChunks:
         return out
 
     def _tool_call_chunks(self, step: Step) -> list[bytes]:
+        """A reply that calls a tool: what it writes before the call (a
+        reasoning model's think block) streams as reasoning and content, as
+        above; then the call's deltas, and the finish chunk."""
         running = self._running
+        preamble = self._parsed.generation.preamble or ""
+        start = step.text_end - len(step.delta_text)
+        out: list[bytes] = []
+        if start < len(preamble):
+            head = step.delta_text[:len(preamble) - start]
+            if step.text_end <= len(preamble):  # all of this step is before the call
+                return self._reasoning_chunks(step, head, ends=step.text_end == len(preamble))
+            out += self._reasoning_chunks(replace(step, finish_reason=None), head, ends=True)
         usage = (running_usage(running, self._enable_cache_report, step.completion_tokens)
                  if self._parsed.continuous_usage_stats else None)
-        out = [self.writer.tool_call_chunk(delta, usage) for delta in self._call.feed(running.text[:step.text_end])]
+        out += [self.writer.tool_call_chunk(delta, usage)
+                for delta in self._call.feed(running.text[len(preamble):step.text_end])]
         if step.finish_reason is not None:
             # A call that stopped naturally finishes as `tool_calls` (the matched stop stays).
             finish_type = step.finish_reason["type"]
-            if finish_type == "stop" and running.text == self._parsed.tool_call.text:
+            if finish_type == "stop" and running.text == preamble + self._parsed.tool_call.text:
                 finish_type = "tool_calls"
             out.append(self.writer.finish_chunk(finish_type, step.finish_reason.get("matched")))
         return out

@@ -468,9 +468,8 @@ def parse_chat_request(body: Any, *, served_model_name: str | None = None,
         raise openai_error("When using `top_logprobs`, `logprobs` must be set to true.")
     if tool_call is not None:
         generation = replace(generation, forced_text=tool_call.text)
-    # A reply that calls a tool does not think first (a simplification).
-    thinking = None if tool_call is not None else thinking_for(reasoning_parser, body,
-                                                               _prompt_seed(generation.prompt_ids))
+    # A reasoning model thinks first, before an answer or a tool call alike.
+    thinking = thinking_for(reasoning_parser, body, _prompt_seed(generation.prompt_ids))
     if thinking is not None:
         generation = replace(generation, preamble=thinking.preamble, reasoning_tokens=thinking.reasoning_tokens)
     parsed = OpenAIRequest(generation, model, include_usage, continuous,
@@ -943,10 +942,18 @@ def chat_response(parsed: OpenAIRequest, runnings: list[RunningRequest], *, enab
                 reasoning, content = ReasoningSplitter(parsed.reasoning_parser).split(running.text)
             return {"message": {"role": "assistant", "content": content, "reasoning_content": reasoning or None},
                     "logprobs": logprobs[index] if logprobs else None}
-        # The parser takes the call out of the text; one cut short is dropped.
+        # The reasoning parser takes the think block first, then the tool-call
+        # parser the call, leaving what came before it (stripped) as content:
+        # nothing after a block it split off, the block itself when it split
+        # none; a call cut short is dropped.
         finish_reason = running.finish_reason
-        complete = running.text == call.text
-        body = {"message": {"role": "assistant", "content": "", "reasoning_content": None,
+        preamble = parsed.generation.preamble or ""
+        complete = running.text == preamble + call.text
+        reasoning, before = "", running.text[:len(preamble)]
+        if parsed.reasoning_parser is not None:
+            reasoning, before = ReasoningSplitter(parsed.reasoning_parser).split(before)
+        content = before.strip()
+        body = {"message": {"role": "assistant", "content": content, "reasoning_content": reasoning or None,
                             **({"tool_calls": call.message_tool_calls(index)} if complete else {})},
                 "logprobs": logprobs[index] if logprobs else None}
         if complete and finish_reason is not None and finish_reason["type"] == "stop":

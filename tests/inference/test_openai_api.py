@@ -220,6 +220,33 @@ def test_a_reasoning_models_think_block_reaches_the_client_and_is_metered(client
     assert streamed.ttft_ms is not None and 0 < streamed.ttft_ms <= streamed.latency_ms
 
 
+def test_a_reasoning_model_thinks_then_calls_a_tool_through_the_gateway(client, tenant_key):
+    """Agents on a reasoning model get both: the think block as
+    reasoning_content and the call as tool_calls, whole and streamed, with the
+    thinking metered as completion tokens."""
+    whole = client.chat.completions.create(model="think-llm", messages=ASK_WEATHER, tools=[WEATHER])
+    choice = whole.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.reasoning_content
+    [call] = choice.message.tool_calls
+    assert call.function.name == "get_weather" and set(json.loads(call.function.arguments)) == {"city"}
+    assert 0 < whole.usage.completion_tokens_details.reasoning_tokens < whole.usage.completion_tokens
+
+    chunks = list(client.chat.completions.create(model="think-llm", messages=ASK_WEATHER, tools=[WEATHER],
+                                                 stream=True, stream_options={"include_usage": True}))
+    deltas = [chunk.choices[0].delta for chunk in chunks if chunk.choices]
+    assert "".join(getattr(d, "reasoning_content", None) or "" for d in deltas) == choice.message.reasoning_content
+    pieces = [piece for d in deltas for piece in (d.tool_calls or [])]
+    assert pieces[0].function.name == "get_weather"
+    assert "".join(piece.function.arguments for piece in pieces) == call.function.arguments
+    assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == ["tool_calls"]
+    assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+
+    rows = usage_rows_wait(api_key=tenant_key.api_key, count=2)
+    assert all(row.completion_tokens == whole.usage.completion_tokens for row in rows)
+    streamed = next(row for row in rows if row.stream)
+    assert streamed.ttft_ms is not None and 0 < streamed.ttft_ms <= streamed.latency_ms
+
+
 def test_sglangs_cached_token_details_pass_through_and_usage_stays_exact(client, tenant_key):
     """`return_cached_tokens_details` is SGLang's: the backend adds a response-level
     `sglext`, streamed as a choice-less chunk before the usage chunk. The client

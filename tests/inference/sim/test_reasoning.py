@@ -85,3 +85,84 @@ def test_the_splitter_holds_back_a_tag_split_across_deltas(parser):
     # qwen3 without a block answers plainly; a tool call ends qwen3's block.
     assert ReasoningSplitter("qwen3").split("just an answer") == ("", "just an answer")
     assert ReasoningSplitter("qwen3").split("<think>hmm<tool_call>{}") == ("hmm", "<tool_call>{}")
+
+
+WEATHER = {"type": "function", "function": {"name": "get_weather", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
+ASK_WEATHER = [{"role": "user", "content": "What does get_weather say for Oslo?"}]
+
+
+@pytest.fixture(scope="module")
+def thinking_tool_sims(sim_factory):
+    return {parser: sim_factory("--reasoning-parser", parser, "--tool-call-parser", "qwen25")
+            for parser in ("qwen3", "deepseek-r1")}
+
+
+@pytest.fixture(scope="module")
+def plain_tool_sim(sim_factory):
+    return sim_factory("--tool-call-parser", "qwen25")
+
+
+@pytest.mark.parametrize("parser", ["qwen3", "deepseek-r1"])
+def test_a_reasoning_model_thinks_before_it_calls_a_tool(parser, thinking_tool_sims, plain_tool_sim):
+    """The reply is the think block, then the call: SGLang's reasoning parser
+    takes the block, its tool-call parser the call; whole, nothing is left for
+    content; streamed, the blank line between them comes as content."""
+    client = openai_client(thinking_tool_sims[parser])
+    whole = client.chat.completions.create(model="m", messages=ASK_WEATHER, tools=[WEATHER])
+    choice = whole.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content == ""
+    assert choice.message.reasoning_content and THINK_END not in choice.message.reasoning_content
+    [call] = choice.message.tool_calls
+    # The same call a model without reasoning makes, after the thinking.
+    plain = openai_client(plain_tool_sim).chat.completions.create(model="m", messages=ASK_WEATHER, tools=[WEATHER])
+    assert (call.function.name, call.function.arguments) == (
+        "get_weather", plain.choices[0].message.tool_calls[0].function.arguments)
+    usage = whole.usage
+    assert usage.reasoning_tokens > 0
+    assert usage.completion_tokens == usage.reasoning_tokens + 2 + plain.usage.completion_tokens  # + "\n\n"
+
+    chunks = list(client.chat.completions.create(model="m", messages=ASK_WEATHER, tools=[WEATHER], stream=True,
+                                                 stream_options={"include_usage": True}))
+    deltas = [chunk.choices[0].delta for chunk in chunks if chunk.choices]
+    assert "".join(getattr(d, "reasoning_content", None) or "" for d in deltas) == choice.message.reasoning_content
+    assert "".join(d.content or "" for d in deltas) == "\n\n"
+    calls = [piece for d in deltas for piece in (d.tool_calls or [])]
+    assert calls[0].function.name == "get_weather" and calls[0].id.startswith("call_")
+    assert "".join(piece.function.arguments for piece in calls) == call.function.arguments
+    kinds = ["reasoning" if getattr(d, "reasoning_content", None) else "content" if d.content else "call"
+             for d in deltas if getattr(d, "reasoning_content", None) or d.content or d.tool_calls]
+    assert kinds == sorted(kinds, key=["reasoning", "content", "call"].index)  # the block, the line, the call
+    assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == ["tool_calls"]
+    assert chunks[-1].usage.completion_tokens == usage.completion_tokens
+    assert chunks[-1].usage.reasoning_tokens == usage.reasoning_tokens
+
+
+def test_a_thinking_tool_reply_unseparated_or_cut_short(thinking_tool_sims):
+    client = openai_client(thinking_tool_sims["qwen3"])
+    # Unseparated, the block is the text before the call: the message's content.
+    raw = client.chat.completions.create(model="m", messages=ASK_WEATHER, tools=[WEATHER],
+                                         extra_body={"separate_reasoning": False})
+    message = raw.choices[0].message
+    assert message.reasoning_content is None and message.tool_calls[0].function.name == "get_weather"
+    assert message.content.startswith("<think>\n") and message.content.endswith(THINK_END)
+    # Cut while thinking: all reasoning, no call; cut inside the call: the call is dropped.
+    whole = client.chat.completions.create(model="m", messages=ASK_WEATHER, tools=[WEATHER])
+    for limit in (6, whole.usage.completion_tokens - 1):
+        cut = client.chat.completions.create(model="m", messages=ASK_WEATHER, tools=[WEATHER], max_tokens=limit)
+        choice = cut.choices[0]
+        assert choice.finish_reason == "length" and choice.message.tool_calls is None
+        assert choice.message.content == "" and choice.message.reasoning_content
+        assert whole.choices[0].message.reasoning_content.startswith(choice.message.reasoning_content)
+        chunks = list(client.chat.completions.create(model="m", messages=ASK_WEATHER, tools=[WEATHER],
+                                                     max_tokens=limit, stream=True))
+        deltas = [chunk.choices[0].delta for chunk in chunks if chunk.choices]
+        assert "".join(getattr(d, "reasoning_content", None) or "" for d in deltas) == choice.message.reasoning_content
+        # Streamed, what of the call was written went out before the cut.
+        assert bool([piece for d in deltas for piece in (d.tool_calls or [])]) == (limit > 6)
+        assert chunks[-1].choices[0].finish_reason == "length"
+    # Thinking switched off: the call alone.
+    quiet = client.chat.completions.create(model="m", messages=ASK_WEATHER, tools=[WEATHER],
+                                           extra_body={"chat_template_kwargs": {"enable_thinking": False}})
+    assert quiet.choices[0].message.reasoning_content is None and quiet.usage.reasoning_tokens == 0
+    assert quiet.choices[0].finish_reason == "tool_calls"
