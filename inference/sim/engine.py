@@ -44,10 +44,11 @@ Output rules (deterministic):
 - Text is pseudo-text from `tokenizer.PseudoTextSource`, seeded by the prompt
   ids, `--seed`, the request's `seed` and the LoRA adapter's name; sampling
   parameters other than stop / max tokens do not change it.
-- A request ends at a natural EOS after `natural_length` tokens in [16, 64]
-  (finish `stop`, matched = EOS_TOKEN_ID), as a model does, unless its
-  max-token limit comes first (finish `length`; a limit of 16 or less always
-  does), the context length does (`length`), or a stop string appears first
+- A request ends at a natural EOS, its `natural_length`-th token in [16, 64]
+  (finish `stop`, matched = EOS_TOKEN_ID; the token counts in completion_tokens
+  and output_ids but adds no text), as a model does, unless its max-token
+  limit comes first (finish `length`; a limit under 16 always does), the
+  context length does (`length`), or a stop string appears first
   (finish `stop`, matched = the string, which is trimmed from the text as
   SGLang does). With `ignore_eos` it runs to the limit (or the context).
 """
@@ -348,22 +349,26 @@ class SimEngine:
         text_source = PseudoTextSource(seed)
         if request.preamble or request.forced_text is not None:
             text_source = ScriptedTextSource((request.preamble or "") + (request.forced_text or ""), text_source)
+        # Where the EOS lands: the reply's last token, counted but never shown.
         natural = natural_length(seed, self.config.natural_length_min, self.config.natural_length_max)
         if request.preamble and request.forced_text is None:
             natural += len(text_source)  # the think block, then a reply of the usual length
-        natural = max(natural, min(request.min_new_tokens, room))  # EOS masked until then
+        natural = max(natural, min(request.min_new_tokens + 1, room))  # EOS masked until then
         if request.ignore_eos:
             token_limit, stops_naturally = (room if request.max_new_tokens is None else request.max_new_tokens), False
-        elif request.max_new_tokens is not None and request.max_new_tokens <= natural:
+        elif request.max_new_tokens is not None and request.max_new_tokens < natural:
+            # (An EOS on the last allowed token still ends the reply as `stop`: sglang
+            # 0.5.23's Req.check_finished tries stop tokens before the length cap.)
             token_limit, stops_naturally = request.max_new_tokens, False
         else:
             token_limit, stops_naturally = min(natural, room), natural <= room
         if request.forced_text is not None:
-            # The model writes that text (after its preamble) and stops, unless
+            # The model writes that text (after its preamble), then EOS, unless
             # max_new_tokens cuts it (ignore_eos: it goes on, as above).
             if not request.ignore_eos:
-                if request.max_new_tokens is None or len(text_source) <= request.max_new_tokens:
-                    token_limit, stops_naturally = min(len(text_source), room), len(text_source) <= room
+                ends = len(text_source) + 1
+                if request.max_new_tokens is None or ends <= request.max_new_tokens:
+                    token_limit, stops_naturally = min(ends, room), ends <= room
                 else:
                     token_limit, stops_naturally = min(request.max_new_tokens, room), False
         # SGLang's scheduler budgets KV for all of max_new_tokens: it cannot know the EOS ahead.
@@ -683,6 +688,7 @@ class SimEngine:
         stop_regex = request.stop_regex
         stop_token_ids = request.stop_token_ids
         token_limit = running.token_limit
+        stops_naturally = running.stops_naturally
         crash_after = running.crash_after
         text = running.text
         produced = 0
@@ -698,7 +704,10 @@ class SimEngine:
             if crash_after is not None and len(output_ids) >= crash_after:
                 crashed = True
                 break
-            token_id, piece = next_token()
+            if stops_naturally and len(output_ids) + 1 == token_limit:
+                token_id, piece = EOS_TOKEN_ID, ""  # a special token: not in the decoded text
+            else:
+                token_id, piece = next_token()
             output_ids.append(token_id)
             produced += 1
             previous_length = len(text)

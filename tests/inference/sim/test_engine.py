@@ -149,6 +149,16 @@ async def test_a_natural_eos_comes_before_a_larger_max_tokens():
     assert ignoring.completion_tokens == 500 and ignoring.finish_reason["type"] == "length"
     # The same text up to where each ends.
     assert ignoring.text.startswith(natural.text) and natural.text.startswith(capped.text)
+    # The EOS is the last output id: counted, but it adds no text (a special token).
+    n = natural.completion_tokens
+    assert natural.output_ids[-1] == EOS_TOKEN_ID and EOS_TOKEN_ID not in natural.output_ids[:-1]
+    assert natural.output_ids[:-1] == ignoring.output_ids[:n - 1] and len(natural.output_ids) == n
+    # An EOS on the last allowed token still stops the reply (SGLang checks stop
+    # tokens before the length cap); one token less and it is cut, with the same text.
+    at_limit, before = await run_all(engine, [request_make("at-limit", prompt(9, 8), max_new_tokens=n),
+                                              request_make("before", prompt(9, 8), max_new_tokens=n - 1)])
+    assert at_limit.finish_reason == natural.finish_reason and at_limit.text == natural.text
+    assert before.finish_reason == {"type": "length", "length": n - 1} and before.text == natural.text
 
 
 # ---------------------------------------------------------------- KV capacity

@@ -102,10 +102,11 @@ def test_no_stop_trim_min_tokens_and_stop_tokens_as_sglang_applies_them(sim):
                                           extra_body={"no_stop_trim": True}).choices[0]
     assert kept.finish_reason == "stop" and kept.message.content == words[:words.index(stop) + len(stop)]
 
-    # min_tokens masks EOS: a reply that would end by itself goes on to at least that length
+    # min_tokens masks EOS: a reply that would end by itself goes on to at least
+    # that length, and its EOS comes next (counted, like every EOS)
     natural = client.chat.completions.create(model="m", messages=CHAT).usage.completion_tokens
     longer = client.chat.completions.create(model="m", messages=CHAT, extra_body={"min_tokens": natural + 20})
-    assert longer.choices[0].finish_reason == "stop" and longer.usage.completion_tokens == natural + 20
+    assert longer.choices[0].finish_reason == "stop" and longer.usage.completion_tokens == natural + 21
     assert longer.choices[0].message.content.startswith(
         client.chat.completions.create(model="m", messages=CHAT).choices[0].message.content)
 

@@ -115,10 +115,16 @@ def test_a_call_cut_by_max_tokens_is_dropped(tool_sim):
     whole = client.chat.completions.create(model="m", messages=ASK, tools=[form])
     assert whole.usage.completion_tokens > 64  # longer than any plain reply of the simulator
     # Cut early, and cut past where a plain reply would have ended.
-    for limit in (3, whole.usage.completion_tokens - 1):
+    for limit in (3, whole.usage.completion_tokens - 2):
         cut = client.chat.completions.create(model="m", messages=ASK, tools=[form], max_tokens=limit)
         assert cut.choices[0].finish_reason == "length" and cut.usage.completion_tokens == limit
         assert cut.choices[0].message.tool_calls is None and cut.choices[0].message.content == ""
+    # Cut only the EOS after it: the call is whole and parsed, the finish stays `length`.
+    no_eos = client.chat.completions.create(model="m", messages=ASK, tools=[form],
+                                            max_tokens=whole.usage.completion_tokens - 1)
+    assert no_eos.choices[0].finish_reason == "length"
+    assert no_eos.choices[0].message.tool_calls[0].function.arguments == \
+        whole.choices[0].message.tool_calls[0].function.arguments
 
 
 def test_without_a_parser_tools_only_lengthen_the_prompt(sim):
