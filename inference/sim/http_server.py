@@ -185,7 +185,7 @@ class _ChoiceChunks:
         reasoning model's think block) streams as reasoning and content, as
         above; then the call's deltas, and the finish chunk."""
         running = self._running
-        preamble = self._parsed.generation.preamble or ""
+        preamble = running.request.preamble or ""
         start = step.text_end - len(step.delta_text)
         out: list[bytes] = []
         if start < len(preamble):
@@ -381,16 +381,17 @@ class GenerationHandlers:
         generations = [replace(template, rid=rid, prompt_ids=prompt_ids)
                        for (prompt_ids, _), rid in zip(parsed.prompts(), parsed.prompt_rids)]
         return await self._start_samples(generations, parsed.n, [parsed.greedy] * len(generations),
-                                         self._admit_openai)
+                                         self._admit_openai, parsed.sample_generation)
 
     async def _start_samples(self, generations: list[GenerationRequest], n: int, greedy: list[bool],
-                             admit) -> list[RunningRequest]:
+                             admit, vary=None) -> list[RunningRequest]:
         """One engine request per choice, prompt by prompt, as SGLang's
         tokenizer manager sends a batch: with n > 1 each prompt first runs
         alone with max_new_tokens 0, so that its n samples find it cached, and
         every sample gets a fresh rid; without, each prompt's request takes
         the rid the batch gave it. `admit` answers refusals in the route's
-        error shape."""
+        error shape; `vary(generation, sample)`, if given, makes a sample's
+        own request (`OpenAIRequest.sample_generation`)."""
         runnings: list[RunningRequest] = []
         try:
             if n == 1:
@@ -402,7 +403,9 @@ class GenerationHandlers:
                     replace(generation, rid=new_rid(), max_new_tokens=0, stream=False)))
             for generation, same in zip(generations, greedy):
                 for sample in range(n):
-                    runnings.append(await admit(replace(generation, rid=new_rid(), sample=0 if same else sample)))
+                    sample = 0 if same else sample
+                    varied = vary(generation, sample) if vary is not None else generation
+                    runnings.append(await admit(replace(varied, rid=new_rid(), sample=sample)))
             return runnings
         except BaseException:
             for running in runnings:

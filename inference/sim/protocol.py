@@ -264,6 +264,18 @@ class OpenAIRequest:
     reasoning_parser: str | None = None
     # `return_cached_tokens_details`: the reply's `sglext` says where its cached tokens came from.
     cached_tokens_details: bool = False
+    # A reasoning model's request: (parser, body, seed) of its think block, so
+    # that each parallel sample thinks its own (`sample_generation`).
+    thinking: tuple[str, dict, int] | None = None
+
+    def sample_generation(self, generation: GenerationRequest, sample: int) -> GenerationRequest:
+        """Parallel sample `sample` (0: the first, or every one when greedy) of
+        `generation`: a reasoning model's later samples think their own block."""
+        if self.thinking is None or sample == 0:
+            return generation
+        parser, body, seed = self.thinking
+        thinking = thinking_for(parser, body, _prompt_seed([seed >> 32, seed & 0xFFFF_FFFF, sample]))
+        return replace(generation, preamble=thinking.preamble, reasoning_tokens=thinking.reasoning_tokens)
 
     @property
     def single(self) -> bool:
@@ -469,13 +481,15 @@ def parse_chat_request(body: Any, *, served_model_name: str | None = None,
     if tool_call is not None:
         generation = replace(generation, forced_text=tool_call.text)
     # A reasoning model thinks first, before an answer or a tool call alike.
-    thinking = thinking_for(reasoning_parser, body, _prompt_seed(generation.prompt_ids))
+    think_seed = _prompt_seed(generation.prompt_ids)
+    thinking = thinking_for(reasoning_parser, body, think_seed)
     if thinking is not None:
         generation = replace(generation, preamble=thinking.preamble, reasoning_tokens=thinking.reasoning_tokens)
     parsed = OpenAIRequest(generation, model, include_usage, continuous,
                            top_logprobs=(top or 0) if logprobs else None, tool_call=tool_call,
                            reasoning_parser=thinking.parser if thinking is not None else None,
-                           cached_tokens_details=fields.boolean("return_cached_tokens_details"))
+                           cached_tokens_details=fields.boolean("return_cached_tokens_details"),
+                           thinking=(reasoning_parser, body, think_seed) if thinking is not None else None)
     return _choices_options(fields, parsed, 1)
 
 
@@ -947,7 +961,7 @@ def chat_response(parsed: OpenAIRequest, runnings: list[RunningRequest], *, enab
         # nothing after a block it split off, the block itself when it split
         # none; a call cut short is dropped.
         finish_reason = running.finish_reason
-        preamble = parsed.generation.preamble or ""
+        preamble = running.request.preamble or ""
         complete = running.text == preamble + call.text
         reasoning, before = "", running.text[:len(preamble)]
         if parsed.reasoning_parser is not None:

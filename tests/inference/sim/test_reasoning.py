@@ -166,3 +166,24 @@ def test_a_thinking_tool_reply_unseparated_or_cut_short(thinking_tool_sims):
                                            extra_body={"chat_template_kwargs": {"enable_thinking": False}})
     assert quiet.choices[0].message.reasoning_content is None and quiet.usage.reasoning_tokens == 0
     assert quiet.choices[0].finish_reason == "tool_calls"
+
+
+def test_parallel_samples_think_their_own_blocks(qwen3_sim):
+    """With n > 1 every sample is drawn afresh, its reasoning too: the first is
+    the single reply's, the others differ, whole and streamed alike; greedy
+    samples are all the same."""
+    client = openai_client(qwen3_sim)
+    single = client.chat.completions.create(model="m", messages=ASK).choices[0].message
+    whole = client.chat.completions.create(model="m", messages=ASK, n=3)
+    thoughts = [choice.message.reasoning_content for choice in whole.choices]
+    assert thoughts[0] == single.reasoning_content and len(set(thoughts)) == 3 and all(thoughts)
+    assert all(choice.finish_reason == "stop" and choice.message.content for choice in whole.choices)
+    chunks = list(client.chat.completions.create(model="m", messages=ASK, n=3, stream=True,
+                                                 stream_options={"include_usage": True}))
+    streamed = ["".join(getattr(chunk.choices[0].delta, "reasoning_content", None) or "" for chunk in chunks
+                        if chunk.choices and chunk.choices[0].index == index) for index in range(3)]
+    assert streamed == thoughts
+    assert chunks[-1].usage.reasoning_tokens == whole.usage.reasoning_tokens
+    assert whole.usage.reasoning_tokens > 3 * 8  # each block holds at least REASONING_WORDS[0] words
+    greedy = client.chat.completions.create(model="m", messages=ASK, n=2, temperature=0)
+    assert greedy.choices[0].message.reasoning_content == greedy.choices[1].message.reasoning_content
