@@ -71,6 +71,11 @@ class ServerConfig:
     max_loaded_loras: int | None = None  # adapters kept loaded; LRU unpinned ones are evicted
     lora_load_ms: float = 0.0  # simulated latency of loading one adapter
     seed: int = 0
+    # --incremental-streaming-output: a native /generate stream's events carry
+    # only the new text and output ids (and their logprob entries), not the whole so far.
+    incremental_streaming_output: bool = False
+    # --stream-response-default-include-usage: OpenAI streams end with a usage chunk unasked.
+    stream_response_default_include_usage: bool = False
     # Natural (EOS) completion length when a request sets no max tokens, in tokens.
     natural_length_min: int = 16
     natural_length_max: int = 64
@@ -172,7 +177,14 @@ def build_argument_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-loras-per-batch", type=int, default=8)
     parser.add_argument("--max-loaded-loras", type=int, default=None)
     parser.add_argument("--lora-load-ms", type=float, default=0.0, help="simulated latency of loading an adapter")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", "--random-seed", dest="seed", type=int, default=0,
+                        help="seeds the replies (SGLang's name: --random-seed)")
+    parser.add_argument("--incremental-streaming-output", action="store_true",
+                        help="native /generate streams send each event's new text and output ids only")
+    parser.add_argument("--stream-response-default-include-usage", action="store_true",
+                        help="OpenAI streams end with a usage chunk even when stream_options do not ask")
+    parser.add_argument("--enable-metrics", action="store_true",
+                        help="accepted for SGLang's launch lines; the simulator always serves /metrics")
     parser.add_argument("--ttft-ms", type=float, default=0.0)
     parser.add_argument("--itl-ms", type=float, default=0.0)
     parser.add_argument("--prefill-us-per-token", type=float, default=0.0)
@@ -262,6 +274,8 @@ def configs_from_args(args: argparse.Namespace) -> tuple[ServerConfig, RuntimeSe
         max_loaded_loras=args.max_loaded_loras,
         lora_load_ms=args.lora_load_ms,
         seed=args.seed,
+        incremental_streaming_output=args.incremental_streaming_output,
+        stream_response_default_include_usage=args.stream_response_default_include_usage,
     )
     for name in ("max_running_requests", "max_total_tokens", "max_loras_per_batch", "embedding_dim"):
         if getattr(server_config, name) <= 0:

@@ -317,14 +317,21 @@ class GenerationHandlers:
         return _json(embedding_response(vectors, model=config.model_path,
                                         prompt_tokens=sum(len(ids) for ids in parsed.inputs)))
 
+    def _openai_defaults(self, parsed: OpenAIRequest) -> OpenAIRequest:
+        """--stream-response-default-include-usage: a stream ends with its usage
+        chunk whether or not the request asked (SGLang's should_include_usage)."""
+        if self.config.stream_response_default_include_usage:
+            parsed.include_usage = True
+        return parsed
+
     # ---- OpenAI chat
 
     async def chat_completions(self, request: web.Request) -> web.StreamResponse:
         self._generation_only()
-        parsed = parse_chat_request(await _read_json_body(request, require_json_content_type=True),
-                                    served_model_name=self.config.served_model_name,
-                                    tool_call_parser=self.config.tool_call_parser,
-                                    reasoning_parser=self.config.reasoning_parser)
+        parsed = self._openai_defaults(parse_chat_request(
+            await _read_json_body(request, require_json_content_type=True),
+            served_model_name=self.config.served_model_name, tool_call_parser=self.config.tool_call_parser,
+            reasoning_parser=self.config.reasoning_parser))
         if not parsed.single:
             return await self._choices(request, parsed, chat=True)
         running = await self._admit_openai(parsed.generation)
@@ -525,8 +532,9 @@ class GenerationHandlers:
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
         self._generation_only()
-        parsed = parse_completion_request(await _read_json_body(request, require_json_content_type=True),
-                                          served_model_name=self.config.served_model_name)
+        parsed = self._openai_defaults(parse_completion_request(
+            await _read_json_body(request, require_json_content_type=True),
+            served_model_name=self.config.served_model_name))
         if not parsed.single:
             return await self._choices(request, parsed, chat=False)
         running = await self._admit_openai(parsed.generation)
@@ -596,6 +604,8 @@ class GenerationHandlers:
         sample), as SGLang's tokenizer manager interleaves them."""
         response = web.StreamResponse(status=200, headers=_SSE_HEADERS)
         pending: list[bytes] = []
+        # --incremental-streaming-output: each event carries only what is new.
+        sent = [0] * len(runnings) if self.config.incremental_streaming_output else None
         try:
             await response.prepare(request)
             async with contextlib.aclosing(self._interleaved(runnings)) as steps:
@@ -604,7 +614,9 @@ class GenerationHandlers:
                         pending.append(native_stream_error_sse(step.error["message"], step.error["status_code"]))
                         break
                     pending.append(native_sse(runnings[index], final=step.finish_reason is not None, step=step,
-                                              index=index))
+                                              index=index, since=sent[index] if sent is not None else None))
+                    if sent is not None:
+                        sent[index] = step.completion_tokens
                     if not more_ready or len(pending) >= MAX_COALESCED_CHUNKS:
                         await response.write(b"".join(pending))
                         pending.clear()
@@ -632,6 +644,8 @@ class GenerationHandlers:
     async def _generate_stream(self, request: web.Request, running: RunningRequest) -> web.StreamResponse:
         response = web.StreamResponse(status=200, headers=_SSE_HEADERS)
         pending: list[bytes] = []
+        incremental = self.config.incremental_streaming_output
+        sent = 0
         try:
             await response.prepare(request)
             async with contextlib.aclosing(self.engine.run(running)) as steps:
@@ -640,7 +654,8 @@ class GenerationHandlers:
                         pending.append(native_stream_error_sse(step.error["message"], step.error["status_code"]))
                         break
                     final = step.finish_reason is not None
-                    pending.append(native_sse(running, final=final, step=step))
+                    pending.append(native_sse(running, final=final, step=step, since=sent if incremental else None))
+                    sent = step.completion_tokens
                     if not final and (not step.more_ready or len(pending) >= MAX_COALESCED_CHUNKS):
                         await response.write(b"".join(pending))
                         pending.clear()
@@ -758,8 +773,8 @@ class InfoHandlers:
             "schedule_policy": config.schedule_policy,
             "enable_mixed_chunk": False,
             "stream_interval": 1,
-            "incremental_streaming_output": False,
-            "stream_response_default_include_usage": False,
+            "incremental_streaming_output": config.incremental_streaming_output,
+            "stream_response_default_include_usage": config.stream_response_default_include_usage,
             "tp_size": 1,
             "dp_size": 1,
             "pp_size": 1,

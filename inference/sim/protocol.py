@@ -809,23 +809,40 @@ def _logprob_entry(spec: NativeLogprobs, token_id: int, position: int) -> tuple[
 
 
 def native_output(running: RunningRequest, *, final: bool, step: Step | None = None,
-                  index: int | None = None) -> dict:
+                  index: int | None = None, since: int | None = None) -> dict:
     """The cumulative output; with `step`, as it was right after that step;
-    with `index`, its place in a streamed batch."""
-    if step is None or final:
+    with `index`, its place in a streamed batch. With `since` (a stream under
+    --incremental-streaming-output: the output tokens sent before this step),
+    only what the step added: its text, its output ids and their logprob
+    entries (meta_info's counts stay cumulative, as SGLang's tokenizer
+    manager leaves them)."""
+    if step is None or (final and since is None):
         output = {"text": running.text, "output_ids": list(running.output_ids),
                   "meta_info": native_meta_info(running, final=final)}
     else:
-        count = step.completion_tokens
-        output = {"text": running.text[:step.text_end], "output_ids": running.output_ids[:count],
-                  "meta_info": native_meta_info(running, final=final, completion_tokens=count)}
+        count = step.completion_tokens if not final else running.completion_tokens
+        meta_info = native_meta_info(running, final=final, completion_tokens=count)
+        if since is None:
+            output = {"text": running.text[:step.text_end], "output_ids": running.output_ids[:count],
+                      "meta_info": meta_info}
+        else:
+            for key in INCREMENTAL_META_INFO_KEYS:
+                if key in meta_info:
+                    meta_info[key] = meta_info[key][since:]
+            output = {"text": step.delta_text, "output_ids": running.output_ids[since:count], "meta_info": meta_info}
     if index is not None:
         output["index"] = index
     return output
 
 
-def native_sse(running: RunningRequest, *, final: bool, step: Step | None = None, index: int | None = None) -> bytes:
-    return b"data: " + orjson.dumps(native_output(running, final=final, step=step, index=index)) + b"\n\n"
+# meta_info's per-output-token lists that an incremental stream sends in slices.
+INCREMENTAL_META_INFO_KEYS = ("output_token_logprobs", "output_top_logprobs")
+
+
+def native_sse(running: RunningRequest, *, final: bool, step: Step | None = None, index: int | None = None,
+               since: int | None = None) -> bytes:
+    return b"data: " + orjson.dumps(native_output(running, final=final, step=step, index=index,
+                                                  since=since)) + b"\n\n"
 
 
 def native_stream_error_sse(message: str, code: int) -> bytes:

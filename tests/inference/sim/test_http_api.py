@@ -376,6 +376,62 @@ def test_generate_streaming_is_cumulative(sim):
     assert "e2e_latency" in outputs[-1]["meta_info"] and "e2e_latency" not in outputs[0]["meta_info"]
 
 
+@pytest.fixture(scope="module")
+def launch_flags_sim(sim_factory):
+    """SGLang's streaming launch flags, and --random-seed (its name for --seed)."""
+    return sim_factory("--incremental-streaming-output", "--stream-response-default-include-usage",
+                       "--enable-metrics", "--random-seed", "7")
+
+
+def test_incremental_streaming_output_sends_only_what_is_new(launch_flags_sim, sim):
+    """--incremental-streaming-output: each /generate stream event has the new
+    text, output ids and logprob entries only; counts stay cumulative; the
+    pieces add up to the whole reply. A batch stream does it per index."""
+    ask = {"text": "Tell me more", "return_logprob": True, "top_logprobs_num": 2,
+           "sampling_params": {"max_new_tokens": 40}}
+    with launch_flags_sim.client() as client:
+        whole = client.post("/generate", json=ask).json()
+        with client.stream("POST", "/generate", json={**ask, "stream": True}) as response:
+            events = sse_events(response)[:-1]
+        with client.stream("POST", "/generate", json={**ask, "text": [ask["text"], "Other"], "stream": True}) as response:
+            batch = sse_events(response)[:-1]
+        info = client.get("/server_info").json()
+    assert info["incremental_streaming_output"] and info["stream_response_default_include_usage"]
+    assert info["random_seed"] == 7
+    assert len(events) == whole["meta_info"]["completion_tokens"] > 1
+    assert all(len(event["output_ids"]) == 1 for event in events)
+    assert "".join(event["text"] for event in events) == whole["text"]
+    assert [i for event in events for i in event["output_ids"]] == whole["output_ids"]
+    for key in ("output_token_logprobs", "output_top_logprobs"):
+        assert [entry for event in events for entry in event["meta_info"][key]] == whole["meta_info"][key]
+    assert [event["meta_info"]["completion_tokens"] for event in events] == list(range(1, len(events) + 1))
+    assert events[-1]["meta_info"]["finish_reason"] == whole["meta_info"]["finish_reason"]
+    first = [event for event in batch if event["index"] == 0]
+    assert "".join(event["text"] for event in first) == whole["text"]
+    # The same prompt on a server without the flag streams the whole reply so far.
+    with sim.client() as client, client.stream("POST", "/generate", json={**ask, "stream": True}) as response:
+        cumulative = sse_events(response)[:-1]
+    assert [len(event["output_ids"]) for event in cumulative] == list(range(1, len(cumulative) + 1))
+    assert len(cumulative[-1]["meta_info"]["output_token_logprobs"]) == len(cumulative)
+
+
+def test_streams_end_with_usage_by_default_under_the_flag(launch_flags_sim, sim):
+    """--stream-response-default-include-usage: an OpenAI stream ends with its
+    usage chunk though the request did not ask; without the flag it does not."""
+    ask = {"model": "m", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3, "stream": True}
+    for server, expected in ((launch_flags_sim, True), (sim, False)):
+        with server.client() as client:
+            with client.stream("POST", "/v1/chat/completions", json=ask) as response:
+                chat = sse_events(response)[:-1]
+            with client.stream("POST", "/v1/completions", json={"model": "m", "prompt": "Hi", "max_tokens": 3,
+                                                                 "stream": True}) as response:
+                completion = sse_events(response)[:-1]
+        for events in (chat, completion):
+            assert (events[-1].get("usage") is not None and events[-1]["choices"] == []) == expected
+            if expected:
+                assert events[-1]["usage"]["completion_tokens"] == 3
+
+
 def test_generate_default_max_new_tokens_and_context_error(sim):
     with sim.client() as client:
         body = client.post("/generate", json={"text": "Hi", "sampling_params": {"ignore_eos": True}}).json()
