@@ -76,6 +76,8 @@ class ServerConfig:
     incremental_streaming_output: bool = False
     # --stream-response-default-include-usage: OpenAI streams end with a usage chunk unasked.
     stream_response_default_include_usage: bool = False
+    # --stream-interval: streams send the first token at once, then every this many tokens.
+    stream_interval: int = 1
     # Natural (EOS) completion length when a request sets no max tokens, in tokens.
     natural_length_min: int = 16
     natural_length_max: int = 64
@@ -181,6 +183,8 @@ def build_argument_parser() -> argparse.ArgumentParser:
                         help="seeds the replies (SGLang's name: --random-seed)")
     parser.add_argument("--incremental-streaming-output", action="store_true",
                         help="native /generate streams send each event's new text and output ids only")
+    parser.add_argument("--stream-interval", type=int, default=1,
+                        help="stream the first token at once, then every this many tokens (SGLang's default 1)")
     parser.add_argument("--stream-response-default-include-usage", action="store_true",
                         help="OpenAI streams end with a usage chunk even when stream_options do not ask")
     parser.add_argument("--enable-metrics", action="store_true",
@@ -276,8 +280,10 @@ def configs_from_args(args: argparse.Namespace) -> tuple[ServerConfig, RuntimeSe
         seed=args.seed,
         incremental_streaming_output=args.incremental_streaming_output,
         stream_response_default_include_usage=args.stream_response_default_include_usage,
+        stream_interval=args.stream_interval,
     )
-    for name in ("max_running_requests", "max_total_tokens", "max_loras_per_batch", "embedding_dim"):
+    for name in ("max_running_requests", "max_total_tokens", "max_loras_per_batch", "embedding_dim",
+                 "stream_interval"):
         if getattr(server_config, name) <= 0:
             raise SystemExit(f"--{name.replace('_', '-')} must be positive")
     for name in ("prefill_tokens_per_s", "decode_base_ms", "decode_per_request_ms", "startup_delay_ms",

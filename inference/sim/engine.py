@@ -142,6 +142,9 @@ class GenerationRequest:
     min_new_tokens: int = 0
     # no_stop_trim: the matched stop string (or stop token's text) stays in the reply.
     no_stop_trim: bool = False
+    # Native sampling_params.stream_interval: stream every this many tokens
+    # (None: the server's --stream-interval).
+    stream_interval: int | None = None
 
 
 @dataclass(slots=True)
@@ -157,6 +160,9 @@ class Step:
     # when the request has moved on): output tokens so far, visible text length.
     completion_tokens: int = 0
     text_end: int = 0
+    # A stream event of several tokens (--stream-interval): output tokens before
+    # its first; -1 for a step of one token.
+    tokens_from: int = -1
 
 
 @dataclass(slots=True, eq=False)

@@ -69,6 +69,7 @@ from .protocol import (
     usage_object,
 )
 from .reasoning import ReasoningSplitter
+from .tokenizer import piece_of
 
 logger = logging.getLogger("inference.sim")
 
@@ -87,16 +88,30 @@ _SSE_HEADERS = {"Content-Type": "text/event-stream; charset=utf-8", "Cache-Contr
 _CLIENT_GONE = (ConnectionResetError, ConnectionError)
 
 
-def _step_logprobs(parsed: OpenAIRequest, index: int, step, first: bool) -> dict | None:
+def _step_logprobs(parsed: OpenAIRequest, index: int, step, first: bool, running: RunningRequest) -> dict | None:
     """The logprobs a streamed chunk carries for choice `index`'s step: its
-    token's, after (on a completion's first chunk) the echoed prompt's."""
+    token's (each of its tokens' that has text, for an event of several),
+    after (on a completion's first chunk) the echoed prompt's."""
     if parsed.top_logprobs is None and parsed.completion_logprobs is None:
         return None
-    steps = [(step.token_id, step.delta_text, step.completion_tokens - 1)] \
-        if step.token_id is not None and step.delta_text else []
+    if step.tokens_from >= 0:
+        steps = [(token_id, piece, position) for position, token_id in
+                 enumerate(running.output_ids[step.tokens_from:step.completion_tokens], start=step.tokens_from)
+                 if (piece := piece_of(token_id))]
+    else:
+        steps = [(step.token_id, step.delta_text, step.completion_tokens - 1)] \
+            if step.token_id is not None and step.delta_text else []
     if not steps and not first:
         return None
     return choice_logprobs(parsed, index, steps, with_echo=first)
+
+
+def _merged(held: list[Step], tokens_from: int) -> Step:
+    """One stream event of the steps `held` (the last decides its finish)."""
+    if len(held) == 1:
+        return held[0]
+    last = held[-1]
+    return replace(last, delta_text="".join(step.delta_text for step in held), tokens_from=tokens_from)
 
 
 class _ChoiceChunks:
@@ -133,7 +148,7 @@ class _ChoiceChunks:
             # Completions' continuous usage carries no cached-token details in SGLang.
             usage = usage_object(prompt_tokens=running.prompt_tokens, completion_tokens=step.completion_tokens,
                                  cached_tokens=0, enable_cache_report=False) if continuous else None
-            logprobs = _step_logprobs(parsed, self._index, step, first)
+            logprobs = _step_logprobs(parsed, self._index, step, first, running)
             return [writer.text_chunk(delta, step.finish_reason, usage, logprobs)]
         out = [writer.role_chunk()] if first else []
         if self._call is not None:
@@ -142,7 +157,7 @@ class _ChoiceChunks:
             return out + self._reasoning_chunks(step, step.delta_text)
         if step.delta_text:
             usage = running_usage(running, self._enable_cache_report, step.completion_tokens) if continuous else None
-            out.append(writer.content_chunk(step.delta_text, usage, _step_logprobs(parsed, self._index, step, False)))
+            out.append(writer.content_chunk(step.delta_text, usage, _step_logprobs(parsed, self._index, step, False, running)))
         if step.finish_reason is not None:
             out.append(writer.finish_chunk(step.finish_reason["type"], step.finish_reason.get("matched")))
         return out
@@ -166,7 +181,7 @@ class _ChoiceChunks:
             reasoning, content = reasoning + rest_reasoning, content + rest_content
         usage = (running_usage(running, self._enable_cache_report, step.completion_tokens)
                  if self._parsed.continuous_usage_stats else None)
-        logprobs = _step_logprobs(self._parsed, self._index, step, False)
+        logprobs = _step_logprobs(self._parsed, self._index, step, False, running)
         out = []
         if reasoning:
             out.append(writer.reasoning_chunk(reasoning, usage, logprobs))
@@ -453,6 +468,30 @@ class GenerationHandlers:
                 self.engine.mark_disconnected(running)
         return response if response is not None else web.Response(status=499)
 
+    async def _streamed(self, running: RunningRequest) -> AsyncIterator[Step]:
+        """A streamed request's events, as SGLang's scheduler hands them on:
+        the first token at once, then whenever `stream_interval` tokens (the
+        request's, else --stream-interval) are unsent, and at the finish; an
+        event of several tokens is one Step (`tokens_from`). A failure ends the
+        stream without the tokens not yet sent."""
+        interval = running.request.stream_interval or self.config.stream_interval
+        async with contextlib.aclosing(self.engine.run(running)) as steps:
+            if interval <= 1:
+                async for step in steps:
+                    yield step
+                return
+            held: list[Step] = []
+            sent = 0
+            async for step in steps:
+                if step.error is not None:
+                    yield step
+                    return
+                held.append(step)
+                count = step.completion_tokens
+                if step.finish_reason is not None or count - sent >= interval or (sent == 0 and count > 0):
+                    yield _merged(held, sent)
+                    held, sent = [], count
+
     async def _interleaved(self, runnings: list[RunningRequest]) -> AsyncIterator[tuple[int, Step, bool]]:
         """Every request's steps as they come: (its index, the step, whether
         another step is already waiting), until every request has ended."""
@@ -460,7 +499,7 @@ class GenerationHandlers:
 
         async def pump(index: int, running: RunningRequest) -> None:
             try:
-                async with contextlib.aclosing(self.engine.run(running)) as steps:
+                async with contextlib.aclosing(self._streamed(running)) as steps:
                     async for step in steps:
                         queue.put_nowait((index, step))
             finally:
@@ -489,7 +528,7 @@ class GenerationHandlers:
         response: web.StreamResponse | None = None
         pending: list[bytes] = []
         try:
-            async with contextlib.aclosing(self.engine.run(running)) as steps:
+            async with contextlib.aclosing(self._streamed(running)) as steps:
                 async for step in steps:
                     if step.error is not None:
                         pending.append(openai_stream_error_sse(step.error["message"], step.error["status_code"]))
@@ -648,7 +687,7 @@ class GenerationHandlers:
         sent = 0
         try:
             await response.prepare(request)
-            async with contextlib.aclosing(self.engine.run(running)) as steps:
+            async with contextlib.aclosing(self._streamed(running)) as steps:
                 async for step in steps:
                     if step.error is not None:
                         pending.append(native_stream_error_sse(step.error["message"], step.error["status_code"]))
@@ -772,7 +811,7 @@ class InfoHandlers:
             "radix_eviction_policy": "lru",
             "schedule_policy": config.schedule_policy,
             "enable_mixed_chunk": False,
-            "stream_interval": 1,
+            "stream_interval": config.stream_interval,
             "incremental_streaming_output": config.incremental_streaming_output,
             "stream_response_default_include_usage": config.stream_response_default_include_usage,
             "tp_size": 1,

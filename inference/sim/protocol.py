@@ -697,12 +697,14 @@ def parse_generate_request(body: Any) -> NativeRequest:
         if start > len(prompt_ids):
             refusals.append(f"req.logprob_start_len={start} is higher than the number of input tokens "
                             f"len(req.origin_input_ids)={len(prompt_ids)}. Please use a smaller logprob_start_len.")
+        stream_interval = fields.optional_int("stream_interval", source=params)  # unchecked in SGLang too
         generations.append(GenerationRequest(
             rid=rids[index],
             prompt_ids=prompt_ids,
             max_new_tokens=max_new_tokens,
             min_new_tokens=min_new_tokens,
             no_stop_trim=no_stop_trim,
+            stream_interval=stream_interval,
             stop=fields.stop_strings(source=params),
             stop_regex=fields.stop_regexes(native_error, source=params),
             stop_token_ids=fields.token_ids("stop_token_ids", source=params),

@@ -432,6 +432,41 @@ def test_streams_end_with_usage_by_default_under_the_flag(launch_flags_sim, sim)
                 assert events[-1]["usage"]["completion_tokens"] == 3
 
 
+@pytest.fixture(scope="module")
+def interval_sim(sim_factory):
+    return sim_factory("--stream-interval", "4")
+
+
+def test_stream_interval_sends_the_first_token_then_every_nth(interval_sim, sim, launch_flags_sim):
+    """--stream-interval N (or a native request's sampling_params.stream_interval):
+    the first token goes out at once, then an event per N tokens, and the
+    last at the finish; an OpenAI chunk then carries several tokens' text and
+    logprobs, which add up to the whole reply's."""
+    chat = {"model": "m", "messages": [{"role": "user", "content": "Count for me"}], "max_tokens": 30,
+            "ignore_eos": True, "logprobs": True, "top_logprobs": 1}
+    with interval_sim.client() as client:
+        whole = client.post("/v1/chat/completions", json=chat).json()["choices"][0]
+        with client.stream("POST", "/v1/chat/completions", json={**chat, "stream": True}) as response:
+            events = sse_events(response)[:-1]
+        assert client.get("/server_info").json()["stream_interval"] == 4
+    chunks = [event["choices"][0] for event in events if event["choices"] and event["choices"][0]["delta"].get("content")]
+    assert "".join(chunk["delta"]["content"] for chunk in chunks) == whole["message"]["content"]
+    entries = [entry for chunk in chunks for entry in chunk["logprobs"]["content"]]
+    assert entries == whole["logprobs"]["content"]
+    assert [len(chunk["logprobs"]["content"]) for chunk in chunks] == [1] + [4] * (len(chunks) - 2) + [
+        len(entries) - 1 - 4 * (len(chunks) - 2)]
+    assert len(chunks) == 1 + -(-29 // 4)  # 30 tokens: the first, then seven events of at most four
+
+    native = {"text": "Count for me", "sampling_params": {"max_new_tokens": 11, "stream_interval": 3}, "stream": True}
+    with sim.client() as client, client.stream("POST", "/generate", json=native) as response:
+        cumulative = sse_events(response)[:-1]
+    assert [len(event["output_ids"]) for event in cumulative] == [1, 4, 7, 10, 11]
+    with launch_flags_sim.client() as client, client.stream("POST", "/generate", json=native) as response:
+        incremental = sse_events(response)[:-1]
+    assert [len(event["output_ids"]) for event in incremental] == [1, 3, 3, 3, 1]
+    assert [event["meta_info"]["completion_tokens"] for event in incremental] == [1, 4, 7, 10, 11]
+
+
 def test_generate_default_max_new_tokens_and_context_error(sim):
     with sim.client() as client:
         body = client.post("/generate", json={"text": "Hi", "sampling_params": {"ignore_eos": True}}).json()
