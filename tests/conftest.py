@@ -105,13 +105,14 @@ def live_tmp(tmp_path_factory) -> Path:
 def sims(live_tmp):
     """Simulators by role: 'fast' answers at once, 'slow' streams a token every
     30 ms (for cancel and disconnect tests), 'faulty' takes injected faults,
-    'thinking' is a reasoning model (its replies open with a think block)."""
+    'thinking' is a reasoning model (its replies open with a think block) that
+    streams three tokens a chunk."""
     started = {
         "fast": sim_start(live_tmp, "test-llm", "--context-length", "4096", "--tool-call-parser", "qwen25"),
         "slow": sim_start(live_tmp, "slow-llm", "--itl-ms", "30"),
         "faulty": sim_start(live_tmp, "faulty-llm"),
         "thinking": sim_start(live_tmp, "think-llm", "--reasoning-parser", "qwen3", "--tool-call-parser", "qwen25",
-                              "--enable-cache-report"),
+                              "--enable-cache-report", "--stream-interval", "3"),
     }
     yield started
     for sim in started.values():

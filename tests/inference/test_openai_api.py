@@ -210,6 +210,9 @@ def test_a_reasoning_models_think_block_reaches_the_client_and_is_metered(client
     deltas = [chunk.choices[0].delta for chunk in chunks if chunk.choices]
     assert "".join(getattr(d, "reasoning_content", None) or "" for d in deltas) == message.reasoning_content
     assert "".join(d.content or "" for d in deltas) == message.content
+    # The backend streams three tokens a chunk (--stream-interval 3): they pass through whole.
+    assert len([d for d in deltas if getattr(d, "reasoning_content", None) or d.content]) \
+        < whole.usage.completion_tokens / 2
     usage = chunks[-1].usage
     assert usage.completion_tokens == whole.usage.completion_tokens
     assert usage.completion_tokens_details.reasoning_tokens == whole.usage.completion_tokens_details.reasoning_tokens
