@@ -106,12 +106,20 @@ def _step_logprobs(parsed: OpenAIRequest, index: int, step, first: bool, running
     return choice_logprobs(parsed, index, steps, with_echo=first)
 
 
-def _merged(held: list[Step], tokens_from: int) -> Step:
-    """One stream event of the steps `held` (the last decides its finish)."""
-    if len(held) == 1:
-        return held[0]
+def _merged(held: list[Step], tokens_from: int, delta_text: str) -> Step:
+    """One stream event of the steps `held` (the last decides its finish),
+    with the text it adds."""
     last = held[-1]
-    return replace(last, delta_text="".join(step.delta_text for step in held), tokens_from=tokens_from)
+    if len(held) == 1 and last.delta_text == delta_text:
+        return last
+    return replace(last, delta_text=delta_text, tokens_from=tokens_from)
+
+
+def _may_become_stop(text: str, stops: tuple[str, ...]) -> bool:
+    """The text ends with the start of a stop string (SGLang's
+    check_match_stop_str_prefix): what it shows now may yet be trimmed."""
+    return any(text.endswith(stop[:size]) for stop in stops if stop
+               for size in range(1, min(len(stop), len(text)) + 1))
 
 
 class _ChoiceChunks:
@@ -472,25 +480,35 @@ class GenerationHandlers:
         """A streamed request's events, as SGLang's scheduler hands them on:
         the first token at once, then whenever `stream_interval` tokens (the
         request's, else --stream-interval) are unsent, and at the finish; an
-        event of several tokens is one Step (`tokens_from`). A failure ends the
+        event of several tokens is one Step (`tokens_from`). While the text
+        ends with the start of a stop string nothing is sent, so a stop string
+        trimmed at the finish never shows in the stream. A failure ends the
         stream without the tokens not yet sent."""
         interval = running.request.stream_interval or self.config.stream_interval
+        stops = running.request.stop
         async with contextlib.aclosing(self.engine.run(running)) as steps:
-            if interval <= 1:
+            if interval <= 1 and not stops:
                 async for step in steps:
                     yield step
                 return
             held: list[Step] = []
-            sent = 0
+            sent = 0  # output tokens sent
+            seen, sent_text = "", 0  # the text as the steps wrote it, and how much of it was sent
             async for step in steps:
                 if step.error is not None:
                     yield step
                     return
                 held.append(step)
+                seen += step.delta_text
                 count = step.completion_tokens
-                if step.finish_reason is not None or count - sent >= interval or (sent == 0 and count > 0):
-                    yield _merged(held, sent)
-                    held, sent = [], count
+                if step.finish_reason is not None:
+                    # The finish trims a matched stop string: the rest of the final text.
+                    yield _merged(held, sent, running.text[sent_text:step.text_end])
+                    return
+                if (interval <= 1 or count - sent >= interval or (sent == 0 and count > 0)) \
+                        and not (stops and _may_become_stop(seen, stops)):
+                    yield _merged(held, sent, seen[sent_text:])
+                    held, sent, sent_text = [], count, len(seen)
 
     async def _interleaved(self, runnings: list[RunningRequest]) -> AsyncIterator[tuple[int, Step, bool]]:
         """Every request's steps as they come: (its index, the step, whether

@@ -432,6 +432,36 @@ def test_streams_end_with_usage_by_default_under_the_flag(launch_flags_sim, sim)
                 assert events[-1]["usage"]["completion_tokens"] == 3
 
 
+def test_a_stream_never_shows_a_stop_string_it_trims(sim, interval_sim):
+    """SGLang holds a stream's output while its text ends with the start of a
+    stop string, so a stop string spanning tokens, trimmed at the finish,
+    never reaches the client: streamed text equals the whole reply's, native
+    and OpenAI, at any stream interval."""
+    ask = {"model": "m", "messages": [{"role": "user", "content": "Stop me"}], "max_tokens": 20}
+    with sim.client() as client:
+        words = client.post("/v1/chat/completions", json=ask).json()["choices"][0]["message"]["content"].split(" ")
+    stop = " " + words[3] + " " + words[4]  # two tokens
+    for server in (sim, interval_sim):
+        with server.client() as client:
+            whole = client.post("/v1/chat/completions", json={**ask, "stop": [stop]}).json()["choices"][0]
+            with client.stream("POST", "/v1/chat/completions", json={**ask, "stop": [stop], "stream": True}) as response:
+                events = sse_events(response)[:-1]
+            plain = client.post("/generate", json={"text": "Stop me", "sampling_params": {"max_new_tokens": 20}})
+            native_words = plain.json()["text"].split(" ")
+            native_stop = " " + native_words[3] + " " + native_words[4]
+            native = {"text": "Stop me", "sampling_params": {"max_new_tokens": 20, "stop": [native_stop]}}
+            whole_native = client.post("/generate", json=native).json()
+            with client.stream("POST", "/generate", json={**native, "stream": True}) as response:
+                native_events = sse_events(response)[:-1]
+        assert whole["finish_reason"] == "stop" and stop.split()[0] not in whole["message"]["content"].split()[-1:]
+        streamed = "".join(e["choices"][0]["delta"].get("content") or "" for e in events if e["choices"])
+        assert streamed == whole["message"]["content"] == " ".join(words[:3])
+        assert whole_native["meta_info"]["finish_reason"] == {"type": "stop", "matched": native_stop}
+        assert whole_native["text"] == " ".join(native_words[:3])
+        assert all(whole_native["text"].startswith(event["text"]) for event in native_events)
+        assert native_events[-1]["text"] == whole_native["text"]
+
+
 @pytest.fixture(scope="module")
 def interval_sim(sim_factory):
     return sim_factory("--stream-interval", "4")
