@@ -70,6 +70,7 @@ from .protocol import (
 )
 from .reasoning import ReasoningSplitter
 from .tokenizer import piece_of
+from .tokenizing import detokenize_response, tokenize_response
 
 logger = logging.getLogger("inference.sim")
 
@@ -775,6 +776,13 @@ class InfoHandlers:
         return {"id": model_id, "object": "model", "created": int(self.started_at), "owned_by": "sglang",
                 "root": model_id, "parent": None, "max_model_len": self.config.context_length}
 
+    async def tokenize(self, request: web.Request) -> web.Response:
+        body = await _read_json_body(request, require_json_content_type=True)
+        return _json(tokenize_response(body, context_length=self.config.context_length))
+
+    async def detokenize(self, request: web.Request) -> web.Response:
+        return _json(detokenize_response(await _read_json_body(request, require_json_content_type=True)))
+
     async def list_models(self, request: web.Request) -> web.Response:
         cards = [self._model_card(self.config.served_model_name)]
         for adapter in self.engine.lora.loaded():
@@ -1060,6 +1068,9 @@ def build_app(*, config: ServerConfig, settings: RuntimeSettings) -> web.Applica
     router.add_post("/v1/completions", generation.completions)
     router.add_post("/v1/embeddings", generation.embeddings)
     router.add_get("/v1/models", info.list_models)
+    for prefix in ("", "/v1"):
+        router.add_post(f"{prefix}/tokenize", info.tokenize)
+        router.add_post(f"{prefix}/detokenize", info.detokenize)
     router.add_get("/v1/models/{model:.+}", info.retrieve_model)
     for path in ("/health", "/health_generate"):
         router.add_get(path, info.health)

@@ -1040,3 +1040,39 @@ def test_stop_regex_ends_a_reply_as_sglang_does(sim):
     assert chat["choices"][0]["finish_reason"] == "stop" and chat["choices"][0]["matched_stop"] == pattern
     assert invalid.status_code == 400 and invalid.json()["error"]["message"].startswith("invalid stop_regex '(open'")
     assert too_many.status_code == 400 and "at most 32 stop_regex patterns" in too_many.json()["message"]
+
+
+def test_tokenize_and_detokenize_as_sglang_serves_them(sim):
+    """POST /tokenize and /detokenize (and their /v1/ twins): a prompt, a list
+    of prompts or chat messages to token ids, rendered as the chat route
+    renders them; ids back to text, the template's special tokens left out
+    unless asked for."""
+    ask = [{"role": "user", "content": "How many tokens is this?"}]
+    with sim.client() as client:
+        chat = client.post("/v1/chat/completions", json={"model": "m", "messages": ask, "max_tokens": 1}).json()
+        by_messages = client.post("/v1/tokenize", json={"messages": ask}).json()
+        by_prompt = client.post("/tokenize", json={"prompt": "Hello there, world"}).json()
+        by_list = client.post("/tokenize", json={"prompt": ["Hello there", "world"]}).json()
+        text = client.post("/detokenize", json={"tokens": by_prompt["tokens"]}).json()
+        rendered = client.post("/v1/detokenize", json={"tokens": by_messages["tokens"],
+                                                       "skip_special_tokens": False}).json()
+        plain = client.post("/v1/detokenize", json={"tokens": by_messages["tokens"]}).json()
+        batch = client.post("/detokenize", json={"tokens": by_list["tokens"]}).json()
+        neither = client.post("/tokenize", json={"model": "m"})
+        both = client.post("/tokenize", json={"prompt": "a", "messages": ask})
+        bad_ids = client.post("/detokenize", json={"tokens": [[1, "a"]]})
+        form = client.post("/tokenize", content=b"prompt=a", headers={"Content-Type": "application/x-www-form-urlencoded"})
+    assert by_messages["count"] == len(by_messages["tokens"]) == chat["usage"]["prompt_tokens"]
+    with sim.client() as client:
+        context = client.get("/v1/models").json()["data"][0]["max_model_len"]
+    assert by_messages["max_model_len"] == by_prompt["max_model_len"] == context
+    assert by_prompt["count"] == len(by_prompt["tokens"]) == 4  # "Hello", " there", ",", " world"
+    assert by_list["count"] == [2, 1] and by_list["tokens"][0] == by_prompt["tokens"][:2]
+    assert text == {"text": "Hello there, world"} and batch == {"text": ["Hello there", "world"]}
+    assert rendered["text"] == "<|user|>\nHow many tokens is this?\n<|assistant|>\n"
+    assert plain["text"] == "\nHow many tokens is this?\n\n"
+    for refused in (neither, both):
+        assert refused.status_code == 400 and refused.json()["type"] == "Bad Request"
+        assert "Exactly one of 'prompt' or 'messages' must be provided." in refused.json()["message"]
+    assert bad_ids.status_code == 400 and bad_ids.json()["object"] == "error"
+    assert form.status_code == 400
