@@ -5,7 +5,8 @@ trip through the gateway, so a stream's chunks are handled as bytes: the
 backend already uses our request id (we send it as SGLang's `rid`, which SGLang
 echoes as `id`), the model name is replaced only when the pool serves it under
 another name, and the per-chunk usage that we ask SGLang for
-(`continuous_usage_stats`) is cut off the end of the chunk and read on its own.
+(`continuous_usage_stats`) is cut off the end of the chunk and read on its own
+(and, when the client asked for it too, handed on in OpenAI's usage shape).
 A chunk that does not have the expected layout takes the slow path: parsed,
 edited and serialised again."""
 from __future__ import annotations
@@ -45,15 +46,35 @@ async def sse_batches(response: aiohttp.ClientResponse) -> AsyncIterator[list[by
             yield payloads
 
 
+def usage_object(*, prompt_tokens: int, completion_tokens: int, cached_tokens: int, reasoning_tokens: int) -> dict:
+    """OpenAI's usage object, as the gateway gives it."""
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": cached_tokens},
+        "completion_tokens_details": {"reasoning_tokens": reasoning_tokens},
+    }
+
+
+def client_usage(usage: dict) -> dict:
+    """A backend's (SGLang's) usage object in the gateway's shape."""
+    details = usage.get("prompt_tokens_details") or {}
+    return usage_object(prompt_tokens=int(usage.get("prompt_tokens") or 0),
+                        completion_tokens=int(usage.get("completion_tokens") or 0),
+                        cached_tokens=int(details.get("cached_tokens") or 0),
+                        reasoning_tokens=int(usage.get("reasoning_tokens") or 0))
+
+
 class ChunkRewriter:
     """Rewrites one stream's chunk payloads; keeps what the meter needs."""
 
     __slots__ = ("_request_id", "_model_from", "_model_to", "_client_model", "_tail", "_content", "_empty",
                  "_chat", "_n", "_choices", "_finished_choices", "_choice_usage",
-                 "last_usage_raw", "usage_template", "content_chunks", "finished")
+                 "_continuous", "last_usage_raw", "usage_template", "content_chunks", "finished")
 
     def __init__(self, *, request_id: str, client_model: str, upstream_model: str, include_usage: bool,
-                 chat: bool, n: int = 1, choices: int = 1) -> None:
+                 chat: bool, n: int = 1, choices: int = 1, continuous_usage: bool = False) -> None:
         self._request_id = request_id
         self._client_model = client_model
         if client_model != upstream_model:
@@ -65,6 +86,8 @@ class ChunkRewriter:
         self._content = b'"content":"' if chat else b'"text":"'
         self._empty = b'"content":""' if chat else b'"text":""'
         self._chat = chat
+        # The client asked for every chunk's usage (continuous_usage_stats).
+        self._continuous = continuous_usage
         # The newest usage object not yet read (the backend's counts are cumulative).
         self.last_usage_raw: bytes | None = None
         # The backend's usage-only chunk (`choices: []`), for the client's final one.
@@ -110,6 +133,8 @@ class ChunkRewriter:
             self.content_chunks += 1
         if b'"finish_reason":null' not in body and b'"finish_reason":' in body:
             self.finished = True
+        if self._continuous and position != -1 and usage_raw != b"null":
+            return body + USAGE_KEY + orjson.dumps(client_usage(orjson.loads(usage_raw))) + b"}", has_content
         return body + self._tail, has_content
 
     def rewrite_slow(self, payload: bytes) -> tuple[bytes | None, bool]:
@@ -142,7 +167,9 @@ class ChunkRewriter:
                 self._choice_usage[choices[0].get("index", 0)] = usage
                 self.last_usage_raw = orjson.dumps(self._choices_usage())
         chunk["id"], chunk["model"] = self._request_id, self._client_model
-        if self._tail != b"}":
+        if self._continuous and usage:
+            chunk["usage"] = client_usage(usage)  # with several choices, this choice's own (SGLang's)
+        elif self._tail != b"}":
             chunk["usage"] = None
         has_content = False
         for choice in choices:

@@ -34,7 +34,7 @@ from .limits import Admission, Limiter
 from .registry import BackendState, Prices, Resolution
 from .routing import POLICY_NAMES, key_footprint, policy_for, routing_key_build
 from .routing.homes import ConversationHomes
-from .chunks import ChunkRewriter, error_message, sse_batches
+from .chunks import ChunkRewriter, error_message, sse_batches, usage_object
 from .sglang import BackendUnreachable, backend_abort, backend_post
 
 logger = logging.getLogger(__name__)
@@ -86,6 +86,9 @@ class CompletionRequest:
     # has n × prompts choices.
     n: int = 1
     prompts: int = 1
+    # stream_options.continuous_usage_stats (SGLang's and vLLM's extension):
+    # every chunk carries the usage so far.
+    continuous_usage: bool = False
 
     @property
     def choices(self) -> int:
@@ -113,11 +116,13 @@ def completion_request_build(
     if not isinstance(model, str):
         raise errors.invalid_parameter("model", "'model' must be a string.")
     n = prompts = 1
+    continuous_usage = False
     if endpoint == EMBEDDINGS:
         _embedding_input_check(body)
         stream = include_usage = False
     else:
         stream, include_usage, n, prompts = _generation_check(endpoint, body)
+        continuous_usage = stream and bool((body.get("stream_options") or {}).get("continuous_usage_stats"))
     return CompletionRequest(
         principal=principal,
         endpoint=endpoint,
@@ -128,6 +133,7 @@ def completion_request_build(
         include_usage=include_usage,
         n=n,
         prompts=prompts,
+        continuous_usage=continuous_usage,
         **({"started": started} if started is not None else {}),
     )
 
@@ -366,14 +372,8 @@ class UsageMeter:
         return self.content_chunks
 
     def openai_usage(self) -> dict:
-        completion_tokens = self.billed_completion_tokens
-        return {
-            "prompt_tokens": self.prompt_tokens,
-            "completion_tokens": completion_tokens,
-            "total_tokens": self.prompt_tokens + completion_tokens,
-            "prompt_tokens_details": {"cached_tokens": self.cached_tokens},
-            "completion_tokens_details": {"reasoning_tokens": self.reasoning_tokens},
-        }
+        return usage_object(prompt_tokens=self.prompt_tokens, completion_tokens=self.billed_completion_tokens,
+                            cached_tokens=self.cached_tokens, reasoning_tokens=self.reasoning_tokens)
 
     def fail(self, error: ApiError) -> None:
         self.status, self.http_status, self.error_code = "error", error.status, error.usage_code
@@ -635,7 +635,8 @@ class CompletionService:
             rewriter = ChunkRewriter(request_id=request.request_id, client_model=request.model_name,
                                      upstream_model=resolution.model.upstream_name,
                                      include_usage=request.include_usage, chat=request.endpoint == CHAT,
-                                     n=request.n, choices=request.choices)
+                                     n=request.n, choices=request.choices,
+                                     continuous_usage=request.continuous_usage)
             # Several choices' chunks carry their own ids and usage: the slow path.
             fast = request.choices == 1 and rewriter.fast_path_fits(first[0])
             rewrite = rewriter.rewrite if fast else rewriter.rewrite_slow

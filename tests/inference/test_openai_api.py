@@ -77,6 +77,31 @@ def test_streaming_without_include_usage_sends_no_usage_but_records_it(client, t
     assert row.completion_tokens == tokens and row.prompt_tokens > 0
 
 
+def test_continuous_usage_stats_give_every_chunk_its_usage(client, tenant_key):
+    """stream_options.continuous_usage_stats (SGLang's and vLLM's extension):
+    each token's chunk carries the usage so far in the gateway's usage shape,
+    each choice its own with n > 1; the final usage chunk sums them."""
+    chunks = list(client.chat.completions.create(
+        model="test-llm", messages=MESSAGES, max_tokens=6, stream=True,
+        stream_options={"include_usage": True, "continuous_usage_stats": True}))
+    counted = [c.usage.completion_tokens for c in chunks if c.choices and c.choices[0].delta.content]
+    assert counted == list(range(1, len(counted) + 1)) and len(counted) == 6
+    final = chunks[-1].usage
+    assert chunks[-1].choices == [] and final.completion_tokens == 6
+    assert {c.usage.prompt_tokens for c in chunks if c.usage} == {final.prompt_tokens}
+    assert all(c.usage.total_tokens == c.usage.prompt_tokens + c.usage.completion_tokens for c in chunks if c.usage)
+    assert all(c.usage.prompt_tokens_details is not None for c in chunks if c.usage)
+
+    two = list(client.completions.create(model="test-llm", prompt="Count with me", max_tokens=3, n=2, stream=True,
+                                         stream_options={"continuous_usage_stats": True}))
+    by_choice = {index: [c.usage.completion_tokens for c in two if c.choices and c.choices[0].index == index
+                         and c.choices[0].text] for index in (0, 1)}
+    assert by_choice == {0: [1, 2, 3], 1: [1, 2, 3]}
+    assert two[-1].choices  # no include_usage: no final usage chunk
+    rows = usage_rows_wait(api_key=tenant_key.api_key, count=2)
+    assert sorted(row.completion_tokens for row in rows) == [6, 6]
+
+
 def test_repeated_prefix_reports_cached_tokens(client, tenant_key):
     long_system = "You answer questions about the platform. " * 40
     messages = [{"role": "system", "content": long_system}, {"role": "user", "content": "First question?"}]
