@@ -450,6 +450,43 @@ def _choices_options(fields: _Fields, parsed: OpenAIRequest, batch_size: int) ->
     return parsed
 
 
+# ChatCompletionMessageGenericParam's roles (matched case-insensitively); a
+# ChatCompletionMessageUserParam's role is exactly "user".
+GENERIC_MESSAGE_ROLES = ("system", "assistant", "tool", "function", "developer", "latest_reminder", "root")
+
+
+def chat_messages_checked(messages: list, schema_name: str) -> list:
+    """The messages as SGLang's pydantic union of message params takes them
+    (a generic role lower-cased); a message neither member accepts gets its
+    400, with both members' complaints as pydantic lists them."""
+    checked = []
+    for index, message in enumerate(messages):
+        if not isinstance(message, dict):
+            raise openai_schema_error(f"messages.{index}", "Input should be a valid dictionary or object",
+                                      schema_name)
+        role = message.get("role")
+        if isinstance(role, str) and role.lower() in GENERIC_MESSAGE_ROLES:
+            checked.append(message if role.islower() else {**message, "role": role.lower()})
+            continue
+        if role == "user" and "content" in message:
+            checked.append(message)
+            continue
+        allowed = ", ".join(repr(name) for name in GENERIC_MESSAGE_ROLES)
+        generic, user = f"messages.{index}.ChatCompletionMessageGenericParam", \
+            f"messages.{index}.ChatCompletionMessageUserParam"
+        problems = [(f"{generic}.role", "Field required" if role is None else
+                     f"Value error, 'role' must be one of {allowed} (case-insensitive)." if isinstance(role, str)
+                     else "Value error, 'role' must be a string")]
+        if role != "user":
+            problems.append((f"{user}.role", "Field required" if role is None else "Input should be 'user'"))
+        if "content" not in message:
+            problems.append((f"{user}.content", "Field required"))
+        text = "".join(f"\n{location}\n  {problem}" for location, problem in problems)
+        raise ApiError(400, openai_error_body(f"{len(problems)} validation errors for {schema_name}{text}",
+                                              error_type="Bad Request"))
+    return checked
+
+
 def parse_chat_request(body: Any, *, served_model_name: str | None = None,
                        tool_call_parser: str | None = None, reasoning_parser: str | None = None) -> OpenAIRequest:
     fields = _Fields(body, "ChatCompletionRequest", openai_schema_error)
@@ -460,6 +497,7 @@ def parse_chat_request(body: Any, *, served_model_name: str | None = None,
         fields.fail("messages", "Input should be a valid list")
     if not messages:
         raise openai_error("Messages cannot be empty.")
+    messages = chat_messages_checked(messages, "ChatCompletionRequest")
     try:
         tool_call = plan_call(body.get("tools"), body.get("tool_choice"), messages, parser=tool_call_parser)
     except ToolRequestError as error:

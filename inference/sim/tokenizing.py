@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .protocol import ApiError, _Fields, openai_error, openai_error_body, openai_schema_error
+from .protocol import ApiError, _Fields, chat_messages_checked, openai_error, openai_error_body, openai_schema_error
 from .tokenizer import RESERVED_IDS, piece_of, render_chat_prompt, tokenize
 
 
@@ -34,6 +34,7 @@ def tokenize_response(body: Any, *, context_length: int) -> dict:
     if messages is not None:
         if not isinstance(messages, list):
             fields.fail("messages", "Input should be a valid list")
+        messages = chat_messages_checked(messages, "TokenizeRequest")
         try:
             ids = tokenize(render_chat_prompt(messages, body.get("tools")))
         except ValueError as error:

@@ -1076,3 +1076,24 @@ def test_tokenize_and_detokenize_as_sglang_serves_them(sim):
         assert "Exactly one of 'prompt' or 'messages' must be provided." in refused.json()["message"]
     assert bad_ids.status_code == 400 and bad_ids.json()["object"] == "error"
     assert form.status_code == 400
+
+
+def test_message_roles_are_checked_as_sglangs_message_params_check_them(sim):
+    """A role is one of the generic message params' (any case, lower-cased
+    before the template) or exactly "user"; anything else is a 400 listing
+    both union members' complaints, on chat completions and /tokenize alike."""
+    with sim.client() as client:
+        lower = client.post("/tokenize", json={"messages": [{"role": "system", "content": "Be brief."}]}).json()
+        upper = client.post("/tokenize", json={"messages": [{"role": "SYSTEM", "content": "Be brief."}]}).json()
+        bogus = client.post("/v1/chat/completions", json={"model": "m", "messages": [{"role": "bogus", "content": "x"}]})
+        no_content = client.post("/v1/chat/completions", json={"model": "m", "messages": [{"role": "user"}]})
+        tokenize_bogus = client.post("/tokenize", json={"messages": [{"role": "bogus", "content": "x"}]})
+    assert lower == upper
+    assert bogus.status_code == 400 and bogus.json()["type"] == "Bad Request"
+    message = bogus.json()["message"]
+    assert message.startswith("2 validation errors for ChatCompletionRequest\n")
+    assert "messages.0.ChatCompletionMessageGenericParam.role\n  Value error, 'role' must be one of 'system'" in message
+    assert "messages.0.ChatCompletionMessageUserParam.role\n  Input should be 'user'" in message
+    assert "messages.0.ChatCompletionMessageUserParam.content\n  Field required" in no_content.json()["message"]
+    assert tokenize_bogus.status_code == 400
+    assert tokenize_bogus.json()["message"].startswith("2 validation errors for TokenizeRequest\n")
