@@ -477,21 +477,23 @@ class GenerationHandlers:
                 self.engine.mark_disconnected(running)
         return response if response is not None else web.Response(status=499)
 
-    async def _streamed(self, running: RunningRequest) -> AsyncIterator[Step]:
+    def _streamed(self, running: RunningRequest) -> AsyncIterator[Step]:
         """A streamed request's events, as SGLang's scheduler hands them on:
         the first token at once, then whenever `stream_interval` tokens (the
         request's, else --stream-interval) are unsent, and at the finish; an
         event of several tokens is one Step (`tokens_from`). While the text
         ends with the start of a stop string nothing is sent, so a stop string
         trimmed at the finish never shows in the stream. A failure ends the
-        stream without the tokens not yet sent."""
+        stream without the tokens not yet sent. (Every step as it comes, from
+        the engine itself, when there is nothing to hold.)"""
         interval = running.request.stream_interval or self.config.stream_interval
         stops = running.request.stop
+        if interval <= 1 and not stops:
+            return self.engine.run(running)
+        return self._held_back(running, interval, stops)
+
+    async def _held_back(self, running: RunningRequest, interval: int, stops: tuple[str, ...]) -> AsyncIterator[Step]:
         async with contextlib.aclosing(self.engine.run(running)) as steps:
-            if interval <= 1 and not stops:
-                async for step in steps:
-                    yield step
-                return
             held: list[Step] = []
             sent = 0  # output tokens sent
             seen, sent_text = "", 0  # the text as the steps wrote it, and how much of it was sent
