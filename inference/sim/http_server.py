@@ -368,15 +368,18 @@ class GenerationHandlers:
 
     async def _collect(self, running: RunningRequest) -> tuple[list[tuple[int, str, int]], dict | None]:
         """Runs a request to its end: its tokens as (id, text, position), for
-        logprobs, and its error if it failed."""
+        logprobs, and its error if it failed. Every output token is there, as
+        SGLang's whole replies list them: a matched stop token and the EOS
+        too, with the text of their id (a special token's name)."""
         error = None
         tokens: list[tuple[int, str, int]] = []
         async with contextlib.aclosing(self.engine.run(running)) as steps:
             async for step in steps:
                 if step.error is not None:
                     error = step.error
-                elif step.token_id is not None and step.delta_text:
-                    tokens.append((step.token_id, step.delta_text, step.completion_tokens - 1))
+                elif step.token_id is not None:
+                    tokens.append((step.token_id, step.delta_text or piece_of(step.token_id),
+                                   step.completion_tokens - 1))
         return tokens, error
 
     async def _openai_unary(self, parsed: OpenAIRequest, runnings: list[RunningRequest], build) -> web.Response:

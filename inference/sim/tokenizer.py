@@ -36,8 +36,9 @@ BOS_TOKEN_ID = 1
 # way SGLang reports FINISH_MATCHED_TOKEN: {"type":"stop","matched":<eos id>}.
 EOS_TOKEN_ID = 2
 
-# Fixed ids for the chat template's special tokens (inside RESERVED_IDS).
+# Fixed ids for the special tokens (inside RESERVED_IDS): EOS, and the chat template's.
 SPECIAL_TOKEN_IDS: dict[str, int] = {
+    "<|endoftext|>": EOS_TOKEN_ID,
     "<|system|>": 10,
     "<|user|>": 11,
     "<|assistant|>": 12,
@@ -52,7 +53,7 @@ _PIECE_PATTERN = re.compile(r"<\|[a-z_]+\|>| ?\w+| ?[^\w\s]|\s", re.UNICODE)
 
 # The piece of each id piece_to_id has computed (the first, should two pieces
 # share an id), for turning ids back into text; at most this many.
-_PIECE_OF_ID: dict[int, str] = {}
+_PIECE_OF_ID: dict[int, str] = {token_id: piece for piece, token_id in SPECIAL_TOKEN_IDS.items()}
 _PIECE_OF_ID_MAX = 1 << 18
 
 

@@ -1097,3 +1097,30 @@ def test_message_roles_are_checked_as_sglangs_message_params_check_them(sim):
     assert "messages.0.ChatCompletionMessageUserParam.content\n  Field required" in no_content.json()["message"]
     assert tokenize_bogus.status_code == 400
     assert tokenize_bogus.json()["message"].startswith("2 validation errors for TokenizeRequest\n")
+
+
+def test_the_eos_token_in_logprobs_and_the_vocabulary(sim):
+    """The EOS is a special token, `<|endoftext|>` (id 2): a whole reply that
+    ends by itself lists its logprob last, as SGLang's do (a plain stream
+    has no chunk to carry it); /tokenize and /detokenize know it."""
+    ask = {"model": "m", "messages": [{"role": "user", "content": "Say a little."}], "logprobs": True}
+    with sim.client() as client:
+        whole = client.post("/v1/chat/completions", json=ask).json()
+        with client.stream("POST", "/v1/chat/completions", json={**ask, "stream": True}) as response:
+            events = sse_events(response)[:-1]
+        native = client.post("/generate", json={"text": "Say a little.", "return_logprob": True,
+                                                "return_text_in_logprobs": True,
+                                                "sampling_params": {"max_new_tokens": 200}}).json()
+        tokenized = client.post("/tokenize", json={"prompt": "<|endoftext|>"}).json()
+        shown = client.post("/detokenize", json={"tokens": [2], "skip_special_tokens": False}).json()
+        skipped = client.post("/detokenize", json={"tokens": [2]}).json()
+    choice = whole["choices"][0]
+    assert choice["finish_reason"] == "stop" and choice["matched_stop"] == 2
+    entries = choice["logprobs"]["content"]
+    assert len(entries) == whole["usage"]["completion_tokens"] and entries[-1]["token"] == "<|endoftext|>"
+    assert "".join(entry["token"] for entry in entries[:-1]) == choice["message"]["content"]
+    streamed = [entry for event in events if event["choices"] and event["choices"][0]["logprobs"]
+                for entry in event["choices"][0]["logprobs"]["content"]]
+    assert streamed == entries[:-1]
+    assert native["output_ids"][-1] == 2 and native["meta_info"]["output_token_logprobs"][-1][1:] == [2, "<|endoftext|>"]
+    assert tokenized["tokens"] == [2] and shown == {"text": "<|endoftext|>"} and skipped == {"text": ""}
