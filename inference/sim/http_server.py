@@ -70,6 +70,7 @@ from .protocol import (
 )
 from .reasoning import ReasoningSplitter
 from .tokenizer import piece_of
+from .parse_endpoints import parse_function_call_response, separate_reasoning_response
 from .tokenizing import detokenize_response, tokenize_response
 
 logger = logging.getLogger("inference.sim")
@@ -788,6 +789,12 @@ class InfoHandlers:
     async def detokenize(self, request: web.Request) -> web.Response:
         return _json(detokenize_response(await _read_json_body(request, require_json_content_type=True)))
 
+    async def separate_reasoning(self, request: web.Request) -> web.Response:
+        return _json(separate_reasoning_response(await _read_json_body(request, require_json_content_type=False)))
+
+    async def parse_function_call(self, request: web.Request) -> web.Response:
+        return _json(parse_function_call_response(await _read_json_body(request, require_json_content_type=False)))
+
     async def list_models(self, request: web.Request) -> web.Response:
         cards = [self._model_card(self.config.served_model_name)]
         for adapter in self.engine.lora.loaded():
@@ -1073,6 +1080,8 @@ def build_app(*, config: ServerConfig, settings: RuntimeSettings) -> web.Applica
     router.add_post("/v1/completions", generation.completions)
     router.add_post("/v1/embeddings", generation.embeddings)
     router.add_get("/v1/models", info.list_models)
+    router.add_post("/separate_reasoning", info.separate_reasoning)
+    router.add_post("/parse_function_call", info.parse_function_call)
     for prefix in ("", "/v1"):
         router.add_post(f"{prefix}/tokenize", info.tokenize)
         router.add_post(f"{prefix}/detokenize", info.detokenize)

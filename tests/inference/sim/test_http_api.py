@@ -1124,3 +1124,34 @@ def test_the_eos_token_in_logprobs_and_the_vocabulary(sim):
     assert streamed == entries[:-1]
     assert native["output_ids"][-1] == 2 and native["meta_info"]["output_token_logprobs"][-1][1:] == [2, "<|endoftext|>"]
     assert tokenized["tokens"] == [2] and shown == {"text": "<|endoftext|>"} and skipped == {"text": ""}
+
+
+def test_separate_reasoning_and_parse_function_call_endpoints(sim):
+    """SGLang's native parsing endpoints, over the simulator's parsers."""
+    weather = {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}
+    clock = {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object"}}}
+    text = 'Let me look.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo"}}\n</tool_call>' \
+           '\n<tool_call>\n{"name": "unlisted", "arguments": {}}\n</tool_call>'
+    with sim.client() as client:
+        r1 = client.post("/separate_reasoning", json={"text": "why\n</think>\n\nbecause",
+                                                      "reasoning_parser": "deepseek-r1"}).json()
+        qwen = client.post("/separate_reasoning", json={"text": "<think>hm</think>ok", "reasoning_parser": "qwen3",
+                                                        "return_blocks": True}).json()
+        plain = client.post("/separate_reasoning", json={"text": "just this", "reasoning_parser": "qwen3"}).json()
+        unknown = client.post("/separate_reasoning", json={"text": "x", "reasoning_parser": "nope"})
+        calls = client.post("/parse_function_call", json={"text": text, "tools": [clock, weather],
+                                                          "tool_call_parser": "qwen25"}).json()
+        no_tools = client.post("/parse_function_call", json={"text": text, "tool_call_parser": "qwen25"}).json()
+        no_call = client.post("/parse_function_call", json={"text": "hello", "tools": [weather],
+                                                            "tool_call_parser": "qwen25"}).json()
+        bad_parser = client.post("/parse_function_call", json={"text": text, "tools": [weather],
+                                                               "tool_call_parser": "nope"})
+    assert r1 == {"reasoning_text": "why\n", "text": "\n\nbecause"}
+    assert qwen == {"reasoning_text": "hm", "text": "ok", "reasoning_blocks": ["hm"], "text_blocks": ["ok"],
+                    "blocks": [{"type": "reasoning", "text": "hm"}, {"type": "text", "text": "ok"}]}
+    assert plain == {"reasoning_text": "", "text": "just this"}
+    assert unknown.status_code == 400 and "nope" in unknown.json()["detail"]
+    assert calls == {"normal_text": "Let me look.",
+                     "calls": [{"tool_index": 1, "name": "get_weather", "parameters": '{"city": "Oslo"}'}]}
+    assert no_tools == {"normal_text": text, "calls": []} and no_call == {"normal_text": "hello", "calls": []}
+    assert bad_parser.status_code == 400
