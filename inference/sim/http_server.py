@@ -90,10 +90,12 @@ _SSE_HEADERS = {"Content-Type": "text/event-stream; charset=utf-8", "Cache-Contr
 _CLIENT_GONE = (ConnectionResetError, ConnectionError)
 
 
-def _step_logprobs(parsed: OpenAIRequest, index: int, step, first: bool, running: RunningRequest) -> dict | None:
+def _step_logprobs(parsed: OpenAIRequest, index: int, step, first: bool, running: RunningRequest,
+                   textless: bool = False) -> dict | None:
     """The logprobs a streamed chunk carries for choice `index`'s step: its
-    token's (each of its tokens' that has text, for an event of several),
-    after (on a completion's first chunk) the echoed prompt's."""
+    token's (each of its tokens' that has text, for an event of several;
+    with `textless`, also one that added no text, as the EOS), after (on a
+    completion's first chunk) the echoed prompt's."""
     if parsed.top_logprobs is None and parsed.completion_logprobs is None:
         return None
     if step.tokens_from >= 0:
@@ -101,8 +103,8 @@ def _step_logprobs(parsed: OpenAIRequest, index: int, step, first: bool, running
                  enumerate(running.output_ids[step.tokens_from:step.completion_tokens], start=step.tokens_from)
                  if (piece := piece_of(token_id))]
     else:
-        steps = [(step.token_id, step.delta_text, step.completion_tokens - 1)] \
-            if step.token_id is not None and step.delta_text else []
+        steps = [(step.token_id, step.delta_text or piece_of(step.token_id), step.completion_tokens - 1)] \
+            if step.token_id is not None and (step.delta_text or textless) else []
     if not steps and not first:
         return None
     return choice_logprobs(parsed, index, steps, with_echo=first)
@@ -131,11 +133,15 @@ class _ChoiceChunks:
     completions send a chunk per step, the echoed prompt in the first."""
 
     __slots__ = ("_parsed", "_index", "_running", "_chat", "_echo", "_enable_cache_report", "_first", "_call",
-                 "_reasoning", "writer")
+                 "_reasoning", "_flush", "writer")
 
     def __init__(self, parsed: OpenAIRequest, index: int, running: RunningRequest, *, chat: bool, created: int,
-                 enable_cache_report: bool) -> None:
+                 enable_cache_report: bool, flush_logprobs: bool = False) -> None:
         self._parsed, self._index, self._running, self._chat = parsed, index, running, chat
+        # A server with a reasoning or tool-call parser sends a step's logprobs
+        # that no chunk carried (a tool call's, the EOS's) in a chunk of their
+        # own, as SGLang's serving_chat does; without one they are dropped.
+        self._flush = chat and flush_logprobs
         self._echo = None if chat else parsed.prompts()[index // parsed.n][1]
         self._enable_cache_report = enable_cache_report
         self._first = True
@@ -165,9 +171,11 @@ class _ChoiceChunks:
             return out + self._tool_call_chunks(step)
         if self._reasoning is not None:
             return out + self._reasoning_chunks(step, step.delta_text)
+        usage = running_usage(running, self._enable_cache_report, step.completion_tokens) if continuous else None
         if step.delta_text:
-            usage = running_usage(running, self._enable_cache_report, step.completion_tokens) if continuous else None
             out.append(writer.content_chunk(step.delta_text, usage, _step_logprobs(parsed, self._index, step, False, running)))
+        elif self._flush and (logprobs := _step_logprobs(parsed, self._index, step, False, running, True)) is not None:
+            out.append(writer.reasoning_chunk(None, usage, logprobs))
         if step.finish_reason is not None:
             out.append(writer.finish_chunk(step.finish_reason["type"], step.finish_reason.get("matched")))
         return out
@@ -191,7 +199,7 @@ class _ChoiceChunks:
             reasoning, content = reasoning + rest_reasoning, content + rest_content
         usage = (running_usage(running, self._enable_cache_report, step.completion_tokens)
                  if self._parsed.continuous_usage_stats else None)
-        logprobs = _step_logprobs(self._parsed, self._index, step, False, running)
+        logprobs = _step_logprobs(self._parsed, self._index, step, False, running, self._flush)
         out = []
         if reasoning:
             out.append(writer.reasoning_chunk(reasoning, usage, logprobs))
@@ -222,6 +230,9 @@ class _ChoiceChunks:
                  if self._parsed.continuous_usage_stats else None)
         out += [self.writer.tool_call_chunk(delta, usage)
                 for delta in self._call.feed(running.text[len(preamble):step.text_end])]
+        if start >= len(preamble) and (logprobs := _step_logprobs(
+                self._parsed, self._index, step, False, running, True)) is not None:
+            out.append(self.writer.reasoning_chunk(None, usage, logprobs))  # no call chunk carries them
         if step.finish_reason is not None:
             # A call that stopped naturally finishes as `tool_calls` (the matched stop stays).
             finish_type = step.finish_reason["type"]
@@ -342,6 +353,12 @@ class GenerationHandlers:
         return _json(embedding_response(vectors, model=config.model_path,
                                         prompt_tokens=sum(len(ids) for ids in parsed.inputs)))
 
+    @property
+    def _parsers_configured(self) -> bool:
+        """The server has a reasoning or tool-call parser (SGLang then sends a
+        step's stray logprobs in a chunk of their own)."""
+        return bool(self.config.reasoning_parser or self.config.tool_call_parser)
+
     def _openai_defaults(self, parsed: OpenAIRequest) -> OpenAIRequest:
         """--stream-response-default-include-usage: a stream ends with its usage
         chunk whether or not the request asked (SGLang's should_include_usage)."""
@@ -454,7 +471,8 @@ class GenerationHandlers:
         choice's own tokens, the final usage chunk all of them."""
         created = int(time.time())
         choices = [_ChoiceChunks(parsed, index, running, chat=chat, created=created,
-                                 enable_cache_report=self.config.enable_cache_report)
+                                 enable_cache_report=self.config.enable_cache_report,
+                                 flush_logprobs=self._parsers_configured)
                    for index, running in enumerate(runnings)]
 
         response: web.StreamResponse | None = None
@@ -549,7 +567,8 @@ class GenerationHandlers:
         """One choice's stream (`_ChoiceChunks`); steps ready at once go out
         in one write, the last with the usage chunk and [DONE]."""
         choice = _ChoiceChunks(parsed, 0, running, chat=chat, created=int(time.time()),
-                               enable_cache_report=self.config.enable_cache_report)
+                               enable_cache_report=self.config.enable_cache_report,
+                               flush_logprobs=self._parsers_configured)
         response: web.StreamResponse | None = None
         pending: list[bytes] = []
         try:

@@ -141,3 +141,22 @@ def test_model_and_server_info_name_the_parser(tool_sim, sim):
         with server.client() as client:
             assert client.get("/model_info").json()["tool_call_parser"] == parser
             assert client.get("/server_info").json()["tool_call_parser"] == parser
+
+
+def test_a_servers_parser_sends_stray_logprobs_in_chunks_of_their_own(tool_sim, sim):
+    """With a tool-call (or reasoning) parser configured, SGLang sends the
+    logprobs of a step that no chunk carried (a tool call's tokens, the EOS)
+    in a chunk of their own, so a stream's logprobs are the whole reply's;
+    a server without a parser drops the EOS's."""
+    plain = {"model": "m", "messages": [{"role": "user", "content": "Say a little."}], "logprobs": True}
+    calling = {**plain, "messages": ASK, "tools": [WEATHER]}
+    for server, ask, eos_streamed in ((tool_sim, plain, True), (tool_sim, calling, True), (sim, plain, False)):
+        client = openai_client(server)
+        whole = client.chat.completions.create(**ask).choices[0].logprobs.content
+        chunks = [c for c in client.chat.completions.create(**ask, stream=True) if c.choices]
+        streamed = [e for c in chunks if c.choices[0].logprobs for e in c.choices[0].logprobs.content]
+        assert whole[-1].token == "<|endoftext|>"
+        assert streamed == (whole if eos_streamed else whole[:-1])
+        bare = [c for c in chunks if c.choices[0].logprobs and not c.choices[0].delta.content
+                and not c.choices[0].delta.tool_calls and not getattr(c.choices[0].delta, "reasoning_content", None)]
+        assert bool(bare) == eos_streamed
