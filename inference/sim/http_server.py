@@ -68,9 +68,9 @@ from .protocol import (
     unsupported_media_type_error,
     usage_object,
 )
+from .parse_endpoints import parse_function_call_response, separate_reasoning_response
 from .reasoning import ReasoningSplitter
 from .tokenizer import piece_of
-from .parse_endpoints import parse_function_call_response, separate_reasoning_response
 from .tokenizing import detokenize_response, tokenize_response
 
 logger = logging.getLogger("inference.sim")
