@@ -57,13 +57,18 @@ def usage_object(*, prompt_tokens: int, completion_tokens: int, cached_tokens: i
     }
 
 
-def client_usage(usage: dict) -> dict:
-    """A backend's (SGLang's) usage object in the gateway's shape."""
+def usage_counts(usage: dict) -> tuple[int, int, int, int]:
+    """A backend's (SGLang's) usage object read: prompt, completion, cached and reasoning tokens."""
     details = usage.get("prompt_tokens_details") or {}
-    return usage_object(prompt_tokens=int(usage.get("prompt_tokens") or 0),
-                        completion_tokens=int(usage.get("completion_tokens") or 0),
-                        cached_tokens=int(details.get("cached_tokens") or 0),
-                        reasoning_tokens=int(usage.get("reasoning_tokens") or 0))
+    return (int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0),
+            int(details.get("cached_tokens") or 0), int(usage.get("reasoning_tokens") or 0))
+
+
+def client_usage(usage: dict) -> dict:
+    """A backend's usage object in the gateway's shape."""
+    prompt, completion, cached, reasoning = usage_counts(usage)
+    return usage_object(prompt_tokens=prompt, completion_tokens=completion, cached_tokens=cached,
+                        reasoning_tokens=reasoning)
 
 
 class ChunkRewriter:

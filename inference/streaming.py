@@ -34,7 +34,7 @@ from .limits import Admission, Limiter
 from .registry import BackendState, Prices, Resolution
 from .routing import POLICY_NAMES, key_footprint, policy_for, routing_key_build
 from .routing.homes import ConversationHomes
-from .chunks import ChunkRewriter, error_message, sse_batches, usage_object
+from .chunks import ChunkRewriter, error_message, sse_batches, usage_counts, usage_object
 from .sglang import BackendUnreachable, backend_abort, backend_post
 
 logger = logging.getLogger(__name__)
@@ -357,11 +357,7 @@ class UsageMeter:
     def observe(self, usage: dict) -> None:
         """Takes a backend usage object (cumulative counts so far)."""
         self.usage_reported = True
-        self.prompt_tokens = int(usage.get("prompt_tokens") or 0)
-        self.completion_tokens = int(usage.get("completion_tokens") or 0)
-        details = usage.get("prompt_tokens_details") or {}
-        self.cached_tokens = int(details.get("cached_tokens") or 0)
-        self.reasoning_tokens = int(usage.get("reasoning_tokens") or 0)
+        self.prompt_tokens, self.completion_tokens, self.cached_tokens, self.reasoning_tokens = usage_counts(usage)
 
     @property
     def billed_completion_tokens(self) -> int:

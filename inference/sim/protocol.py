@@ -860,7 +860,7 @@ def native_output(running: RunningRequest, *, final: bool, step: Step | None = N
         output = {"text": running.text, "output_ids": list(running.output_ids),
                   "meta_info": native_meta_info(running, final=final)}
     else:
-        count = step.completion_tokens if not final else running.completion_tokens
+        count = step.completion_tokens
         meta_info = native_meta_info(running, final=final, completion_tokens=count)
         if since is None:
             output = {"text": running.text[:step.text_end], "output_ids": running.output_ids[:count],
