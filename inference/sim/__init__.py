@@ -9,7 +9,7 @@ Modules:
 - ``config``: command-line arguments and runtime-mutable fault settings;
 - ``presets``: hardware presets (H100 / Llama-3.1 8B and 70B) with their sources;
 - ``tokenizer``: deterministic tokenizer, chat template, pseudo-text;
-- ``radix_cache``: radix tree over token ids (prefix cache, LRU eviction);
+- ``radix_cache``: radix tree over token ids (prefix cache; LRU eviction, or SGLang's other policies);
 - ``timing``: step costs of the batching engine and the simulated clock (``--time-scale``);
 - ``engine``: continuous-batching scheduler: waiting queue, KV capacity, chunked prefill, aborts;
 - ``lora``: LoRA adapters: validation, loaded set with LRU eviction, per-request resolution;

@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 from .presets import PRESETS
+from .radix_cache import EVICTION_POLICIES, eviction_policy_checked
 from .reasoning import REASONING_PARSERS
 from .tools import TOOL_CALL_PARSERS
 
@@ -52,6 +53,9 @@ class ServerConfig:
     max_total_tokens: int = DEFAULT_MAX_TOTAL_TOKENS  # KV capacity, tokens: radix cache + running requests
     chunked_prefill_size: int = DEFAULT_CHUNKED_PREFILL_SIZE  # tokens per prefill step; <= 0: no chunking
     schedule_policy: str = "fcfs"  # or "lpm" (longest prefix match first)
+    # --radix-eviction-policy and its --radix-eviction-policy-config (radix_cache.EVICTION_POLICIES).
+    radix_eviction_policy: str = "lru"
+    radix_eviction_policy_config: dict | None = None
     preset: str | None = None
     prefill_tokens_per_s: float = 0.0  # 0: prefill is free
     decode_base_ms: float = 0.0  # decode step at batch 1
@@ -163,6 +167,11 @@ def build_argument_parser() -> argparse.ArgumentParser:
     parser.add_argument("--chunked-prefill-size", type=int, default=None,
                         help=f"tokens per prefill step; <= 0 disables chunking (default {DEFAULT_CHUNKED_PREFILL_SIZE})")
     parser.add_argument("--schedule-policy", choices=["fcfs", "lpm"], default="fcfs")
+    parser.add_argument("--radix-eviction-policy", choices=EVICTION_POLICIES, default="lru",
+                        help="which unused cached prefixes go first when the KV cache is full (as SGLang's)")
+    parser.add_argument("--radix-eviction-policy-config", default=None, metavar="JSON",
+                        help='the policy\'s settings: slru {"protected_threshold": 2}, '
+                             'tlru {"threshold": 4096, "next_prompt_estimate": 512}')
     parser.add_argument("--prefill-tokens-per-s", type=float, default=None, help="prefill throughput; 0 = free")
     parser.add_argument("--decode-base-ms", type=float, default=None, help="decode step time at batch 1")
     parser.add_argument("--decode-per-request-ms", type=float, default=None,
@@ -245,6 +254,18 @@ def configs_from_args(args: argparse.Namespace) -> tuple[ServerConfig, RuntimeSe
         lora_paths = tuple(parse_lora_path_spec(spec) for spec in args.lora_paths or ())
     except ValueError as error:
         raise SystemExit(str(error)) from error
+    policy_config = None
+    if args.radix_eviction_policy_config is not None:
+        try:
+            policy_config = json.loads(args.radix_eviction_policy_config)
+        except json.JSONDecodeError as error:
+            raise SystemExit(f"--radix-eviction-policy-config is not JSON: {error}") from error
+        if not isinstance(policy_config, dict):
+            raise SystemExit("--radix-eviction-policy-config must be a JSON object")
+    try:
+        eviction_policy_checked(args.radix_eviction_policy, policy_config)
+    except ValueError as error:
+        raise SystemExit(str(error)) from error
     server_config = ServerConfig(
         host=args.host,
         port=args.port,
@@ -262,6 +283,8 @@ def configs_from_args(args: argparse.Namespace) -> tuple[ServerConfig, RuntimeSe
         max_total_tokens=pick(args.max_total_tokens, "max_total_tokens", DEFAULT_MAX_TOTAL_TOKENS),
         chunked_prefill_size=pick(args.chunked_prefill_size, "chunked_prefill_size", DEFAULT_CHUNKED_PREFILL_SIZE),
         schedule_policy=args.schedule_policy,
+        radix_eviction_policy=args.radix_eviction_policy,
+        radix_eviction_policy_config=policy_config,
         preset=args.preset,
         prefill_tokens_per_s=pick(args.prefill_tokens_per_s, "prefill_tokens_per_s", 0.0),
         decode_base_ms=pick(args.decode_base_ms, "decode_base_ms", 0.0),

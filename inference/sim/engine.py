@@ -126,6 +126,9 @@ class GenerationRequest:
     ignore_eos: bool = False
     seed: int | None = None
     cache_namespace: Hashable = None  # from cache_salt / extra_key; None = shared
+    # SGLang's request priority (None: none given): the radix cache's
+    # `priority` eviction policy keeps higher ones longer.
+    priority: int | None = None
     stream: bool = False
     lora_path: str | None = None  # the adapter *name* (SGLang's lora_path field)
     sample: int = 0  # which of a prompt's parallel samples (n > 1) this is: each answers differently
@@ -233,7 +236,9 @@ class SimEngine:
             prefill_tokens_per_s=config.prefill_tokens_per_s, decode_base_ms=config.decode_base_ms,
             decode_per_request_ms=config.decode_per_request_ms, time_scale=config.time_scale), settings)
         self.capacity_tokens = config.max_total_tokens
-        self.cache = RadixCache(capacity_tokens=config.max_total_tokens)
+        self.cache = RadixCache(capacity_tokens=config.max_total_tokens,
+                                eviction_policy=config.radix_eviction_policy,
+                                eviction_config=config.radix_eviction_policy_config)
         # Evict 1/32 (≈ 3 %) of the budget beyond the overflow, so that a full cache
         # is not rescanned for every new sequence: each eviction pass walks all
         # leaves (≈ 2 ms per 2,000 leaves). The slack costs a little hit rate.
@@ -672,7 +677,8 @@ class SimEngine:
         cache = self.cache
         cache.set_capacity(self.capacity_tokens - self._reserved_tokens)
         request = running.request
-        match = cache.insert_and_lock(request.prompt_ids, namespace=running.namespace)
+        match = cache.insert_and_lock(request.prompt_ids, namespace=running.namespace,
+                                      priority=request.priority or 0)
         previous = running.locked_node
         running.locked_node = match.node
         if previous is not None:
@@ -846,8 +852,18 @@ class SimEngine:
         cache = self.cache
         cache.set_capacity(self.capacity_tokens - self._reserved_tokens)
         if running.output_ids:
-            # Finished (or partial) sequences stay cached, like RadixAttention.
-            cache.insert(running.request.prompt_ids + running.output_ids, namespace=running.namespace)
+            # Finished (or partial) sequences stay cached, like RadixAttention;
+            # as SGLang splits the prompt off the reply, the prompt gets the
+            # request's priority + 1 (under `--radix-eviction-policy priority`
+            # a reply goes before its prompt).
+            prompt_ids = running.request.prompt_ids
+            priority = running.request.priority or 0
+            # The prompt went in when its prefill ended: its nodes have counted this request.
+            cache.insert(prompt_ids + running.output_ids, namespace=running.namespace, priority=priority,
+                         inserted=len(prompt_ids))
+            if prompt_ids:
+                cache.insert(prompt_ids, namespace=running.namespace, priority=priority + 1,
+                             inserted=len(prompt_ids))
         if running.locked_node is not None:
             cache.unlock(running.locked_node)
             running.locked_node = None

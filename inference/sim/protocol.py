@@ -181,6 +181,19 @@ def _cache_namespace(cache_salt: str | None, extra_key: str | None):
     return (cache_salt, extra_key)
 
 
+_PRIORITY_RANGE_ERROR = ("priority must be a signed 64-bit integer "
+                         "between -9223372036854775808 and 9223372036854775807")
+
+
+def _priority(fields: _Fields) -> int | None:
+    """The request's `priority` (an integer or null); ValueError outside a
+    signed 64-bit integer, as SGLang's tokenizer manager refuses it."""
+    priority = fields.optional_int("priority")
+    if priority is not None and not -(1 << 63) <= priority < (1 << 63):
+        raise ValueError(_PRIORITY_RANGE_ERROR)
+    return priority
+
+
 def _verify_sampling(fields: _Fields, source: dict, *, max_new_tokens: int | None, min_name: str,
                      seed_name: str) -> tuple[int, bool]:
     """SGLang's SamplingParams.verify, in its order and wording (a ValueError):
@@ -311,6 +324,7 @@ def _openai_common(fields: _Fields, *, prompt_ids: list[int], max_tokens: int | 
     try:
         min_new_tokens, no_stop_trim = _verify_sampling(fields, body, max_new_tokens=max_tokens,
                                                         min_name="min_tokens", seed_name="seed")
+        priority = _priority(fields)
     except ValueError as error:
         raise openai_error(str(error)) from error
     stream = fields.boolean("stream")
@@ -348,6 +362,7 @@ def _openai_common(fields: _Fields, *, prompt_ids: list[int], max_tokens: int | 
         min_new_tokens=min_new_tokens,
         no_stop_trim=no_stop_trim,
         cache_namespace=_cache_namespace(body.get("cache_salt"), body.get("extra_key")),
+        priority=priority,
         stream=stream,
         lora_path=lora_path or None,
         forced_text=_constrained_reply(fields, prompt_ids),
@@ -715,6 +730,11 @@ def parse_generate_request(body: Any) -> NativeRequest:
     generations = []
     greedy = []
     refusals = []
+    priority = None
+    try:
+        priority = _priority(fields)
+    except ValueError as error:
+        refusals.append(str(error))
     for index, (prompt_ids, params) in enumerate(zip(prompts, samplings)):
         temperature = fields.optional_float("temperature", source=params)
         greedy.append(temperature == 0)
@@ -750,6 +770,7 @@ def parse_generate_request(body: Any) -> NativeRequest:
             seed=fields.optional_int("sampling_seed", source=params),
             cache_namespace=_cache_namespace(per_prompt["cache_salt"][index] or None,
                                              per_prompt["extra_key"][index] or None),
+            priority=priority,
             stream=stream,
             lora_path=per_prompt["lora_path"][index] or None,
             forced_text=forced_text,

@@ -9,7 +9,8 @@ Invariants:
   path passes through it; locked nodes are never evicted;
 - `total_tokens == evictable_tokens + protected_tokens`, where a node's tokens
   are protected exactly while its `lock_ref > 0`;
-- eviction removes unlocked leaves, least recently used first, until the tree
+- eviction removes unlocked leaves, in the order of the eviction policy
+  (`EVICTION_POLICIES`; least recently used first by default), until the tree
   fits `capacity_tokens`. Only locked (in-use) tokens may keep the tree above
   capacity, as GPU memory holding running requests cannot be freed either.
   The engine sets `capacity_tokens` to the KV capacity minus what running
@@ -18,28 +19,60 @@ Invariants:
 
 Page size is 1 token. Each namespace (a request's `cache_salt` / `extra_key`)
 has its own root, so a different salt never shares a prefix.
+
+Eviction policies, as SGLang's `--radix-eviction-policy` (sglang 0.5.23,
+`mem_cache/evict_policy.py`) orders a leaf, least first, ties by recency:
+- `lru`: last access;
+- `lfu`: hit count (the requests whose inserts passed through the node; a
+  request counts once, however often it inserts), then last access;
+- `slru`: protected (hit count at least `protected_threshold`, default 2) or
+  not, then last access: nodes reused by a second request outlive the others;
+- `priority`: the highest `priority` of the requests that inserted through the
+  node (a finished request's prompt gets its priority + 1, its reply its
+  priority, so replies go before prompts), then last access;
+- `tlru` (Tail-Optimized LRU, arXiv:2510.15152): first the nodes of a
+  conversation past what keeps its next prefill within `threshold` tokens
+  (its branch's deepest sequence + `next_prompt_estimate` - `threshold`
+  tokens from the root suffice), then last access.
 """
 
 from __future__ import annotations
 
 import heapq
 import itertools
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Hashable, Sequence
+from typing import Any, Hashable, Sequence
 
 Namespace = Hashable
 
+EVICTION_POLICIES = ("lru", "lfu", "slru", "priority", "tlru")
+# Each policy's tuning keys (SGLang's --radix-eviction-policy-config) and their defaults.
+_POLICY_CONFIG_KEYS: dict[str, dict[str, int]] = {
+    "lru": {}, "lfu": {}, "priority": {},
+    "slru": {"protected_threshold": 2},
+    "tlru": {"threshold": 0, "next_prompt_estimate": 0},
+}
+
 
 class RadixNode:
-    __slots__ = ("children", "parent", "key", "lock_ref", "last_access", "namespace")
+    __slots__ = ("children", "parent", "key", "lock_ref", "last_access", "namespace", "hit_count", "priority",
+                 "depth", "history")
 
-    def __init__(self, *, key: list[int], parent: RadixNode | None, namespace: Namespace, last_access: int) -> None:
+    def __init__(self, *, key: list[int], parent: RadixNode | None, namespace: Namespace, last_access: int,
+                 priority: int = 0) -> None:
         self.children: dict[int, RadixNode] = {}
         self.parent = parent
         self.key = key  # token ids on the edge parent → self
         self.lock_ref = 0
         self.last_access = last_access  # value of the cache's logical clock
         self.namespace = namespace
+        self.hit_count = 0  # requests whose inserts passed through (lfu, slru)
+        self.priority = priority  # the highest priority inserted through (priority)
+        # Tokens from the root to the end of this node, and the most its subtree
+        # ever reached (the branch's high-water depth; tlru).
+        self.depth = (parent.depth if parent is not None else 0) + len(key)
+        self.history = self.depth
 
     @property
     def is_root(self) -> bool:
@@ -57,10 +90,64 @@ class PrefixMatch:
     node: RadixNode
 
 
+def eviction_policy_checked(policy: str, config: dict[str, Any] | None) -> dict[str, int]:
+    """The policy's settings: its defaults updated by `config` (SGLang's
+    --radix-eviction-policy-config). Raises ValueError, as SGLang fails at
+    startup, for an unknown policy or key, a value that is not an integer,
+    and tlru settings under which nothing would ever be evicted early."""
+    if policy not in _POLICY_CONFIG_KEYS:
+        supported = "', '".join(EVICTION_POLICIES)
+        raise ValueError(f"Unknown eviction policy: {policy}. Supported policies: '{supported}'.")
+    settings = dict(_POLICY_CONFIG_KEYS[policy])
+    for name, value in (config or {}).items():
+        if name not in settings:
+            raise ValueError(f"--radix-eviction-policy-config: unknown key {name!r} for eviction policy {policy!r}"
+                             f" (it takes {', '.join(settings) or 'no keys'})")
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"--radix-eviction-policy-config: {name} must be an integer, not {value!r}")
+        settings[name] = value
+    if policy == "tlru":
+        threshold, estimate = settings["threshold"], settings["next_prompt_estimate"]
+        if threshold < 0 or estimate < 0:
+            raise ValueError("--radix-eviction-policy tlru requires non-negative 'threshold' and "
+                             "'next_prompt_estimate' in --radix-eviction-policy-config, got "
+                             f"{threshold} and {estimate}.")
+        if threshold <= estimate:
+            raise ValueError("--radix-eviction-policy tlru needs 'threshold' greater than 'next_prompt_estimate' "
+                             f"in --radix-eviction-policy-config, got {threshold} <= {estimate}; otherwise no "
+                             "tokens are ever TEL-safe and T-LRU is exactly LRU.")
+    return settings
+
+
+def _eviction_order(policy: str, settings: dict[str, int]) -> Callable[[RadixNode], Any]:
+    """The key a leaf is evicted by, least first (`eviction_policy_checked`'s settings)."""
+    if policy == "lfu":
+        return lambda node: (node.hit_count, node.last_access)
+    if policy == "slru":
+        protected = settings["protected_threshold"]
+        return lambda node: (node.hit_count >= protected, node.last_access)
+    if policy == "priority":
+        return lambda node: (node.priority, node.last_access)
+    if policy == "tlru":
+        slack = settings["next_prompt_estimate"] - settings["threshold"]
+
+        def tail_first(node: RadixNode) -> tuple[int, int]:
+            # Safe to evict: what stays cached above the node covers all but
+            # `threshold - next_prompt_estimate` tokens of its branch's history.
+            safe = node.depth - len(node.key) >= max(node.history + slack, 0)
+            return (-1 if safe else 0, node.last_access)
+        return tail_first
+    return lambda node: node.last_access
+
+
 class RadixCache:
-    def __init__(self, *, capacity_tokens: int) -> None:
+    def __init__(self, *, capacity_tokens: int, eviction_policy: str = "lru",
+                 eviction_config: dict[str, Any] | None = None) -> None:
         if capacity_tokens < 0:
             raise ValueError("capacity_tokens must be >= 0")
+        self.eviction_policy = eviction_policy
+        self.eviction_settings = eviction_policy_checked(eviction_policy, eviction_config)
+        self._eviction_key = _eviction_order(eviction_policy, self.eviction_settings)
         self.capacity_tokens = capacity_tokens
         self._clock = itertools.count(1)
         self._roots: dict[Namespace, RadixNode] = {}
@@ -95,20 +182,26 @@ class RadixCache:
 
     # ------------------------------------------------------------- updates
 
-    def insert(self, tokens: Sequence[int], *, namespace: Namespace = None) -> PrefixMatch:
+    def insert(self, tokens: Sequence[int], *, namespace: Namespace = None, priority: int = 0,
+               inserted: int = 0) -> PrefixMatch:
         """Cache `tokens`. Returns how many were already cached and the end node.
+
+        `priority`: the request's (SGLang's `priority`, 0 when it gave none);
+        `inserted`: how many of `tokens` this request inserted before, whose
+        nodes have counted it as a hit already.
 
         May evict other, unlocked entries to stay within capacity; the caller
         should lock the returned node first if it must survive (see
         `insert_and_lock`).
         """
-        match = self._insert_without_eviction(tokens, namespace=namespace)
+        match = self._insert_without_eviction(tokens, namespace=namespace, priority=priority, inserted=inserted)
         self._evict_to_capacity()
         return match
 
-    def insert_and_lock(self, tokens: Sequence[int], *, namespace: Namespace = None) -> PrefixMatch:
+    def insert_and_lock(self, tokens: Sequence[int], *, namespace: Namespace = None,
+                        priority: int = 0) -> PrefixMatch:
         """Insert, lock the path, then evict: the new path cannot be evicted."""
-        match = self._insert_without_eviction(tokens, namespace=namespace)
+        match = self._insert_without_eviction(tokens, namespace=namespace, priority=priority, inserted=0)
         self.lock(match.node)
         self._evict_to_capacity()
         return match
@@ -138,17 +231,19 @@ class RadixCache:
         self._evict_to_capacity()
 
     def evict(self, num_tokens: int) -> int:
-        """Evict at least `num_tokens` unlocked tokens if possible, LRU leaves first.
+        """Evict at least `num_tokens` unlocked tokens if possible, leaves in
+        the eviction policy's order (least recently used first under `lru`).
 
         Returns the number of tokens evicted (whole leaves, so it may exceed
         the request, or fall short when the rest is locked).
         """
         if num_tokens <= 0:
             return 0
-        heap: list[tuple[int, int, RadixNode]] = []
+        order = self._eviction_key
+        heap: list[tuple[Any, int, RadixNode]] = []
         tie = itertools.count()
         for leaf in self._evictable_leaves():
-            heap.append((leaf.last_access, next(tie), leaf))
+            heap.append((order(leaf), next(tie), leaf))
         heapq.heapify(heap)
         evicted = 0
         while heap and evicted < num_tokens:
@@ -158,7 +253,7 @@ class RadixCache:
             parent = leaf.parent
             evicted += self._remove_leaf(leaf)
             if parent.parent is not None and parent.lock_ref == 0 and not parent.children:
-                heapq.heappush(heap, (parent.last_access, next(tie), parent))
+                heapq.heappush(heap, (order(parent), next(tie), parent))
         self.evicted_tokens_total += evicted
         return evicted
 
@@ -193,25 +288,47 @@ class RadixCache:
             break
         return node, position
 
-    def _insert_without_eviction(self, tokens: Sequence[int], *, namespace: Namespace) -> PrefixMatch:
+    def _insert_without_eviction(self, tokens: Sequence[int], *, namespace: Namespace, priority: int,
+                                 inserted: int) -> PrefixMatch:
         tokens = tokens if isinstance(tokens, list) else list(tokens)
         node, length = self._walk(tokens, namespace=namespace, split_partial=True)
         now = next(self._clock)
+        end = node
         if length < len(tokens):
-            new_leaf = RadixNode(key=list(tokens[length:]), parent=node, namespace=namespace, last_access=now)
-            node.children[new_leaf.key[0]] = new_leaf
-            self.total_tokens += len(new_leaf.key)
-            node = new_leaf
-        self._touch_path(node, now)
-        return PrefixMatch(length=length, node=node)
+            end = RadixNode(key=list(tokens[length:]), parent=node, namespace=namespace, last_access=now,
+                            priority=priority)
+            node.children[end.key[0]] = end
+            self.total_tokens += len(end.key)
+            # The branch's high-water depth rises along the path (tlru).
+            ancestor = node
+            while ancestor is not None and ancestor.history < end.depth:
+                ancestor.history = end.depth
+                ancestor = ancestor.parent
+        # SGLang's _insert_helper: every node on the path takes the highest
+        # priority inserted through it, and counts the request as a hit unless
+        # it ends within what this request inserted before.
+        visit = end
+        while visit.parent is not None:
+            visit.last_access = now
+            if visit.priority < priority:
+                visit.priority = priority
+            if visit.depth > inserted:
+                visit.hit_count += 1
+            visit = visit.parent
+        visit.last_access = now
+        return PrefixMatch(length=length, node=end)
 
     def _split(self, child: RadixNode, at: int) -> RadixNode:
         """Cut `child`'s edge after `at` tokens; return the new upper node."""
         parent = child.parent
         assert parent is not None and 0 < at < len(child.key)
-        upper = RadixNode(key=child.key[:at], parent=parent, namespace=child.namespace, last_access=child.last_access)
-        # Every request locking `child` passes through `upper` too.
+        upper = RadixNode(key=child.key[:at], parent=parent, namespace=child.namespace, last_access=child.last_access,
+                          priority=child.priority)
+        # Every request locking `child` passes through `upper` too, and every
+        # hit on it and its branch's history are `upper`'s as well.
         upper.lock_ref = child.lock_ref
+        upper.hit_count = child.hit_count
+        upper.history = child.history
         parent.children[upper.key[0]] = upper
         child.key = child.key[at:]
         child.parent = upper

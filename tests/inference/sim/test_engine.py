@@ -180,6 +180,39 @@ async def test_kv_capacity_bounds_the_cache_and_evicts_lru():
     assert newest.cached_tokens == 44
 
 
+@pytest.mark.parametrize("policy, kept", [("lru", False), ("priority", True), ("slru", True)])
+async def test_the_radix_eviction_policy_decides_what_a_full_cache_keeps(policy, kept):
+    """`--radix-eviction-policy`: a prompt sent first with a high priority, or
+    by two requests, outlives newer priority-0 sequences used once under
+    `priority` and `slru`; LRU drops it first."""
+    engine = engine_make("--max-total-tokens", "200", "--radix-eviction-policy", policy)
+    engine.cache.eviction_slack_tokens = 0
+    assert engine.cache.eviction_policy == policy
+    shared = prompt(30, 45)
+    await run_all(engine, [request_make("vip", shared, max_new_tokens=5, priority=10)])
+    if policy == "slru":
+        await run_all(engine, [request_make("vip-again", shared, max_new_tokens=1)])
+    for index in range(4):
+        await run_all(engine, [request_make(f"fill{index}", prompt(40 + index, 45), max_new_tokens=5)])
+    assert engine.cache.total_tokens <= 200
+    again, = await run_all(engine, [request_make("again", shared, max_new_tokens=1)])
+    assert again.cached_tokens == (44 if kept else 0)
+
+
+def test_the_radix_eviction_policy_config_is_json_checked_at_start():
+    config, settings = configs_from_args(build_argument_parser().parse_args([
+        "--radix-eviction-policy", "slru", "--radix-eviction-policy-config", '{"protected_threshold": 4}']))
+    assert (config.radix_eviction_policy, config.radix_eviction_policy_config) == ("slru", {"protected_threshold": 4})
+    assert SimEngine(config=config, settings=settings).cache.eviction_settings == {"protected_threshold": 4}
+    for flags, problem in [
+            (["--radix-eviction-policy", "tlru"], "needs 'threshold' greater than 'next_prompt_estimate'"),
+            (["--radix-eviction-policy", "slru", "--radix-eviction-policy-config", "{"], "is not JSON"),
+            (["--radix-eviction-policy-config", "[1]"], "must be a JSON object"),
+            (["--radix-eviction-policy-config", '{"threshold": 1}'], "unknown key 'threshold' for eviction policy 'lru'")]:
+        with pytest.raises(SystemExit, match=problem):
+            configs_from_args(build_argument_parser().parse_args(flags))
+
+
 async def test_running_requests_evict_the_cache_to_get_kv():
     engine = engine_make("--max-total-tokens", "300")
     engine.cache.eviction_slack_tokens = 0

@@ -1155,3 +1155,34 @@ def test_separate_reasoning_and_parse_function_call_endpoints(sim):
                      "calls": [{"tool_index": 1, "name": "get_weather", "parameters": '{"city": "Oslo"}'}]}
     assert no_tools == {"normal_text": text, "calls": []} and no_call == {"normal_text": "hello", "calls": []}
     assert bad_parser.status_code == 400
+
+
+def test_request_priority_and_the_priority_eviction_policy(sim_factory):
+    """`priority` on native and OpenAI requests, a signed 64-bit integer as
+    SGLang checks it; under `--radix-eviction-policy priority` a high-priority
+    prompt outlives newer low-priority ones in a full cache."""
+    sim = sim_factory("--radix-eviction-policy", "priority", "--max-total-tokens", "700")
+    vip = list(range(100, 300))
+    with sim.client() as client:
+        info = client.get("/server_info").json()
+        assert (info["radix_eviction_policy"], info["radix_eviction_policy_config"]) == ("priority", None)
+        first = client.post("/generate", json={"input_ids": vip, "priority": 10,
+                                               "sampling_params": {"max_new_tokens": 4}})
+        assert first.status_code == 200, first.text
+        for index in range(4):
+            filler = client.post("/v1/completions", json={
+                "model": "m", "prompt": list(range(1000 * (index + 1), 1000 * (index + 1) + 200)),
+                "max_tokens": 4, "priority": 0})
+            assert filler.status_code == 200, filler.text
+        again = client.post("/generate", json={"input_ids": vip, "sampling_params": {"max_new_tokens": 1}}).json()
+        assert again["meta_info"]["cached_tokens"] == 199
+
+        too_large = 1 << 63
+        chat = client.post("/v1/chat/completions", json={"model": "m", "messages": CHAT, "priority": too_large})
+        assert chat.status_code == 400
+        assert chat.json()["message"] == ("priority must be a signed 64-bit integer between "
+                                          "-9223372036854775808 and 9223372036854775807")
+        native = client.post("/generate", json={"text": "Hi", "priority": too_large})
+        assert native.status_code == 400 and "signed 64-bit integer" in native.json()["error"]["message"]
+        wrong = client.post("/v1/chat/completions", json={"model": "m", "messages": CHAT, "priority": "high"})
+        assert wrong.status_code == 400 and "priority" in wrong.text and "valid integer" in wrong.text

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from inference.sim.radix_cache import RadixCache
+from inference.sim.radix_cache import RadixCache, eviction_policy_checked
 
 
 def _assert_accounting(cache: RadixCache) -> None:
@@ -180,3 +180,150 @@ def test_reset_drops_everything():
     cache.reset()
     assert cache.total_tokens == 0
     assert cache.match_prefix([1, 2, 3]).length == 0
+
+
+# ------------------------------------------------ eviction policies (SGLang's --radix-eviction-policy)
+
+def _serve(cache: RadixCache, prompt: list[int], reply: list[int], priority: int = 0) -> None:
+    """What the engine does for one request: the prompt at the end of its
+    prefill, the whole sequence when it finishes, then the prompt again with
+    priority + 1 (SGLang splits the prompt off the reply)."""
+    cache.insert(prompt, priority=priority)
+    cache.insert(prompt + reply, priority=priority, inserted=len(prompt))
+    cache.insert(prompt, priority=priority + 1, inserted=len(prompt))
+
+
+def test_a_request_counts_once_as_a_hit_on_every_node_it_inserts_through():
+    cache = RadixCache(capacity_tokens=100, eviction_policy="lfu")
+    _serve(cache, [1, 2, 3, 4], [5, 6])
+    _serve(cache, [1, 2, 3, 4, 7], [8])  # shares the first prompt
+    shared = cache.match_prefix([1, 2, 3, 4]).node
+    first_reply = cache.match_prefix([1, 2, 3, 4, 5, 6]).node
+    second_prompt = cache.match_prefix([1, 2, 3, 4, 7]).node
+    second_reply = cache.match_prefix([1, 2, 3, 4, 7, 8]).node
+    assert (shared.hit_count, first_reply.hit_count) == (2, 1)
+    assert (second_prompt.key, second_prompt.hit_count) == ([7], 1)
+    assert (second_reply.key, second_reply.hit_count) == ([8], 1)
+    _assert_accounting(cache)
+
+
+@pytest.mark.parametrize("policy, survivor_kept", [("lru", False), ("lfu", True)])
+def test_lfu_keeps_a_prefix_many_requests_used(policy, survivor_kept):
+    # given a prefix three requests inserted, used least recently of all
+    cache = RadixCache(capacity_tokens=12, eviction_policy=policy)
+    for _ in range(3):
+        cache.insert([1, 1, 1, 1])
+    cache.insert([2, 2, 2, 2])
+    cache.insert([3, 3, 3, 3])
+
+    # when two more sequences need room
+    cache.insert([4, 4, 4, 4])
+    cache.insert([5, 5, 5, 5])
+
+    # then LFU evicted the once-used ones, oldest first; LRU the popular one
+    assert (cache.match_prefix([1, 1, 1, 1]).length == 4) is survivor_kept
+    assert cache.match_prefix([5, 5, 5, 5]).length == 4
+    if survivor_kept:
+        assert cache.match_prefix([2, 2, 2, 2]).length == 0 and cache.match_prefix([3, 3, 3, 3]).length == 0
+    _assert_accounting(cache)
+
+
+def test_slru_protects_what_a_second_request_reused():
+    # given a prefix two requests used, then three used once, all more recent
+    cache = RadixCache(capacity_tokens=16, eviction_policy="slru")
+    cache.insert([1, 1, 1, 1])
+    cache.insert([1, 1, 1, 1])
+    cache.insert([2, 2, 2, 2])
+    cache.insert([3, 3, 3, 3])
+    cache.insert([4, 4, 4, 4])
+
+    # when three more come, each evicting one
+    for token in (5, 6, 7):
+        cache.insert([token] * 4)
+
+    # then the protected prefix outlived the newer unprotected ones
+    assert cache.match_prefix([1, 1, 1, 1]).length == 4
+    assert [cache.match_prefix([token] * 4).length for token in (2, 3, 4, 5, 6, 7)] == [0, 0, 0, 4, 4, 4]
+
+    # and a threshold of 3 does not protect it
+    strict = RadixCache(capacity_tokens=8, eviction_policy="slru", eviction_config={"protected_threshold": 3})
+    strict.insert([1, 1, 1, 1])
+    strict.insert([1, 1, 1, 1])
+    strict.insert([2, 2, 2, 2])
+    strict.insert([3, 3, 3, 3])
+    assert strict.match_prefix([1, 1, 1, 1]).length == 0
+
+
+def test_priority_evicts_low_priority_first_and_a_reply_before_its_prompt():
+    # given a high-priority request, then a low-priority one (more recent)
+    cache = RadixCache(capacity_tokens=12, eviction_policy="priority")
+    _serve(cache, [1, 1, 1, 1], [2, 2], priority=5)
+    _serve(cache, [3, 3, 3, 3], [4, 4], priority=0)
+    assert cache.total_tokens == 12
+
+    # when two tokens' room is needed, then the low-priority reply goes
+    cache.insert([9, 9], priority=0)
+    assert cache.match_prefix([3, 3, 3, 3, 4, 4]).length == 4
+    assert cache.match_prefix([1, 1, 1, 1, 2, 2]).length == 6
+
+    # and next, for four more: the priority-0 sequence, newer as it is, then
+    # that request's prompt (priority 1); nothing of the priority-5 request
+    cache.insert([8, 8, 8, 8], priority=2)
+    assert cache.match_prefix([9, 9]).length == 0
+    assert cache.match_prefix([3, 3, 3, 3]).length == 0
+    assert cache.match_prefix([1, 1, 1, 1, 2, 2]).length == 6
+    _assert_accounting(cache)
+
+
+@pytest.mark.parametrize("policy, tail_evicted", [("lru", False), ("tlru", True)])
+def test_tlru_evicts_a_conversations_tail_first(policy, tail_evicted):
+    # given a conversation grown turn by turn to 200 tokens, and an older
+    # 60-token sequence inserted before its last turn
+    config = {"threshold": 50, "next_prompt_estimate": 10} if policy == "tlru" else None
+    cache = RadixCache(capacity_tokens=260, eviction_policy=policy, eviction_config=config)
+    conversation = list(range(200))
+    cache.insert(conversation[:100])
+    cache.insert(conversation[:180], inserted=100)
+    other = list(range(1000, 1060))
+    cache.insert(other)
+    cache.insert(conversation, inserted=180)
+
+    # when another 20 tokens need room
+    cache.insert(list(range(2000, 2020)))
+
+    # then T-LRU dropped the conversation's last 20 tokens: the 180 above
+    # them leave its next prefill (20 + 10 estimated) under the 50-token
+    # threshold; LRU dropped the older sequence
+    assert cache.match_prefix(conversation).length == (180 if tail_evicted else 200)
+    assert cache.match_prefix(other).length == (60 if tail_evicted else 0)
+    if not tail_evicted:
+        return
+
+    # and next: the 20 new tokens, a sequence short enough to be safe as a
+    # whole (at most threshold - next_prompt_estimate), then by recency the
+    # rest of the conversation's tail, which is not safe: its high-water mark
+    # stays at 200, so the 100 tokens above [100, 180) are too few (the
+    # conversation was matched before the older sequence just above)
+    cache.insert(list(range(3000, 3050)))
+    assert cache.match_prefix(list(range(2000, 2020))).length == 0
+    assert cache.match_prefix(conversation).length == 100
+    assert cache.match_prefix(other).length == 60
+    _assert_accounting(cache)
+
+
+def test_eviction_policy_settings_are_checked_as_sglang_checks_them():
+    assert eviction_policy_checked("slru", None) == {"protected_threshold": 2}
+    assert eviction_policy_checked("tlru", {"threshold": 4096, "next_prompt_estimate": 512}) == {
+        "threshold": 4096, "next_prompt_estimate": 512}
+    with pytest.raises(ValueError, match="unknown key 'protected' for eviction policy 'slru'"):
+        eviction_policy_checked("slru", {"protected": 3})
+    with pytest.raises(ValueError, match="for eviction policy 'lru' .it takes no keys"):
+        eviction_policy_checked("lru", {"threshold": 1})
+    with pytest.raises(ValueError, match="needs 'threshold' greater than 'next_prompt_estimate'"):
+        eviction_policy_checked("tlru", None)
+    with pytest.raises(ValueError, match="requires non-negative"):
+        eviction_policy_checked("tlru", {"threshold": 10, "next_prompt_estimate": -1})
+    with pytest.raises(ValueError, match="must be an integer"):
+        eviction_policy_checked("slru", {"protected_threshold": "2"})
+    with pytest.raises(ValueError, match="Unknown eviction policy: fifo. Supported policies: 'lru', 'lfu'"):
+        RadixCache(capacity_tokens=1, eviction_policy="fifo")
