@@ -647,6 +647,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--backends", type=int, default=4)
     parser.add_argument("--preset", default="h100-8b", help="simulator hardware preset")
     parser.add_argument("--max-total-tokens", type=int, default=96_000, help="KV capacity of each simulator, tokens")
+    parser.add_argument("--radix-eviction-policy", default="lru",
+                        help="the simulators' --radix-eviction-policy (SGLang's: lru, lfu, slru, priority, tlru)")
+    parser.add_argument("--radix-eviction-policy-config", default=None, metavar="JSON",
+                        help="the simulators' --radix-eviction-policy-config")
     parser.add_argument("--time-scale", type=float, default=2.0,
                         help="simulator wall seconds per simulated second (>1: slower than real time)")
     parser.add_argument("--gateway-processes", type=int, default=4, help="processes of the multi-process target")
@@ -694,6 +698,10 @@ def main() -> int:
     workload = Workload(spec)
     sim_flags = ["--preset", args.preset, "--max-total-tokens", str(args.max_total_tokens),
                  "--time-scale", str(args.time_scale), "--enable-cache-report", "--seed", "0"]
+    if args.radix_eviction_policy != "lru":  # (a --tree from before the flag runs with SGLang's default)
+        sim_flags += ["--radix-eviction-policy", args.radix_eviction_policy]
+    if args.radix_eviction_policy_config is not None:
+        sim_flags += ["--radix-eviction-policy-config", args.radix_eviction_policy_config]
 
     def on_term(signum, frame):
         raise KeyboardInterrupt
@@ -844,7 +852,10 @@ def main() -> int:
     results["analysis"] = analyse(results["targets"], results["seeds"], args.seed)
     sim_desc = (f"{args.backends} x inference.sim --preset {args.preset} --max-total-tokens {args.max_total_tokens} "
                 f"--time-scale {args.time_scale} (1 simulated s = {args.time_scale} wall s), --enable-cache-report, "
-                f"same --seed (identical replies on every backend)")
+                f"--radix-eviction-policy {args.radix_eviction_policy}"
+                + (f" --radix-eviction-policy-config '{args.radix_eviction_policy_config}'"
+                   if args.radix_eviction_policy_config is not None else "")
+                + ", same --seed (identical replies on every backend)")
     meta = {
         "backends": args.backends, "concurrency": args.concurrency, "workload": spec.describe(),
         "workload_spec": spec.__dict__, "simulator": sim_desc, "max_total_tokens": args.max_total_tokens,
