@@ -861,9 +861,7 @@ class SimEngine:
             # The prompt went in when its prefill ended: its nodes have counted this request.
             cache.insert(prompt_ids + running.output_ids, namespace=running.namespace, priority=priority,
                          inserted=len(prompt_ids))
-            if prompt_ids:
-                cache.insert(prompt_ids, namespace=running.namespace, priority=priority + 1,
-                             inserted=len(prompt_ids))
+            cache.insert(prompt_ids, namespace=running.namespace, priority=priority + 1, inserted=len(prompt_ids))
         if running.locked_node is not None:
             cache.unlock(running.locked_node)
             running.locked_node = None
