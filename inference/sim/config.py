@@ -69,6 +69,9 @@ class ServerConfig:
     health_poll_ms: float = 1000.0
     health_check_timeout_s: float = 20.0
     health_generation: bool = True
+    # SGLANG_ENABLE_WAITING_PREFIX_REFRESH (default on): the scheduler keeps the
+    # cached prefixes of waiting requests recent (engine.WAITING_PREFIX_REFRESH_INTERVAL).
+    waiting_prefix_refresh: bool = True
     enable_lora: bool = False
     lora_paths: tuple[dict, ...] = ()  # {"lora_name", "lora_path", "pinned"} loaded at start
     max_loras_per_batch: int = 8  # distinct adapters (base model included) in one running batch
@@ -236,6 +239,11 @@ def _env_seconds(name: str, default: float) -> float:
         raise SystemExit(f"{name} must be a number of seconds, not {value!r}") from error
 
 
+def _env_flag(name: str) -> bool:
+    """An SGLang boolean environment variable that is on unless set to a false value."""
+    return os.environ.get(name, "true").strip().lower() not in ("false", "0", "no", "off")
+
+
 def configs_from_args(args: argparse.Namespace) -> tuple[ServerConfig, RuntimeSettings]:
     preset = PRESETS[args.preset] if args.preset else None
 
@@ -293,8 +301,8 @@ def configs_from_args(args: argparse.Namespace) -> tuple[ServerConfig, RuntimeSe
         startup_delay_ms=args.startup_delay_ms,
         health_poll_ms=args.health_poll_ms,
         health_check_timeout_s=_env_seconds("SGLANG_HEALTH_CHECK_TIMEOUT", 20.0),
-        health_generation=os.environ.get("SGLANG_ENABLE_HEALTH_ENDPOINT_GENERATION", "true").strip().lower()
-        not in ("false", "0", "no", "off"),
+        health_generation=_env_flag("SGLANG_ENABLE_HEALTH_ENDPOINT_GENERATION"),
+        waiting_prefix_refresh=_env_flag("SGLANG_ENABLE_WAITING_PREFIX_REFRESH"),
         enable_lora=args.enable_lora or bool(lora_paths),  # --lora-paths implies --enable-lora
         lora_paths=lora_paths,
         max_loras_per_batch=args.max_loras_per_batch,

@@ -91,6 +91,11 @@ MAX_SCHEDULE_LAG_S = 0.05
 
 # SGLang falls back from lpm to fcfs when the queue is longer than this.
 LPM_MAX_QUEUE = 128
+# SGLang (schedule_policy.py, 0.5.23): under fcfs and LRU eviction, every this
+# many scheduling passes it touches the cached prefixes of the first
+# LPM_MAX_QUEUE waiting requests, so that what they will reuse is not evicted
+# while they wait (SGLANG_ENABLE_WAITING_PREFIX_REFRESH, on by default).
+WAITING_PREFIX_REFRESH_INTERVAL = 32
 
 ABORT_MESSAGE = "Aborted"
 
@@ -253,6 +258,11 @@ class SimEngine:
         self._running: dict[RunningRequest, None] = {}  # admitted to the batch (prefill or decode), ordered
         self._decoding: dict[RunningRequest, None] = {}  # prefill done
         self._chunked: RunningRequest | None = None  # the request whose prefill is split over steps
+        # SGLang's batch_is_full: a request found no KV room; no scheduling pass
+        # (so no waiting-prefix refresh) until a running request leaves.
+        self._batch_full = False
+        self._refresh_waiting = (config.waiting_prefix_refresh and config.radix_eviction_policy == "lru")
+        self._refresh_passes = 0
         self._reserved_tokens = 0
         self._private_tokens = 0
         self._to_wake: list[RunningRequest] = []
@@ -559,6 +569,18 @@ class SimEngine:
         budget = chunk if chunk > 0 else 1 << 62
         entries: list = []
         chunked = self._chunked
+        waiting = self._waiting
+        max_running = self.config.max_running_requests
+        # A scheduling pass, as SGLang's: there is work to place, and room for
+        # it (a chunked prefill always continues); under fcfs (lpm matches the
+        # queue itself, up to LPM_MAX_QUEUE) every so many refresh the queue's
+        # prefixes.
+        if self._refresh_waiting and waiting and (chunked is not None or (
+                not self._batch_full and len(self._running) < max_running)) and not (
+                self.config.schedule_policy == "lpm" and len(waiting) <= LPM_MAX_QUEUE):
+            if self._refresh_passes % WAITING_PREFIX_REFRESH_INTERVAL == 0:
+                self._touch_waiting_prefixes()
+            self._refresh_passes += 1
         if chunked is not None:
             count = min(chunked.prefill_needed - chunked.prefill_scheduled, budget)
             chunked.prefill_scheduled += count
@@ -567,10 +589,8 @@ class SimEngine:
             if chunked.prefill_scheduled < chunked.prefill_needed:
                 return entries
             self._chunked = None
-        waiting = self._waiting
         if not waiting or budget <= 0:
             return entries
-        max_running = self.config.max_running_requests
         if len(self._running) >= max_running:
             return entries
         lora_enabled = self.config.enable_lora
@@ -592,6 +612,7 @@ class SimEngine:
                     len(adapters_in_batch) >= self.config.max_loras_per_batch:
                 continue  # its adapter would exceed the batch's adapter slots; others may fit
             if not self._admit_to_batch(running):
+                self._batch_full = True
                 break  # no KV room: FCFS head-of-line blocking, as in SGLang
             if waiting[0] is running:
                 waiting.popleft()
@@ -608,6 +629,13 @@ class SimEngine:
                 self._chunked = running
                 break
         return entries
+
+    def _touch_waiting_prefixes(self) -> None:
+        """Refresh the recency of what the first waiting requests will reuse,
+        the queue's head last (the most recent), as SGLang's scheduler does."""
+        cache = self.cache
+        for running in reversed(list(itertools.islice(self._waiting, LPM_MAX_QUEUE))):
+            cache.match_prefix(running.request.prompt_ids, namespace=running.namespace)
 
     def _admit_to_batch(self, running: RunningRequest) -> bool:
         """Match the cache, lock the prefix, reserve KV. False if it does not fit."""
@@ -843,6 +871,7 @@ class SimEngine:
             return
         self._running.pop(running, None)
         self._decoding.pop(running, None)
+        self._batch_full = False
         if self._chunked is running:
             self._chunked = None
         self._reserved_tokens -= running.kv_reserved

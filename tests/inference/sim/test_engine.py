@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from dataclasses import replace
 
 import pytest
 
 from inference.sim.config import build_argument_parser, configs_from_args
-from inference.sim.engine import GenerationRequest, RunningRequest, SimEngine
+from inference.sim.engine import WAITING, GenerationRequest, RunningRequest, SimEngine
 from inference.sim.tokenizer import EOS_TOKEN_ID
 
 
@@ -211,6 +212,42 @@ def test_the_radix_eviction_policy_config_is_json_checked_at_start():
             (["--radix-eviction-policy-config", '{"threshold": 1}'], "unknown key 'threshold' for eviction policy 'lru'")]:
         with pytest.raises(SystemExit, match=problem):
             configs_from_args(build_argument_parser().parse_args(flags))
+
+
+@pytest.mark.parametrize("refresh, policy, touched", [
+    (True, "lru", [31, 63, 95]), (False, "lru", []), (True, "lfu", [])])
+async def test_the_scheduler_keeps_waiting_requests_prefixes_recent(refresh, policy, touched):
+    """SGLang 0.5.23 under fcfs and LRU eviction: every 32nd scheduling pass
+    touches the cached prefixes of the waiting requests, so what a queued
+    request will reuse is not evicted while it waits; not with
+    SGLANG_ENABLE_WAITING_PREFIX_REFRESH=false, nor under another policy."""
+    config, settings = configs_from_args(build_argument_parser().parse_args([
+        "--chunked-prefill-size", "8", "--radix-eviction-policy", policy]))
+    engine = SimEngine(config=replace(config, waiting_prefix_refresh=refresh), settings=settings)
+    shared = prompt(50, 200)
+    await run_all(engine, [request_make("first", shared, max_new_tokens=4)])
+    node = engine.cache.match_prefix(shared).node
+    # given a request queued behind a 1,000-token prompt prefilled 8 tokens a pass
+    for running in (engine.admit(request_make("long", prompt(60, 1000), max_new_tokens=1)),
+                    engine.admit(request_make("waiter", shared + [5, 6], max_new_tokens=1))):
+        running.state = WAITING
+        engine._waiting.append(running)
+    # when the scheduler plans 120 passes, then the waiter's prefix was touched
+    # on every 32nd (the first request's own pass was the first of all)
+    passes = []
+    for index in range(120):
+        before = node.last_access
+        assert engine._plan_prefill()
+        if node.last_access != before:
+            passes.append(index)
+    assert passes == touched
+
+
+def test_sglangs_environment_switches_the_waiting_prefix_refresh(monkeypatch):
+    parse = build_argument_parser().parse_args
+    assert configs_from_args(parse([]))[0].waiting_prefix_refresh is True
+    monkeypatch.setenv("SGLANG_ENABLE_WAITING_PREFIX_REFRESH", "false")
+    assert configs_from_args(parse([]))[0].waiting_prefix_refresh is False
 
 
 async def test_running_requests_evict_the_cache_to_get_kv():
