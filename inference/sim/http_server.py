@@ -990,7 +990,8 @@ class InfoHandlers:
             num_running_reqs=engine.num_running_requests, num_queue_reqs=engine.num_waiting_requests,
             token_usage=engine.token_usage(), cache_hit_rate=engine.cache_hit_rate(),
             gen_throughput=engine.gen_throughput(), kv_tokens=engine.kv_token_counts(),
-            lora_slots=(engine.lora_slots_used(), self.config.max_loras_per_batch) if self.config.enable_lora else None)
+            lora_slots=(engine.lora_slots_used(), self.config.max_loras_per_batch) if self.config.enable_lora else None,
+            evicted_tokens=engine.cache.evicted_tokens_total)
         # prometheus_client's CONTENT_TYPE_LATEST for the text format, as SGLang sends it.
         return web.Response(body=text.encode(), headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
 

@@ -82,9 +82,11 @@ class SimStats:
 
 def render_prometheus(*, stats: SimStats, model_name: str, num_running_reqs: int, num_queue_reqs: int,
                       token_usage: float, cache_hit_rate: float, gen_throughput: float,
-                      kv_tokens: dict[str, int] | None = None, lora_slots: tuple[int, int] | None = None) -> str:
+                      kv_tokens: dict[str, int] | None = None, lora_slots: tuple[int, int] | None = None,
+                      evicted_tokens: int | None = None) -> str:
     """SGLang's /metrics text. `kv_tokens`: num_used, kv_available, kv_evictable, kv_used
-    token counts; `lora_slots`: (adapters in the running batch, max_loras_per_batch)."""
+    token counts; `lora_slots`: (adapters in the running batch, max_loras_per_batch);
+    `evicted_tokens`: what the radix cache has evicted (its collector's own labels)."""
     labels = f'model_name="{_escape_label(model_name)}",engine_type="unified"'
     lines: list[str] = []
 
@@ -125,6 +127,14 @@ def render_prometheus(*, stats: SimStats, model_name: str, num_running_reqs: int
             stats.cached_tokens_total, ',cache_source="device"')
     counter("sglang:num_requests_total", "Number of requests processed.",
             stats.requests_finished + stats.requests_failed + stats.requests_aborted)
+    if evicted_tokens is not None:
+        # SGLang's RadixCacheMetricsCollector labels its series by cache and rank, not model.
+        lines.append("# HELP sglang:evicted_tokens_total The number of device KV token slots freed by eviction, "
+                     "regardless of whether the data was backed up to host (see sglang:hicache_backup_tokens_total) "
+                     "or destroyed (see sglang:hicache_dropped_tokens_total).")
+        lines.append("# TYPE sglang:evicted_tokens_total counter")
+        lines.append('sglang:evicted_tokens_total{cache_type="UnifiedRadixCache",tp_rank="0",pp_rank="0",dp_rank="0"} '
+                     f"{float(evicted_tokens)}")
     for name, help_text, histogram in (
         ("sglang:time_to_first_token_seconds", "Histogram of time to first token in seconds.", stats.ttft),
         ("sglang:inter_token_latency_seconds", "Histogram of inter-token latency in seconds.", stats.itl),

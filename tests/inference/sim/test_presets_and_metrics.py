@@ -147,6 +147,21 @@ def test_metrics_parse_and_track_the_engine(sim_factory):
     assert buckets == sorted(buckets) and buckets[-1] == 3  # cumulative, +Inf = count
 
 
+def test_evicted_tokens_metric_counts_what_the_radix_cache_dropped(sim_factory):
+    sim = sim_factory("--max-total-tokens", "400")
+    with sim.client() as client:
+        before = prometheus_parse(client.get("/metrics").text)
+        for index in range(4):
+            client.post("/generate", json={"input_ids": list(range(1000 * (index + 1), 1000 * (index + 1) + 150)),
+                                           "sampling_params": {"max_new_tokens": 2}}).raise_for_status()
+        after = prometheus_parse(client.get("/metrics").text)
+    assert before["sglang:evicted_tokens_total"] == [
+        ({"cache_type": "UnifiedRadixCache", "tp_rank": "0", "pp_rank": "0", "dp_rank": "0"}, 0.0)]
+    # 4 × 152 tokens through a 400-token cache: at least two sequences' worth dropped
+    (_, evicted), = after["sglang:evicted_tokens_total"]
+    assert evicted >= 2 * 152
+
+
 def test_cache_hit_rate_and_cached_tokens_metrics(sim):
     client = openai_client(sim)
     messages = [{"role": "user", "content": "metrics cache check " * 20}]
