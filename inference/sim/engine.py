@@ -571,13 +571,13 @@ class SimEngine:
         chunked = self._chunked
         waiting = self._waiting
         max_running = self.config.max_running_requests
-        # A scheduling pass, as SGLang's: there is work to place, and room for
-        # it (a chunked prefill always continues); under fcfs (lpm matches the
-        # queue itself, up to LPM_MAX_QUEUE) every so many refresh the queue's
-        # prefixes.
-        if self._refresh_waiting and waiting and (chunked is not None or (
-                not self._batch_full and len(self._running) < max_running)) and not (
-                self.config.schedule_policy == "lpm" and len(waiting) <= LPM_MAX_QUEUE):
+        # lpm matches (so touches) the whole queue itself, up to LPM_MAX_QUEUE.
+        lpm = self.config.schedule_policy == "lpm" and len(waiting) <= LPM_MAX_QUEUE
+        # A scheduling pass, as SGLang's: work to place and room for it (a
+        # chunked prefill always continues); under fcfs every so many refresh
+        # the queue's prefixes.
+        scheduling = chunked is not None or (not self._batch_full and len(self._running) < max_running)
+        if self._refresh_waiting and waiting and scheduling and not lpm:
             if self._refresh_passes % WAITING_PREFIX_REFRESH_INTERVAL == 0:
                 self._touch_waiting_prefixes()
             self._refresh_passes += 1
@@ -594,7 +594,7 @@ class SimEngine:
         if len(self._running) >= max_running:
             return entries
         lora_enabled = self.config.enable_lora
-        if self.config.schedule_policy == "lpm" and 1 < len(waiting) <= LPM_MAX_QUEUE:
+        if lpm and len(waiting) > 1:
             cache = self.cache
             candidates = sorted(waiting, key=lambda r: -cache.match_prefix(
                 r.request.prompt_ids[:-1], namespace=r.namespace).length)
