@@ -72,6 +72,22 @@ class ServerConfig:
     # SGLANG_ENABLE_WAITING_PREFIX_REFRESH (default on): the scheduler keeps the
     # cached prefixes of waiting requests recent (engine.WAITING_PREFIX_REFRESH_INTERVAL).
     waiting_prefix_refresh: bool = True
+    # KV admission as SGLang's PrefillAdder estimates it: a new request counts
+    # its whole output (at most `clip_max_new_tokens`), a running one what it
+    # may still write × the new-token ratio (1 with ignore_eos), which starts
+    # at `init_new_token_ratio` × `schedule_conservativeness` and falls to
+    # `min_new_token_ratio_factor` of that over `new_token_ratio_decay_steps`
+    # decode steps; a decode step that finds no KV retracts requests, which
+    # frees `retract_decode_steps` tokens for each one left (the
+    # SGLANG_INIT_NEW_TOKEN_RATIO, SGLANG_MIN_NEW_TOKEN_RATIO_FACTOR,
+    # SGLANG_NEW_TOKEN_RATIO_DECAY_STEPS, SGLANG_RETRACT_DECODE_STEPS and
+    # SGLANG_CLIP_MAX_NEW_TOKENS_ESTIMATION environment variables).
+    schedule_conservativeness: float = 1.0
+    init_new_token_ratio: float = 0.7
+    min_new_token_ratio_factor: float = 0.14
+    new_token_ratio_decay_steps: int = 600
+    retract_decode_steps: int = 20
+    clip_max_new_tokens: int = 4096
     enable_lora: bool = False
     lora_paths: tuple[dict, ...] = ()  # {"lora_name", "lora_path", "pinned"} loaded at start
     max_loras_per_batch: int = 8  # distinct adapters (base model included) in one running batch
@@ -170,6 +186,8 @@ def build_argument_parser() -> argparse.ArgumentParser:
     parser.add_argument("--chunked-prefill-size", type=int, default=None,
                         help=f"tokens per prefill step; <= 0 disables chunking (default {DEFAULT_CHUNKED_PREFILL_SIZE})")
     parser.add_argument("--schedule-policy", choices=["fcfs", "lpm"], default="fcfs")
+    parser.add_argument("--schedule-conservativeness", type=float, default=1.0,
+                        help="scales the share of max_new_tokens reserved for running requests (SGLang's)")
     parser.add_argument("--radix-eviction-policy", choices=EVICTION_POLICIES, default="lru",
                         help="which unused cached prefixes go first when the KV cache is full (as SGLang's)")
     parser.add_argument("--radix-eviction-policy-config", default=None, metavar="JSON",
@@ -231,12 +249,12 @@ def parse_lora_path_spec(spec: str) -> dict:
     return {"lora_name": spec, "lora_path": spec, "pinned": False}
 
 
-def _env_seconds(name: str, default: float) -> float:
+def _env_number(name: str, default: float, kind: type = float) -> float:
     value = os.environ.get(name, "").strip()
     try:
-        return float(value) if value else default
+        return kind(value) if value else default
     except ValueError as error:
-        raise SystemExit(f"{name} must be a number of seconds, not {value!r}") from error
+        raise SystemExit(f"{name} must be a{'n integer' if kind is int else ' number'}, not {value!r}") from error
 
 
 def _env_flag(name: str) -> bool:
@@ -300,9 +318,15 @@ def configs_from_args(args: argparse.Namespace) -> tuple[ServerConfig, RuntimeSe
         time_scale=args.time_scale,
         startup_delay_ms=args.startup_delay_ms,
         health_poll_ms=args.health_poll_ms,
-        health_check_timeout_s=_env_seconds("SGLANG_HEALTH_CHECK_TIMEOUT", 20.0),
+        health_check_timeout_s=_env_number("SGLANG_HEALTH_CHECK_TIMEOUT", 20.0),
         health_generation=_env_flag("SGLANG_ENABLE_HEALTH_ENDPOINT_GENERATION"),
         waiting_prefix_refresh=_env_flag("SGLANG_ENABLE_WAITING_PREFIX_REFRESH"),
+        schedule_conservativeness=args.schedule_conservativeness,
+        init_new_token_ratio=_env_number("SGLANG_INIT_NEW_TOKEN_RATIO", 0.7),
+        min_new_token_ratio_factor=_env_number("SGLANG_MIN_NEW_TOKEN_RATIO_FACTOR", 0.14),
+        new_token_ratio_decay_steps=_env_number("SGLANG_NEW_TOKEN_RATIO_DECAY_STEPS", 600, int),
+        retract_decode_steps=_env_number("SGLANG_RETRACT_DECODE_STEPS", 20, int),
+        clip_max_new_tokens=_env_number("SGLANG_CLIP_MAX_NEW_TOKENS_ESTIMATION", 4096, int),
         enable_lora=args.enable_lora or bool(lora_paths),  # --lora-paths implies --enable-lora
         lora_paths=lora_paths,
         max_loras_per_batch=args.max_loras_per_batch,
@@ -314,11 +338,12 @@ def configs_from_args(args: argparse.Namespace) -> tuple[ServerConfig, RuntimeSe
         stream_interval=args.stream_interval,
     )
     for name in ("max_running_requests", "max_total_tokens", "max_loras_per_batch", "embedding_dim",
-                 "stream_interval"):
+                 "stream_interval", "new_token_ratio_decay_steps", "clip_max_new_tokens"):
         if getattr(server_config, name) <= 0:
             raise SystemExit(f"--{name.replace('_', '-')} must be positive")
     for name in ("prefill_tokens_per_s", "decode_base_ms", "decode_per_request_ms", "startup_delay_ms",
-                 "lora_load_ms", "health_poll_ms", "health_check_timeout_s"):
+                 "lora_load_ms", "health_poll_ms", "health_check_timeout_s", "schedule_conservativeness",
+                 "init_new_token_ratio", "min_new_token_ratio_factor", "retract_decode_steps"):
         value = getattr(server_config, name)
         if not math.isfinite(value) or value < 0:
             raise SystemExit(f"--{name.replace('_', '-')} must be a non-negative number")

@@ -11,14 +11,20 @@ Life of a request:
 3. waiting queue (FCFS, or longest prefix match first with `--schedule-policy lpm`);
 4. running: the scheduler admits it when a slot is free (`max_running_requests`),
    its adapter fits the batch (`max_loras_per_batch`) and its KV fits: it
-   matches the radix cache, locks the matched prefix and reserves
-   uncached prompt + output tokens of KV. FCFS stops at the first request
-   that does not fit, as SGLang's PrefillAdder does;
+   matches the radix cache and locks the matched prefix; its uncached prompt
+   plus its whole output (`max_new_estimate`, at most `clip_max_new_tokens`)
+   must fit in what the cache can free beside what the running requests may
+   still write, their remaining output × the new-token ratio (see KV
+   accounting). FCFS stops at the first request that does not fit, as
+   SGLang's PrefillAdder does;
 5. prefill in chunks of at most `chunked_prefill_size` tokens per step (one
    request at a time is chunked); the step that completes the prompt
    inserts it in the cache and samples the first token;
 6. decode: one token per decode step; at the end the sequence (prompt +
-   output) stays in the cache, unlocked, and the reservation is released.
+   output) stays in the cache, unlocked. A decode step that finds no KV for
+   its tokens retracts requests first (`_retract_decode`): they go back to
+   the waiting queue, their output's KV freed, and later prefill prompt +
+   output again and go on.
 
 The scheduler loop (`_scheduler_loop`) runs one step at a time, SGLang's
 default without mixed chunks: a prefill step when a request can be
@@ -34,11 +40,18 @@ every token it has been given in one go (one socket write). This keeps the
 default configuration an instant upstream.
 
 KV accounting (tokens): `cache.total_tokens` (cached sequences, locked or
-evictable) + `_reserved_tokens` (what running requests may still write) never
-exceeds `max_total_tokens` except when a single request larger than the
-whole budget runs alone. The cache's own capacity is set to what the
-reservations leave, so it evicts least-recently-used unlocked leaves when
-running requests need room.
+evictable) + `_private_tokens` (written by running requests, not in the
+cache: prefill chunks, output) + `_pending_prefill` (admitted prompt tokens
+not yet prefilled) never exceeds `max_total_tokens`, except when a single
+request larger than the whole budget runs alone. The cache's own capacity
+is set to what those leave, so it evicts least-recently-used unlocked leaves
+as running requests write. Admission works on estimates, as SGLang's
+PrefillAdder: a running request may still write its remaining output (at
+most `clip_max_new_tokens`) × the new-token ratio, 1 with `ignore_eos`. The
+ratio (`NewTokenRatio`) starts at 0.7 and falls by every decode step to 0.098,
+since requests without `ignore_eos` mostly stop early; when that bet fails
+and a decode step finds no room, retraction sets it from what the remaining
+requests have written, and it is back at its start when the engine is idle.
 
 Output rules (deterministic):
 - Text is pseudo-text from `tokenizer.PseudoTextSource`, seeded by the prompt
@@ -96,6 +109,10 @@ LPM_MAX_QUEUE = 128
 # LPM_MAX_QUEUE waiting requests, so that what they will reuse is not evicted
 # while they wait (SGLANG_ENABLE_WAITING_PREFIX_REFRESH, on by default).
 WAITING_PREFIX_REFRESH_INTERVAL = 32
+
+# SGLang clears its retracted-requests gauge when it logs decode statistics,
+# every --decode-log-interval (40) decode steps.
+DECODE_LOG_INTERVAL = 40
 
 ABORT_MESSAGE = "Aborted"
 
@@ -179,9 +196,9 @@ class RunningRequest:
     prompt_tokens: int
     token_limit: int  # tokens this request will generate at most
     stops_naturally: bool  # reaching token_limit means EOS, not length
-    # New tokens the scheduler budgets KV for: max_new_tokens when given (SGLang
-    # cannot know the EOS ahead), else token_limit.
-    reserve_tokens: int
+    # The output the scheduler budgets KV for: max_new_tokens when given (SGLang
+    # cannot know the EOS ahead), else what the context and the KV leave.
+    max_new_estimate: int
     admitted_at: float  # simulated seconds (StepTiming.now)
     clock: Callable[[], float]  # simulated clock, for latencies of unfinished requests
     adapter: str | None = None  # LoRA adapter name, None = base model
@@ -202,12 +219,16 @@ class RunningRequest:
     prefill_needed: int = 0  # uncached prompt tokens to prefill
     prefill_scheduled: int = 0
     prefill_done: int = 0
-    kv_reserved: int = 0  # tokens of KV reserved and not yet moved into the cache
     kv_private: int = 0  # tokens of KV written and not in the cache (prefill chunks, output)
     pending: deque = field(default_factory=deque)  # Steps produced, not yet consumed
     waiter: asyncio.Future | None = None  # resolved when output arrives or on abort/release
     hung: bool = False  # waiting in the `hang` fault
     finalized: bool = False
+    retractions: int = 0  # times a full KV sent it back to the waiting queue
+
+    def fill_ids(self) -> list[int]:
+        """What its prefill computes: the prompt, and after a retraction the output so far too."""
+        return self.request.prompt_ids + self.output_ids if self.retractions else self.request.prompt_ids
 
     @property
     def rid(self) -> str:
@@ -227,6 +248,26 @@ class _Plan:
     prefill: bool
     entries: list  # prefill: [(request, tokens)], decode: [request]
     duration_s: float  # simulated
+    retracted: bool = False  # a decode step planned after retracting requests
+
+
+class NewTokenRatio:
+    """SGLang's new-token ratio (NewTokenRatioTracker): the share of a running
+    request's remaining max_new_tokens that admission expects it to write."""
+
+    __slots__ = ("start", "floor", "decay", "current")
+
+    def __init__(self, config: ServerConfig) -> None:
+        self.start = min(config.init_new_token_ratio * config.schedule_conservativeness, 1.0)
+        self.floor = min(self.start * config.min_new_token_ratio_factor, 1.0)
+        self.decay = (self.start - self.floor) / config.new_token_ratio_decay_steps
+        self.current = self.start
+
+    def decay_steps(self, steps: int) -> None:
+        self.current = max(self.current - self.decay * steps, self.floor)
+
+    def reset(self) -> None:
+        self.current = self.start
 
 
 def adapter_seed(name: str) -> int:
@@ -263,8 +304,13 @@ class SimEngine:
         self._batch_full = False
         self._refresh_waiting = (config.waiting_prefix_refresh and config.radix_eviction_policy == "lru")
         self._refresh_passes = 0
-        self._reserved_tokens = 0
+        self._pending_prefill = 0
         self._private_tokens = 0
+        self.new_token_ratio = NewTokenRatio(config)
+        # Requests the last retraction sent back (SGLang's num_retracted_reqs
+        # gauge: cleared after DECODE_LOG_INTERVAL decode steps).
+        self.last_retracted = 0
+        self._decode_steps_since_retraction = 0
         self._to_wake: list[RunningRequest] = []
         self._scheduler_task: asyncio.Task | None = None
         self._scheduler_wakeup: asyncio.Future | None = None
@@ -392,16 +438,17 @@ class SimEngine:
                     token_limit, stops_naturally = min(ends, room), ends <= room
                 else:
                     token_limit, stops_naturally = min(request.max_new_tokens, room), False
-        # SGLang's scheduler budgets KV for all of max_new_tokens: it cannot know the EOS ahead.
-        reserve_tokens = token_limit if request.max_new_tokens is None else max(
-            token_limit, min(request.max_new_tokens, room))
+        # SGLang's scheduler budgets KV for all of max_new_tokens: it cannot know
+        # the EOS ahead; without one, for what the context and the KV leave.
+        max_new_estimate = request.max_new_tokens if request.max_new_tokens is not None else max(
+            0, min(room, self.capacity_tokens - len(prompt_ids)) - 2)
         # Like SGLang's radix key extra_key: adapters never share KV.
         namespace = request.cache_namespace if adapter is None else ("lora", adapter, request.cache_namespace)
         running = RunningRequest(
             request=request,
             prompt_tokens=len(prompt_ids),
             token_limit=token_limit,
-            reserve_tokens=reserve_tokens,
+            max_new_estimate=max_new_estimate,
             stops_naturally=stops_naturally,
             admitted_at=self.timing.now(),
             clock=self.timing.now,
@@ -522,6 +569,7 @@ class SimEngine:
             if plan is None:
                 self._flush_wakeups()
                 instant_steps = 0
+                self.new_token_ratio.reset()  # as SGLang's scheduler does when idle
                 self._scheduler_wakeup = loop.create_future()
                 try:
                     await self._scheduler_wakeup
@@ -560,8 +608,11 @@ class SimEngine:
                 tokens += count
             return _Plan(True, entries, self.timing.prefill_step_s(tokens))
         if self._decoding:
+            retracted = len(self._decoding) > 1 and not self._decode_fits(len(self._decoding))
+            if retracted:
+                self._retract_decode()
             batch = list(self._decoding)
-            return _Plan(False, batch, self.timing.decode_step_s(len(batch)))
+            return _Plan(False, batch, self.timing.decode_step_s(len(batch)), retracted)
         return None
 
     def _plan_prefill(self) -> list:
@@ -597,7 +648,7 @@ class SimEngine:
         if lpm and len(waiting) > 1:
             cache = self.cache
             candidates = sorted(waiting, key=lambda r: -cache.match_prefix(
-                r.request.prompt_ids[:-1], namespace=r.namespace).length)
+                r.fill_ids()[:-1], namespace=r.namespace).length)
         elif lora_enabled:
             candidates = list(waiting)  # a request may be skipped for its adapter
         else:
@@ -605,15 +656,18 @@ class SimEngine:
             candidates = list(itertools.islice(waiting, max_running - len(self._running)))
         adapters_in_batch = {r.adapter for r in self._running} if lora_enabled else None
         now = self.timing.now()
+        offset = self._running_offset()
         for running in candidates:
             if budget <= 0 or len(self._running) >= max_running:
                 break
             if lora_enabled and running.adapter not in adapters_in_batch and \
                     len(adapters_in_batch) >= self.config.max_loras_per_batch:
                 continue  # its adapter would exceed the batch's adapter slots; others may fit
-            if not self._admit_to_batch(running):
+            charge = self._admit_to_batch(running, offset)
+            if charge is None:
                 self._batch_full = True
                 break  # no KV room: FCFS head-of-line blocking, as in SGLang
+            offset += charge
             if waiting[0] is running:
                 waiting.popleft()
             else:
@@ -635,32 +689,102 @@ class SimEngine:
         the queue's head last (the most recent), as SGLang's scheduler does."""
         cache = self.cache
         for running in reversed(list(itertools.islice(self._waiting, LPM_MAX_QUEUE))):
-            cache.match_prefix(running.request.prompt_ids, namespace=running.namespace)
+            cache.match_prefix(running.fill_ids(), namespace=running.namespace)
 
-    def _admit_to_batch(self, running: RunningRequest) -> bool:
-        """Match the cache, lock the prefix, reserve KV. False if it does not fit."""
+    def _output_estimate(self, running: RunningRequest, ratio: float) -> float:
+        """What `running` may still write as SGLang's PrefillAdder counts it: its
+        remaining output, at most `clip_max_new_tokens`, × `ratio` unless it
+        ignores EOS (then it will write all of it)."""
+        remaining = min(max(running.max_new_estimate - running.completion_tokens, 0), self.config.clip_max_new_tokens)
+        return remaining if running.request.ignore_eos else remaining * ratio
+
+    def _running_offset(self) -> float:
+        """KV the running requests may still take: prompts not yet prefilled,
+        output at the current new-token ratio."""
+        ratio = self.new_token_ratio.current
+        return self._pending_prefill + sum(self._output_estimate(r, ratio) for r in self._running)
+
+    def _fit_cache(self) -> None:
+        """Give the cache what running requests' written and admitted tokens leave; it evicts down to that."""
+        self.cache.set_capacity(self.capacity_tokens - self._private_tokens - self._pending_prefill)
+
+    def _decode_fits(self, requests: int) -> bool:
+        """A decode step of `requests` finds a token of KV for each, evicting what it must."""
+        return self.cache.protected_tokens + self._private_tokens + self._pending_prefill + requests \
+            <= self.capacity_tokens
+
+    def _admit_to_batch(self, running: RunningRequest, offset: float) -> float | None:
+        """Match the cache and lock the prefix; start `running` if its uncached
+        prompt and whole output fit in the KV the cache can free beside
+        `offset` (what the running requests may still write). Returns what it
+        counts against that room; None if it does not fit."""
         cache = self.cache
+        fill_ids = running.fill_ids()
         # SGLang always recomputes the last prompt token, so at most
         # len(prompt) - 1 tokens can come from the cache.
-        match = cache.match_prefix(running.request.prompt_ids[:-1], namespace=running.namespace)
+        match = cache.match_prefix(fill_ids[:-1], namespace=running.namespace)
         cache.lock(match.node)
-        uncached = running.prompt_tokens - match.length
-        need = uncached + running.reserve_tokens
-        available = self.capacity_tokens - self._reserved_tokens - cache.protected_tokens
-        if need > available:
-            if self._running:
-                cache.unlock(match.node)
-                return False
-            need = max(0, available)  # alone and too large for the whole budget: overcommit, never deadlock
+        uncached = len(fill_ids) - match.length
+        charge = uncached + self._output_estimate(running, 1.0)
+        # Alone and too large for the whole budget: overcommit, never deadlock.
+        if charge > self.capacity_tokens - cache.protected_tokens - self._private_tokens - offset and self._running:
+            cache.unlock(match.node)
+            return None
         running.state = RUNNING
-        running.cached_tokens = match.length
+        if not running.retractions:
+            running.cached_tokens = match.length  # SGLang counts the first attempt's hit only
         running.locked_node = match.node
         running.prefill_needed = uncached
-        running.kv_reserved = need
-        self._reserved_tokens += need
+        running.prefill_scheduled = running.prefill_done = 0
+        self._pending_prefill += uncached
         self._running[running] = None
-        cache.set_capacity(self.capacity_tokens - self._reserved_tokens)
-        return True
+        self._fit_cache()
+        return charge
+
+    def _retract_decode(self) -> None:
+        """SGLang's retract_decode: send decoding requests back to the waiting
+        queue until the rest can take a step (at least one, and one stays),
+        those with the least output first (ties: the longest prompt); then
+        evict so that each left has `retract_decode_steps` tokens of room, and
+        set the new-token ratio from what those have written."""
+        keep = sorted(self._decoding, key=lambda r: (r.completion_tokens, -r.prompt_tokens), reverse=True)
+        retracted = []
+        while len(keep) > 1:
+            victim = keep.pop()
+            self._retract(victim)
+            retracted.append(victim)
+            if self._decode_fits(len(keep)):
+                break
+        steps = self.config.retract_decode_steps
+        self.cache.set_capacity(self.capacity_tokens - self._private_tokens - self._pending_prefill
+                                - len(keep) * steps)
+        self._fit_cache()
+        written = sum(r.completion_tokens for r in keep)
+        self.new_token_ratio.current = min(1.0, (written + steps * len(keep))
+                                           / (sum(r.max_new_estimate for r in keep) + 1))
+        self.last_retracted = len(retracted)
+        self._decode_steps_since_retraction = 0
+        stats = self.stats
+        stats.retracted_requests_total += len(retracted)
+        stats.retracted_input_tokens_total += sum(r.prompt_tokens for r in retracted)
+        stats.retracted_output_tokens_total += sum(r.completion_tokens for r in retracted)
+        logger.warning("KV cache pool is full. Retract requests. #retracted_reqs: %d, #new_token_ratio: %.4f",
+                       len(retracted), self.new_token_ratio.current)
+
+    def _retract(self, running: RunningRequest) -> None:
+        """Back to the end of the waiting queue: its output's KV is freed, not
+        cached (SGLang needs the room at once); its prompt stays cached, unlocked."""
+        del self._running[running]
+        self._decoding.pop(running, None)
+        self._private_tokens -= running.kv_private
+        running.kv_private = 0
+        if running.locked_node is not None:
+            self.cache.unlock(running.locked_node)
+            running.locked_node = None
+        running.retractions += 1
+        running.state = WAITING
+        self._waiting.append(running)
+        self._batch_full = False
 
     def _apply_step(self, plan: _Plan, *, burst: int, now: float | None = None) -> None:
         """End a planned step at simulated time `now` (default: the present).
@@ -677,6 +801,7 @@ class SimEngine:
                 running.prefill_done += count
                 running.kv_private += count
                 self._private_tokens += count
+                self._pending_prefill -= count
                 if running.prefill_done >= running.prefill_needed:
                     generated += self._prefill_complete(running, now)
             self._count_generated(now, generated)
@@ -684,28 +809,34 @@ class SimEngine:
         if burst > 1 and plan.duration_s == 0:
             if self._waiting and len(self._running) < self.config.max_running_requests:
                 burst = 1  # a prefill may run next: keep step granularity
+            else:  # no more steps than the KV has tokens for
+                room = self.capacity_tokens - self.cache.protected_tokens - self._private_tokens - self._pending_prefill
+                burst = max(1, min(burst, room // max(1, len(plan.entries))))
         else:
             burst = 1
         self.steps_total["decode"] += burst
+        if not plan.retracted:
+            self.new_token_ratio.decay_steps(burst)
+        self._decode_steps_since_retraction += burst
+        if self._decode_steps_since_retraction >= DECODE_LOG_INTERVAL:
+            self.last_retracted = 0
         generated = 0
         for running in plan.entries:
             if running.state is RUNNING:
                 generated += self._emit_tokens(running, now, burst)
+        self._fit_cache()
         self._count_generated(now, generated)
 
     def _prefill_complete(self, running: RunningRequest, now: float) -> int:
         """The prompt is prefilled: cache it, sample the first token. Returns tokens generated."""
-        # The prompt's KV now lives in the cache: move it out of the reservation.
+        # The prompt's KV now lives in the cache (after a retraction, with the output so far).
         moved = running.prefill_needed
         running.kv_private -= moved
         self._private_tokens -= moved
-        moved = min(moved, running.kv_reserved)
-        running.kv_reserved -= moved
-        self._reserved_tokens -= moved
+        self._fit_cache()
         cache = self.cache
-        cache.set_capacity(self.capacity_tokens - self._reserved_tokens)
         request = running.request
-        match = cache.insert_and_lock(request.prompt_ids, namespace=running.namespace,
+        match = cache.insert_and_lock(running.fill_ids(), namespace=running.namespace,
                                       priority=request.priority or 0)
         previous = running.locked_node
         running.locked_node = match.node
@@ -715,7 +846,9 @@ class SimEngine:
             self._finish(running, "", None, {"type": "length", "length": 0}, now)
             return 0
         self._decoding[running] = None
-        return self._emit_tokens(running, now, 1)  # the prefill forward samples the first token
+        generated = self._emit_tokens(running, now, 1)  # the prefill forward samples the (next) token
+        self._fit_cache()
+        return generated
 
     def _emit_tokens(self, running: RunningRequest, now: float, count: int) -> int:
         """Generate up to `count` tokens for `running` at simulated time `now`
@@ -874,12 +1007,12 @@ class SimEngine:
         self._batch_full = False
         if self._chunked is running:
             self._chunked = None
-        self._reserved_tokens -= running.kv_reserved
-        running.kv_reserved = 0
+        self._pending_prefill -= running.prefill_needed - running.prefill_done
+        running.prefill_needed = running.prefill_done
         self._private_tokens -= running.kv_private
         running.kv_private = 0
+        self._fit_cache()
         cache = self.cache
-        cache.set_capacity(self.capacity_tokens - self._reserved_tokens)
         if running.output_ids:
             # Finished (or partial) sequences stay cached, like RadixAttention;
             # as SGLang splits the prompt off the reply, the prompt gets the
@@ -1067,7 +1200,9 @@ class SimEngine:
                 "waiting_requests": self.num_waiting_requests,
                 "max_running_requests": self.config.max_running_requests,
                 "max_total_tokens": self.capacity_tokens,
-                "reserved_tokens": self._reserved_tokens,
+                "reserved_tokens": round(self._running_offset()),
+                "new_token_ratio": round(self.new_token_ratio.current, 4),
+                "retracted_requests_total": stats.retracted_requests_total,
                 "used_tokens": self.used_tokens(),
                 "token_usage": round(self.token_usage(), 4),
                 "chunked_rid": self._chunked.rid if self._chunked is not None else None,

@@ -960,7 +960,7 @@ class InfoHandlers:
                               "token_capacity": self.config.max_total_tokens}
         if include_set is None or "all" in include_set or "queues" in include_set:
             load["queues"] = {"waiting": self.engine.num_waiting_requests, "grammar": 0, "paused": 0,
-                              "retracted": 0, "prealloc_ready": 0}
+                              "retracted": self.engine.last_retracted, "prealloc_ready": 0}
         if self.config.enable_lora and (include_set is None or "all" in include_set or "lora" in include_set):
             load["lora"] = {"loaded_adapters": len(self.engine.lora.loaded()),
                             "max_loaded_loras": self.config.max_loaded_loras,
@@ -991,7 +991,7 @@ class InfoHandlers:
             token_usage=engine.token_usage(), cache_hit_rate=engine.cache_hit_rate(),
             gen_throughput=engine.gen_throughput(), kv_tokens=engine.kv_token_counts(),
             lora_slots=(engine.lora_slots_used(), self.config.max_loras_per_batch) if self.config.enable_lora else None,
-            evicted_tokens=engine.cache.evicted_tokens_total)
+            evicted_tokens=engine.cache.evicted_tokens_total, num_retracted_reqs=engine.last_retracted)
         # prometheus_client's CONTENT_TYPE_LATEST for the text format, as SGLang sends it.
         return web.Response(body=text.encode(), headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
 

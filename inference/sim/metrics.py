@@ -64,6 +64,10 @@ class SimStats:
     prompt_tokens_total: int = 0
     completion_tokens_total: int = 0
     cached_tokens_total: int = 0
+    # retractions: requests sent back to the queue for KV, and their tokens then
+    retracted_requests_total: int = 0
+    retracted_input_tokens_total: int = 0
+    retracted_output_tokens_total: int = 0
     streaming_requests: int = 0
     aborted_rids: deque = field(default_factory=lambda: deque(maxlen=RECENT_RIDS_KEPT))
     aborted_by_request: deque = field(default_factory=lambda: deque(maxlen=RECENT_RIDS_KEPT))
@@ -83,10 +87,11 @@ class SimStats:
 def render_prometheus(*, stats: SimStats, model_name: str, num_running_reqs: int, num_queue_reqs: int,
                       token_usage: float, cache_hit_rate: float, gen_throughput: float,
                       kv_tokens: dict[str, int] | None = None, lora_slots: tuple[int, int] | None = None,
-                      evicted_tokens: int | None = None) -> str:
+                      evicted_tokens: int | None = None, num_retracted_reqs: int = 0) -> str:
     """SGLang's /metrics text. `kv_tokens`: num_used, kv_available, kv_evictable, kv_used
     token counts; `lora_slots`: (adapters in the running batch, max_loras_per_batch);
-    `evicted_tokens`: what the radix cache has evicted (its collector's own labels)."""
+    `evicted_tokens`: what the radix cache has evicted (its collector's own labels);
+    `num_retracted_reqs`: requests the last retraction sent back (cleared as SGLang does)."""
     labels = f'model_name="{_escape_label(model_name)}",engine_type="unified"'
     lines: list[str] = []
 
@@ -127,6 +132,13 @@ def render_prometheus(*, stats: SimStats, model_name: str, num_running_reqs: int
             stats.cached_tokens_total, ',cache_source="device"')
     counter("sglang:num_requests_total", "Number of requests processed.",
             stats.requests_finished + stats.requests_failed + stats.requests_aborted)
+    gauge("sglang:num_retracted_reqs", "The number of retracted requests.", num_retracted_reqs)
+    counter("sglang:num_retracted_requests_total", "Total number of retracted requests.",
+            stats.retracted_requests_total)
+    counter("sglang:num_retracted_input_tokens_total", "Total number of retracted input tokens.",
+            stats.retracted_input_tokens_total)
+    counter("sglang:num_retracted_output_tokens_total", "Total number of retracted output tokens.",
+            stats.retracted_output_tokens_total)
     if evicted_tokens is not None:
         # SGLang's RadixCacheMetricsCollector labels its series by cache and rank, not model.
         lines.append("# HELP sglang:evicted_tokens_total The number of device KV token slots freed by eviction, "

@@ -790,7 +790,7 @@ def native_meta_info(running: RunningRequest, *, final: bool, completion_tokens:
         "finish_reason": running.finish_reason if final else None,
         "prompt_tokens": running.prompt_tokens,
         "weight_version": WEIGHT_VERSION,
-        "num_retractions": 0,
+        "num_retractions": running.retractions,
         "reasoning_tokens": _reasoning_tokens(running, completion_tokens),
         "completion_tokens": completion_tokens,
         "cached_tokens": running.cached_tokens,

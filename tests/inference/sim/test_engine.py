@@ -144,7 +144,7 @@ async def test_a_natural_eos_comes_before_a_larger_max_tokens():
         request_make("natural", prompt(9, 8), max_new_tokens=500),
         request_make("capped", prompt(9, 8), max_new_tokens=10),
         request_make("ignoring", prompt(9, 8), max_new_tokens=500, ignore_eos=True)])
-    assert 16 <= natural.completion_tokens <= 64 and natural.reserve_tokens == 500
+    assert 16 <= natural.completion_tokens <= 64 and natural.max_new_estimate == 500
     assert natural.finish_reason["type"] == "stop" and natural.finish_reason["matched"] == EOS_TOKEN_ID
     assert capped.completion_tokens == 10 and capped.finish_reason == {"type": "length", "length": 10}
     assert ignoring.completion_tokens == 500 and ignoring.finish_reason["type"] == "length"
@@ -265,18 +265,93 @@ async def test_running_requests_evict_the_cache_to_get_kv():
     assert engine.cache.total_tokens <= 300
 
 
-async def test_a_request_waits_until_kv_is_free():
+@pytest.mark.parametrize("ignore_eos", [True, False])
+async def test_a_request_waits_until_kv_is_free_for_what_running_ones_may_write(ignore_eos):
+    """SGLang's PrefillAdder: a running request that ignores EOS counts all
+    of its remaining output against the KV; one that may stop early counts
+    it × the new-token ratio (0.7 at first), so a second request fits beside it."""
     engine = engine_make("--max-total-tokens", "400", "--decode-base-ms", "10", "--time-scale", "0.1")
-    first = engine.admit(request_make("kv1", prompt(50, 100), max_new_tokens=200))  # reserves 300
+    assert engine.new_token_ratio.current == pytest.approx(0.7)
+    first = engine.admit(request_make("kv1", prompt(50, 100), max_new_tokens=200, ignore_eos=ignore_eos,
+                                      min_new_tokens=100))  # 100 prompt + 200 output
     second = engine.admit(request_make("kv2", prompt(51, 100), max_new_tokens=50))  # needs 150
     tasks = [asyncio.create_task(drive(engine, running)) for running in (first, second)]
     await asyncio.sleep(0.01)
-    assert engine.num_running_requests == 1 and engine.num_queue_requests == 1
-    usage = engine.token_usage()
-    assert 0 < usage <= 1
+    # 400 - 100 prompt - 200 output < 150; 400 - 100 - (200 - written) × 0.7 >= 150
+    if ignore_eos:
+        assert engine.num_running_requests == 1 and engine.num_queue_requests == 1
+        assert engine.stats_snapshot()["engine"]["reserved_tokens"] == 200 - first.completion_tokens
+    else:
+        assert engine.num_running_requests == 2 and engine.num_queue_requests == 0
+    assert 0 < engine.token_usage() <= 1
     await asyncio.gather(*tasks)
-    assert second.first_token_at >= first.finished_at
+    assert (second.first_token_at >= first.finished_at) is ignore_eos
     assert engine.stats_snapshot()["engine"]["reserved_tokens"] == 0
+    assert first.retractions == second.retractions == engine.stats.retracted_requests_total == 0
+
+
+def test_the_new_token_ratio_falls_from_its_start_to_its_floor():
+    """SGLang's NewTokenRatioTracker: 0.7 × --schedule-conservativeness (at
+    most 1), down to 0.14 of that over SGLANG_NEW_TOKEN_RATIO_DECAY_STEPS (600)
+    decode steps; back at the start on reset."""
+    ratio = engine_make().new_token_ratio
+    assert (ratio.start, ratio.floor) == (pytest.approx(0.7), pytest.approx(0.098))
+    ratio.decay_steps(300)
+    assert ratio.current == pytest.approx(0.399)
+    ratio.decay_steps(1_000)
+    assert ratio.current == pytest.approx(0.098)
+    ratio.reset()
+    assert ratio.current == pytest.approx(0.7)
+    assert engine_make("--schedule-conservativeness", "2").new_token_ratio.start == 1.0
+
+
+def test_sglangs_environment_sets_the_admission_estimates(monkeypatch):
+    monkeypatch.setenv("SGLANG_INIT_NEW_TOKEN_RATIO", "0.5")
+    monkeypatch.setenv("SGLANG_NEW_TOKEN_RATIO_DECAY_STEPS", "10")
+    monkeypatch.setenv("SGLANG_CLIP_MAX_NEW_TOKENS_ESTIMATION", "256")
+    config, _ = configs_from_args(build_argument_parser().parse_args([]))
+    assert (config.init_new_token_ratio, config.new_token_ratio_decay_steps, config.clip_max_new_tokens) == (
+        0.5, 10, 256)
+    monkeypatch.setenv("SGLANG_RETRACT_DECODE_STEPS", "many")
+    with pytest.raises(SystemExit, match="SGLANG_RETRACT_DECODE_STEPS must be an integer"):
+        configs_from_args(build_argument_parser().parse_args([]))
+
+
+async def test_a_full_kv_retracts_the_request_with_least_output_and_it_resumes():
+    """When the ratio bet fails (replies that run long although they could stop),
+    a decode step without KV sends the request with the least output back to
+    the queue (SGLang's retract_decode): its output's KV is freed, its prompt
+    stays cached; it comes back once there is room, prefills prompt + output
+    again and goes on with the same reply."""
+    config, settings = configs_from_args(build_argument_parser().parse_args([
+        "--max-total-tokens", "600", "--decode-base-ms", "1", "--time-scale", "0.2"]))
+    engine = SimEngine(config=replace(config, init_new_token_ratio=0.1), settings=settings)
+    # three replies of at least 190 tokens (EOS masked until then): 100 + 200 each admitted
+    # against 600 tokens of KV, the third once the first two count 199 × 0.1 each
+    requests = [request_make(f"long{index}", prompt(90 + index, 100), max_new_tokens=200, min_new_tokens=190)
+                for index in range(3)]
+    gauge = set()
+
+    async def watch() -> None:  # SGLang's num_retracted_reqs: the last retraction's count, for 40 decode steps
+        while True:
+            gauge.add(engine.last_retracted)
+            await asyncio.sleep(0)
+
+    watcher = asyncio.create_task(watch())
+    first, second, third = await run_all(engine, requests)
+    watcher.cancel()
+    assert gauge == {0, 1} and engine.last_retracted == 0
+    assert [r.retractions for r in (first, second, third)] == [0, 0, 1]
+    assert all(r.completion_tokens >= 190 for r in (first, second, third))
+    stats = engine.stats
+    assert (stats.retracted_requests_total, stats.retracted_input_tokens_total) == (1, 100)
+    assert 0 < stats.retracted_output_tokens_total < 190
+    assert engine.steps_total["prefill"] >= 3  # the third was prefilled again
+    assert third.cached_tokens == 0  # the first attempt's hit, as SGLang reports
+    # the same reply as without the retraction
+    alone, = await run_all(engine_make(), [replace(requests[2], rid="alone")])
+    assert third.output_ids == alone.output_ids and third.text == alone.text
+    assert engine.stats_snapshot()["engine"]["reserved_tokens"] == 0 and engine.cache.protected_tokens == 0
 
 
 async def test_abort_of_a_waiting_request_frees_its_place():

@@ -162,6 +162,27 @@ def test_evicted_tokens_metric_counts_what_the_radix_cache_dropped(sim_factory):
     assert evicted >= 2 * 152
 
 
+def test_retractions_are_reported_per_request_and_in_metrics(sim_factory):
+    """Replies that run long although they could stop, admitted at a new-token
+    ratio of 0.1: the KV runs out while they decode and one is retracted
+    (meta_info.num_retractions, SGLang's retraction counters)."""
+    sim = sim_factory("--max-total-tokens", "600", "--decode-base-ms", "1", "--time-scale", "0.01",
+                      env={"SGLANG_INIT_NEW_TOKEN_RATIO": "0.1"})
+    body = {"sampling_params": {"max_new_tokens": 200, "min_new_tokens": 190}}
+    with sim.client() as client:
+        replies = client.post("/generate", json={
+            **body, "input_ids": [list(range(1000 * (index + 1), 1000 * (index + 1) + 100)) for index in range(3)],
+        }).raise_for_status().json()
+        samples = prometheus_parse(client.get("/metrics").text)
+        loads = client.get("/v1/loads").json()["loads"][0]
+    assert sorted(reply["meta_info"]["num_retractions"] for reply in replies) == [0, 0, 1]
+    assert all(reply["meta_info"]["completion_tokens"] >= 190 for reply in replies)
+    assert metric(samples, "sglang:num_retracted_requests_total") == 1
+    assert metric(samples, "sglang:num_retracted_input_tokens_total") == 100
+    assert 0 < metric(samples, "sglang:num_retracted_output_tokens_total") < 190
+    assert metric(samples, "sglang:num_retracted_reqs") == 0 == loads["queues"]["retracted"]  # cleared since
+
+
 def test_cache_hit_rate_and_cached_tokens_metrics(sim):
     client = openai_client(sim)
     messages = [{"role": "user", "content": "metrics cache check " * 20}]
