@@ -53,6 +53,22 @@ class ServerConfig:
     max_total_tokens: int = DEFAULT_MAX_TOTAL_TOKENS  # KV capacity, tokens: radix cache + running requests
     chunked_prefill_size: int = DEFAULT_CHUNKED_PREFILL_SIZE  # tokens per prefill step; <= 0: no chunking
     schedule_policy: str = "fcfs"  # or "lpm" (longest prefix match first)
+    # --enable-priority-scheduling: under fcfs the queue goes by request
+    # `priority` (higher first, or lower with --schedule-low-priority-values-first;
+    # none given: last, or --default-priority-value), then arrival; a request
+    # that finds every slot taken preempts running ones more than
+    # --priority-scheduling-preemption-threshold below it (unless
+    # --disable-priority-preemption). Without it, --abort-on-priority-when-disabled
+    # refuses requests that give a priority (503).
+    enable_priority_scheduling: bool = False
+    disable_priority_preemption: bool = False
+    default_priority_value: int | None = None
+    abort_on_priority_when_disabled: bool = False
+    schedule_low_priority_values_first: bool = False
+    priority_scheduling_preemption_threshold: int = 10
+    # --retraction-policy: whom a full KV retracts first: "length" (the least
+    # output, then the longest prompt) or "priority" (the lowest priority, then length).
+    retraction_policy: str = "length"
     # --radix-eviction-policy and its --radix-eviction-policy-config (radix_cache.EVICTION_POLICIES).
     radix_eviction_policy: str = "lru"
     radix_eviction_policy_config: dict | None = None
@@ -186,6 +202,20 @@ def build_argument_parser() -> argparse.ArgumentParser:
     parser.add_argument("--chunked-prefill-size", type=int, default=None,
                         help=f"tokens per prefill step; <= 0 disables chunking (default {DEFAULT_CHUNKED_PREFILL_SIZE})")
     parser.add_argument("--schedule-policy", choices=["fcfs", "lpm"], default="fcfs")
+    parser.add_argument("--enable-priority-scheduling", action="store_true",
+                        help="fcfs queues by request priority (higher first), and a request may preempt lower ones")
+    parser.add_argument("--disable-priority-preemption", action="store_true",
+                        help="priority scheduling orders the queue only")
+    parser.add_argument("--default-priority-value", type=int, default=None,
+                        help="priority of requests that give none, under priority scheduling")
+    parser.add_argument("--abort-on-priority-when-disabled", action="store_true",
+                        help="without priority scheduling, refuse requests that give a priority")
+    parser.add_argument("--schedule-low-priority-values-first", action="store_true",
+                        help="under priority scheduling, lower priority values go first")
+    parser.add_argument("--priority-scheduling-preemption-threshold", type=int, default=10,
+                        help="how much higher a request's priority must be to preempt a running one")
+    parser.add_argument("--retraction-policy", choices=["length", "priority"], default="length",
+                        help="whom a full KV retracts first: the least output, or the lowest priority")
     parser.add_argument("--schedule-conservativeness", type=float, default=1.0,
                         help="scales the share of max_new_tokens reserved for running requests (SGLang's)")
     parser.add_argument("--radix-eviction-policy", choices=EVICTION_POLICIES, default="lru",
@@ -309,6 +339,13 @@ def configs_from_args(args: argparse.Namespace) -> tuple[ServerConfig, RuntimeSe
         max_total_tokens=pick(args.max_total_tokens, "max_total_tokens", DEFAULT_MAX_TOTAL_TOKENS),
         chunked_prefill_size=pick(args.chunked_prefill_size, "chunked_prefill_size", DEFAULT_CHUNKED_PREFILL_SIZE),
         schedule_policy=args.schedule_policy,
+        enable_priority_scheduling=args.enable_priority_scheduling,
+        disable_priority_preemption=args.disable_priority_preemption,
+        default_priority_value=args.default_priority_value,
+        abort_on_priority_when_disabled=args.abort_on_priority_when_disabled,
+        schedule_low_priority_values_first=args.schedule_low_priority_values_first,
+        priority_scheduling_preemption_threshold=args.priority_scheduling_preemption_threshold,
+        retraction_policy=args.retraction_policy,
         radix_eviction_policy=args.radix_eviction_policy,
         radix_eviction_policy_config=policy_config,
         preset=args.preset,

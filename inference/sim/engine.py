@@ -8,7 +8,9 @@ iterates `run`, which yields one `Step` per generated token (stream interval
 Life of a request:
 1. admission (`admit`): validation, `error_rate`, output length decided;
 2. held: the `hang` fault, then the fixed `ttft_ms` delay (per request);
-3. waiting queue (FCFS, or longest prefix match first with `--schedule-policy lpm`);
+3. waiting queue (FCFS, or longest prefix match first with `--schedule-policy lpm`;
+   with `--enable-priority-scheduling`, FCFS by request priority first, and a
+   request that finds every slot taken may preempt lower ones);
 4. running: the scheduler admits it when a slot is free (`max_running_requests`),
    its adapter fits the batch (`max_loras_per_batch`) and its KV fits: it
    matches the radix cache and locks the matched prefix; its uncached prompt
@@ -74,6 +76,7 @@ import itertools
 import logging
 import random
 import re
+import sys
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -115,6 +118,7 @@ WAITING_PREFIX_REFRESH_INTERVAL = 32
 DECODE_LOG_INTERVAL = 40
 
 ABORT_MESSAGE = "Aborted"
+PRIORITY_DISABLED_MESSAGE = "Using priority is disabled for this server. Please send a new request without a priority."
 
 # Request states
 HELD, WAITING, RUNNING, DONE = "held", "waiting", "running", "done"
@@ -224,7 +228,10 @@ class RunningRequest:
     waiter: asyncio.Future | None = None  # resolved when output arrives or on abort/release
     hung: bool = False  # waiting in the `hang` fault
     finalized: bool = False
-    retractions: int = 0  # times a full KV sent it back to the waiting queue
+    retractions: int = 0  # times a full KV (or a preempting request) sent it back to the waiting queue
+    # The priority the scheduler orders by: the request's, else the default or the least preferred.
+    priority: int = 0
+    queued_seq: int = 0  # when it (last) entered the waiting queue
 
     def fill_ids(self) -> list[int]:
         """What its prefill computes: the prompt, and after a retraction the output so far too."""
@@ -304,6 +311,11 @@ class SimEngine:
         self._batch_full = False
         self._refresh_waiting = (config.waiting_prefix_refresh and config.radix_eviction_policy == "lru")
         self._refresh_passes = 0
+        # SGLang's priority scheduling: the queue order (fcfs only) and preemption.
+        self._priority_sign = 1 if config.schedule_low_priority_values_first else -1
+        self._priority_queue = config.enable_priority_scheduling and config.schedule_policy == "fcfs"
+        self._preemption = config.enable_priority_scheduling and not config.disable_priority_preemption
+        self._queue_seq = itertools.count()
         self._pending_prefill = 0
         self._private_tokens = 0
         self.new_token_ratio = NewTokenRatio(config)
@@ -515,7 +527,11 @@ class SimEngine:
                 timer.cancel()
 
     def _enqueue(self, running: RunningRequest) -> None:
+        if not self._priority_set(running):
+            self._flush_wakeups()
+            return
         running.state = WAITING
+        running.queued_seq = next(self._queue_seq)
         self._waiting.append(running)
         task = self._scheduler_task
         scheduler_idle = task is None or self._scheduler_wakeup is not None
@@ -526,6 +542,26 @@ class SimEngine:
             self._flush_wakeups()
             return
         self._notify_scheduler()
+
+    def _priority_set(self, running: RunningRequest) -> bool:
+        """SGLang's _set_or_validate_priority: the priority `running` is
+        scheduled by; False when it is refused (a priority given to a server
+        without priority scheduling, under --abort-on-priority-when-disabled)."""
+        config = self.config
+        priority = running.request.priority
+        if config.enable_priority_scheduling and priority is None:
+            priority = config.default_priority_value
+        elif not config.enable_priority_scheduling and priority is not None \
+                and config.abort_on_priority_when_disabled:
+            self._fail(running, PRIORITY_DISABLED_MESSAGE, 503, None, self.timing.now())
+            return False
+        if priority is None:  # the least preferred
+            priority = sys.maxsize if self._priority_sign == 1 else -sys.maxsize - 1
+        running.priority = priority
+        return True
+
+    def _queue_key(self, running: RunningRequest) -> tuple[int, int]:
+        return running.priority * self._priority_sign, running.queued_seq
 
     def _run_instant_steps(self) -> bool:
         """Run up to INSTANT_STEPS_PER_YIELD zero-duration steps now. True if work remains.
@@ -642,13 +678,15 @@ class SimEngine:
             self._chunked = None
         if not waiting or budget <= 0:
             return entries
-        if len(self._running) >= max_running:
+        if len(self._running) >= max_running and not self._preemption:
             return entries
         lora_enabled = self.config.enable_lora
         if lpm and len(waiting) > 1:
             cache = self.cache
             candidates = sorted(waiting, key=lambda r: -cache.match_prefix(
                 r.fill_ids()[:-1], namespace=r.namespace).length)
+        elif self._priority_queue:
+            candidates = sorted(waiting, key=self._queue_key)
         elif lora_enabled:
             candidates = list(waiting)  # a request may be skipped for its adapter
         else:
@@ -658,8 +696,12 @@ class SimEngine:
         now = self.timing.now()
         offset = self._running_offset()
         for running in candidates:
-            if budget <= 0 or len(self._running) >= max_running:
+            if budget <= 0:
                 break
+            if len(self._running) >= max_running:
+                if not (self._preemption and self._preempt_for(running, offset)):
+                    break
+                offset = self._running_offset()
             if lora_enabled and running.adapter not in adapters_in_batch and \
                     len(adapters_in_batch) >= self.config.max_loras_per_batch:
                 continue  # its adapter would exceed the batch's adapter slots; others may fit
@@ -741,13 +783,49 @@ class SimEngine:
         self._fit_cache()
         return charge
 
+    def _preempt_for(self, new: RunningRequest, offset: float) -> bool:
+        """SGLang's preempt_to_schedule, for `new` when every slot is taken:
+        retract decoding requests whose priority is more than the threshold
+        below its own, the lowest (then the newest) first, until its prompt and
+        output fit beside what the others may still write (at least one).
+        False, and nothing retracted, when those are not enough."""
+        sign = self._priority_sign
+        cache = self.cache
+        fill_ids = new.fill_ids()
+        cached = cache.match_prefix(fill_ids[:-1], namespace=new.namespace).length
+        short = (len(fill_ids) - cached + self._output_estimate(new, 1.0)
+                 - (self.capacity_tokens - cache.protected_tokens - self._private_tokens - offset))
+        ratio = self.new_token_ratio.current
+        victims = []
+        for running in sorted(self._decoding, key=lambda r: (r.priority * -sign, -r.queued_seq)):
+            if (new.priority - running.priority) * -sign <= self.config.priority_scheduling_preemption_threshold:
+                break
+            victims.append(running)
+            short -= self._output_estimate(running, ratio)
+            if short <= 0:
+                break
+        if not victims or short > 0:
+            return False
+        for running in victims:
+            self._retract(running)
+        return True
+
     def _retract_decode(self) -> None:
         """SGLang's retract_decode: send decoding requests back to the waiting
         queue until the rest can take a step (at least one, and one stays),
-        those with the least output first (ties: the longest prompt); then
+        those with the least output first (ties: the longest prompt; with
+        `--retraction-policy priority`, the lowest priority before that); then
         evict so that each left has `retract_decode_steps` tokens of room, and
         set the new-token ratio from what those have written."""
-        keep = sorted(self._decoding, key=lambda r: (r.completion_tokens, -r.prompt_tokens), reverse=True)
+        if self.config.retraction_policy == "priority":
+            sign = self._priority_sign
+
+            def order(r: RunningRequest) -> tuple:
+                return r.priority * -sign, r.completion_tokens, -r.prompt_tokens
+        else:
+            def order(r: RunningRequest) -> tuple:
+                return r.completion_tokens, -r.prompt_tokens
+        keep = sorted(self._decoding, key=order, reverse=True)
         retracted = []
         while len(keep) > 1:
             victim = keep.pop()
@@ -783,6 +861,7 @@ class SimEngine:
             running.locked_node = None
         running.retractions += 1
         running.state = WAITING
+        running.queued_seq = next(self._queue_seq)
         self._waiting.append(running)
         self._batch_full = False
 
@@ -957,9 +1036,14 @@ class SimEngine:
 
     def _crash(self, running: RunningRequest, now: float) -> None:
         message = f"Simulated engine crash after {running.completion_tokens} tokens (crash_after_tokens fault)."
+        self._fail(running, message, 500, "InternalServerError", now)
+
+    def _fail(self, running: RunningRequest, message: str, status_code: int, err_type: str | None,
+              now: float) -> None:
+        """End `running` with an abort that carries an HTTP status (an error to the client)."""
         step = self._finish(running, "", None, {
-            "type": "abort", "message": message, "status_code": 500, "err_type": "InternalServerError"}, now)
-        step.error = {"message": message, "status_code": 500}
+            "type": "abort", "message": message, "status_code": status_code, "err_type": err_type}, now)
+        step.error = {"message": message, "status_code": status_code}
 
     def _abort_step(self, running: RunningRequest) -> Step:
         # Same shape as SGLang's FINISH_ABORT().to_json() for /abort_request.

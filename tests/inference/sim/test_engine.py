@@ -380,6 +380,90 @@ async def test_lpm_schedules_the_longest_cached_prefix_first():
     assert hot.first_token_at < cold.first_token_at  # arrived later, scheduled first
 
 
+@pytest.mark.parametrize("retraction_policy, retracted", [("length", "long2"), ("priority", "long0")])
+async def test_the_retraction_policy_picks_whom_a_full_kv_sends_back(retraction_policy, retracted):
+    """`--retraction-policy length` retracts the request with the least output
+    first, `priority` the one with the lowest priority."""
+    config, settings = configs_from_args(build_argument_parser().parse_args([
+        "--max-total-tokens", "600", "--decode-base-ms", "1", "--time-scale", "0.01",
+        "--retraction-policy", retraction_policy]))
+    engine = SimEngine(config=replace(config, init_new_token_ratio=0.1), settings=settings)
+    requests = [request_make(f"long{index}", prompt(90 + index, 100), max_new_tokens=200, min_new_tokens=190,
+                             priority=priority) for index, priority in enumerate((0, 5, 9))]
+    done = await run_all(engine, requests)
+    assert {r.rid for r in done if r.retractions} == {retracted}
+
+
+# ---------------------------------------------------------------- priority scheduling
+
+async def queue_order(*flags: str, priorities: list[int | None]) -> list[str]:
+    """The order in which requests of these priorities, queued behind a running
+    one with a single slot, get it."""
+    engine = engine_make("--max-running-requests", "1", "--decode-base-ms", "10", "--time-scale", "0.05", *flags)
+    blocker = engine.admit(request_make("blocker", prompt(100, 5), max_new_tokens=5))
+    tasks = [asyncio.create_task(drive(engine, blocker))]
+    await asyncio.sleep(0.001)
+    queued = [engine.admit(request_make(f"p{priority}", prompt(101 + index, 5), max_new_tokens=2, priority=priority))
+              for index, priority in enumerate(priorities)]
+    tasks += [asyncio.create_task(drive(engine, running)) for running in queued]
+    await asyncio.gather(*tasks)
+    return [r.rid for r in sorted(queued, key=lambda r: r.first_token_at)]
+
+
+async def test_priority_scheduling_orders_the_queue_by_priority_then_arrival():
+    """--enable-priority-scheduling: higher priority values first (lower ones
+    with --schedule-low-priority-values-first), then arrival; a request
+    without one goes last, or gets --default-priority-value."""
+    priorities = [1, None, 5, 3]
+    assert await queue_order(priorities=priorities) == ["p1", "pNone", "p5", "p3"]  # FCFS without the flag
+    flag = "--enable-priority-scheduling"
+    assert await queue_order(flag, priorities=priorities) == ["p5", "p3", "p1", "pNone"]
+    assert await queue_order(flag, "--schedule-low-priority-values-first", priorities=priorities) == [
+        "p1", "p3", "p5", "pNone"]
+    assert await queue_order(flag, "--default-priority-value", "4", priorities=priorities) == [
+        "p5", "pNone", "p3", "p1"]
+
+
+async def test_a_request_preempts_running_ones_more_than_the_threshold_below_it():
+    """With every slot taken, a request whose priority is more than 10 above a
+    running one's sends the lowest (then the newest) of those back to the
+    queue; it resumes afterwards with the same reply. 10 above is not enough,
+    nor is any with --disable-priority-preemption."""
+    async def run(*flags: str, priority: int) -> tuple[RunningRequest, list[RunningRequest]]:
+        engine = engine_make("--enable-priority-scheduling", "--max-running-requests", "2",
+                             "--decode-base-ms", "10", "--time-scale", "0.05", *flags)
+        low = [engine.admit(request_make(f"low{index}", prompt(110 + index, 5), max_new_tokens=40,
+                                         ignore_eos=True, priority=0)) for index in range(2)]
+        tasks = [asyncio.create_task(drive(engine, running)) for running in low]
+        await asyncio.sleep(0.005)
+        high = engine.admit(request_make("high", prompt(120, 5), max_new_tokens=2, priority=priority))
+        tasks.append(asyncio.create_task(drive(engine, high)))
+        await asyncio.gather(*tasks)
+        return high, low
+
+    high, (older, newer) = await run(priority=11)
+    assert high.finished_at < older.finished_at and (older.retractions, newer.retractions) == (0, 1)
+    assert newer.completion_tokens == 40 and newer.finish_reason["type"] == "length"
+    alone, = await run_all(engine_make(), [replace(newer.request, rid="alone")])
+    assert newer.output_ids == alone.output_ids
+    for flags, priority in [((), 10), (("--disable-priority-preemption",), 100)]:
+        high, low = await run(*flags, priority=priority)
+        assert high.first_token_at >= min(r.finished_at for r in low) and not any(r.retractions for r in low)
+
+
+async def test_a_priority_is_refused_when_scheduling_by_it_is_disabled_on_request():
+    """--abort-on-priority-when-disabled: a request that gives a priority to a
+    server without priority scheduling ends at once with SGLang's 503."""
+    engine = engine_make("--abort-on-priority-when-disabled")
+    refused, plain = await run_all(engine, [request_make("with", prompt(130, 5), priority=1),
+                                            request_make("without", prompt(131, 5))])
+    assert refused.finish_reason == {"type": "abort", "status_code": 503, "err_type": None,
+                                     "message": "Using priority is disabled for this server. "
+                                                "Please send a new request without a priority."}
+    assert refused.completion_tokens == 0 and plain.finish_reason["type"] == "length"
+    assert engine.stats.requests_failed == 1
+
+
 # ---------------------------------------------------------------- time scale
 
 async def test_time_scale_runs_faster_than_real_time():

@@ -1186,3 +1186,22 @@ def test_request_priority_and_the_priority_eviction_policy(sim_factory):
         assert native.status_code == 400 and "signed 64-bit integer" in native.json()["error"]["message"]
         wrong = client.post("/v1/chat/completions", json={"model": "m", "messages": CHAT, "priority": "high"})
         assert wrong.status_code == 400 and "priority" in wrong.text and "valid integer" in wrong.text
+
+
+def test_a_priority_refused_by_a_server_without_priority_scheduling(sim_factory):
+    """--abort-on-priority-when-disabled: SGLang answers a request that gives a
+    priority with 503, in the flat error shape of an abort with a status; one
+    without is served. /server_info reports the scheduling flags."""
+    sim = sim_factory("--abort-on-priority-when-disabled")
+    message = "Using priority is disabled for this server. Please send a new request without a priority."
+    with sim.client() as client:
+        info = client.get("/server_info").json()
+        assert (info["enable_priority_scheduling"], info["abort_on_priority_when_disabled"],
+                info["priority_scheduling_preemption_threshold"], info["retraction_policy"]) == (
+            False, True, 10, "length")
+        chat = client.post("/v1/chat/completions", json={"model": "m", "messages": CHAT, "priority": 1})
+        assert chat.status_code == 503 and chat.json()["message"] == message and chat.json()["code"] == 503
+        native = client.post("/generate", json={"text": "Hi", "priority": 1})
+        assert native.status_code == 503 and native.json()["message"] == message
+        plain = client.post("/v1/chat/completions", json={"model": "m", "messages": CHAT, "max_tokens": 3})
+        assert plain.status_code == 200, plain.text
