@@ -24,7 +24,7 @@ class BackendInline(admin.TabularInline):
 
 @admin.register(ServedModel)
 class ServedModelAdmin(RegistryChangeAdmin):
-    list_display = ["name", "upstream_name", "context_length", "status"]
+    list_display = ["name", "upstream_name", "context_length", "routing_policy", "backend_priority", "status"]
     list_filter = ["status"]
     search_fields = ["name"]
     inlines = [BackendInline]

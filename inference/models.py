@@ -25,6 +25,11 @@ class ServedModel(TimeStampedModel):
 
     routing_policy = models.CharField(max_length=32, choices=RoutingPolicy.choices,
                                       default=RoutingPolicy.CACHE_AWARE)
+    # The backends schedule by request priority (SGLang's --enable-priority-scheduling):
+    # each request carries its tenant tier's GATEWAY_TIER_BACKEND_PRIORITY.
+    backend_priority = models.BooleanField(
+        default=False, help_text="Backends run with --enable-priority-scheduling: send each request its "
+                                 "tenant tier's priority, so premium goes first in their queues.")
     # Prices in `currency` per million tokens, used for budgets. (The billing price
     # book, effective-dated per model version, is what invoices use.)
     currency = models.CharField(max_length=3, default="usd")

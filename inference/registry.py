@@ -119,6 +119,8 @@ class ModelEntry:
     # Name of the routing policy of this model's pool (inference.routing.POLICY_NAMES).
     routing_policy: str = "cache_aware"
     backends: list[BackendState] = field(default_factory=list)
+    # Tier → the `priority` requests carry to backends that schedule by it; None: none sent.
+    tier_priorities: dict[str, int] | None = None
     # Rotates the tie-break between equally loaded backends.
     next_index: int = 0
 
@@ -142,6 +144,7 @@ class ModelRow:
     prices: Prices
     routing_policy: str
     backends: tuple[tuple[str, str, str], ...]  # (url, api_key, status)
+    tier_priorities: dict[str, int] | None = None
 
 
 class Registry:
@@ -155,7 +158,7 @@ class Registry:
         backends: dict[str, BackendState] = {}
         for row in rows:
             entry = ModelEntry(row.name, row.upstream_name, row.context_length, row.owned_by, row.created,
-                               row.prices, row.routing_policy)
+                               row.prices, row.routing_policy, tier_priorities=row.tier_priorities)
             for url, api_key, status in row.backends:
                 state = self._backends.get(url) or backends.get(url) or BackendState(url)
                 state.api_key, state.status = api_key, status

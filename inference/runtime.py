@@ -65,6 +65,7 @@ def _registry_rows() -> list[ModelRow]:
                               model.output_price_per_million),
                 routing_policy=model.routing_policy,
                 backends=tuple((b.url, b.api_key, b.status) for b in model.backends.all()),
+                tier_priorities=dict(settings.GATEWAY_TIER_BACKEND_PRIORITY) if model.backend_priority else None,
             )
         )
     return rows

@@ -12,12 +12,17 @@ def _registry_changed() -> None:
 
 
 def served_model_upsert(
-    *, name: str, upstream_name: str = "", context_length: int = 8192, owned_by: str = "platform"
+    *, name: str, upstream_name: str = "", context_length: int = 8192, owned_by: str = "platform",
+    routing_policy: str | None = None, backend_priority: bool | None = None,
 ) -> ServedModel:
-    model, _ = ServedModel.objects.update_or_create(
-        name=name,
-        defaults={"upstream_name": upstream_name, "context_length": context_length, "owned_by": owned_by},
-    )
+    """Create or update a served model; `routing_policy` and `backend_priority`
+    change only when given."""
+    defaults = {"upstream_name": upstream_name, "context_length": context_length, "owned_by": owned_by}
+    if routing_policy is not None:
+        defaults["routing_policy"] = routing_policy
+    if backend_priority is not None:
+        defaults["backend_priority"] = backend_priority
+    model, _ = ServedModel.objects.update_or_create(name=name, defaults=defaults)
     _registry_changed()
     return model
 

@@ -48,8 +48,9 @@ ID_PREFIX = {CHAT: "chatcmpl-", COMPLETIONS: "cmpl-", EMBEDDINGS: "embd-"}
 EMBEDDING_INPUTS_MAX = 2048
 # OpenAI's limit on `n`, the choices generated for each prompt.
 CHOICES_PER_PROMPT_MAX = 128
-# Fields a caller may not set: the gateway decides them (rid, adapter selection).
-GATEWAY_OWNED_FIELDS = ("rid", "lora_path")
+# Fields a caller may not set: the gateway decides them (rid, adapter selection,
+# the backend scheduling priority, which follows the tenant's tier).
+GATEWAY_OWNED_FIELDS = ("rid", "lora_path", "priority")
 # Ids: 64 random bits per process and a counter. uuid4() per request would read
 # os.urandom, which releases and then waits for the GIL on a busy event loop.
 _ID_BASE = secrets.randbits(64)
@@ -289,6 +290,9 @@ def _upstream_body(request: CompletionRequest, resolution: Resolution, *, stream
                    cap: tuple[str | None, int]) -> bytes:
     body = {k: v for k, v in request.body.items() if k not in GATEWAY_OWNED_FIELDS}
     body["model"] = resolution.model.upstream_name
+    priorities = resolution.model.tier_priorities
+    if priorities is not None:
+        body["priority"] = priorities.get(request.principal.tenant_tier, 0)
     if request.endpoint == EMBEDDINGS:
         body.pop("stream", None)
         body.pop("stream_options", None)

@@ -194,6 +194,14 @@ GATEWAY_TIER_CAPACITY_SHARE = {
     "standard": env_float("GATEWAY_TIER_SHARE_STANDARD", 0.85),
     "free": env_float("GATEWAY_TIER_SHARE_FREE", 0.6),
 }
+# The `priority` each tier's requests carry to backends that schedule by it (a
+# model's backend_priority): SGLang preempts running requests more than its
+# --priority-scheduling-preemption-threshold (10) below a new one.
+GATEWAY_TIER_BACKEND_PRIORITY = {
+    "premium": env_int("GATEWAY_BACKEND_PRIORITY_PREMIUM", 40),
+    "standard": env_int("GATEWAY_BACKEND_PRIORITY_STANDARD", 20),
+    "free": env_int("GATEWAY_BACKEND_PRIORITY_FREE", 0),
+}
 # Largest request body accepted on /v1/ (bytes).
 GATEWAY_MAX_BODY_BYTES = env_int("GATEWAY_MAX_BODY_BYTES", 8 * 1024 * 1024)
 
