@@ -223,6 +223,16 @@ class ChunkRewriter:
         return orjson.dumps(chunk)
 
 
+def error_status(payload: bytes) -> int | None:
+    """The HTTP status an SGLang stream's error event carries (its `code`), if any."""
+    try:
+        detail = orjson.loads(payload).get("error")
+    except (orjson.JSONDecodeError, AttributeError):
+        return None
+    code = detail.get("code") if isinstance(detail, dict) else None
+    return code if isinstance(code, int) else None
+
+
 def error_message(payload: bytes) -> str:
     try:
         detail = orjson.loads(payload).get("error")

@@ -90,6 +90,13 @@ def no_healthy_backend(model: str) -> ApiError:
     )
 
 
+def backend_busy(detail: str) -> ApiError:
+    """Every backend tried was too busy to take the request (SGLang's 503 for a
+    full queue, or a 429): nothing is broken, the caller may retry."""
+    return ApiError(503, f"The model backends are busy ({detail}). Please retry shortly.", type="server_error",
+                    code="overloaded", headers={"retry-after": "1", "retry-after-ms": "1000"})
+
+
 def backend_failure(detail: str = "The model backend failed to complete the request.") -> ApiError:
     return ApiError(502, detail, type="server_error", code="backend_error")
 

@@ -34,7 +34,7 @@ from .limits import Admission, Limiter
 from .registry import BackendState, Prices, Resolution
 from .routing import POLICY_NAMES, key_footprint, policy_for, routing_key_build
 from .routing.homes import ConversationHomes
-from .chunks import ChunkRewriter, error_message, sse_batches, usage_counts, usage_object
+from .chunks import ChunkRewriter, error_message, error_status, sse_batches, usage_counts, usage_object
 from .sglang import BackendUnreachable, backend_abort, backend_post
 
 logger = logging.getLogger(__name__)
@@ -56,6 +56,9 @@ GATEWAY_OWNED_FIELDS = ("rid", "lora_path", "priority")
 _ID_BASE = secrets.randbits(64)
 _ID_TEXT = f"{_ID_BASE:016x}"
 _id_counter = itertools.count(1)
+# A backend answering these before the first token is busy, not broken (SGLang's
+# 503 for a full queue, or a 429): another backend is tried, its breaker is left alone.
+BUSY_STATUSES = (429, 503)
 # Status stored for a request the client abandoned (nginx's convention).
 CLIENT_CLOSED_STATUS = 499
 # Chat-template tokens counted per message, and once per request, in the prompt bound.
@@ -433,6 +436,8 @@ def _upstream_error(status: int, raw: bytes) -> ApiError:
         if "context length" in lowered or "context window" in lowered or "maximum context" in lowered:
             return errors.context_length_exceeded(message)
         return ApiError(400, message or "The backend rejected the request.")
+    if status in BUSY_STATUSES:
+        return errors.backend_busy(message or f"answered {status}")
     return errors.backend_failure(f"The model backend answered {status}" + (f": {message}" if message else "."))
 
 
@@ -579,8 +584,9 @@ class CompletionService:
                     first = await batches.__anext__()
                 if first[0].startswith(b'{"error"'):
                     maybe_running = False
-                    raise _BackendFailed(errors.backend_failure(
-                        f"The model backend failed: {error_message(first[0])}"))
+                    detail = error_message(first[0])
+                    raise _BackendFailed(errors.backend_busy(detail) if error_status(first[0]) in BUSY_STATUSES
+                                         else errors.backend_failure(f"The model backend failed: {detail}"))
                 backend.request_succeeded()
                 return response, backend, first, batches
             except asyncio.CancelledError:
@@ -600,9 +606,11 @@ class CompletionService:
                     response.close()
                 if maybe_running and not isinstance(failure, BackendUnreachable):
                     self._abort_on_backend(backend, request.request_id)
-                backend.request_failed(time.monotonic(), threshold=self._breaker_failures,
-                                       open_seconds=self._cooldown,
-                                       unreachable=isinstance(failure, BackendUnreachable))
+                busy = isinstance(failure, _BackendFailed) and failure.error.code == "overloaded"
+                if not busy:
+                    backend.request_failed(time.monotonic(), threshold=self._breaker_failures,
+                                           open_seconds=self._cooldown,
+                                           unreachable=isinstance(failure, BackendUnreachable))
                 if isinstance(failure, _BackendFailed):
                     last_error = failure.error
                 elif isinstance(failure, asyncio.TimeoutError):

@@ -69,6 +69,10 @@ class ServerConfig:
     # --retraction-policy: whom a full KV retracts first: "length" (the least
     # output, then the longest prompt) or "priority" (the lowest priority, then length).
     retraction_policy: str = "length"
+    # --max-queued-requests: a request that would make the waiting queue longer
+    # is refused with 503 (under priority scheduling, the least preferred queued
+    # one instead, if the newcomer is strictly preferred). None: no limit.
+    max_queued_requests: int | None = None
     # --radix-eviction-policy and its --radix-eviction-policy-config (radix_cache.EVICTION_POLICIES).
     radix_eviction_policy: str = "lru"
     radix_eviction_policy_config: dict | None = None
@@ -216,6 +220,8 @@ def build_argument_parser() -> argparse.ArgumentParser:
                         help="how much higher a request's priority must be to preempt a running one")
     parser.add_argument("--retraction-policy", choices=["length", "priority"], default="length",
                         help="whom a full KV retracts first: the least output, or the lowest priority")
+    parser.add_argument("--max-queued-requests", type=int, default=None,
+                        help="the longest the waiting queue may grow; beyond, requests are refused with 503")
     parser.add_argument("--schedule-conservativeness", type=float, default=1.0,
                         help="scales the share of max_new_tokens reserved for running requests (SGLang's)")
     parser.add_argument("--radix-eviction-policy", choices=EVICTION_POLICIES, default="lru",
@@ -346,6 +352,7 @@ def configs_from_args(args: argparse.Namespace) -> tuple[ServerConfig, RuntimeSe
         schedule_low_priority_values_first=args.schedule_low_priority_values_first,
         priority_scheduling_preemption_threshold=args.priority_scheduling_preemption_threshold,
         retraction_policy=args.retraction_policy,
+        max_queued_requests=args.max_queued_requests,
         radix_eviction_policy=args.radix_eviction_policy,
         radix_eviction_policy_config=policy_config,
         preset=args.preset,
@@ -384,6 +391,8 @@ def configs_from_args(args: argparse.Namespace) -> tuple[ServerConfig, RuntimeSe
         value = getattr(server_config, name)
         if not math.isfinite(value) or value < 0:
             raise SystemExit(f"--{name.replace('_', '-')} must be a non-negative number")
+    if server_config.max_queued_requests is not None and server_config.max_queued_requests < 0:
+        raise SystemExit("--max-queued-requests must not be negative")
     if server_config.max_loaded_loras is not None and server_config.max_loaded_loras <= 0:
         raise SystemExit("--max-loaded-loras must be positive")
     settings = RuntimeSettings()

@@ -119,6 +119,8 @@ DECODE_LOG_INTERVAL = 40
 
 ABORT_MESSAGE = "Aborted"
 PRIORITY_DISABLED_MESSAGE = "Using priority is disabled for this server. Please send a new request without a priority."
+QUEUE_FULL_MESSAGE = "The request queue is full."
+OUTRANKED_MESSAGE = "The request is aborted by a higher priority request."
 
 # Request states
 HELD, WAITING, RUNNING, DONE = "held", "waiting", "running", "done"
@@ -527,7 +529,7 @@ class SimEngine:
                 timer.cancel()
 
     def _enqueue(self, running: RunningRequest) -> None:
-        if not self._priority_set(running):
+        if not (self._priority_set(running) and self._queue_admits(running)):
             self._flush_wakeups()
             return
         running.state = WAITING
@@ -559,6 +561,25 @@ class SimEngine:
             priority = sys.maxsize if self._priority_sign == 1 else -sys.maxsize - 1
         running.priority = priority
         return True
+
+    def _queue_admits(self, running: RunningRequest) -> bool:
+        """SGLang's _abort_on_queued_limit, for a request about to join the
+        waiting queue: past --max-queued-requests it is refused with 503, unless
+        under priority scheduling it is strictly preferred to the least preferred
+        queued request (the lowest priority, then the newest), which goes instead."""
+        limit = self.config.max_queued_requests
+        if limit is None or len(self._waiting) + 1 <= limit:
+            return True
+        refused, message = running, QUEUE_FULL_MESSAGE
+        if self.config.enable_priority_scheduling and self._waiting:
+            sign = self._priority_sign
+            last = max(self._waiting, key=lambda r: (r.priority * sign, r.queued_seq))
+            if running.priority * sign < last.priority * sign:
+                refused, message = last, OUTRANKED_MESSAGE
+        self._fail(refused, message, 503, None, self.timing.now())
+        if refused is not running:
+            self._flush_wakeups()
+        return refused is not running
 
     def _queue_key(self, running: RunningRequest) -> tuple[int, int]:
         return running.priority * self._priority_sign, running.queued_seq
@@ -861,8 +882,9 @@ class SimEngine:
             running.locked_node = None
         running.retractions += 1
         running.state = WAITING
-        running.queued_seq = next(self._queue_seq)
-        self._waiting.append(running)
+        if self._queue_admits(running):  # SGLang re-queues it as it queues a new one
+            running.queued_seq = next(self._queue_seq)
+            self._waiting.append(running)
         self._batch_full = False
 
     def _apply_step(self, plan: _Plan, *, burst: int, now: float | None = None) -> None:

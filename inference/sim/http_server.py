@@ -875,6 +875,7 @@ class InfoHandlers:
             "schedule_low_priority_values_first": config.schedule_low_priority_values_first,
             "priority_scheduling_preemption_threshold": config.priority_scheduling_preemption_threshold,
             "retraction_policy": config.retraction_policy,
+            "max_queued_requests": config.max_queued_requests,
             "schedule_conservativeness": config.schedule_conservativeness,
             "enable_mixed_chunk": False,
             "stream_interval": config.stream_interval,

@@ -464,6 +464,30 @@ async def test_a_priority_is_refused_when_scheduling_by_it_is_disabled_on_reques
     assert engine.stats.requests_failed == 1
 
 
+@pytest.mark.parametrize("priority_flags, refused", [((), "late"), (("--enable-priority-scheduling",), "queued")])
+async def test_a_full_waiting_queue_refuses_a_request_or_the_least_preferred(priority_flags, refused):
+    """--max-queued-requests: a request that would make the queue longer is
+    refused with SGLang's 503; under priority scheduling a strictly preferred
+    one takes the place of the least preferred queued request instead."""
+    engine = engine_make("--max-running-requests", "1", "--max-queued-requests", "1", "--decode-base-ms", "10",
+                         "--time-scale", "0.05", *priority_flags)
+    runner = engine.admit(request_make("runner", prompt(140, 5), max_new_tokens=5, priority=10))
+    tasks = [asyncio.create_task(drive(engine, runner))]
+    await asyncio.sleep(0.001)
+    queued = engine.admit(request_make("queued", prompt(141, 5), max_new_tokens=2, priority=1))
+    tasks.append(asyncio.create_task(drive(engine, queued)))
+    await asyncio.sleep(0.001)
+    late = engine.admit(request_make("late", prompt(142, 5), max_new_tokens=2, priority=5))
+    tasks.append(asyncio.create_task(drive(engine, late)))
+    await asyncio.gather(*tasks)
+    by_rid = {r.rid: r for r in (runner, queued, late)}
+    message = "The request is aborted by a higher priority request." if priority_flags else \
+        "The request queue is full."
+    assert by_rid[refused].finish_reason == {"type": "abort", "message": message, "status_code": 503,
+                                             "err_type": None}
+    assert all(r.finish_reason["type"] == "length" for rid, r in by_rid.items() if rid != refused)
+
+
 # ---------------------------------------------------------------- time scale
 
 async def test_time_scale_runs_faster_than_real_time():
