@@ -715,14 +715,14 @@ class SimEngine:
             candidates = list(itertools.islice(waiting, max_running - len(self._running)))
         adapters_in_batch = {r.adapter for r in self._running} if lora_enabled else None
         now = self.timing.now()
-        offset = self._running_offset()
+        offset = self._output_offset()
         for running in candidates:
             if budget <= 0:
                 break
             if len(self._running) >= max_running:
                 if not (self._preemption and self._preempt_for(running, offset)):
                     break
-                offset = self._running_offset()
+                offset = self._output_offset()
             if lora_enabled and running.adapter not in adapters_in_batch and \
                     len(adapters_in_batch) >= self.config.max_loras_per_batch:
                 continue  # its adapter would exceed the batch's adapter slots; others may fit
@@ -761,11 +761,15 @@ class SimEngine:
         remaining = min(max(running.max_new_estimate - running.completion_tokens, 0), self.config.clip_max_new_tokens)
         return remaining if running.request.ignore_eos else remaining * ratio
 
-    def _running_offset(self) -> float:
-        """KV the running requests may still take: prompts not yet prefilled,
-        output at the current new-token ratio."""
+    def _output_offset(self) -> float:
+        """The output the running requests may still write, at the current new-token ratio."""
         ratio = self.new_token_ratio.current
-        return self._pending_prefill + sum(self._output_estimate(r, ratio) for r in self._running)
+        return sum(self._output_estimate(r, ratio) for r in self._running)
+
+    def _unclaimed(self) -> int:
+        """KV neither held by running requests (locked in the cache, written
+        outside it) nor promised to admitted prompts: free or evictable."""
+        return self.capacity_tokens - self.cache.protected_tokens - self._private_tokens - self._pending_prefill
 
     def _fit_cache(self) -> None:
         """Give the cache what running requests' written and admitted tokens leave; it evicts down to that."""
@@ -773,14 +777,13 @@ class SimEngine:
 
     def _decode_fits(self, requests: int) -> bool:
         """A decode step of `requests` finds a token of KV for each, evicting what it must."""
-        return self.cache.protected_tokens + self._private_tokens + self._pending_prefill + requests \
-            <= self.capacity_tokens
+        return self._unclaimed() >= requests
 
     def _admit_to_batch(self, running: RunningRequest, offset: float) -> float | None:
         """Match the cache and lock the prefix; start `running` if its uncached
-        prompt and whole output fit in the KV the cache can free beside
-        `offset` (what the running requests may still write). Returns what it
-        counts against that room; None if it does not fit."""
+        prompt and whole output fit in the unclaimed KV beside `offset` (the
+        output the running requests may still write). Returns what it counts
+        against that room; None if it does not fit."""
         cache = self.cache
         fill_ids = running.fill_ids()
         # SGLang always recomputes the last prompt token, so at most
@@ -790,7 +793,7 @@ class SimEngine:
         uncached = len(fill_ids) - match.length
         charge = uncached + self._output_estimate(running, 1.0)
         # Alone and too large for the whole budget: overcommit, never deadlock.
-        if charge > self.capacity_tokens - cache.protected_tokens - self._private_tokens - offset and self._running:
+        if charge > self._unclaimed() - offset and self._running:
             cache.unlock(match.node)
             return None
         running.state = RUNNING
@@ -811,11 +814,9 @@ class SimEngine:
         output fit beside what the others may still write (at least one).
         False, and nothing retracted, when those are not enough."""
         sign = self._priority_sign
-        cache = self.cache
         fill_ids = new.fill_ids()
-        cached = cache.match_prefix(fill_ids[:-1], namespace=new.namespace).length
-        short = (len(fill_ids) - cached + self._output_estimate(new, 1.0)
-                 - (self.capacity_tokens - cache.protected_tokens - self._private_tokens - offset))
+        cached = self.cache.match_prefix(fill_ids[:-1], namespace=new.namespace).length
+        short = len(fill_ids) - cached + self._output_estimate(new, 1.0) - (self._unclaimed() - offset)
         ratio = self.new_token_ratio.current
         victims = []
         for running in sorted(self._decoding, key=lambda r: (r.priority * -sign, -r.queued_seq)):
@@ -838,15 +839,9 @@ class SimEngine:
         `--retraction-policy priority`, the lowest priority before that); then
         evict so that each left has `retract_decode_steps` tokens of room, and
         set the new-token ratio from what those have written."""
-        if self.config.retraction_policy == "priority":
-            sign = self._priority_sign
-
-            def order(r: RunningRequest) -> tuple:
-                return r.priority * -sign, r.completion_tokens, -r.prompt_tokens
-        else:
-            def order(r: RunningRequest) -> tuple:
-                return r.completion_tokens, -r.prompt_tokens
-        keep = sorted(self._decoding, key=order, reverse=True)
+        sign = -self._priority_sign if self.config.retraction_policy == "priority" else 0
+        keep = sorted(self._decoding, key=lambda r: (r.priority * sign, r.completion_tokens, -r.prompt_tokens),
+                      reverse=True)
         retracted = []
         while len(keep) > 1:
             victim = keep.pop()
@@ -911,8 +906,7 @@ class SimEngine:
             if self._waiting and len(self._running) < self.config.max_running_requests:
                 burst = 1  # a prefill may run next: keep step granularity
             else:  # no more steps than the KV has tokens for
-                room = self.capacity_tokens - self.cache.protected_tokens - self._private_tokens - self._pending_prefill
-                burst = max(1, min(burst, room // max(1, len(plan.entries))))
+                burst = max(1, min(burst, self._unclaimed() // max(1, len(plan.entries))))
         else:
             burst = 1
         self.steps_total["decode"] += burst
@@ -1306,7 +1300,7 @@ class SimEngine:
                 "waiting_requests": self.num_waiting_requests,
                 "max_running_requests": self.config.max_running_requests,
                 "max_total_tokens": self.capacity_tokens,
-                "reserved_tokens": round(self._running_offset()),
+                "reserved_tokens": round(self._pending_prefill + self._output_offset()),
                 "new_token_ratio": round(self.new_token_ratio.current, 4),
                 "retracted_requests_total": stats.retracted_requests_total,
                 "used_tokens": self.used_tokens(),
