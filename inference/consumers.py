@@ -167,7 +167,12 @@ class CompletionStreamConsumer(AsyncJsonWebsocketConsumer):
         started = time.perf_counter()
         body = content.get("body")
         if isinstance(body, dict) and endpoint != EMBEDDINGS:
-            body = {**body, "stream": True, "stream_options": {"include_usage": True}}
+            # Always streamed, usage at the end; the usage so far on every delta
+            # too when the body asks for it as over HTTP (continuous_usage_stats).
+            asked = body.get("stream_options")
+            continuous = isinstance(asked, dict) and bool(asked.get("continuous_usage_stats"))
+            body = {**body, "stream": True,
+                    "stream_options": {"include_usage": True, "continuous_usage_stats": continuous}}
         try:
             request = completion_request_build(
                 principal=self.principal, endpoint=endpoint, body=body, transport="websocket", started=started
@@ -203,7 +208,8 @@ class CompletionStreamConsumer(AsyncJsonWebsocketConsumer):
         async with contextlib.aclosing(stream) as batches:
             async for batch in batches:
                 for payload in batch:
-                    usage = await self._deltas_send(request_id, orjson.loads(payload), finishes, usage)
+                    usage = await self._deltas_send(request_id, orjson.loads(payload), finishes, usage,
+                                                    continuous=request.continuous_usage)
         return _usage_frame(request_id, request, finishes, usage)
 
     async def _result_get(self, request_id: str, request) -> dict:
@@ -214,9 +220,11 @@ class CompletionStreamConsumer(AsyncJsonWebsocketConsumer):
             frame["headers"] = request.response_headers
         return frame
 
-    async def _deltas_send(self, request_id: str, chunk: dict, finishes: dict[int, str], usage):
-        """Sends a chunk's deltas; notes each choice's finish reason in
-        `finishes`; returns the newest usage."""
+    async def _deltas_send(self, request_id: str, chunk: dict, finishes: dict[int, str], usage, *,
+                           continuous: bool = False):
+        """Sends a chunk's deltas (with `continuous`, each with the chunk's usage
+        so far); notes each choice's finish reason in `finishes`; returns the
+        newest usage."""
         if chunk.get("usage"):
             usage = chunk["usage"]
         for choice in chunk.get("choices") or ():
@@ -226,6 +234,8 @@ class CompletionStreamConsumer(AsyncJsonWebsocketConsumer):
             fields = {"content": delta.get("content") or choice.get("text"),
                       "reasoning_content": delta.get("reasoning_content"), "tool_calls": delta.get("tool_calls")}
             relayed = {name: value for name, value in fields.items() if value}
+            if relayed and continuous and chunk.get("usage"):
+                relayed["usage"] = chunk["usage"]
             if relayed:
                 await self.send_json({"type": "delta", "id": request_id, "index": index, **relayed})
             if choice.get("finish_reason") is not None:

@@ -213,3 +213,24 @@ def test_reasoning_deltas_reach_the_socket(gateway, tenant_key):
     final = frames[-1]
     assert final["type"] == "usage" and final["finish_reason"] == "stop"
     assert final["usage"]["completion_tokens_details"]["reasoning_tokens"] >= len(reasoning)
+
+
+def test_deltas_carry_the_usage_so_far_when_asked(gateway, tenant_key):
+    """`stream_options.continuous_usage_stats` in the body, as over HTTP: each
+    delta frame carries the usage so far; without it, none does."""
+    with connect(gateway.ws_url, additional_headers={"Authorization": f"Bearer {tenant_key.secret}"}) as ws:
+        assert json.loads(ws.recv(timeout=5))["type"] == "auth.ok"
+        for request_id, options in (("plain", None), ("counted", {"continuous_usage_stats": True})):
+            frame = json.loads(request_frame(request_id, max_tokens=6))
+            if options:
+                frame["body"]["stream_options"] = options
+            ws.send(json.dumps(frame))
+            frames = frames_until(ws, lambda f, _: f["type"] in ("usage", "error"))
+            deltas = [f for f in frames if f["type"] == "delta"]
+            assert frames[-1]["type"] == "usage" and len(deltas) == 6
+            if not options:
+                assert not any("usage" in delta for delta in deltas)
+                continue
+            counts = [delta["usage"]["completion_tokens"] for delta in deltas]
+            assert counts == sorted(counts) and counts[-1] == frames[-1]["usage"]["completion_tokens"] == 6
+            assert all(delta["usage"]["prompt_tokens"] == frames[-1]["usage"]["prompt_tokens"] for delta in deltas)
