@@ -223,19 +223,26 @@ class ChunkRewriter:
         return orjson.dumps(chunk)
 
 
+_UNPARSED = object()
+
+
+def _error_detail(payload: bytes) -> object:
+    """The `error` member of an SGLang stream's error event, or _UNPARSED."""
+    try:
+        return orjson.loads(payload).get("error")
+    except (orjson.JSONDecodeError, AttributeError):
+        return _UNPARSED
+
+
 def error_status(payload: bytes) -> int | None:
     """The HTTP status an SGLang stream's error event carries (its `code`), if any."""
-    try:
-        detail = orjson.loads(payload).get("error")
-    except (orjson.JSONDecodeError, AttributeError):
-        return None
+    detail = _error_detail(payload)
     code = detail.get("code") if isinstance(detail, dict) else None
     return code if isinstance(code, int) else None
 
 
 def error_message(payload: bytes) -> str:
-    try:
-        detail = orjson.loads(payload).get("error")
-    except (orjson.JSONDecodeError, AttributeError):
+    detail = _error_detail(payload)
+    if detail is _UNPARSED:
         return payload[:200].decode(errors="replace")
     return detail.get("message", str(detail)) if isinstance(detail, dict) else str(detail)
