@@ -28,12 +28,13 @@ def busy_pool(live_tmp, django_db_blocker, django_db_setup):
         process_stop(sim.process)
 
 
-def fill(sim) -> list[threading.Thread]:
-    """Takes the simulator's slot, then its queue place, with 3-second replies sent to it directly."""
+def fill(sim, tokens: int = 60) -> list[threading.Thread]:
+    """Takes the simulator's slot, then its queue place, with replies of `tokens`
+    (50 ms each) sent to it directly."""
     threads = []
     for index, condition in enumerate((lambda: running(sim) == 1, lambda: queued(sim) == 1)):
         body = json.dumps({"input_ids": [7, 8, 9 + index],
-                           "sampling_params": {"max_new_tokens": 60, "ignore_eos": True}}).encode()
+                           "sampling_params": {"max_new_tokens": tokens, "ignore_eos": True}}).encode()
         request = urllib.request.Request(sim.url + "/generate", data=body, headers={"Content-Type": "application/json"})
         threads.append(threading.Thread(target=lambda r=request: urllib.request.urlopen(r, timeout=30).read()))
         threads[-1].start()
@@ -65,7 +66,7 @@ def test_a_busy_backend_is_skipped_without_opening_its_breaker(busy_pool, gatewa
     tk = make_tenant(tier="premium")
     client = openai.OpenAI(base_url=gateway.base_url, api_key=tk.secret, max_retries=0)
     wait_until(lambda: MODEL in {m.id for m in client.models.list()})
-    fillers = fill(busy)
+    fillers = fill(busy, tokens=120)  # busy for 6 s: ample for 8 short requests
     before = received(busy)
     for stream in (False, True) * 4:
         if stream:
