@@ -73,6 +73,9 @@ class ServerConfig:
     # is refused with 503 (under priority scheduling, the least preferred queued
     # one instead, if the newcomer is strictly preferred). None: no limit.
     max_queued_requests: int | None = None
+    # --allow-auto-truncate: a prompt too long for the context (or the KV pool)
+    # is cut to fit, and max_new_tokens to what is left, instead of refused.
+    allow_auto_truncate: bool = False
     # --radix-eviction-policy and its --radix-eviction-policy-config (radix_cache.EVICTION_POLICIES).
     radix_eviction_policy: str = "lru"
     radix_eviction_policy_config: dict | None = None
@@ -251,6 +254,9 @@ def build_argument_parser() -> argparse.ArgumentParser:
                         help="native /generate streams send each event's new text and output ids only")
     parser.add_argument("--stream-interval", type=int, default=1,
                         help="stream the first token at once, then every this many tokens (SGLang's default 1)")
+    parser.add_argument("--allow-auto-truncate", action="store_true",
+                        help="cut prompts too long for the context or the KV pool (and max_new_tokens) "
+                             "instead of refusing them")
     parser.add_argument("--stream-response-default-include-usage", action="store_true",
                         help="OpenAI streams end with a usage chunk even when stream_options do not ask")
     parser.add_argument("--enable-metrics", action="store_true",
@@ -353,6 +359,7 @@ def configs_from_args(args: argparse.Namespace) -> tuple[ServerConfig, RuntimeSe
         priority_scheduling_preemption_threshold=args.priority_scheduling_preemption_threshold,
         retraction_policy=args.retraction_policy,
         max_queued_requests=args.max_queued_requests,
+        allow_auto_truncate=args.allow_auto_truncate,
         radix_eviction_policy=args.radix_eviction_policy,
         radix_eviction_policy_config=policy_config,
         preset=args.preset,

@@ -44,8 +44,9 @@ default configuration an instant upstream.
 KV accounting (tokens): `cache.total_tokens` (cached sequences, locked or
 evictable) + `_private_tokens` (written by running requests, not in the
 cache: prefill chunks, output) + `_pending_prefill` (admitted prompt tokens
-not yet prefilled) never exceeds `max_total_tokens`, except when a single
-request larger than the whole budget runs alone. The cache's own capacity
+not yet prefilled) never exceeds `max_total_tokens`: as SGLang's scheduler
+does (`_length_bounds`), a prompt must leave room in the pool for its output
+and max_new_tokens is cut to what it leaves. The cache's own capacity
 is set to what those leave, so it evicts least-recently-used unlocked leaves
 as running requests write. Admission works on estimates, as SGLang's
 PrefillAdder: a running request may still write its remaining output (at
@@ -202,8 +203,8 @@ class RunningRequest:
     prompt_tokens: int
     token_limit: int  # tokens this request will generate at most
     stops_naturally: bool  # reaching token_limit means EOS, not length
-    # The output the scheduler budgets KV for: max_new_tokens when given (SGLang
-    # cannot know the EOS ahead), else what the context and the KV leave.
+    # The output the scheduler budgets KV for: max_new_tokens as it bounds it
+    # (SGLang cannot know the EOS ahead).
     max_new_estimate: int
     admitted_at: float  # simulated seconds (StepTiming.now)
     clock: Callable[[], float]  # simulated clock, for latencies of unfinished requests
@@ -234,6 +235,7 @@ class RunningRequest:
     # The priority the scheduler orders by: the request's, else the default or the least preferred.
     priority: int = 0
     queued_seq: int = 0  # when it (last) entered the waiting queue
+    refusal: str | None = None  # why the scheduler refuses it (too long for the KV pool)
 
     def fill_ids(self) -> list[int]:
         """What its prefill computes: the prompt, and after a retraction the output so far too."""
@@ -386,7 +388,38 @@ class SimEngine:
             raise RequestRejected("The input is empty.")
         if request.max_new_tokens is not None and request.max_new_tokens < 0:
             raise RequestRejected(f"max_new_tokens must be at least 0, got {request.max_new_tokens}.")
-        self.check_lengths(prompt_tokens=len(request.prompt_ids), max_new_tokens=request.max_new_tokens)
+        if not self.config.allow_auto_truncate:
+            self.check_lengths(prompt_tokens=len(request.prompt_ids), max_new_tokens=request.max_new_tokens)
+            return
+        # --allow-auto-truncate: the prompt is cut to the context, and
+        # max_new_tokens to what the prompt leaves of it (tokenizer_manager).
+        context_length = self.config.context_length
+        if len(request.prompt_ids) > context_length:
+            request.prompt_ids = request.prompt_ids[:context_length]
+        if request.max_new_tokens is not None and request.max_new_tokens + len(request.prompt_ids) > context_length:
+            request.max_new_tokens = max(0, context_length - len(request.prompt_ids))
+
+    def _length_bounds(self, request: GenerationRequest) -> tuple[int, str | None]:
+        """The scheduler's bounds on a request (init_req_max_new_tokens, then
+        validate_input_length): the most it may generate, and why it is refused
+        (None if it is not). Neither a prompt with its output nor a prompt
+        alone may take more than the context or the KV pool less a token;
+        a prompt of that less 5 or more is refused, or cut to it under
+        --allow-auto-truncate (its output bound is taken before the cut)."""
+        max_req_len = min(self.config.context_length, self.capacity_tokens) - 1
+        max_req_input_len = max_req_len - 5
+        prompt_tokens = len(request.prompt_ids)
+        # (The pool bound, capacity − prompt − page − 1, is the tighter one
+        # only by a token, which max_req_len already takes.)
+        wanted = request.max_new_tokens if request.max_new_tokens is not None else 1 << 30
+        max_new = max(0, min(wanted, max_req_len - prompt_tokens - 1, self.capacity_tokens - prompt_tokens - 2))
+        if prompt_tokens < max_req_input_len:
+            return max_new, None
+        if self.config.allow_auto_truncate:
+            request.prompt_ids = request.prompt_ids[:max_req_input_len]
+            return max_new, None
+        return max_new, (f"Input length ({prompt_tokens} tokens) exceeds the maximum allowed length "
+                         f"({max_req_input_len} tokens). Use a shorter input or enable --allow-auto-truncate.")
 
     async def admit_async(self, request: GenerationRequest) -> RunningRequest:
         """`admit`, resolving (and if needed reloading) the request's LoRA adapter first."""
@@ -420,7 +453,8 @@ class SimEngine:
         self._error_rate_roll()
 
         adapter = request.lora_path or None
-        room = self.config.context_length - len(prompt_ids)
+        room, refusal = self._length_bounds(request)
+        prompt_ids = request.prompt_ids
         seed = generation_seed(prompt_ids=prompt_ids, server_seed=self.config.seed, request_seed=request.seed)
         if adapter is not None:
             seed ^= adapter_seed(adapter)  # each adapter answers differently
@@ -435,34 +469,25 @@ class SimEngine:
         if request.preamble and request.forced_text is None:
             natural += len(text_source)  # the think block, then a reply of the usual length
         natural = max(natural, min(request.min_new_tokens + 1, room))  # EOS masked until then
-        if request.ignore_eos:
-            token_limit, stops_naturally = (room if request.max_new_tokens is None else request.max_new_tokens), False
-        elif request.max_new_tokens is not None and request.max_new_tokens < natural:
+        # `room` is max_new_tokens as the scheduler bounds it.
+        if request.ignore_eos or room < natural:
             # (An EOS on the last allowed token still ends the reply as `stop`: sglang
             # 0.5.23's Req.check_finished tries stop tokens before the length cap.)
-            token_limit, stops_naturally = request.max_new_tokens, False
+            token_limit, stops_naturally = room, False
         else:
-            token_limit, stops_naturally = min(natural, room), natural <= room
-        if request.forced_text is not None:
+            token_limit, stops_naturally = natural, True
+        if request.forced_text is not None and not request.ignore_eos:
             # The model writes that text (after its preamble), then EOS, unless
             # max_new_tokens cuts it (ignore_eos: it goes on, as above).
-            if not request.ignore_eos:
-                ends = len(text_source) + 1
-                if request.max_new_tokens is None or ends <= request.max_new_tokens:
-                    token_limit, stops_naturally = min(ends, room), ends <= room
-                else:
-                    token_limit, stops_naturally = min(request.max_new_tokens, room), False
-        # SGLang's scheduler budgets KV for all of max_new_tokens: it cannot know
-        # the EOS ahead; without one, for what the context and the KV leave.
-        max_new_estimate = request.max_new_tokens if request.max_new_tokens is not None else max(
-            0, min(room, self.capacity_tokens - len(prompt_ids)) - 2)
+            ends = len(text_source) + 1
+            token_limit, stops_naturally = min(ends, room), ends <= room
         # Like SGLang's radix key extra_key: adapters never share KV.
         namespace = request.cache_namespace if adapter is None else ("lora", adapter, request.cache_namespace)
         running = RunningRequest(
             request=request,
             prompt_tokens=len(prompt_ids),
             token_limit=token_limit,
-            max_new_estimate=max_new_estimate,
+            max_new_estimate=room,
             stops_naturally=stops_naturally,
             admitted_at=self.timing.now(),
             clock=self.timing.now,
@@ -470,6 +495,7 @@ class SimEngine:
             namespace=namespace,
             text_source=text_source,
             crash_after=self.settings.crash_after_tokens,
+            refusal=refusal,
         )
         self._active.add(running)
         return running
@@ -529,7 +555,9 @@ class SimEngine:
                 timer.cancel()
 
     def _enqueue(self, running: RunningRequest) -> None:
-        if not (self._priority_set(running) and self._queue_admits(running)):
+        if running.refusal is not None:  # the scheduler's bounds on its length
+            self._fail(running, running.refusal, 400, "BadRequestError", self.timing.now())
+        if running.refusal is not None or not (self._priority_set(running) and self._queue_admits(running)):
             self._flush_wakeups()
             return
         running.state = WAITING
@@ -792,7 +820,8 @@ class SimEngine:
         cache.lock(match.node)
         uncached = len(fill_ids) - match.length
         charge = uncached + self._output_estimate(running, 1.0)
-        # Alone and too large for the whole budget: overcommit, never deadlock.
+        # Alone, it is started whatever it needs (the length bounds make it fit the
+        # pool once the cache has evicted): never a deadlock.
         if charge > self._unclaimed() - offset and self._running:
             cache.unlock(match.node)
             return None

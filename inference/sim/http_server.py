@@ -264,6 +264,18 @@ async def _read_json_body(request: web.Request, *, require_json_content_type: bo
 ADMIN_PATHS = ("/flush_cache", "/abort_request", "/load_lora_adapter", "/unload_lora_adapter")
 
 
+def _native_abort_error(error: dict) -> ApiError:
+    """/generate's answer to a request the engine aborted with a status: SGLang
+    raises ValueError for 400, answered {"error": {"message"}}, and an
+    HTTPException for the others, answered in the flat error shape with type =
+    the status code."""
+    status = error["status_code"]
+    if status == 400:
+        return native_error(error["message"])
+    return ApiError(status, {"object": "error", "message": error["message"], "type": str(status),
+                             "param": None, "code": status})
+
+
 def _auth_middleware(api_key: str | None, admin_api_key: str | None = None):
     """`--api-key` guards every endpoint but health, readiness and metrics. With
     `--admin-api-key`, the admin endpoints take that key (and only it); without
@@ -374,6 +386,11 @@ class GenerationHandlers:
             await _read_json_body(request, require_json_content_type=True),
             served_model_name=self.config.served_model_name, tool_call_parser=self.config.tool_call_parser,
             reasoning_parser=self.config.reasoning_parser))
+        max_tokens, context_length = parsed.generation.max_new_tokens, self.config.context_length
+        if max_tokens and max_tokens > context_length and not self.config.allow_auto_truncate:
+            # serving_chat's own check, before the prompt is counted (its wording, space missing).
+            raise openai_error(f"max_completion_tokens is too large: {max_tokens}."
+                               f"This model supports at most {context_length} completion tokens.")
         if not parsed.single:
             return await self._choices(request, parsed, chat=True)
         running = await self._admit_openai(parsed.generation)
@@ -407,10 +424,12 @@ class GenerationHandlers:
             results = await asyncio.gather(*(self._collect(running) for running in runnings))
         for _, error in results:
             if error is not None:
-                # SGLang raises HTTPException(status) for an abort with a status
-                # code; the OpenAI layer answers it in the flat shape, type = code.
+                # SGLang raises ValueError for an abort with status 400, which the
+                # OpenAI layer answers as its own 400s, and HTTPException(status)
+                # for the others, answered in the flat shape with type = the code.
                 status = error["status_code"]
-                raise openai_error(error["message"], error_type=str(status), status=status)
+                raise openai_error(error["message"], error_type="BadRequestError" if status == 400 else str(status),
+                                   status=status)
         logprobs = None
         if parsed.top_logprobs is not None or parsed.completion_logprobs is not None:
             logprobs = [choice_logprobs(parsed, index, tokens) for index, (tokens, _) in enumerate(results)]
@@ -676,9 +695,7 @@ class GenerationHandlers:
         results = await asyncio.gather(*(self._collect(running) for running in runnings))
         for _, error in results:
             if error is not None:
-                status = error["status_code"]
-                raise ApiError(status, {"object": "error", "message": error["message"], "type": str(status),
-                                        "param": None, "code": status})
+                raise _native_abort_error(error)
         return _json([native_output(running, final=True) for running in runnings])
 
     async def _generate_batch_stream(self, request: web.Request, runnings: list[RunningRequest]) -> web.StreamResponse:
@@ -717,11 +734,7 @@ class GenerationHandlers:
                 if step.error is not None:
                     error = step.error
         if error is not None:
-            # An abort with a status code becomes an HTTPException in SGLang,
-            # answered in the flat error shape with type = the status code.
-            status = error["status_code"]
-            raise ApiError(status, {"object": "error", "message": error["message"], "type": str(status),
-                                    "param": None, "code": status})
+            raise _native_abort_error(error)
         return _json(native_output(running, final=True))
 
     async def _generate_stream(self, request: web.Request, running: RunningRequest) -> web.StreamResponse:

@@ -313,11 +313,72 @@ def test_context_length_exceeded_is_400_even_when_streaming(sim):
 
     with sim.client() as raw:
         response = raw.post("/v1/chat/completions", json={
-            "model": "m", "messages": CHAT, "max_tokens": 5000, "stream": True})
-    assert response.status_code == 400
-    assert response.json()["message"].startswith(
-        "Requested token count exceeds the model's maximum context length of 4096 tokens.")
-    assert response.json()["type"] == "BadRequestError"
+            "model": "m", "messages": CHAT, "max_tokens": 4090, "stream": True})
+        assert response.status_code == 400
+        assert response.json()["message"].startswith(
+            "Requested token count exceeds the model's maximum context length of 4096 tokens.")
+        assert response.json()["type"] == "BadRequestError"
+        # More than the context for the output alone: serving_chat's own check, first.
+        response = raw.post("/v1/chat/completions", json={
+            "model": "m", "messages": CHAT, "max_completion_tokens": 5000, "stream": True})
+        assert response.status_code == 400 and response.json()["type"] == "BadRequestError"
+        assert response.json()["message"] == (
+            "max_completion_tokens is too large: 5000.This model supports at most 4096 completion tokens.")
+
+
+def prompt_ids(count: int) -> list[int]:
+    return [10 + i % 50 for i in range(count)]
+
+
+@pytest.fixture(scope="module")
+def small_pool_sim(sim_factory):
+    """A KV pool of 1,000 tokens under a context of 4,096."""
+    return sim_factory("--enable-cache-report", "--context-length", "4096", "--max-total-tokens", "1000")
+
+
+def test_the_kv_pool_bounds_a_request_as_sglangs_scheduler_does(small_pool_sim):
+    """A prompt that leaves the pool no room (≥ min(context, pool) − 6) is
+    refused; a request's output is cut to what its prompt leaves of the pool."""
+    refusal = ("Input length (1200 tokens) exceeds the maximum allowed length (994 tokens). "
+               "Use a shorter input or enable --allow-auto-truncate.")
+    with small_pool_sim.client() as client:
+        native = client.post("/generate", json={"input_ids": prompt_ids(1200), "sampling_params": {"max_new_tokens": 3}})
+        assert native.status_code == 400 and native.json() == {"error": {"message": refusal}}
+        streamed = sse_events(client.post("/generate", json={
+            "input_ids": prompt_ids(1200), "sampling_params": {"max_new_tokens": 3}, "stream": True}))
+        assert streamed[0]["error"]["message"] == refusal and streamed[0]["error"]["code"] == 400
+        assert streamed[-1] == "[DONE]"
+
+        cut = client.post("/generate", json={"input_ids": prompt_ids(500),
+                                             "sampling_params": {"max_new_tokens": 3000, "ignore_eos": True}})
+        assert cut.status_code == 200
+        meta = cut.json()["meta_info"]
+        assert meta["completion_tokens"] == 999 - 500 - 1 and meta["finish_reason"] == {"type": "length",
+                                                                                       "length": 498}
+
+        chat = client.post("/v1/chat/completions", json={
+            "model": "m", "messages": [{"role": "user", "content": "word " * 1100}], "max_tokens": 3})
+        assert chat.status_code == 400 and chat.json()["type"] == "BadRequestError"
+        assert chat.json()["message"].startswith("Input length (") and "(994 tokens)" in chat.json()["message"]
+        stream = client.post("/v1/chat/completions", json={
+            "model": "m", "messages": [{"role": "user", "content": "word " * 1100}], "max_tokens": 3, "stream": True})
+        assert stream.status_code == 200  # refused by the scheduler, after the headers
+        events = sse_events(stream)
+        assert events[0]["error"]["code"] == 400 and "(994 tokens)" in events[0]["error"]["message"]
+
+
+def test_allow_auto_truncate_cuts_instead_of_refusing(sim_factory):
+    truncating = sim_factory("--enable-cache-report", "--context-length", "4096", "--allow-auto-truncate")
+    with truncating.client() as client:
+        # max_new_tokens cut to what the context leaves, then to the scheduler's bound (context − 2 − prompt).
+        cut = client.post("/generate", json={"input_ids": prompt_ids(100),
+                                             "sampling_params": {"max_new_tokens": 5000, "ignore_eos": True}})
+        assert cut.status_code == 200 and cut.json()["meta_info"]["completion_tokens"] == 4096 - 2 - 100
+        # A prompt past the context: cut to the context, then to the scheduler's input bound (4,095 − 5).
+        long = client.post("/v1/chat/completions", json={
+            "model": "m", "messages": [{"role": "user", "content": "word " * 4200}], "max_tokens": 5000})
+        assert long.status_code == 200
+        assert long.json()["usage"]["prompt_tokens"] == 4090
 
 
 def test_validation_errors(sim):
