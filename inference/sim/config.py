@@ -20,6 +20,7 @@ import os
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
+from .lora import ALL_TARGET_MODULES, LORA_BACKENDS, LORA_EVICTION_POLICIES, SUPPORTED_TARGET_MODULES
 from .presets import PRESETS
 from .radix_cache import EVICTION_POLICIES, eviction_policy_checked
 from .reasoning import REASONING_PARSERS
@@ -116,6 +117,17 @@ class ServerConfig:
     max_loras_per_batch: int = 8  # distinct adapters (base model included) in one running batch
     max_loaded_loras: int | None = None  # adapters kept loaded; LRU unpinned ones are evicted
     lora_load_ms: float = 0.0  # simulated latency of loading one adapter
+    # The GPU pool's shape (None: inferred from lora_paths) and its eviction
+    # policy (lora.LoraRegistry); copying an adapter into it takes its weights'
+    # bytes / lora_h2d_bytes_per_s (0: free; presets give the host link's).
+    max_lora_rank: int | None = None
+    lora_target_modules: tuple[str, ...] | None = None
+    lora_eviction_policy: str = "lru"
+    lora_h2d_bytes_per_s: float = 0.0
+    # Accepted as SGLang has them; they change no simulated figure.
+    lora_backend: str = "csgmv"
+    max_lora_chunk_size: int = 16
+    enable_lora_overlap_loading: bool = False
     seed: int = 0
     # --incremental-streaming-output: a native /generate stream's events carry
     # only the new text and output ids (and their logprob entries), not the whole so far.
@@ -248,6 +260,19 @@ def build_argument_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-loras-per-batch", type=int, default=8)
     parser.add_argument("--max-loaded-loras", type=int, default=None)
     parser.add_argument("--lora-load-ms", type=float, default=0.0, help="simulated latency of loading an adapter")
+    parser.add_argument("--max-lora-rank", type=int, default=None,
+                        help="the largest adapter rank the GPU pool holds (default: the --lora-paths adapters')")
+    parser.add_argument("--lora-target-modules", nargs="*", default=None,
+                        choices=SUPPORTED_TARGET_MODULES + (ALL_TARGET_MODULES,),
+                        help="the modules adapters may target (default: the --lora-paths adapters')")
+    parser.add_argument("--lora-eviction-policy", choices=LORA_EVICTION_POLICIES, default="lru",
+                        help="which adapter leaves a full GPU pool: least recently used, or first in")
+    parser.add_argument("--lora-backend", choices=LORA_BACKENDS, default="csgmv",
+                        help="accepted as SGLang has it (kernels are not simulated)")
+    parser.add_argument("--max-lora-chunk-size", type=int, default=16,
+                        help="accepted as SGLang has it (a power of 2 from 16 to 128)")
+    parser.add_argument("--enable-lora-overlap-loading", action="store_true",
+                        help="accepted as SGLang has it (copies into the GPU pool are not overlapped)")
     parser.add_argument("--seed", "--random-seed", dest="seed", type=int, default=0,
                         help="seeds the replies (SGLang's name: --random-seed)")
     parser.add_argument("--incremental-streaming-output", action="store_true",
@@ -302,6 +327,29 @@ def _env_number(name: str, default: float, kind: type = float) -> float:
 def _env_flag(name: str) -> bool:
     """An SGLang boolean environment variable that is on unless set to a false value."""
     return os.environ.get(name, "true").strip().lower() not in ("false", "0", "no", "off")
+
+
+def _check_lora_args(config: ServerConfig) -> None:
+    """SGLang's start-up checks of the LoRA flags (srt/arg_groups/lora_hook.py), its wording."""
+    if not config.enable_lora:
+        return
+    modules = config.lora_target_modules or ()
+    if ALL_TARGET_MODULES in modules and len(modules) > 1:
+        raise SystemExit("If 'all' is specified in --lora-target-modules, it should be the only module specified.")
+    if not config.lora_paths and not (config.max_lora_rank and modules):
+        raise SystemExit("When no initial --lora-paths is provided, you need to specify both --max-lora-rank and "
+                         "--lora-target-modules for LoRA initialization.")
+    if config.max_loaded_loras is not None:
+        if config.max_loaded_loras < config.max_loras_per_batch:
+            raise SystemExit("max_loaded_loras should be greater than or equal to max_loras_per_batch. "
+                             f"max_loaded_loras={config.max_loaded_loras}, "
+                             f"max_loras_per_batch={config.max_loras_per_batch}")
+        if len(config.lora_paths) > config.max_loaded_loras:
+            raise SystemExit("The number of LoRA paths should not exceed max_loaded_loras. "
+                             f"max_loaded_loras={config.max_loaded_loras}, lora_paths={len(config.lora_paths)}")
+    chunk = config.max_lora_chunk_size
+    if not (16 <= chunk <= 128 and chunk & (chunk - 1) == 0):
+        raise SystemExit("--max-lora-chunk-size must be a power of 2 between 16 and 128.")
 
 
 def configs_from_args(args: argparse.Namespace) -> tuple[ServerConfig, RuntimeSettings]:
@@ -383,6 +431,13 @@ def configs_from_args(args: argparse.Namespace) -> tuple[ServerConfig, RuntimeSe
         max_loras_per_batch=args.max_loras_per_batch,
         max_loaded_loras=args.max_loaded_loras,
         lora_load_ms=args.lora_load_ms,
+        max_lora_rank=args.max_lora_rank,
+        lora_target_modules=tuple(args.lora_target_modules) if args.lora_target_modules else None,
+        lora_eviction_policy=args.lora_eviction_policy,
+        lora_h2d_bytes_per_s=preset.lora_h2d_bytes_per_s if preset is not None else 0.0,
+        lora_backend=args.lora_backend,
+        max_lora_chunk_size=args.max_lora_chunk_size,
+        enable_lora_overlap_loading=args.enable_lora_overlap_loading,
         seed=args.seed,
         incremental_streaming_output=args.incremental_streaming_output,
         stream_response_default_include_usage=args.stream_response_default_include_usage,
@@ -402,6 +457,7 @@ def configs_from_args(args: argparse.Namespace) -> tuple[ServerConfig, RuntimeSe
         raise SystemExit("--max-queued-requests must not be negative")
     if server_config.max_loaded_loras is not None and server_config.max_loaded_loras <= 0:
         raise SystemExit("--max-loaded-loras must be positive")
+    _check_lora_args(server_config)
     settings = RuntimeSettings()
     try:
         settings.update_from({

@@ -301,9 +301,12 @@ class SimEngine:
         # leaves (≈ 2 ms per 2,000 leaves). The slack costs a little hit rate.
         self.cache.eviction_slack_tokens = config.max_total_tokens // 32
         self.lora = LoraRegistry(enabled=config.enable_lora, max_loras_per_batch=config.max_loras_per_batch,
-                                 max_loaded_loras=config.max_loaded_loras, load_delay=self._lora_load_delay)
+                                 max_loaded_loras=config.max_loaded_loras, load_delay=self._lora_load_delay,
+                                 eviction_policy=config.lora_eviction_policy)
         for entry in config.lora_paths:
             self.lora.preload(name=entry["lora_name"], path=entry["lora_path"], pinned=entry["pinned"])
+        if config.enable_lora:
+            self.lora.settle_shape(max_rank=config.max_lora_rank, target_modules=config.lora_target_modules)
         self.stats = SimStats()
         self._active: set[RunningRequest] = set()  # admitted and not finalized (any state)
         self._waiting: deque[RunningRequest] = deque()
@@ -691,7 +694,13 @@ class SimEngine:
             tokens = 0
             for _, count in entries:
                 tokens += count
-            return _Plan(True, entries, self.timing.prefill_step_s(tokens))
+            duration = self.timing.prefill_step_s(tokens)
+            if self.config.enable_lora:
+                # The batch's adapters the GPU pool lacks are copied in first.
+                copied = self.lora.fetch({r.adapter for r in self._running})
+                if copied and self.config.lora_h2d_bytes_per_s > 0:
+                    duration += copied / self.config.lora_h2d_bytes_per_s
+            return _Plan(True, entries, duration)
         if self._decoding:
             retracted = len(self._decoding) > 1 and not self._decode_fits(len(self._decoding))
             if retracted:
@@ -752,7 +761,7 @@ class SimEngine:
                     break
                 offset = self._output_offset()
             if lora_enabled and running.adapter not in adapters_in_batch and \
-                    len(adapters_in_batch) >= self.config.max_loras_per_batch:
+                    not self.lora.batch_fits(adapters_in_batch | {running.adapter}):
                 continue  # its adapter would exceed the batch's adapter slots; others may fit
             charge = self._admit_to_batch(running, offset)
             if charge is None:

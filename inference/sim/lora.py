@@ -7,7 +7,16 @@ Mirrors SGLang 0.5.23 (`srt/lora/lora_registry.py`, `srt/lora/lora_manager.py`,
   transparently, paying the load latency again;
 - at most `max_loaded_loras` adapters stay loaded; after a load the least
   recently used unpinned one is evicted;
-- pinned adapters may not take every per-batch slot (max_loras_per_batch - 1).
+- pinned adapters may not take every per-batch slot (max_loras_per_batch - 1);
+- the GPU memory pool (`LoraRegistry.batch_fits`, `fetch`; SGLang's
+  `srt/lora/mem_pool.py` and `eviction_policy.py`): `max_loras_per_batch`
+  slots, the base model taking one; a batch's adapters are copied into slots
+  they do not hold yet, evicting by `--lora-eviction-policy` (`lru`, or `fifo`
+  by first use) an unpinned adapter the batch does not use, the base model only
+  when nothing else can go; pinned adapters hold their slots;
+- the pool's shape (`LoraPoolShape`): the largest rank and the target modules
+  (`--max-lora-rank`, `--lora-target-modules`, else inferred from the
+  `--lora-paths` adapters); an adapter loaded later must fit it.
 
 An adapter path must be a directory with `adapter_config.json` (keys `r`,
 `lora_alpha`, `target_modules`; `base_model_name_or_path` is recorded) and a
@@ -28,6 +37,63 @@ from typing import Awaitable, Callable
 WEIGHT_FILE_NAMES = ("adapter_model.safetensors", "adapter_model.bin")
 
 LORA_DISABLED_MESSAGE = "LoRA is not enabled. Please set `--enable-lora` to enable LoRA."
+
+LORA_EVICTION_POLICIES = ("lru", "fifo")
+LORA_BACKENDS = ("triton", "csgmv", "ascend", "torch_native", "triton_v2")
+# SGLang 0.5.23's SUPPORTED_LORA_TARGET_MODULES (srt/utils/common.py), and "all".
+SUPPORTED_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "q_a_proj", "kv_a_proj_with_mqa", "q_b_proj",
+                            "kv_b_proj", "wq_b", "wk", "weights_proj", "gate_proj", "up_proj", "down_proj",
+                            "qkv_proj", "gate_up_proj", "embed_tokens", "lm_head", "qkvr", "wo_ud")
+ALL_TARGET_MODULES = "all"
+# The LoRA weights SGLang keeps per module name (get_normalized_target_modules):
+# q/k/v share qkv_proj, gate/up share gate_up_proj.
+_NORMALIZED_MODULE = {
+    "q_proj": "qkv_proj", "k_proj": "qkv_proj", "v_proj": "qkv_proj", "gate_proj": "gate_up_proj",
+    "up_proj": "gate_up_proj", "vocab_emb": "embed_tokens", "embeddings": "embed_tokens",
+    "word_embeddings": "embed_tokens", "output": "lm_head", "unembed_tokens": "lm_head",
+    "q_a_proj": "fused_qkv_a_proj_with_mqa", "kv_a_proj_with_mqa": "fused_qkv_a_proj_with_mqa",
+    "wq_b": "indexer.wq_b", "wk": "indexer.wk", "weights_proj": "indexer.weights_proj",
+}
+# What "all" (or an adapter's "all-linear") comes to on the simulated model, a
+# Llama-style decoder, as SGLang's auto_detect_lora_target_modules finds them.
+MODEL_TARGET_MODULES = frozenset({"qkv_proj", "o_proj", "gate_up_proj", "down_proj", "embed_tokens", "lm_head"})
+
+
+def normalized_target_modules(modules) -> frozenset[str]:
+    """SGLang's get_normalized_target_modules: weight names by module name
+    suffix; the strings "all" and "all-linear" stand for every module."""
+    if isinstance(modules, str):
+        if modules not in ("all", "all-linear"):
+            raise LoraError("Only 'all' or 'all-linear' can be used as the string for target module")
+        return frozenset({ALL_TARGET_MODULES})
+    names = (str(name).split(".")[-1] for name in modules)
+    return frozenset(_NORMALIZED_MODULE.get(name, name) for name in names)
+
+
+@dataclass(frozen=True, slots=True)
+class LoraPoolShape:
+    """What every adapter the GPU pool holds must fit: a rank of at most
+    `max_rank`, target modules among `modules`."""
+
+    max_rank: int
+    modules: frozenset[str]
+
+    @classmethod
+    def resolved(cls, *, max_rank: int | None, target_modules, adapters: list["LoraAdapter"]) -> "LoraPoolShape":
+        """SGLang's init_lora_shapes: the flags' figures, else those of the
+        adapters loaded at start (the largest rank, the union of their modules)."""
+        if target_modules:
+            modules = normalized_target_modules(list(target_modules))
+        else:
+            modules = frozenset().union(*(adapter.modules for adapter in adapters))
+        if ALL_TARGET_MODULES in modules:
+            modules = MODEL_TARGET_MODULES
+        return cls(max_rank if max_rank else max((adapter.rank for adapter in adapters), default=0), modules)
+
+    def fits(self, adapter: "LoraAdapter") -> bool:
+        """mem_pool.can_support."""
+        return adapter.rank <= self.max_rank and (
+            ALL_TARGET_MODULES in adapter.modules or adapter.modules <= self.modules)
 
 
 class LoraError(ValueError):
@@ -50,8 +116,13 @@ class LoraAdapter:
     pinned: bool
     rank: int
     alpha: float
-    target_modules: tuple[str, ...]
+    target_modules: tuple[str, ...] | str  # as the adapter's config lists them ("all-linear" stays a string)
     base_model: str | None
+    weight_bytes: int = 0  # the weights file's size: what a copy into the GPU pool moves
+
+    @property
+    def modules(self) -> frozenset[str]:
+        return normalized_target_modules(self.target_modules)
 
 
 def adapter_read(*, name: str, path: str, pinned: bool) -> LoraAdapter:
@@ -72,18 +143,21 @@ def adapter_read(*, name: str, path: str, pinned: bool) -> LoraAdapter:
         raise LoraError(str(error)) from error  # str(KeyError('r')) == "'r'", as SGLang reports it
     if config.get("use_dora"):
         raise LoraError(f"Failed to load {name} because LoRA serving currently doesn't support DoRA adapters")
-    if not any(os.path.isfile(os.path.join(path, weights)) for weights in WEIGHT_FILE_NAMES):
+    weights = next((os.path.join(path, weights) for weights in WEIGHT_FILE_NAMES
+                    if os.path.isfile(os.path.join(path, weights))), None)
+    if weights is None:
         raise LoraError(f"Cannot find any model weights with `{path}`")
-    if isinstance(target_modules, str):
-        target_modules = [target_modules]
+    if not isinstance(target_modules, str):
+        target_modules = tuple(str(module) for module in target_modules or ())
+    normalized_target_modules(target_modules)  # a string other than all / all-linear is refused
     return LoraAdapter(name=name, path=path, pinned=pinned, rank=int(rank), alpha=float(alpha),
-                       target_modules=tuple(str(module) for module in target_modules or ()),
-                       base_model=config.get("base_model_name_or_path"))
+                       target_modules=target_modules, base_model=config.get("base_model_name_or_path"),
+                       weight_bytes=os.path.getsize(weights))
 
 
 class LoraRegistry:
     def __init__(self, *, enabled: bool, max_loras_per_batch: int, max_loaded_loras: int | None,
-                 load_delay: Callable[[], Awaitable[None]]) -> None:
+                 load_delay: Callable[[], Awaitable[None]], eviction_policy: str = "lru") -> None:
         self.enabled = enabled
         self.max_loras_per_batch = max_loras_per_batch
         self.max_loaded_loras = max_loaded_loras
@@ -94,6 +168,14 @@ class LoraRegistry:
         self.loads_total = 0  # loads that succeeded, explicit and implicit
         self.reloads_total = 0  # implicit reloads of evicted/unloaded adapters by a request
         self.evictions_total = 0
+        self.shape: LoraPoolShape | None = None  # set by settle_shape once the start's adapters are in
+        # The GPU pool: which adapters (None: the base model) hold its slots, and
+        # the eviction policy's order of adapters (lru: last use; fifo: first use).
+        self.eviction_policy = eviction_policy
+        self._in_gpu: set[str | None] = set()
+        self._policy_order: OrderedDict[str, None] = OrderedDict()
+        self.gpu_loads_total = 0  # adapters copied into the pool
+        self.gpu_evictions_total = 0
 
     # ------------------------------------------------------------------ queries
 
@@ -118,7 +200,64 @@ class LoraRegistry:
             "loads_total": self.loads_total,
             "reloads_total": self.reloads_total,
             "evictions_total": self.evictions_total,
+            "max_lora_rank": self.shape.max_rank if self.shape else None,
+            "target_modules": sorted(self.shape.modules) if self.shape else None,
+            "in_gpu": sorted(self._in_gpu, key=lambda uid: (uid is not None, uid or "")),
+            "gpu_loads_total": self.gpu_loads_total,
+            "gpu_evictions_total": self.gpu_evictions_total,
         }
+
+    # ------------------------------------------------------------------ the GPU pool
+
+    def batch_fits(self, uids: set[str | None]) -> bool:
+        """SGLang's validate_lora_batch: the adapters `uids` (None: the base
+        model) can run in one batch, beside the slots pinned adapters hold."""
+        if len(uids) > self.max_loras_per_batch:
+            return False
+        pinned = self.num_pinned
+        if not pinned:
+            return True
+        pinned_in_batch = sum(1 for uid in uids if uid is not None and self._loaded.get(uid, None) is not None
+                              and self._loaded[uid].pinned)
+        return len(uids) - pinned_in_batch <= self.max_loras_per_batch - pinned
+
+    def fetch(self, uids: set[str | None]) -> int:
+        """SGLang's prepare_lora_batch for a batch of the adapters `uids` (which
+        `batch_fits`): marks them used, copies the ones the pool lacks into
+        free slots or ones it evicts. Returns the bytes copied."""
+        names = sorted(uid for uid in uids if uid is not None)
+        for name in names:
+            if self.eviction_policy == "lru":
+                self._policy_order.pop(name, None)
+            self._policy_order.setdefault(name, None)
+        copied = 0
+        for uid in ([None] if None in uids else []) + names:
+            if uid in self._in_gpu:
+                continue
+            if len(self._in_gpu) >= self.max_loras_per_batch:
+                self._evict_from_gpu(uids)
+            self._in_gpu.add(uid)
+            if uid is not None:
+                copied += self._known[uid].weight_bytes
+                self.gpu_loads_total += 1
+        return copied
+
+    def _evict_from_gpu(self, batch: set[str | None]) -> None:
+        """An adapter the batch does not use and that is not pinned leaves its
+        slot, the first in the policy's order; the base model only when no
+        adapter can."""
+        candidates = {uid for uid in self._in_gpu if uid not in batch and (uid is None or not self._known[uid].pinned)}
+        if not candidates:
+            raise LoraError("No available buffer slots found. Please ensure the number of active (pinned) loras "
+                            "is less than max_loras_per_batch.")
+        victim = next((name for name in self._policy_order if name in candidates), None)
+        self._drop_from_gpu(victim)
+        self.gpu_evictions_total += 1
+
+    def _drop_from_gpu(self, uid: str | None) -> None:
+        self._in_gpu.discard(uid)
+        if uid is not None:
+            self._policy_order.pop(uid, None)
 
     # ------------------------------------------------------------------ updates
 
@@ -127,6 +266,21 @@ class LoraRegistry:
         adapter = self._validate_new(name=name, path=path, pinned=pinned)
         self._register(adapter)
         self._evict_over_limit()
+
+    def settle_shape(self, *, max_rank: int | None, target_modules) -> None:
+        """The GPU pool's shape, once the start's adapters are loaded (which
+        must fit it when the flags give it); raises LoraError."""
+        self.shape = LoraPoolShape.resolved(max_rank=max_rank, target_modules=target_modules,
+                                            adapters=list(self._loaded.values()))
+        for adapter in self._loaded.values():
+            self._check_fits(adapter)
+
+    def _check_fits(self, adapter: LoraAdapter) -> None:
+        if self.shape is not None and not self.shape.fits(adapter):
+            raise LoraError(
+                f"LoRA adapter {adapter.name} with rank {adapter.rank} is incompatible with the current LoRA memory "
+                "pool configuration. Please ensure that the LoRA adapter's rank is within the configured "
+                "`--max-lora-rank` and that the target modules are included in `--lora-target-modules`.")
 
     async def load(self, *, name: str, path: str, pinned: bool) -> dict[str, str]:
         """POST /load_lora_adapter. Returns loaded adapters; raises LoraError."""
@@ -148,6 +302,7 @@ class LoraRegistry:
                 raise LoraError(f"LoRA with name {name} does not exist. Loaded LoRAs: {keys}",
                                 loaded_adapters_known=False)
             del self._loaded[name]
+            self._drop_from_gpu(name)
             return self.loaded_adapters()
 
     async def resolve(self, name: str) -> LoraAdapter:
@@ -181,6 +336,7 @@ class LoraRegistry:
         if name in self._loaded:
             raise LoraError(f"Failed to load LoRA adapter {name} because it is already loaded")
         adapter = adapter_read(name=name, path=path, pinned=pinned)
+        self._check_fits(adapter)
         if pinned and self.num_pinned >= self.max_loras_per_batch - 1:
             raise LoraError(
                 f"Failed to load LoRA adapter {name} as a pinned adapter. It is not allowed to pin all slots "
@@ -204,4 +360,5 @@ class LoraRegistry:
                 raise LoraError("Didn't find any LoRA adapters when trying to evict LRU LoRA adapter. "
                                 f"LoRA registry is: {dict(self._loaded)}")
             del self._loaded[victim]
+            self._drop_from_gpu(victim)
             self.evictions_total += 1

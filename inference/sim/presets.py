@@ -40,6 +40,12 @@ H100_BF16_DENSE_FLOPS = 989e12
 # well-tuned GEMV/GEMM kernels reach 75-85 % of peak on H100).
 HBM_EFFICIENCY = 0.8
 
+# The H100 SXM5's host link is PCIe 5.0 x16 (datasheet): 32 GT/s × 16 lanes with
+# 128b/130b coding ≈ 63 GB/s each way. SGLang keeps adapters' CPU weights in
+# pinned memory (srt/lora/mem_pool.py), so a copy into the GPU pool runs near
+# that; estimate 80 % of it.
+H100_HOST_TO_DEVICE_BYTES_PER_S = 0.8 * 63e9
+
 # SGLang 0.5.23 defaults for GPUs of 60-90 GiB (`memory_hook.py`):
 # chunked_prefill_size 8k; decode CUDA-graph max batch 256 when tp < 4, else 512.
 SGLANG_H100_CHUNKED_PREFILL = 8192
@@ -59,6 +65,9 @@ class EnginePreset:
     decode_per_request_ms: float  # extra decode-step time per running request, milliseconds
     kv_bytes_per_token: int  # whole model (all TP ranks), bytes
     sources: tuple[str, ...]
+    # Copying a LoRA adapter's weights into the GPU pool (each TP rank copies its
+    # shard over its own link, so the whole adapter moves at one link's rate × tp).
+    lora_h2d_bytes_per_s: float = H100_HOST_TO_DEVICE_BYTES_PER_S
 
 
 def kv_bytes_per_token(*, layers: int, kv_heads: int, head_dim: int, dtype_bytes: int = 2) -> int:
@@ -118,7 +127,7 @@ def _h100_8b() -> EnginePreset:
         sources=(
             "SGLang 0.5.23 srt/arg_groups/memory_hook.py (mem_fraction_static, chunked_prefill_size 8192)",
             "SGLang 0.5.23 srt/model_executor/pool_configurator.py (default max running requests)",
-            "NVIDIA H100 SXM5 datasheet (3.35 TB/s HBM3, 989 TFLOP/s dense BF16)",
+            "NVIDIA H100 SXM5 datasheet (3.35 TB/s HBM3, 989 TFLOP/s dense BF16, PCIe 5.0 x16 host link)",
             "NVIDIA NIM LLM benchmarking 1.0.0, Llama-3.1-8b-instruct concurrency sweep (ITL slope)",
         ),
     )
@@ -154,10 +163,11 @@ def _8xh100_70b() -> EnginePreset:
         # (sgl-project/sglang benchmark/benchmark_vllm_060/README.md).
         decode_per_request_ms=0.10,
         kv_bytes_per_token=kv,
+        lora_h2d_bytes_per_s=H100_HOST_TO_DEVICE_BYTES_PER_S * tp,
         sources=(
             "SGLang 0.5.23 srt/arg_groups/memory_hook.py (mem_fraction_static, chunked_prefill_size 8192)",
             "SGLang 0.5.23 srt/model_executor/pool_configurator.py (default max running requests)",
-            "NVIDIA H100 SXM5 datasheet (3.35 TB/s HBM3, 989 TFLOP/s dense BF16)",
+            "NVIDIA H100 SXM5 datasheet (3.35 TB/s HBM3, 989 TFLOP/s dense BF16, PCIe 5.0 x16 host link)",
             "NVIDIA NIM LLM benchmarking 1.0.0, Llama-3.1-70b-instruct concurrency sweep (ITL slope)",
             "sgl-project/sglang benchmark/benchmark_vllm_060/README.md (70B on 4xH100 ITL)",
         ),

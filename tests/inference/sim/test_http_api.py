@@ -804,8 +804,9 @@ def test_api_key(sim_factory):
 
 
 def test_admin_api_key_guards_cache_abort_and_lora_endpoints(sim_factory):
-    secured = sim_factory("--enable-lora", api_key="secret-key")
-    admin = sim_factory("--enable-lora", "--admin-api-key", "admin-key", api_key="secret-key")
+    lora = ("--enable-lora", "--max-lora-rank", "16", "--lora-target-modules", "all")
+    secured = sim_factory(*lora, api_key="secret-key")
+    admin = sim_factory(*lora, "--admin-api-key", "admin-key", api_key="secret-key")
     user = {"Authorization": "Bearer secret-key"}
     with httpx.Client(base_url=admin.base_url) as client:
         for path, body in (("/flush_cache", None), ("/abort_request", {"rid": "x"}),

@@ -7,8 +7,13 @@ import threading
 import time
 from pathlib import Path
 
+import contextlib
+
 import openai
 import pytest
+
+from inference.sim.config import build_argument_parser, configs_from_args
+from inference.sim.engine import GenerationRequest, SimEngine
 
 from .test_http_api import CHAT, openai_client
 
@@ -32,10 +37,10 @@ def adapters(tmp_path_factory) -> dict[str, Path]:
 
 @pytest.fixture(scope="module")
 def lora_sim(sim_factory, adapters):
-    """Two adapters loaded at start, at most two kept loaded, 50 ms per load."""
+    """Two adapters loaded at start, at most three kept loaded, 50 ms per load."""
     return sim_factory("--enable-cache-report", "--lora-paths", f"sql={adapters['sql']}",
                        json.dumps({"lora_name": "poet", "lora_path": str(adapters["poet"]), "pinned": True}),
-                       "--max-loaded-loras", "2", "--max-loras-per-batch", "4", "--lora-load-ms", "50")
+                       "--max-loaded-loras", "3", "--max-loras-per-batch", "3", "--lora-load-ms", "50")
 
 
 def test_models_list_loaded_adapters(lora_sim, adapters):
@@ -89,35 +94,40 @@ def test_unknown_adapter_is_400(lora_sim):
 
 def test_load_unload_and_lru_eviction(lora_sim, adapters):
     with lora_sim.client() as client:
-        # given sql and poet (pinned) loaded, max two loaded
+        # given sql and poet (pinned) loaded, at most three loaded
         started = time.monotonic()
         loaded = client.post("/load_lora_adapter", json={"lora_name": "legal", "lora_path": str(adapters["legal"])})
         assert time.monotonic() - started >= 0.05  # --lora-load-ms
+        assert loaded.status_code == 200 and set(loaded.json()["loaded_adapters"]) == {"sql", "poet", "legal"}
+        loaded = client.post("/load_lora_adapter", json={"lora_name": "extra", "lora_path": str(adapters["extra"])})
         # then the least recently used unpinned adapter (sql) was evicted
         assert loaded.status_code == 200
         assert loaded.json() == {"success": True, "error_message": "",
-                                 "loaded_adapters": {"poet": str(adapters["poet"]), "legal": str(adapters["legal"])}}
+                                 "loaded_adapters": {"poet": str(adapters["poet"]), "legal": str(adapters["legal"]),
+                                                     "extra": str(adapters["extra"])}}
         again = client.post("/load_lora_adapter", json={"lora_name": "legal", "lora_path": str(adapters["legal"])})
         assert again.status_code == 400 and again.json()["success"] is False
         assert again.json()["error_message"] == "Failed to load LoRA adapter legal because it is already loaded"
-        assert set(again.json()["loaded_adapters"]) == {"poet", "legal"}
-        # when a request names the evicted adapter, it is reloaded transparently
+        assert set(again.json()["loaded_adapters"]) == {"poet", "legal", "extra"}
+        # when a request names the evicted adapter, it is reloaded transparently (legal leaves)
         reloads_before = client.get("/sim/stats").json()["lora"]["reloads_total"]
         body = client.post("/generate", json={"text": "hi", "lora_path": "sql",
                                               "sampling_params": {"max_new_tokens": 2}})
         assert body.status_code == 200
         stats = client.get("/sim/stats").json()["lora"]
         assert stats["reloads_total"] == reloads_before + 1
-        assert {entry["name"] for entry in stats["loaded"]} == {"poet", "sql"}
+        assert {entry["name"] for entry in stats["loaded"]} == {"poet", "extra", "sql"}
         # unload, and unload of something not loaded
         unloaded = client.post("/unload_lora_adapter", json={"lora_name": "sql"})
-        assert unloaded.status_code == 200 and unloaded.json()["loaded_adapters"] == {"poet": str(adapters["poet"])}
+        assert unloaded.status_code == 200
+        assert unloaded.json()["loaded_adapters"] == {"poet": str(adapters["poet"]), "extra": str(adapters["extra"])}
         missing = client.post("/unload_lora_adapter", json={"lora_name": "sql"})
         assert missing.status_code == 400
-        assert missing.json() == {"success": False, "loaded_adapters": None,
-                                  "error_message": "LoRA with name sql does not exist. Loaded LoRAs: odict_keys(['poet'])"}
+        assert missing.json() == {
+            "success": False, "loaded_adapters": None,
+            "error_message": "LoRA with name sql does not exist. Loaded LoRAs: odict_keys(['poet', 'extra'])"}
         listed = [card["id"] for card in client.get("/v1/models").json()["data"]]
-        assert listed == ["demo-llm", "poet"]
+        assert listed == ["demo-llm", "poet", "extra"]
 
 
 def test_load_validates_the_adapter_directory(lora_sim, tmp_path):
@@ -137,7 +147,8 @@ def test_load_validates_the_adapter_directory(lora_sim, tmp_path):
 
 
 def test_pinning_every_slot_is_refused(sim_factory, adapters):
-    sim = sim_factory("--enable-lora", "--max-loras-per-batch", "2")
+    sim = sim_factory("--enable-lora", "--max-lora-rank", "16", "--lora-target-modules", "q_proj", "v_proj",
+                      "--max-loras-per-batch", "2")
     with sim.client() as client:
         first = client.post("/load_lora_adapter", json={"lora_name": "a", "lora_path": str(adapters["sql"]),
                                                         "pinned": True})
@@ -193,3 +204,98 @@ def test_max_loras_per_batch_makes_other_adapters_wait(sim_factory, adapters):
     assert running["num_running_reqs"] == 1
     assert queued["num_waiting_reqs"] == 1 and queued["num_running_reqs"] == 1
     assert results["sql"] > 0.45  # queued behind poet's 9 × 50 ms, then its own
+
+
+def test_the_gpu_pool_holds_adapters_the_batch_needs_and_evicts_by_policy(sim_factory, adapters):
+    """Two slots (the base model takes one when it runs). a, b, a, then c: LRU
+    evicts b (a was used since), FIFO a (first in); then the base model
+    evicts the next in the policy's order."""
+    paths = [f"{name}={adapters[name]}" for name in ("sql", "poet", "legal")]
+    expected = {"lru": (["legal", "sql"], [None, "legal"]), "fifo": (["legal", "poet"], [None, "legal"])}
+    for policy, (after_legal, after_base) in expected.items():
+        sim = sim_factory("--lora-paths", *paths, "--max-loras-per-batch", "2", "--lora-eviction-policy", policy)
+        with sim.client() as client:
+            def run(adapter):
+                body = {"text": "hi", "sampling_params": {"max_new_tokens": 2}}
+                response = client.post("/generate", json=body | ({"lora_path": adapter} if adapter else {}))
+                assert response.status_code == 200
+                return client.get("/sim/stats").json()["lora"]
+
+            for adapter in ("sql", "poet", "sql"):
+                stats = run(adapter)
+            assert stats["in_gpu"] == ["poet", "sql"] and stats["gpu_evictions_total"] == 0
+            stats = run("legal")
+            assert stats["in_gpu"] == after_legal, policy
+            assert stats["gpu_loads_total"] == 3 and stats["gpu_evictions_total"] == 1
+            stats = run(None)
+            assert stats["in_gpu"] == after_base, policy
+            assert stats["gpu_loads_total"] == 3 and stats["gpu_evictions_total"] == 2
+            assert client.get("/server_info").json()["lora_eviction_policy"] == policy
+
+
+def test_adapters_must_fit_the_pools_rank_and_modules(sim_factory, adapters, tmp_path):
+    """The pool takes its shape from the adapters loaded at start (rank 16;
+    q/k/v) unless the flags give it; a later adapter outside it is refused."""
+    wide = adapter_dir_make(tmp_path, "wide", config={"r": 64, "lora_alpha": 16, "target_modules": ["q_proj"]})
+    mlp = adapter_dir_make(tmp_path, "mlp", config={"r": 8, "lora_alpha": 16, "target_modules": ["gate_proj"]})
+    every = adapter_dir_make(tmp_path, "every", config={"r": 8, "lora_alpha": 16, "target_modules": "all-linear"})
+    inferred = sim_factory("--lora-paths", f"sql={adapters['sql']}")
+    with inferred.client() as client:
+        for name, path, rank in (("wide", wide, 64), ("mlp", mlp, 8)):
+            refused = client.post("/load_lora_adapter", json={"lora_name": name, "lora_path": str(path)})
+            assert refused.status_code == 400 and refused.json()["error_message"] == (
+                f"LoRA adapter {name} with rank {rank} is incompatible with the current LoRA memory pool "
+                "configuration. Please ensure that the LoRA adapter's rank is within the configured "
+                "`--max-lora-rank` and that the target modules are included in `--lora-target-modules`.")
+        # k_proj is stored with q and v (qkv_proj), so an adapter on it fits
+        k_only = adapter_dir_make(tmp_path, "k-only", config={"r": 4, "lora_alpha": 8, "target_modules": ["k_proj"]})
+        assert client.post("/load_lora_adapter", json={"lora_name": "k", "lora_path": str(k_only)}).status_code == 200
+        shape = client.get("/sim/stats").json()["lora"]
+        assert shape["max_lora_rank"] == 16 and shape["target_modules"] == ["qkv_proj"]
+    flagged = sim_factory("--enable-lora", "--max-lora-rank", "64", "--lora-target-modules", "all")
+    with flagged.client() as client:
+        for name, path in (("wide", wide), ("mlp", mlp), ("every", every)):
+            loaded = client.post("/load_lora_adapter", json={"lora_name": name, "lora_path": str(path)})
+            assert loaded.status_code == 200, loaded.json()
+        info = client.get("/server_info").json()
+        assert info["max_lora_rank"] == 64 and info["lora_target_modules"] == ["all"]
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--enable-lora"], "When no initial --lora-paths is provided, you need to specify both --max-lora-rank and "
+                        "--lora-target-modules for LoRA initialization."),
+    (["--enable-lora", "--max-lora-rank", "8"], "When no initial --lora-paths is provided"),
+    (["--enable-lora", "--max-lora-rank", "8", "--lora-target-modules", "all", "q_proj"],
+     "If 'all' is specified in --lora-target-modules, it should be the only module specified."),
+    (["--enable-lora", "--max-lora-rank", "8", "--lora-target-modules", "all", "--max-loaded-loras", "4"],
+     "max_loaded_loras should be greater than or equal to max_loras_per_batch. "
+     "max_loaded_loras=4, max_loras_per_batch=8"),
+    (["--enable-lora", "--max-lora-rank", "8", "--lora-target-modules", "all", "--max-lora-chunk-size", "48"],
+     "--max-lora-chunk-size must be a power of 2 between 16 and 128."),
+])
+def test_lora_flags_are_checked_at_start_as_sglang_checks_them(flags, message):
+    with pytest.raises(SystemExit) as exited:
+        configs_from_args(build_argument_parser().parse_args(flags))
+    assert str(exited.value).startswith(message)
+
+
+async def test_copying_an_adapter_into_the_gpu_pool_takes_its_bytes_over_the_host_link(tmp_path):
+    """h100-8b: 50.4 GB/s. An adapter of 504 MB (a sparse file) adds 10 ms
+    to the prefill step that first needs it, and nothing once it is there."""
+    path = adapter_dir_make(tmp_path, "big")
+    with open(path / "adapter_model.safetensors", "r+b") as weights:
+        weights.truncate(504_000_000)
+    config, settings = configs_from_args(build_argument_parser().parse_args(
+        ["--preset", "h100-8b", "--lora-paths", f"big={path}"]))  # real time: a wall delay is a simulated one
+    engine = SimEngine(config=config, settings=settings)
+    ttfts = []
+    for seed in (1, 2):
+        running = engine.admit(GenerationRequest(rid=f"r{seed}", prompt_ids=[seed * 1000 + i for i in range(64)],
+                                                 max_new_tokens=1, lora_path="big"))
+        async with contextlib.aclosing(engine.run(running)) as steps:
+            async for _ in steps:
+                pass
+        ttfts.append(running.first_token_at - running.admitted_at)
+        engine.finalize(running)
+    assert ttfts[0] - ttfts[1] == pytest.approx(504e6 / 50.4e9, abs=0.003)
+    assert engine.lora.gpu_loads_total == 1
