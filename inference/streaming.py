@@ -431,9 +431,18 @@ def _upstream_error(status: int, raw: bytes) -> ApiError:
             message = inner.get("message", "") if isinstance(inner, dict) else str(inner)
     except orjson.JSONDecodeError:
         message = raw[:500].decode(errors="replace")
+    return _backend_error(status, message)
+
+
+def _backend_error(status: int, message: str) -> ApiError:
+    """What the caller sees of a backend's error with that status and message:
+    a 400 is the request's fault (too long for the context, or for the
+    backend's KV pool: SGLang's "maximum allowed length"), a 503 or 429 a busy
+    backend, anything else a failed one."""
     if status == 400:
         lowered = message.lower()
-        if "context length" in lowered or "context window" in lowered or "maximum context" in lowered:
+        if any(phrase in lowered for phrase in ("context length", "context window", "maximum context",
+                                                "maximum allowed length")):
             return errors.context_length_exceeded(message)
         return ApiError(400, message or "The backend rejected the request.")
     if status in BUSY_STATUSES:
@@ -583,9 +592,16 @@ class CompletionService:
                 async with asyncio.timeout_at(deadline):
                     first = await batches.__anext__()
                 if first[0].startswith(b'{"error"'):
+                    # Refused after the headers (SGLang's scheduler: a prompt too
+                    # long for the KV pool, a full queue): a 4xx other than 429 is
+                    # the request's fault, answered as such; the rest fail over.
                     maybe_running = False
-                    detail = error_message(first[0])
-                    raise _BackendFailed(errors.backend_busy(detail) if error_status(first[0]) in BUSY_STATUSES
+                    detail, status = error_message(first[0]), error_status(first[0])
+                    if status is not None and 400 <= status < 500 and status not in BUSY_STATUSES:
+                        backend.leave(request.kv_chars, request.choices)
+                        response.close()
+                        raise _backend_error(status, detail)
+                    raise _BackendFailed(errors.backend_busy(detail) if status in BUSY_STATUSES
                                          else errors.backend_failure(f"The model backend failed: {detail}"))
                 backend.request_succeeded()
                 return response, backend, first, batches

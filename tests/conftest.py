@@ -1,6 +1,7 @@
 """Live-process fixtures: the tests talk to real processes over real sockets —
 SGLang-protocol simulators, the ASGI gateway (uvicorn), a Celery worker — backed by
 the real PostgreSQL test database and Redis."""
+import contextlib
 import os
 import socket
 import subprocess
@@ -94,6 +95,17 @@ def pool_start(tmp_dir: Path, django_db_blocker, model: str, policy: str, count:
         for sim in sims:
             backend_add(model=served, url=sim.url)
     return sims
+
+
+@contextlib.contextmanager
+def pool_running(tmp_dir: Path, django_db_blocker, model: str, policy: str, count: int, *args: str):
+    """`pool_start`, the simulators stopped on leaving."""
+    sims = pool_start(tmp_dir, django_db_blocker, model, policy, count, *args)
+    try:
+        yield sims
+    finally:
+        for sim in sims:
+            process_stop(sim.process)
 
 
 @pytest.fixture(scope="session")

@@ -11,7 +11,7 @@ import openai
 import pytest
 
 from inference.models import ServedModel
-from tests.conftest import pool_start, process_stop, usage_rows_wait
+from tests.conftest import pool_running, usage_rows_wait
 from tests.inference.sim_control import sim_call
 
 MODEL = "busy-llm"
@@ -22,10 +22,8 @@ SIM_FLAGS = ("--max-running-requests", "1", "--max-queued-requests", "1", "--dec
 
 @pytest.fixture(scope="module")
 def busy_pool(live_tmp, django_db_blocker, django_db_setup):
-    sims = pool_start(live_tmp, django_db_blocker, MODEL, ServedModel.RoutingPolicy.ROUND_ROBIN, 2, *SIM_FLAGS)
-    yield sims
-    for sim in sims:
-        process_stop(sim.process)
+    with pool_running(live_tmp, django_db_blocker, MODEL, ServedModel.RoutingPolicy.ROUND_ROBIN, 2, *SIM_FLAGS) as sims:
+        yield sims
 
 
 def fill(sim, tokens: int = 60) -> list[threading.Thread]:

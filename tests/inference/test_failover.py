@@ -14,7 +14,7 @@ from django.db import connection
 
 from inference.models import Backend, ServedModel
 from inference.services import backend_add, backend_set_status, backends_drained_remove
-from tests.conftest import (ROOT, gateway_start, pool_start, process_env, process_stop, sim_start,
+from tests.conftest import (ROOT, gateway_start, pool_running, process_env, process_stop, sim_start,
                             usage_rows_wait)
 from tests.inference.sim_control import sim_call, sim_faults
 
@@ -24,11 +24,9 @@ MESSAGES = [{"role": "user", "content": "Which backend am I on?"}]
 @pytest.fixture(scope="module")
 def pool(live_tmp, django_db_blocker, django_db_setup):
     """Model pool-llm on two simulators of its own, routed round robin."""
-    sims = pool_start(live_tmp, django_db_blocker, "pool-llm", ServedModel.RoutingPolicy.ROUND_ROBIN, 2,
-                      "--itl-ms", "10")
-    yield sims
-    for sim in sims:
-        process_stop(sim.process)
+    with pool_running(live_tmp, django_db_blocker, "pool-llm", ServedModel.RoutingPolicy.ROUND_ROBIN, 2,
+                      "--itl-ms", "10") as sims:
+        yield sims
 
 
 @pytest.fixture(scope="module")
