@@ -28,6 +28,7 @@ from typing import Any
 import orjson
 import rstr
 
+from . import ebnf
 from .engine import GenerationRequest, RunningRequest, Step
 from .tokenizer import (
     VOCAB_SIZE,
@@ -417,7 +418,8 @@ def constrained_text(constraints: dict[str, str | None], seed: int) -> str | Non
     object), or a string the regex matches (rstr's xeger); both seeded, so a
     prompt gets the same reply every time. Raises ValueError with SGLang's
     message for more than one constraint or one that does not compile, and
-    for ebnf and structural tags, which the simulator does not model."""
+    for structural tags, which the simulator does not model. An `ebnf`
+    grammar gives a string it accepts (`ebnf.sample`)."""
     given = [kind for kind in GRAMMAR_KINDS if constraints.get(kind)]
     if not given:
         return None
@@ -439,6 +441,11 @@ def constrained_text(constraints: dict[str, str | None], seed: int) -> str | Non
         except re.error as error:
             raise ValueError(f"Failed to compile regex grammar: {error}") from None
         return rstr.Rstr(random.Random(seed)).xeger(spec)
+    if kind == "ebnf":
+        try:
+            return ebnf.sample(spec, seed)
+        except ebnf.EbnfError as error:
+            raise ValueError(f"Failed to compile ebnf grammar: {error}") from None
     raise ValueError(f"The simulator does not model {kind} constraints.")
 
 

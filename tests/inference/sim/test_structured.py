@@ -9,6 +9,9 @@ import uuid
 from typing import Literal
 
 import pydantic
+import pytest
+
+from inference.sim import ebnf
 
 from .test_http_api import CHAT, openai_client
 
@@ -114,13 +117,14 @@ def test_native_and_extra_constraints_json_schema_and_regex(sim):
 
 def test_constraint_refusals_are_sglangs(sim):
     """More than one constraint, or one that does not compile: 400 with
-    SGLang's message (an error event once a stream is open); ebnf is not
-    modelled and says so."""
+    SGLang's message (an error event once a stream is open); structural tags
+    are not modelled and say so."""
     with sim.client() as client:
         both = client.post("/generate", json={"text": "x", "sampling_params": {
             "json_schema": "{}", "regex": "a"}})
         bad_json = client.post("/generate", json={"text": "x", "sampling_params": {"json_schema": "{not json"}})
-        ebnf = client.post("/generate", json={"text": "x", "sampling_params": {"ebnf": 'root ::= "a"'}})
+        ebnf = client.post("/generate", json={"text": "x", "sampling_params": {"ebnf": 'root ::= greeting'}})
+        tag = client.post("/generate", json={"text": "x", "sampling_params": {"structural_tag": '{"type": "x"}'}})
         chat_both = client.post("/v1/chat/completions", json={
             "model": "m", "messages": CHAT, "regex": "a+", "response_format": {"type": "json_object"}})
         with client.stream("POST", "/generate", json={"text": "x", "stream": True,
@@ -130,8 +134,62 @@ def test_constraint_refusals_are_sglangs(sim):
         "Only one of json_schema, regex, ebnf, or structural_tag can be set.")}}
     assert bad_json.status_code == 400
     assert bad_json.json()["error"]["message"].startswith("Failed to compile json grammar: Expecting property name")
-    assert ebnf.status_code == 400 and "does not model ebnf" in ebnf.json()["error"]["message"]
+    assert ebnf.status_code == 400
+    assert ebnf.json()["error"]["message"] == "Failed to compile ebnf grammar: rule 'greeting' is not defined"
+    assert tag.status_code == 400 and "does not model structural_tag" in tag.json()["error"]["message"]
     assert chat_both.status_code == 400 and chat_both.json()["message"].startswith("Only one of json_schema")
     assert response.status_code == 200 and events[-1] == "data: [DONE]"
     error = json.loads(events[0][6:])["error"]
     assert error["code"] == 400 and error["message"].startswith("Failed to compile regex grammar: missing )")
+
+
+CITIES = """root ::= city | description
+city ::= "London" | "Paris" | "Berlin" | "Rome"
+description ::= city " is " status   # a rule may name an earlier one
+status ::= "the capital of " country
+country ::= "England" | "France" | "Germany" | "Italy"
+"""
+CITY_TEXT = r"(London|Paris|Berlin|Rome)( is the capital of (England|France|Germany|Italy))?"
+
+
+def test_an_ebnf_grammar_constrains_the_reply(sim):
+    """SGLang's `ebnf` (GBNF, as xgrammar reads it): the reply is a string the
+    grammar accepts, the same for the same prompt, in every route."""
+    with sim.client() as client:
+        native = [client.post("/generate", json={"text": f"city {index}", "sampling_params": {"ebnf": CITIES}}).json()
+                  for index in range(12)]
+        json_like = client.post("/generate", json={"text": "x", "sampling_params": {"ebnf": r"""
+            root ::= "{" ws "\"id\": " [1-9] [0-9]{0,3} "," ws "\"tags\": [" (tag ("," ws tag)*)? "]" ws "}"
+            tag ::= "\"" [^"\\\n]+ "\""
+            ws ::= [ \t\n]?
+        """}}).json()
+        completion = client.post("/v1/completions", json={"model": "m", "prompt": "Where?", "ebnf": CITIES}).json()
+    texts = [body["text"] for body in native]
+    assert all(re.fullmatch(CITY_TEXT, text) for text in texts)
+    assert len(set(texts)) > 3  # each prompt draws its own derivation
+    assert all(body["meta_info"]["finish_reason"]["type"] == "stop" for body in native)
+    parsed = json.loads(json_like["text"])
+    assert set(parsed) == {"id", "tags"} and 1 <= parsed["id"] <= 9999
+    assert re.fullmatch(CITY_TEXT, completion["choices"][0]["text"])
+    client = openai_client(sim)
+    chat = client.chat.completions.create(model="m", messages=CHAT, extra_body={"ebnf": CITIES})
+    again = client.chat.completions.create(model="m", messages=CHAT, extra_body={"ebnf": CITIES})
+    assert re.fullmatch(CITY_TEXT, chat.choices[0].message.content)
+    assert chat.choices[0].message.content == again.choices[0].message.content
+
+
+def test_ebnf_recursion_ends_and_bad_grammars_are_named():
+    arithmetic = 'root ::= expr\nexpr ::= term ("+" term)*\nterm ::= [0-9]+ | "(" expr ")"'
+    for seed in range(50):
+        text = ebnf.sample(arithmetic, seed)
+        assert re.fullmatch(r"[0-9+()]+", text) and text.count("(") == text.count(")")
+        assert re.fullmatch(r"[a-z]{2,4}-[A-Z]{3}\xe9?", ebnf.sample('root ::= [a-z]{2,4} "-" [A-Z]{3} "\\xe9"?', seed))
+    for grammar, problem in (('start ::= "a"', 'the root rule with name "root" is not found'),
+                             ('root ::= "a" |', "an empty alternative"),
+                             ('root ::= ("a"', "a group is not closed"),
+                             ('root ::= root "a"', "the root rule derives no finite string"),
+                             ('root ::= [z-a]', "range z-a is reversed"),
+                             ('root ::= "a"{3,1}', "repetition {3,1} has its upper bound below its lower")):
+        with pytest.raises(ebnf.EbnfError) as raised:
+            ebnf.sample(grammar, 1)
+        assert str(raised.value).startswith(problem)
