@@ -28,6 +28,10 @@ from .tools import TOOL_CALL_PARSERS
 
 # Without a preset: capacity that never limits a test or a benchmark.
 DEFAULT_MAX_RUNNING_REQUESTS = 4096
+# --schedule-policy (SGLang's SchedulePolicy): the policies that match every
+# waiting request against the cache to order the queue, and the others.
+CACHE_AWARE_POLICIES = ("lpm", "dfs-weight", "hrrn", "shortest-prefill-first")
+SCHEDULE_POLICIES = CACHE_AWARE_POLICIES + ("fcfs", "lof", "random", "routing-key")
 DEFAULT_MAX_TOTAL_TOKENS = 1_000_000
 DEFAULT_CHUNKED_PREFILL_SIZE = 8192
 
@@ -53,7 +57,7 @@ class ServerConfig:
     max_running_requests: int = DEFAULT_MAX_RUNNING_REQUESTS  # requests decoding or prefilling at once
     max_total_tokens: int = DEFAULT_MAX_TOTAL_TOKENS  # KV capacity, tokens: radix cache + running requests
     chunked_prefill_size: int = DEFAULT_CHUNKED_PREFILL_SIZE  # tokens per prefill step; <= 0: no chunking
-    schedule_policy: str = "fcfs"  # or "lpm" (longest prefix match first)
+    schedule_policy: str = "fcfs"  # SCHEDULE_POLICIES
     # --enable-priority-scheduling: under fcfs the queue goes by request
     # `priority` (higher first, or lower with --schedule-low-priority-values-first;
     # none given: last, or --default-priority-value), then arrival; a request
@@ -220,7 +224,9 @@ def build_argument_parser() -> argparse.ArgumentParser:
                         help="deprecated alias of --max-total-tokens")
     parser.add_argument("--chunked-prefill-size", type=int, default=None,
                         help=f"tokens per prefill step; <= 0 disables chunking (default {DEFAULT_CHUNKED_PREFILL_SIZE})")
-    parser.add_argument("--schedule-policy", choices=["fcfs", "lpm"], default="fcfs")
+    parser.add_argument("--schedule-policy", choices=SCHEDULE_POLICIES + ("priority",), default="fcfs",
+                        help="the waiting queue's order, as SGLang's: fcfs, lpm (longest cached prefix), "
+                             "dfs-weight, hrrn, shortest-prefill-first, lof (longest output), random, routing-key")
     parser.add_argument("--enable-priority-scheduling", action="store_true",
                         help="fcfs queues by request priority (higher first), and a request may preempt lower ones")
     parser.add_argument("--disable-priority-preemption", action="store_true",
@@ -370,6 +376,8 @@ def configs_from_args(args: argparse.Namespace) -> tuple[ServerConfig, RuntimeSe
         lora_paths = tuple(parse_lora_path_spec(spec) for spec in args.lora_paths or ())
     except ValueError as error:
         raise SystemExit(str(error)) from error
+    if args.schedule_policy not in SCHEDULE_POLICIES:  # in SGLang's choices, refused at start
+        raise SystemExit(f"Unknown schedule_policy: policy={args.schedule_policy!r}")
     policy_config = None
     if args.radix_eviction_policy_config is not None:
         try:

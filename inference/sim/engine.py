@@ -75,15 +75,16 @@ import asyncio
 import hashlib
 import itertools
 import logging
+import math
 import random
 import re
 import sys
 import time
-from collections import deque
+from collections import Counter, deque
 from dataclasses import dataclass, field
 from typing import AsyncIterator, Callable, Hashable
 
-from .config import RuntimeSettings, ServerConfig
+from .config import CACHE_AWARE_POLICIES, RuntimeSettings, ServerConfig
 from .lora import LoraError, LoraRegistry
 from .metrics import SimStats
 from .radix_cache import RadixCache, RadixNode
@@ -106,8 +107,13 @@ INSTANT_BURST_TOKENS = 32
 # CPU), it stops catching up and restarts the timeline from now.
 MAX_SCHEDULE_LAG_S = 0.05
 
-# SGLang falls back from lpm to fcfs when the queue is longer than this.
+# SGLang falls back from lpm and hrrn to fcfs when the queue is longer than this.
 LPM_MAX_QUEUE = 128
+# In-batch prefix caching (SGLang's IN_BATCH_PREFIX_CACHING_*_THRESHOLD): under
+# a cache-aware policy, a waiting request whose cached prefix is at most this
+# long and that shares at least as many tokens with one earlier in the queue
+# goes last, so that one prefills the shared prefix for both.
+IN_BATCH_PREFIX_THRESHOLD = 32
 # SGLang (schedule_policy.py, 0.5.23): under fcfs and LRU eviction, every this
 # many scheduling passes it touches the cached prefixes of the first
 # LPM_MAX_QUEUE waiting requests, so that what they will reuse is not evicted
@@ -177,6 +183,9 @@ class GenerationRequest:
     # Native sampling_params.stream_interval: stream every this many tokens
     # (None: the server's --stream-interval).
     stream_interval: int | None = None
+    # SGLang's routing_key (native field, or the OpenAI routes' X-SMG-Routing-Key
+    # header): --schedule-policy routing-key favours keys the running batch has most.
+    routing_key: str | None = None
 
 
 @dataclass(slots=True)
@@ -235,6 +244,7 @@ class RunningRequest:
     # The priority the scheduler orders by: the request's, else the default or the least preferred.
     priority: int = 0
     queued_seq: int = 0  # when it (last) entered the waiting queue
+    arrival_processed: int = 0  # prompt tokens the engine had prefilled when it arrived (hrrn)
     refusal: str | None = None  # why the scheduler refuses it (too long for the KV pool)
 
     def fill_ids(self) -> list[int]:
@@ -337,6 +347,8 @@ class SimEngine:
         self._wake_anchor: float | None = None
         # Drives error_rate; seeded so a run's fault pattern is reproducible.
         self._fault_rng = random.Random(config.seed)
+        self._schedule_rng = random.Random(config.seed)  # --schedule-policy random
+        self._prefill_tokens_processed = 0  # hrrn's clock: prompt tokens prefilled so far
         # [bucket start (simulated s), tokens generated in the bucket]
         self._throughput_buckets: deque[list] = deque()
         self.steps_total = {"prefill": 0, "decode": 0}
@@ -565,6 +577,7 @@ class SimEngine:
             return
         running.state = WAITING
         running.queued_seq = next(self._queue_seq)
+        running.arrival_processed = self._prefill_tokens_processed
         self._waiting.append(running)
         task = self._scheduler_task
         scheduler_idle = task is None or self._scheduler_wakeup is not None
@@ -694,6 +707,7 @@ class SimEngine:
             tokens = 0
             for _, count in entries:
                 tokens += count
+            self._prefill_tokens_processed += tokens
             duration = self.timing.prefill_step_s(tokens)
             if self.config.enable_lora:
                 # The batch's adapters the GPU pool lacks are copied in first.
@@ -716,13 +730,16 @@ class SimEngine:
         chunked = self._chunked
         waiting = self._waiting
         max_running = self.config.max_running_requests
-        # lpm matches (so touches) the whole queue itself, up to LPM_MAX_QUEUE.
-        lpm = self.config.schedule_policy == "lpm" and len(waiting) <= LPM_MAX_QUEUE
+        # A cache-aware policy matches (so touches) the whole queue itself.
+        policy = self.config.schedule_policy
+        if policy in ("lpm", "hrrn") and len(waiting) > LPM_MAX_QUEUE:
+            policy = "fcfs"
+        cache_aware = policy in CACHE_AWARE_POLICIES
         # A scheduling pass, as SGLang's: work to place and room for it (a
         # chunked prefill always continues); under fcfs every so many refresh
         # the queue's prefixes.
         scheduling = chunked is not None or (not self._batch_full and len(self._running) < max_running)
-        if self._refresh_waiting and waiting and scheduling and not lpm:
+        if self._refresh_waiting and waiting and scheduling and not cache_aware:
             if self._refresh_passes % WAITING_PREFIX_REFRESH_INTERVAL == 0:
                 self._touch_waiting_prefixes()
             self._refresh_passes += 1
@@ -739,10 +756,8 @@ class SimEngine:
         if len(self._running) >= max_running and not self._preemption:
             return entries
         lora_enabled = self.config.enable_lora
-        if lpm and len(waiting) > 1:
-            cache = self.cache
-            candidates = sorted(waiting, key=lambda r: -cache.match_prefix(
-                r.fill_ids()[:-1], namespace=r.namespace).length)
+        if policy != "fcfs" and len(waiting) > 1:
+            candidates = self._ordered_waiting(policy)
         elif self._priority_queue:
             candidates = sorted(waiting, key=self._queue_key)
         elif lora_enabled:
@@ -783,6 +798,84 @@ class SimEngine:
                 self._chunked = running
                 break
         return entries
+
+    def _ordered_waiting(self, policy: str) -> list[RunningRequest]:
+        """The waiting queue in the order SGLang's SchedulePolicy.calc_priority
+        puts it under `policy` (not fcfs)."""
+        waiting = list(self._waiting)
+        if policy == "lof":
+            if self.config.enable_priority_scheduling:
+                return sorted(waiting, key=lambda r: (r.priority * self._priority_sign, -r.max_new_estimate))
+            return sorted(waiting, key=lambda r: -r.max_new_estimate)
+        if policy == "random":
+            self._schedule_rng.shuffle(waiting)
+            return waiting
+        if policy == "routing-key":
+            counts = Counter(r.request.routing_key for r in self._running if r.request.routing_key)
+            if not counts:
+                return waiting
+
+            def by_key(r: RunningRequest) -> tuple:
+                key = r.request.routing_key
+                return (0, -counts[key], key) if key in counts else (1, 0, key or "")
+            return sorted(waiting, key=by_key)
+        matches = {r: self.cache.match_prefix(r.fill_ids()[:-1], namespace=r.namespace) for r in waiting}
+        deferred = self._sharing_a_waiting_prefix(waiting, matches)
+        if policy == "lpm":
+            return sorted(waiting, key=lambda r: math.inf if r in deferred else -matches[r].length)
+        if policy == "shortest-prefill-first":
+            return sorted(waiting, key=lambda r: (r in deferred, max(1, len(r.fill_ids()) - matches[r].length)))
+        if policy == "hrrn":
+            def response_ratio(r: RunningRequest) -> tuple:
+                if r in deferred:
+                    return (math.inf, r.rid)
+                uncached = r.prompt_tokens - matches[r].length
+                if uncached <= 0:
+                    return (-math.inf, r.rid)
+                return (-max(0, self._prefill_tokens_processed - r.arrival_processed) / uncached, r.rid)
+            return sorted(waiting, key=response_ratio)
+        return self._dfs_weight_order(waiting, matches)
+
+    @staticmethod
+    def _sharing_a_waiting_prefix(waiting: list[RunningRequest], matches: dict) -> set[RunningRequest]:
+        """In-batch prefix caching: the waiting requests with little cached that
+        share IN_BATCH_PREFIX_THRESHOLD tokens or more with one before them."""
+        deferred, earlier = set(), RadixCache(capacity_tokens=1 << 62)
+        for running in waiting:
+            if matches[running].length > IN_BATCH_PREFIX_THRESHOLD:
+                continue
+            fill_ids = running.fill_ids()
+            if earlier.match_prefix(fill_ids, namespace=running.namespace).length >= IN_BATCH_PREFIX_THRESHOLD:
+                deferred.add(running)
+            else:
+                earlier.insert(fill_ids, namespace=running.namespace)
+        return deferred
+
+    def _dfs_weight_order(self, waiting: list[RunningRequest], matches: dict) -> list[RunningRequest]:
+        """dfs-weight: a depth-first walk of the cache, heavier subtrees (more
+        waiting requests end their match there) first, each node's requests
+        after its subtrees'."""
+        at_node: dict[RadixNode, list[RunningRequest]] = {}
+        weight: dict[RadixNode, int] = {}  # waiting requests whose match ends in the node's subtree
+        for running in waiting:
+            node = matches[running].node
+            at_node.setdefault(node, []).append(running)
+            while node is not None:
+                weight[node] = weight.get(node, 0) + 1
+                node = node.parent
+        order: list[RunningRequest] = []
+        roots = list({running.namespace: self.cache.root(running.namespace) for running in waiting}.values())
+        stack = [(root, False) for root in reversed(roots)]
+        while stack:
+            node, visited = stack.pop()
+            if visited:
+                order.extend(at_node.get(node, ()))
+                continue
+            stack.append((node, True))
+            children = sorted((child for child in node.children.values() if child in weight),
+                              key=lambda child: -weight[child])
+            stack.extend((child, False) for child in reversed(children))
+        return order
 
     def _touch_waiting_prefixes(self) -> None:
         """Refresh the recency of what the first waiting requests will reuse,

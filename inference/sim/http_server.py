@@ -371,11 +371,13 @@ class GenerationHandlers:
         step's stray logprobs in a chunk of their own)."""
         return bool(self.config.reasoning_parser or self.config.tool_call_parser)
 
-    def _openai_defaults(self, parsed: OpenAIRequest) -> OpenAIRequest:
+    def _openai_defaults(self, parsed: OpenAIRequest, request: web.Request) -> OpenAIRequest:
         """--stream-response-default-include-usage: a stream ends with its usage
-        chunk whether or not the request asked (SGLang's should_include_usage)."""
+        chunk whether or not the request asked (SGLang's should_include_usage);
+        the X-SMG-Routing-Key header is the request's routing key."""
         if self.config.stream_response_default_include_usage:
             parsed.include_usage = True
+        parsed.generation.routing_key = request.headers.get("x-smg-routing-key")
         return parsed
 
     # ---- OpenAI chat
@@ -385,7 +387,7 @@ class GenerationHandlers:
         parsed = self._openai_defaults(parse_chat_request(
             await _read_json_body(request, require_json_content_type=True),
             served_model_name=self.config.served_model_name, tool_call_parser=self.config.tool_call_parser,
-            reasoning_parser=self.config.reasoning_parser))
+            reasoning_parser=self.config.reasoning_parser), request)
         max_tokens, context_length = parsed.generation.max_new_tokens, self.config.context_length
         if max_tokens and max_tokens > context_length and not self.config.allow_auto_truncate:
             # serving_chat's own check, before the prompt is counted (its wording, space missing).
@@ -636,7 +638,7 @@ class GenerationHandlers:
         self._generation_only()
         parsed = self._openai_defaults(parse_completion_request(
             await _read_json_body(request, require_json_content_type=True),
-            served_model_name=self.config.served_model_name))
+            served_model_name=self.config.served_model_name), request)
         if not parsed.single:
             return await self._choices(request, parsed, chat=False)
         running = await self._admit_openai(parsed.generation)

@@ -782,6 +782,7 @@ def parse_generate_request(body: Any) -> NativeRequest:
             lora_path=per_prompt["lora_path"][index] or None,
             forced_text=forced_text,
             logprobs=logprobs[index],
+            routing_key=fields.optional_str("routing_key"),
         ))
     return NativeRequest(generations=generations, n=n, greedy=greedy, single=single,
                          refusal=refusals[0] if refusals else None)

@@ -375,6 +375,94 @@ async def test_lpm_schedules_the_longest_cached_prefix_first():
     assert hot.first_token_at < cold.first_token_at  # arrived later, scheduled first
 
 
+async def test_lof_schedules_the_longest_output_first():
+    engine = engine_make("--schedule-policy", "lof", "--max-running-requests", "1",
+                         "--decode-base-ms", "10", "--time-scale", "0.05")
+    blocker = engine.admit(request_make("blocker", prompt(73, 5), max_new_tokens=5))
+    tasks = [asyncio.create_task(drive(engine, blocker))]
+    await asyncio.sleep(0.001)
+    queued = [engine.admit(request_make(f"out{tokens}", prompt(74 + index, 5), max_new_tokens=tokens))
+              for index, tokens in enumerate((3, 9, 6))]
+    tasks += [asyncio.create_task(drive(engine, running)) for running in queued]
+    await asyncio.gather(*tasks)
+    assert [r.rid for r in sorted(queued, key=lambda r: r.first_token_at)] == ["out9", "out6", "out3"]
+
+
+def waiting_make(engine: SimEngine, *requests: GenerationRequest) -> list[RunningRequest]:
+    """Requests placed in the waiting queue as they arrived, without a scheduler running."""
+    queued = []
+    for request in requests:
+        running = engine.admit(request)
+        running.arrival_processed = engine._prefill_tokens_processed
+        engine._waiting.append(running)
+        queued.append(running)
+    return queued
+
+
+def ordered(engine: SimEngine, policy: str) -> list[str]:
+    return [running.rid for running in engine._ordered_waiting(policy)]
+
+
+def test_cache_aware_policies_order_the_queue_as_sglangs_schedule_policy():
+    engine = engine_make()
+    cached = prompt(80, 300)
+    engine.cache.insert(cached)
+    engine.cache.insert(cached + prompt(81, 50))
+    engine.cache.insert(cached + prompt(82, 50))
+    shared_new = prompt(83, 60)
+    waiting_make(
+        engine,
+        request_make("new-a", shared_new + prompt(84, 400)),
+        request_make("new-b", shared_new + prompt(85, 10)),  # shares 60 new tokens with new-a: goes last
+        request_make("alone", prompt(86, 200)),
+        request_make("cached-x", cached + prompt(81, 50) + prompt(87, 5)),
+        request_make("cached-y", cached + prompt(82, 20)),
+        request_make("cached-z", cached + prompt(82, 50) + prompt(88, 100)),
+    )
+    # lpm: the longest cached prefix first; new-b after everything (in-batch prefix caching)
+    assert ordered(engine, "lpm") == ["cached-x", "cached-z", "cached-y", "new-a", "alone", "new-b"]
+    # the fewest tokens to prefill first (new-b deferred all the same)
+    assert ordered(engine, "shortest-prefill-first") == ["cached-y", "cached-x", "cached-z", "alone", "new-a",
+                                                          "new-b"]
+    # depth first through the cache, the subtree more requests end in first, a node's own requests after its subtree's
+    assert ordered(engine, "dfs-weight") == ["cached-z", "cached-y", "cached-x", "new-a", "new-b", "alone"]
+
+
+def test_hrrn_favours_the_highest_response_ratio():
+    """Highest response ratio next, with the prompt tokens prefilled while a
+    request waited as its clock: waited / uncached, ties by rid."""
+    engine = engine_make()
+    early = waiting_make(engine, request_make("early-long", prompt(90, 1001)))
+    engine._prefill_tokens_processed = 300
+    waiting_make(engine, request_make("late-short", prompt(91, 101)), request_make("late-long", prompt(92, 1001)))
+    engine._prefill_tokens_processed = 500
+    # early-long: 500 / 1000 = 0.5; late-short: 200 / 100 = 2; late-long: 200 / 1000 = 0.2
+    assert early[0].arrival_processed == 0
+    assert ordered(engine, "hrrn") == ["late-short", "early-long", "late-long"]
+
+
+def test_routing_key_and_random_policies():
+    engine = engine_make()
+    waiting_make(engine, *(request_make(f"r{index}", prompt(93 + index, 10), routing_key=key)
+                           for index, key in enumerate(("b", None, "a", "c", "a"))))
+    assert ordered(engine, "routing-key") == ["r0", "r1", "r2", "r3", "r4"]  # nothing running: arrival order
+    running = engine.admit(request_make("running", prompt(99, 10), routing_key="a"))
+    engine._running[running] = None
+    other = engine.admit(request_make("running-c", prompt(98, 10), routing_key="c"))
+    engine._running[other] = None
+    engine._running[engine.admit(request_make("running-a", prompt(97, 10), routing_key="a"))] = None
+    # keys the running batch has most first, then the rest by key
+    assert ordered(engine, "routing-key") == ["r2", "r4", "r3", "r1", "r0"]
+    shuffles = {tuple(ordered(engine, "random")) for _ in range(10)}
+    assert len(shuffles) > 1 and all(sorted(order) == ["r0", "r1", "r2", "r3", "r4"] for order in shuffles)
+
+
+def test_unknown_schedule_policy_is_refused_at_start():
+    with pytest.raises(SystemExit) as exited:
+        engine_make("--schedule-policy", "priority")
+    assert str(exited.value) == "Unknown schedule_policy: policy='priority'"
+
+
 @pytest.mark.parametrize("retraction_policy, retracted", [("length", "long2"), ("priority", "long0")])
 async def test_the_retraction_policy_picks_whom_a_full_kv_sends_back(retraction_policy, retracted):
     """`--retraction-policy length` retracts the request with the least output
