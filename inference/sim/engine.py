@@ -424,10 +424,10 @@ class SimEngine:
         max_req_len = min(self.config.context_length, self.capacity_tokens) - 1
         max_req_input_len = max_req_len - 5
         prompt_tokens = len(request.prompt_ids)
-        # (The pool bound, capacity − prompt − page − 1, is the tighter one
-        # only by a token, which max_req_len already takes.)
+        # (SGLang's second bound, the pool less the prompt, a page and a token,
+        # is never tighter than this one with pages of a token.)
         wanted = request.max_new_tokens if request.max_new_tokens is not None else 1 << 30
-        max_new = max(0, min(wanted, max_req_len - prompt_tokens - 1, self.capacity_tokens - prompt_tokens - 2))
+        max_new = max(0, min(wanted, max_req_len - prompt_tokens - 1))
         if prompt_tokens < max_req_input_len:
             return max_new, None
         if self.config.allow_auto_truncate:
@@ -572,7 +572,9 @@ class SimEngine:
     def _enqueue(self, running: RunningRequest) -> None:
         if running.refusal is not None:  # the scheduler's bounds on its length
             self._fail(running, running.refusal, 400, "BadRequestError", self.timing.now())
-        if running.refusal is not None or not (self._priority_set(running) and self._queue_admits(running)):
+            self._flush_wakeups()
+            return
+        if not (self._priority_set(running) and self._queue_admits(running)):
             self._flush_wakeups()
             return
         running.state = WAITING
