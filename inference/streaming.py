@@ -61,6 +61,10 @@ _id_counter = itertools.count(1)
 BUSY_STATUSES = (429, 503)
 # Status stored for a request the client abandoned (nginx's convention).
 CLIENT_CLOSED_STATUS = 499
+# Message roles a chat request may use besides "user": OpenAI's, and the two
+# more SGLang's protocol takes (for models whose templates have them). SGLang
+# takes these in any case, "user" only as it is.
+MESSAGE_ROLES = frozenset(("system", "assistant", "tool", "function", "developer", "latest_reminder", "root"))
 # Chat-template tokens counted per message, and once per request, in the prompt bound.
 PROMPT_TOKENS_PER_MESSAGE = 8
 PROMPT_TOKENS_FIXED = 8
@@ -158,6 +162,12 @@ def _generation_check(endpoint: str, body: dict) -> tuple[bool, bool, int, int]:
                 raise errors.invalid_parameter(
                     f"messages[{index}]", f"messages[{index}] must be an object with a 'role'."
                 )
+            role = message["role"]
+            if role != "user" and role.lower() not in MESSAGE_ROLES:
+                raise errors.invalid_parameter(
+                    f"messages[{index}].role",
+                    f"Invalid value: {role!r}. Supported values are: 'system', 'assistant', 'user', 'function', "
+                    "'tool', and 'developer'.")
     else:
         prompt = body.get("prompt")
         if prompt is None:
@@ -500,8 +510,15 @@ class CompletionService:
         resolution = self._registry.resolve(request.body.get("model"))
         meter.prices = resolution.model.prices
         prompt_bound = prompt_tokens_upper_bound(request)
+        context_length = resolution.model.context_length
         cap = completion_tokens_cap(request, self._default_max_tokens,
-                                    context_length=resolution.model.context_length, prompt_bound=prompt_bound)
+                                    context_length=context_length, prompt_bound=prompt_bound)
+        if cap[0] is not None and cap[1] > context_length:
+            # No request can generate past the context: refused before it takes a
+            # share of the caller's limits (a 429 would suggest waiting).
+            raise errors.invalid_parameter(
+                cap[0], f"{cap[0]} is too large: {cap[1]}. This model supports at most {context_length} "
+                        f"completion tokens, whereas you provided {cap[1]}.")
         # Every choice may generate up to the cap.
         completion_bound = cap[1] * request.choices
         reserve_tokens = prompt_bound + completion_bound

@@ -119,6 +119,14 @@ def test_malformed_json_is_400(gateway, tenant_key, body):
         ({"model": "test-llm", "messages": []}, "messages", "invalid_value"),
         ({"model": "test-llm", "messages": MESSAGES, "temperature": 7}, "temperature", "invalid_value"),
         ({"model": "test-llm", "messages": MESSAGES, "max_tokens": 0}, "max_tokens", "invalid_value"),
+        ({"model": "test-llm", "messages": [{"role": "wizard", "content": "Hello"}]}, "messages[0].role",
+         "invalid_value"),
+        ({"model": "test-llm", "messages": [{"role": "User", "content": "Hello"}]}, "messages[0].role",
+         "invalid_value"),
+        # test-llm has a 4096-token context: no request can generate more.
+        ({"model": "test-llm", "messages": MESSAGES, "max_tokens": 4097}, "max_tokens", "invalid_value"),
+        ({"model": "test-llm", "messages": MESSAGES, "max_completion_tokens": 10**7}, "max_completion_tokens",
+         "invalid_value"),
         ({"model": "test-llm", "messages": MESSAGES, "stream": "yes"}, "stream", "invalid_value"),
         ({"model": "test-llm", "messages": MESSAGES, "stream_options": {"include_usage": True}},
          "stream_options", "invalid_value"),
@@ -131,6 +139,27 @@ def test_bad_parameters_are_400_naming_the_parameter(gateway, tenant_key, body, 
     )
     assert status == 400
     assert assert_error_shape(response, type="invalid_request_error", code=code)["param"] == param
+
+
+def test_max_tokens_past_the_context_is_400_before_any_limit(gateway, make_tenant):
+    """A request that can never run is refused as such, not with a 429 that
+    suggests waiting, on both generation routes and whether streamed or not."""
+    tenant = make_tenant(key_limits={"tpm_limit": 1000})
+    client = client_for(gateway, tenant.secret)
+    for stream in (False, True):
+        with pytest.raises(openai.BadRequestError) as caught:
+            client.chat.completions.create(model="test-llm", messages=MESSAGES, max_tokens=100_000, stream=stream)
+        assert caught.value.param == "max_tokens"
+        assert caught.value.body["message"] == ("max_tokens is too large: 100000. This model supports at most 4096 "
+                                        "completion tokens, whereas you provided 100000.")
+        with pytest.raises(openai.BadRequestError) as caught:
+            client.completions.create(model="test-llm", prompt="Hello", max_tokens=5000, stream=stream)
+        assert caught.value.param == "max_tokens"
+    # Within the context and the key's limit, the same key is served; a system
+    # role in another case is taken, as SGLang takes it.
+    reply = client.chat.completions.create(model="test-llm", max_tokens=4,
+                                           messages=[{"role": "System", "content": "Be brief."}, *MESSAGES])
+    assert reply.choices[0].message.content
 
 
 def test_unknown_model_is_404_streaming_or_not(gateway, tenant_key):
