@@ -22,6 +22,12 @@ SSE_HEADERS = [
 ]
 COMPLETION_PATHS = {"/v1/chat/completions": CHAT, "/v1/completions": COMPLETIONS, "/v1/embeddings": EMBEDDINGS}
 DONE_EVENT = b"data: [DONE]\n\n"
+# What a page's script may read of a response besides the safelisted headers.
+CORS_EXPOSED = (b"x-request-id, x-ratelimit-limit-requests, x-ratelimit-remaining-requests, "
+                b"x-ratelimit-reset-requests, x-ratelimit-limit-tokens, x-ratelimit-remaining-tokens, "
+                b"x-ratelimit-reset-tokens, retry-after, retry-after-ms, x-should-retry")
+# How long a browser may keep a preflight's answer (Chromium keeps at most 2 h).
+CORS_MAX_AGE = b"7200"
 
 
 class ClientGone(Exception):
@@ -158,11 +164,67 @@ async def _completion_respond(runtime: GatewayRuntime, scope, receive, send, pri
         watch.close()
 
 
+def _cors_origin(scope: dict) -> bytes | None:
+    """The Access-Control-Allow-Origin a response to this request carries: "*"
+    when any origin may call (GATEWAY_CORS_ORIGINS), the request's Origin when
+    it is one of those listed; None without an Origin or for another one."""
+    origin = None
+    for key, value in scope["headers"]:
+        if key == b"origin":
+            origin = value
+            break
+    if origin is None:
+        return None
+    allowed = settings.GATEWAY_CORS_ORIGINS
+    if "*" in allowed:
+        return b"*"
+    return origin if origin.decode("latin-1") in allowed else None
+
+
+def _cors_send(send, origin: bytes):
+    """`send` with the CORS response headers added to the response's start."""
+    headers = [(b"access-control-allow-origin", origin), (b"access-control-expose-headers", CORS_EXPOSED)]
+    if origin != b"*":
+        headers.append((b"vary", b"origin"))
+
+    async def cors_send(message: dict) -> None:
+        if message["type"] == "http.response.start":
+            message = {**message, "headers": [*message.get("headers", ()), *headers]}
+        await send(message)
+
+    return cors_send
+
+
+async def _preflight_send(scope: dict, send, origin: bytes | None) -> None:
+    """The answer to OPTIONS: what a browser's preflight asks before a page's
+    cross-origin POST with an Authorization header. Any request headers the
+    page asks for are allowed (SDKs add their own); none of it without an
+    allowed origin, so the browser refuses the call."""
+    headers = [(b"allow", b"GET, POST, OPTIONS"), (b"content-length", b"0")]
+    if origin is not None:
+        asked = _header(scope, b"access-control-request-headers")
+        headers += [(b"access-control-allow-origin", origin),
+                    (b"access-control-allow-methods", b"GET, POST, OPTIONS"),
+                    (b"access-control-max-age", CORS_MAX_AGE)]
+        if asked:
+            headers.append((b"access-control-allow-headers", asked.encode("latin-1")))
+        if origin != b"*":
+            headers.append((b"vary", b"origin"))
+    await send({"type": "http.response.start", "status": 204, "headers": headers})
+    await send({"type": "http.response.body", "body": b""})
+
+
 async def api_app(scope, receive, send) -> None:
     """ASGI entry for http requests whose path starts with /v1/."""
-    runtime = await runtime_get()
     path = scope["path"]
     method = scope["method"]
+    origin = _cors_origin(scope)
+    if method == "OPTIONS" and (path in COMPLETION_PATHS or path == "/v1/models" or path.startswith("/v1/models/")):
+        await _preflight_send(scope, send, origin)
+        return
+    if origin is not None:
+        send = _cors_send(send, origin)
+    runtime = await runtime_get()
     try:
         endpoint = COMPLETION_PATHS.get(path)
         is_models = path == "/v1/models" or path.startswith("/v1/models/")

@@ -204,6 +204,10 @@ GATEWAY_TIER_BACKEND_PRIORITY = {
 }
 # Largest request body accepted on /v1/ (bytes).
 GATEWAY_MAX_BODY_BYTES = env_int("GATEWAY_MAX_BODY_BYTES", 8 * 1024 * 1024)
+# Web origins whose pages may call /v1/ from a browser (CORS), comma-separated
+# ("https://app.example.com"): "*" for any (the default: the key travels in a
+# header, never a cookie, so a page gets nothing it was not given), "none" for none.
+GATEWAY_CORS_ORIGINS = env_list("GATEWAY_CORS_ORIGINS", ["*"])
 
 # Stripe (the billing issue builds on this; a local Stripe-compatible server in tests).
 STRIPE_API_KEY = env_str("STRIPE_API_KEY", "sk_test_local")

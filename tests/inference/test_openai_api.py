@@ -1,11 +1,13 @@
 """The public API through the official openai SDK, against a live gateway process
 backed by live simulator processes."""
 import json
+import urllib.error
+import urllib.request
 
 import openai
 import pytest
 
-from tests.conftest import usage_rows_wait
+from tests.conftest import gateway_start, process_stop, usage_rows_wait
 
 MESSAGES = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Name three colours."}]
 
@@ -341,3 +343,60 @@ def test_structured_output_parses_through_the_gateway(client):
     order = completion.choices[0].message.parsed
     assert isinstance(order, Order) and isinstance(order.quantity, int)
     assert completion.id.startswith("chatcmpl-") and completion.choices[0].finish_reason == "stop"
+
+
+def _http(url: str, *, method: str = "GET", body: dict | None = None, headers: dict | None = None):
+    """(status, headers lower-cased, body bytes) of one plain HTTP request."""
+    data = json.dumps(body).encode() if body is not None else None
+    request = urllib.request.Request(url, data=data, method=method, headers=headers or {})
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status, {k.lower(): v for k, v in response.headers.items()}, response.read()
+    except urllib.error.HTTPError as error:
+        return error.code, {k.lower(): v for k, v in error.headers.items()}, error.read()
+
+
+def test_browser_pages_may_call_the_api_across_origins(gateway, tenant_key):
+    """CORS as a browser checks it: the preflight of a page's POST with an
+    Authorization header, then the response's headers (errors too, so a page
+    can read them). Without an Origin, none of it."""
+    page = "https://app.example.com"
+    status, headers, _ = _http(gateway.base_url + "/chat/completions", method="OPTIONS", headers={
+        "Origin": page, "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": "authorization, content-type, x-stainless-os"})
+    assert status == 204
+    assert headers["access-control-allow-origin"] == "*"
+    assert "POST" in headers["access-control-allow-methods"]
+    assert headers["access-control-allow-headers"] == "authorization, content-type, x-stainless-os"
+
+    ask = {"model": "test-llm", "messages": MESSAGES, "max_tokens": 3, "stream": True}
+    auth = {"Authorization": f"Bearer {tenant_key.secret}", "Content-Type": "application/json"}
+    status, headers, body = _http(gateway.base_url + "/chat/completions", method="POST", body=ask,
+                                  headers={**auth, "Origin": page})
+    assert status == 200 and body.endswith(b"data: [DONE]\n\n")
+    assert headers["access-control-allow-origin"] == "*"
+    assert "x-request-id" in headers["access-control-expose-headers"]
+    status, headers, _ = _http(gateway.base_url + "/models", headers={"Origin": page})
+    assert status == 401 and headers["access-control-allow-origin"] == "*"
+
+    status, headers, _ = _http(gateway.base_url + "/chat/completions", method="POST", body=ask, headers=auth)
+    assert status == 200 and "access-control-allow-origin" not in headers
+
+
+def test_cors_may_be_limited_to_listed_origins(registry, live_tmp, django_db_setup, tenant_key):
+    from django.db import connection
+
+    listed = "https://app.example.com"
+    gw = gateway_start(live_tmp, connection.settings_dict["NAME"], GATEWAY_CORS_ORIGINS=f"{listed},https://b.example")
+    try:
+        auth = {"Authorization": f"Bearer {tenant_key.secret}"}
+        status, headers, _ = _http(gw.base_url + "/models", headers={**auth, "Origin": listed})
+        assert status == 200
+        assert headers["access-control-allow-origin"] == listed and headers["vary"] == "origin"
+        status, headers, _ = _http(gw.base_url + "/models", headers={**auth, "Origin": "https://other.example"})
+        assert status == 200 and "access-control-allow-origin" not in headers
+        status, headers, _ = _http(gw.base_url + "/models", method="OPTIONS", headers={
+            "Origin": "https://other.example", "Access-Control-Request-Method": "GET"})
+        assert status == 204 and "access-control-allow-origin" not in headers
+    finally:
+        process_stop(gw.process)
