@@ -168,17 +168,13 @@ def _cors_origin(scope: dict) -> bytes | None:
     """The Access-Control-Allow-Origin a response to this request carries: "*"
     when any origin may call (GATEWAY_CORS_ORIGINS), the request's Origin when
     it is one of those listed; None without an Origin or for another one."""
-    origin = None
-    for key, value in scope["headers"]:
-        if key == b"origin":
-            origin = value
-            break
+    origin = _header(scope, b"origin")
     if origin is None:
         return None
     allowed = settings.GATEWAY_CORS_ORIGINS
     if "*" in allowed:
         return b"*"
-    return origin if origin.decode("latin-1") in allowed else None
+    return origin.encode("latin-1") if origin in allowed else None
 
 
 def _cors_send(send, origin: bytes):
@@ -218,16 +214,16 @@ async def api_app(scope, receive, send) -> None:
     """ASGI entry for http requests whose path starts with /v1/."""
     path = scope["path"]
     method = scope["method"]
+    endpoint = COMPLETION_PATHS.get(path)
+    is_models = path == "/v1/models" or path.startswith("/v1/models/")
     origin = _cors_origin(scope)
-    if method == "OPTIONS" and (path in COMPLETION_PATHS or path == "/v1/models" or path.startswith("/v1/models/")):
+    if method == "OPTIONS" and (endpoint is not None or is_models):
         await _preflight_send(scope, send, origin)
         return
     if origin is not None:
         send = _cors_send(send, origin)
     runtime = await runtime_get()
     try:
-        endpoint = COMPLETION_PATHS.get(path)
-        is_models = path == "/v1/models" or path.startswith("/v1/models/")
         if endpoint is None and not is_models:
             raise errors.not_found(path)
         if endpoint is not None and method != "POST":
