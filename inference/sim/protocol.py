@@ -28,7 +28,7 @@ from typing import Any
 import orjson
 import rstr
 
-from . import ebnf
+from . import ebnf, structural_tag
 from .engine import GenerationRequest, RunningRequest, Step
 from .tokenizer import (
     VOCAB_SIZE,
@@ -47,7 +47,7 @@ WEIGHT_VERSION = "default"  # SGLang's default --weight-version
 # SGLang's limits on a request's stop_regex patterns (srt/sampling/sampling_params.py).
 MAX_STOP_REGEX_COUNT = 32
 MAX_STOP_REGEX_LEN = 256
-RESPONSE_FORMAT_TYPES = ("text", "json_object", "json_schema")
+RESPONSE_FORMAT_TYPES = ("text", "json_object", "json_schema", "structural_tag")
 SSE_DONE = b"data: [DONE]\n\n"
 
 
@@ -382,7 +382,8 @@ def _constrained_reply(fields: _Fields, prompt_ids: list[int]) -> str | None:
     response_format = fields.body.get("response_format")
     if response_format is not None:
         if not isinstance(response_format, dict) or response_format.get("type") not in RESPONSE_FORMAT_TYPES:
-            fields.fail("response_format.type", "Input should be 'text', 'json_object' or 'json_schema'")
+            fields.fail("response_format.type",
+                        "Input should be 'text', 'json_object', 'json_schema' or 'structural_tag'")
         kind = response_format["type"]
         if kind == "json_object":
             constraints["json_schema"] = ANY_JSON
@@ -395,6 +396,10 @@ def _constrained_reply(fields: _Fields, prompt_ids: list[int]) -> str | None:
             if not isinstance(json_schema.get("name"), str):
                 fields.fail("response_format.json_schema.name", "Field required")
             constraints["json_schema"] = json.dumps(json_schema.get("schema") or {})
+        elif kind == "structural_tag":
+            # The whole response_format goes to the grammar backend, as SGLang's
+            # to_sampling_params dumps it (legacy `structures` or xgrammar's `format`).
+            constraints["structural_tag"] = json.dumps(response_format)
     try:
         return constrained_text(constraints, _prompt_seed(prompt_ids))
     except ValueError as error:
@@ -417,9 +422,9 @@ def constrained_text(constraints: dict[str, str | None], seed: int) -> str | Non
     JSON valid under the schema (`structured.schema_value`; `$$ANY$$`: a JSON
     object), or a string the regex matches (rstr's xeger); both seeded, so a
     prompt gets the same reply every time. Raises ValueError with SGLang's
-    message for more than one constraint or one that does not compile, and
-    for structural tags, which the simulator does not model. An `ebnf`
-    grammar gives a string it accepts (`ebnf.sample`)."""
+    message for more than one constraint or one that does not compile. An
+    `ebnf` grammar gives a string it accepts (`ebnf.sample`), a structural tag
+    too (`structural_tag.sample`)."""
     given = [kind for kind in GRAMMAR_KINDS if constraints.get(kind)]
     if not given:
         return None
@@ -446,7 +451,10 @@ def constrained_text(constraints: dict[str, str | None], seed: int) -> str | Non
             return ebnf.sample(spec, seed)
         except ebnf.EbnfError as error:
             raise ValueError(f"Failed to compile ebnf grammar: {error}") from None
-    raise ValueError(f"The simulator does not model {kind} constraints.")
+    try:
+        return structural_tag.sample(spec, seed)
+    except structural_tag.StructuralTagError as error:
+        raise ValueError(f"Failed to compile structural_tag grammar: {error}") from None
 
 
 def _choices_options(fields: _Fields, parsed: OpenAIRequest, batch_size: int) -> OpenAIRequest:

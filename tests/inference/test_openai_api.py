@@ -345,6 +345,18 @@ def test_structured_output_parses_through_the_gateway(client):
     assert completion.id.startswith("chatcmpl-") and completion.choices[0].finish_reason == "stop"
 
 
+def test_a_structural_tag_reaches_the_backend_through_the_gateway(client):
+    """SGLang's structural_tag response_format (how tool-call tags are forced)
+    passes the gateway untouched."""
+    schema = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
+    completion = client.chat.completions.create(model="test-llm", messages=MESSAGES, response_format={
+        "type": "structural_tag", "triggers": ["<function="], "at_least_one": True,
+        "structures": [{"begin": "<function=get_weather>", "schema": schema, "end": "</function>"}]})
+    content = completion.choices[0].message.content
+    assert content.startswith("<function=get_weather>")
+    assert "city" in json.loads(content[len("<function=get_weather>"):content.index("</function>")])
+
+
 def _http(url: str, *, method: str = "GET", body: dict | None = None, headers: dict | None = None):
     """(status, headers lower-cased, body bytes) of one plain HTTP request."""
     data = json.dumps(body).encode() if body is not None else None

@@ -11,7 +11,7 @@ from typing import Literal
 import pydantic
 import pytest
 
-from inference.sim import ebnf
+from inference.sim import ebnf, structural_tag
 
 from .test_http_api import CHAT, openai_client
 
@@ -117,8 +117,7 @@ def test_native_and_extra_constraints_json_schema_and_regex(sim):
 
 def test_constraint_refusals_are_sglangs(sim):
     """More than one constraint, or one that does not compile: 400 with
-    SGLang's message (an error event once a stream is open); structural tags
-    are not modelled and say so."""
+    SGLang's message (an error event once a stream is open)."""
     with sim.client() as client:
         both = client.post("/generate", json={"text": "x", "sampling_params": {
             "json_schema": "{}", "regex": "a"}})
@@ -136,7 +135,8 @@ def test_constraint_refusals_are_sglangs(sim):
     assert bad_json.json()["error"]["message"].startswith("Failed to compile json grammar: Expecting property name")
     assert ebnf.status_code == 400
     assert ebnf.json()["error"]["message"] == "Failed to compile ebnf grammar: rule 'greeting' is not defined"
-    assert tag.status_code == 400 and "does not model structural_tag" in tag.json()["error"]["message"]
+    assert tag.status_code == 400 and tag.json()["error"]["message"].startswith(
+        "Failed to compile structural_tag grammar: a structural tag needs 'format'")
     assert chat_both.status_code == 400 and chat_both.json()["message"].startswith("Only one of json_schema")
     assert response.status_code == 200 and events[-1] == "data: [DONE]"
     error = json.loads(events[0][6:])["error"]
@@ -193,3 +193,86 @@ def test_ebnf_recursion_ends_and_bad_grammars_are_named():
         with pytest.raises(ebnf.EbnfError) as raised:
             ebnf.sample(grammar, 1)
         assert str(raised.value).startswith(problem)
+
+
+WEATHER = {"type": "object", "properties": {"city": {"type": "string"}, "days": {"type": "integer"}},
+           "required": ["city", "days"]}
+TAG_TEXT = re.compile(r"<function=(get_weather|get_time)>(.*?)</function>")
+
+
+def test_a_legacy_structural_tag_makes_tool_call_tags(sim):
+    """The shape tool calling sends (`structures` opened by `triggers`), as a
+    chat response_format through the openai SDK and on /generate: each tag
+    holds JSON valid under its structure's schema; with at_least_one the reply
+    starts with a tag."""
+    response_format = {"type": "structural_tag", "triggers": ["<function="], "at_least_one": True, "structures": [
+        {"begin": "<function=get_weather>", "schema": WEATHER, "end": "</function>"},
+        {"begin": "<function=get_time>", "schema": {"type": "object", "properties": {"zone": {"type": "string"}},
+                                                     "required": ["zone"]}, "end": "</function>"}]}
+    client = openai_client(sim)
+    replies = [client.chat.completions.create(
+        model="m", messages=[{"role": "user", "content": f"Weather in city {index}?"}],
+        response_format=response_format).choices[0].message.content for index in range(8)]
+    for reply in replies:
+        assert reply.startswith("<function=")
+        calls = TAG_TEXT.findall(reply)
+        assert calls and reply.count("<function=") == len(calls)
+        for name, arguments in calls:
+            values = json.loads(arguments)
+            assert ({"city", "days"} if name == "get_weather" else {"zone"}) <= set(values)
+            if name == "get_weather":
+                assert isinstance(values["city"], str) and isinstance(values["days"], int)
+    assert len(set(replies)) > 1
+    with sim.client() as native:
+        body = native.post("/generate", json={"text": "Weather?", "sampling_params": {
+            "structural_tag": json.dumps({k: v for k, v in response_format.items() if k != "type"})}}).json()
+    assert TAG_TEXT.match(body["text"]) and body["meta_info"]["finish_reason"]["type"] == "stop"
+
+
+def test_xgrammar_structural_tag_formats_are_followed():
+    """xgrammar's `format` tree: sequences, choices, tags, tags with separators,
+    repetition, regex, EBNF and Qwen's XML parameters, each sample accepted."""
+    spec = json.dumps({"type": "structural_tag", "format": {"type": "sequence", "elements": [
+        {"type": "const_string", "value": "Verdict: "},
+        {"type": "or", "elements": [{"type": "const_string", "value": "yes"}, {"type": "const_string", "value": "no"}]},
+        {"type": "const_string", "value": "\n"},
+        {"type": "tags_with_separator", "separator": ",", "at_least_one": True, "tags": [
+            {"begin": "<call>", "content": {"type": "json_schema", "json_schema": WEATHER}, "end": ["</call>", "</c>"]},
+        ]},
+        {"type": "repeat", "min": 2, "max": 3, "content": {"type": "regex", "pattern": "[0-9]{2}"}},
+        {"type": "tag", "begin": "<tool_call>", "end": "</tool_call>",
+         "content": {"type": "json_schema", "json_schema": WEATHER, "style": "qwen_xml"}},
+        {"type": "grammar", "grammar": 'root ::= "[" ("a" | "b")+ "]"'},
+        {"type": "triggered_tags", "triggers": ["<x"], "stop_after_first": True, "at_least_one": True,
+         "tags": [{"begin": "<x>", "content": {"type": "any_text", "max_chars": 10}, "end": "</x>"}]},
+    ]}})
+    pattern = re.compile(
+        r"Verdict: (yes|no)\n(<call>(\{.*?\})</(call|c)>)(,<call>\{.*?\}</(call|c)>)*([0-9]{2}){2,3}"
+        r"<tool_call><parameter=city>[^<]*</parameter><parameter=days>-?[0-9]+</parameter></tool_call>"
+        r"\[[ab]+\]<x>[^<]{0,10}</x>", re.DOTALL)
+    samples = [structural_tag.sample(spec, seed) for seed in range(30)]
+    for text in samples:
+        match = pattern.fullmatch(text)
+        assert match, text
+        assert set(json.loads(match.group(3))) >= {"city", "days"}
+    assert len(set(samples)) > 20
+
+
+def test_structural_tags_that_do_not_compile_are_named(sim):
+    for spec, problem in (
+            ({"format": {"type": "colour"}}, "unknown format type 'colour'"),
+            ({"format": {"type": "token", "token": 5}}, "format 'token' works on token ids"),
+            ({"format": {"type": "triggered_tags", "triggers": ["<a"], "tags": [
+                {"begin": "<b>", "content": {"type": "any_text"}, "end": "</b>"}]}},
+             "tag begin '<b>' must start with exactly one trigger"),
+            ({"format": {"type": "repeat", "min": 3, "max": 1, "content": {"type": "any_text"}}},
+             "format 'repeat' needs 0 <= min <= max"),
+            ({"structures": [{"begin": "<f>", "end": 7}], "triggers": ["<f"]}, "each structure needs string")):
+        with pytest.raises(structural_tag.StructuralTagError) as raised:
+            structural_tag.sample(json.dumps(spec), 1)
+        assert str(raised.value).startswith(problem)
+    with sim.client() as client:
+        refused = client.post("/v1/chat/completions", json={"model": "m", "messages": CHAT, "response_format": {
+            "type": "structural_tag", "format": {"type": "colour"}}})
+    assert refused.status_code == 400
+    assert refused.json()["message"] == "Failed to compile structural_tag grammar: unknown format type 'colour'"
