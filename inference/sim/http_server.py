@@ -164,7 +164,9 @@ class _ChoiceChunks:
             # Completions' continuous usage carries no cached-token details in SGLang.
             usage = usage_object(prompt_tokens=running.prompt_tokens, completion_tokens=step.completion_tokens,
                                  cached_tokens=0, enable_cache_report=False) if continuous else None
-            logprobs = _step_logprobs(parsed, self._index, step, first, running)
+            # Every generated token's, the EOS's too: SGLang's serving_completions
+            # sends whatever output logprobs a chunk has not sent yet.
+            logprobs = _step_logprobs(parsed, self._index, step, first, running, textless=True)
             return [writer.text_chunk(delta, step.finish_reason, usage, logprobs)]
         out = [writer.role_chunk()] if first else []
         if self._call is not None:

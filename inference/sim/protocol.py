@@ -32,6 +32,7 @@ from . import ebnf, structural_tag
 from .engine import GenerationRequest, RunningRequest, Step
 from .tokenizer import (
     VOCAB_SIZE,
+    detokenize,
     piece_of,
     piece_to_id,
     render_chat_prompt,
@@ -588,6 +589,8 @@ def parse_completion_request(body: Any, *, served_model_name: str | None = None)
     echo = fields.boolean("echo")
     if not echo:
         prompts = [(ids, None) for ids, _ in prompts]
+    else:  # token ids echo as their text, special tokens left out (SGLang's _prepare_echo_prompts)
+        prompts = [(ids, detokenize(ids) if text is None else text) for ids, text in prompts]
     logprobs = fields.optional_int("logprobs")
     if logprobs is not None and logprobs < 0:
         raise openai_error(f"logprobs must be at least 0, got {logprobs}.")

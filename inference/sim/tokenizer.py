@@ -75,6 +75,13 @@ def piece_of(token_id: int) -> str:
     return _PIECE_OF_ID.get(token_id, "")
 
 
+def detokenize(ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+    """The text of token ids; `skip_special_tokens` leaves out the special
+    tokens (EOS and the chat template's), as a tokenizer's decode does."""
+    return "".join(piece_of(token_id) for token_id in ids
+                   if not (skip_special_tokens and 0 <= token_id < RESERVED_IDS))
+
+
 def split_pieces(text: str) -> list[str]:
     """Split text into pieces; ``"".join(split_pieces(t)) == t`` always holds."""
     return _PIECE_PATTERN.findall(text)

@@ -20,7 +20,7 @@ from __future__ import annotations
 from typing import Any
 
 from .protocol import ApiError, _Fields, chat_messages_checked, openai_error, openai_error_body, openai_schema_error
-from .tokenizer import RESERVED_IDS, piece_of, render_chat_prompt, tokenize
+from .tokenizer import detokenize, render_chat_prompt, tokenize
 
 
 def tokenize_response(body: Any, *, context_length: int) -> dict:
@@ -63,12 +63,8 @@ def detokenize_response(body: Any) -> dict:
     if tokens == []:
         return {"text": ""}
     if _is_ids(tokens):
-        return {"text": _decode(tokens, skip_special)}
+        return {"text": detokenize(tokens, skip_special)}
     if isinstance(tokens, list) and all(_is_ids(item) for item in tokens):
-        return {"text": [_decode(item, skip_special) for item in tokens]}
+        return {"text": [detokenize(item, skip_special) for item in tokens]}
     fields.fail("tokens", "Input should be a list of integers or a list of lists of integers")
     raise AssertionError("unreachable")
-
-
-def _decode(ids: list[int], skip_special: bool) -> str:
-    return "".join(piece_of(token_id) for token_id in ids if not (skip_special and 0 <= token_id < RESERVED_IDS))

@@ -961,6 +961,16 @@ def test_completions_batch_of_prompts(sim):
     assert batch.usage.prompt_tokens == one.usage.prompt_tokens + other.usage.prompt_tokens
     assert batch.usage.completion_tokens == 6
 
+    # Token ids echo as their text, the special tokens left out (SGLang decodes
+    # them with skip_special_tokens), whole and streamed.
+    with sim.client() as raw:
+        ids = raw.post("/tokenize", json={"prompt": "Once upon a time"}).json()["tokens"]
+    by_ids = client.completions.create(model="m", prompt=[ids + [2], ids], max_tokens=3, echo=True)
+    assert [choice.text[:len("Once upon a time")] for choice in by_ids.choices] == ["Once upon a time"] * 2
+    assert by_ids.choices[1].text == "Once upon a time" + one.choices[0].text
+    streamed = list(client.completions.create(model="m", prompt=ids, max_tokens=3, echo=True, stream=True))
+    assert "".join(chunk.choices[0].text for chunk in streamed) == by_ids.choices[1].text
+
     sampled = client.completions.create(model="m", prompt=[[5, 6, 7], [8, 9]], max_tokens=2, n=2)
     assert [choice.index for choice in sampled.choices] == [0, 1, 2, 3]
     assert sampled.usage.prompt_tokens == 5 and sampled.usage.completion_tokens == 8
@@ -1000,6 +1010,18 @@ def test_completion_logprobs_with_echo_whole_and_streamed(sim):
     tokens = [token for chunk in streamed for token in chunk.choices[0].logprobs.tokens]
     values = [value for chunk in streamed for value in chunk.choices[0].logprobs.token_logprobs]
     assert tokens == logprobs.tokens and values == logprobs.token_logprobs
+
+    # A reply that ends on its EOS: the finish chunk carries the EOS's logprob,
+    # which the whole reply lists last, as SGLang's serving_completions sends it.
+    ended = client.completions.create(model="m", prompt="The cat sat", max_tokens=200, logprobs=2)
+    assert ended.choices[0].finish_reason == "stop" and ended.choices[0].logprobs.tokens[-1] == "<|endoftext|>"
+    streamed = list(client.completions.create(model="m", prompt="The cat sat", max_tokens=200, logprobs=2,
+                                              stream=True))
+    assert all(chunk.choices[0].logprobs for chunk in streamed)
+    assert streamed[-1].choices[0].finish_reason == "stop" and streamed[-1].choices[0].text == ""
+    assert [token for chunk in streamed for token in chunk.choices[0].logprobs.tokens] == ended.choices[0].logprobs.tokens
+    assert ([value for chunk in streamed for value in chunk.choices[0].logprobs.token_logprobs]
+            == ended.choices[0].logprobs.token_logprobs)
 
     plain = client.completions.create(model="m", prompt="The cat sat", max_tokens=3, logprobs=0)
     assert plain.choices[0].logprobs.tokens == logprobs.tokens[3:]
