@@ -82,7 +82,10 @@ def _sse_frame(payloads: list[bytes]) -> bytes:
 
 
 def _model_card(model) -> dict:
-    return {"id": model.name, "object": "model", "created": model.created, "owned_by": model.owned_by}
+    """OpenAI's model object, with the context length as SGLang and vLLM name it
+    (`max_model_len`): what clients size prompts and max_tokens by."""
+    return {"id": model.name, "object": "model", "created": model.created, "owned_by": model.owned_by,
+            "max_model_len": model.context_length}
 
 
 class _DisconnectWatch:

@@ -20,7 +20,12 @@ def client(gateway, tenant_key):
 def test_models_lists_the_registry(client):
     ids = {model.id for model in client.models.list()}
     assert {"test-llm", "slow-llm", "faulty-llm", "think-llm"} <= ids
-    assert client.models.retrieve("test-llm").id == "test-llm"
+    model = client.models.retrieve("test-llm")
+    assert model.id == "test-llm"
+    assert model.max_model_len == 4096  # the registered context length, as SGLang and vLLM name it
+    assert {m.id: m.max_model_len for m in client.models.list()}["test-llm"] == 4096
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("no-such-model")
 
 
 def test_chat_completion_non_streaming(client, tenant_key):
