@@ -148,7 +148,7 @@ class _ChoiceChunks:
         # A tool call: its deltas replace the content ones (`tools.CallStream`).
         self._call = CallStream(parsed.tool_call, index) if chat and parsed.tool_call is not None else None
         # A reasoning model's think block: its deltas go out as reasoning_content.
-        self._reasoning = ReasoningSplitter(parsed.reasoning_parser) \
+        self._reasoning = ReasoningSplitter(parsed.reasoning_parser, stream=parsed.stream_reasoning) \
             if chat and parsed.reasoning_parser is not None else None
         writer_class = ChatChunkWriter if chat else CompletionChunkWriter
         self.writer = writer_class(rid=running.rid, model=parsed.model, created=created, index=index)

@@ -277,6 +277,8 @@ class OpenAIRequest:
     tool_call: ToolCall | None = None
     # The reasoning parser that splits chat replies (`reasoning.ReasoningSplitter`), if any.
     reasoning_parser: str | None = None
+    # `stream_reasoning`: a stream sends the reasoning as it comes (else whole, once it ends).
+    stream_reasoning: bool = True
     # `return_cached_tokens_details`: the reply's `sglext` says where its cached tokens came from.
     cached_tokens_details: bool = False
     # A reasoning model's request: (parser, body, seed) of its think block, so
@@ -557,6 +559,7 @@ def parse_chat_request(body: Any, *, served_model_name: str | None = None,
     parsed = OpenAIRequest(generation, model, include_usage, continuous,
                            top_logprobs=(top or 0) if logprobs else None, tool_call=tool_call,
                            reasoning_parser=thinking.parser if thinking is not None else None,
+                           stream_reasoning=fields.boolean("stream_reasoning", default=True),
                            cached_tokens_details=fields.boolean("return_cached_tokens_details"),
                            thinking=(reasoning_parser, body, think_seed) if thinking is not None else None)
     return _choices_options(fields, parsed, 1)

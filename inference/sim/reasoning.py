@@ -54,14 +54,17 @@ def thinking_for(parser: str | None, body: dict, seed: int) -> Thinking | None:
 
 
 class ReasoningSplitter:
-    """SGLang's reasoning detector for one choice (the base detector's rules,
-    `stream_reasoning` on): `feed` each streamed delta, `finish` at the end;
-    `split` a whole reply at once. Returns (reasoning, normal) text."""
+    """SGLang's reasoning detector for one choice (the base detector's rules):
+    `feed` each streamed delta, `finish` at the end; `split` a whole reply at
+    once. Returns (reasoning, normal) text. Without `stream` (a request's
+    `stream_reasoning: false`), `feed` holds the reasoning back until the
+    block ends and gives it whole; `finish` gives a block cut short."""
 
-    __slots__ = ("_parser", "_buffer", "_in_reasoning", "_stripped_start")
+    __slots__ = ("_parser", "_stream", "_buffer", "_in_reasoning", "_stripped_start")
 
-    def __init__(self, parser: str) -> None:
+    def __init__(self, parser: str, *, stream: bool = True) -> None:
         self._parser = parser
+        self._stream = stream
         self._buffer = ""
         # deepseek-r1 starts inside the block; qwen3 once it sees <think>.
         self._in_reasoning = parser == "deepseek-r1"
@@ -105,6 +108,9 @@ class ReasoningSplitter:
             if tool >= 0:
                 self._buffer, self._in_reasoning = "", False
                 return text[:tool], text[tool:]
+            if not self._stream:
+                self._buffer = text
+                return "", ""
             # Hold back an end that may be a marker split across deltas (the
             # opening one too while it has not been seen).
             held = max(_partial_suffix(text, marker) for marker in markers

@@ -70,6 +70,31 @@ def test_a_reply_cut_while_thinking_is_all_reasoning(r1_sim):
     assert info["reasoning_parser"] == "deepseek-r1"
 
 
+@pytest.mark.parametrize("which", ["qwen3", "deepseek-r1"])
+def test_stream_reasoning_false_sends_the_block_whole_once_it_ends(which, qwen3_sim, r1_sim):
+    """`stream_reasoning: false`: SGLang's parser holds the reasoning back and
+    sends it in one chunk when the block ends, the answer after it; a block
+    cut short comes whole at the finish."""
+    client = openai_client(qwen3_sim if which == "qwen3" else r1_sim)
+    whole = client.chat.completions.create(model="m", messages=ASK).choices[0].message
+    chunks = list(client.chat.completions.create(model="m", messages=ASK, stream=True,
+                                                 extra_body={"stream_reasoning": False}))
+    deltas = [chunk.choices[0].delta for chunk in chunks if chunk.choices]
+    reasoning = [d.reasoning_content for d in deltas if getattr(d, "reasoning_content", None)]
+    assert reasoning == [whole.reasoning_content]
+    assert "".join(d.content or "" for d in deltas) == whole.content
+    streamed = list(client.chat.completions.create(model="m", messages=ASK, stream=True))
+    assert len([c for c in streamed if c.choices and getattr(c.choices[0].delta, "reasoning_content", None)]) > 1
+
+    cut = client.chat.completions.create(model="m", messages=ASK, max_tokens=5).choices[0]
+    chunks = list(client.chat.completions.create(model="m", messages=ASK, max_tokens=5, stream=True,
+                                                 extra_body={"stream_reasoning": False}))
+    deltas = [chunk.choices[0].delta for chunk in chunks if chunk.choices]
+    assert [d.reasoning_content for d in deltas if getattr(d, "reasoning_content", None)] == \
+        [cut.message.reasoning_content]
+    assert chunks[-1].choices[0].finish_reason == "length"
+
+
 @pytest.mark.parametrize("parser", ["qwen3", "deepseek-r1"])
 def test_the_splitter_holds_back_a_tag_split_across_deltas(parser):
     text = ("<think>\n" if parser == "qwen3" else "") + "a <b> c\n</think>\n\nanswer </thin"
