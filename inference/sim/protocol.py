@@ -42,7 +42,7 @@ from .tokenizer import (
 )
 from .reasoning import ReasoningSplitter, thinking_for
 from .structured import schema_value
-from .tools import ToolCall, ToolRequestError, plan_call
+from .tools import ToolCall, ToolRequestError, ToolSchemaError, plan_call
 
 WEIGHT_VERSION = "default"  # SGLang's default --weight-version
 # SGLang's limits on a request's stop_regex patterns (srt/sampling/sampling_params.py).
@@ -514,10 +514,17 @@ def chat_messages_checked(messages: list, schema_name: str) -> list:
             problems.append((f"{user}.role", "Field required" if role is None else "Input should be 'user'"))
         if "content" not in message:
             problems.append((f"{user}.content", "Field required"))
-        text = "".join(f"\n{location}\n  {problem}" for location, problem in problems)
-        raise ApiError(400, openai_error_body(f"{len(problems)} validation errors for {schema_name}{text}",
-                                              error_type="Bad Request"))
+        raise schema_errors(problems, schema_name)
     return checked
+
+
+def schema_errors(problems: list[tuple[str, str]], schema_name: str) -> ApiError:
+    """The 400 of a request pydantic finds several (location, problem) in."""
+    if len(problems) == 1:
+        return openai_schema_error(*problems[0], schema_name)
+    text = "".join(f"\n{location}\n  {problem}" for location, problem in problems)
+    return ApiError(400, openai_error_body(f"{len(problems)} validation errors for {schema_name}{text}",
+                                           error_type="Bad Request"))
 
 
 def parse_chat_request(body: Any, *, served_model_name: str | None = None,
@@ -533,6 +540,8 @@ def parse_chat_request(body: Any, *, served_model_name: str | None = None,
     messages = chat_messages_checked(messages, "ChatCompletionRequest")
     try:
         tool_call = plan_call(body.get("tools"), body.get("tool_choice"), messages, parser=tool_call_parser)
+    except ToolSchemaError as error:
+        raise schema_errors(error.problems, "ChatCompletionRequest") from error
     except ToolRequestError as error:
         raise openai_error(str(error)) from error
     try:

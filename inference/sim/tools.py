@@ -39,6 +39,41 @@ class ToolRequestError(ValueError):
     """The request's tools or tool_choice cannot be served (SGLang's wording)."""
 
 
+class ToolSchemaError(ToolRequestError):
+    """`tools` or `tool_choice` fails ChatCompletionRequest's schema: the
+    (location, problem) pairs pydantic lists."""
+
+    def __init__(self, problems: list[tuple[str, str]]) -> None:
+        super().__init__(problems[0][1])
+        self.problems = problems
+
+
+_TOOL_CHOICE_LITERAL = ("tool_choice.literal['auto','required','none']", "Input should be 'auto', 'required' or 'none'")
+
+
+def _tool_choice_problems(tool_choice: Any) -> list[tuple[str, str]]:
+    """What pydantic says of a tool_choice that is neither a ToolChoice
+    ({"type": "function", "function": {"name": ...}}, name optional) nor one
+    of the literals; none for a valid one."""
+    if tool_choice in ("none", "auto", "required"):
+        return []
+    if not isinstance(tool_choice, dict):
+        return [("tool_choice.ToolChoice", "Input should be a valid dictionary or instance of ToolChoice"),
+                _TOOL_CHOICE_LITERAL]
+    problems = []
+    function = tool_choice.get("function")
+    if function is None and "function" not in tool_choice:
+        problems.append(("tool_choice.ToolChoice.function", "Field required"))
+    elif not isinstance(function, dict):
+        problems.append(("tool_choice.ToolChoice.function",
+                         "Input should be a valid dictionary or instance of ToolChoiceFuncName"))
+    elif function.get("name") is not None and not isinstance(function["name"], str):
+        problems.append(("tool_choice.ToolChoice.function.name", "Input should be a valid string"))
+    if "type" in tool_choice and tool_choice["type"] != "function":
+        problems.append(("tool_choice.ToolChoice.type", "Input should be 'function'"))
+    return problems + [_TOOL_CHOICE_LITERAL] if problems else []
+
+
 @dataclass(slots=True)
 class ToolCall:
     """The call the simulated model makes: its text and its parts."""
@@ -91,37 +126,51 @@ def functions_of(tools: Any) -> dict[str, dict]:
     if tools is None:
         return {}
     if not isinstance(tools, list):
-        raise ToolRequestError("tools must be a list.")
+        raise ToolSchemaError([("tools", "Input should be a valid list")])
     functions: dict[str, dict] = {}
-    for tool in tools:
-        function = tool.get("function") if isinstance(tool, dict) else None
-        if not isinstance(function, dict) or not isinstance(function.get("name"), str):
-            raise ToolRequestError("Each tool must be {'type': 'function', 'function': {'name': ...}}.")
-        parameters = function.get("parameters")
-        functions[function["name"]] = parameters if isinstance(parameters, dict) else {}
+    problems = []
+    for index, tool in enumerate(tools):
+        where = f"tools.{index}"
+        if not isinstance(tool, dict):
+            problems.append((where, "Input should be a valid dictionary or instance of Tool"))
+            continue
+        if "type" in tool and not isinstance(tool["type"], str):
+            problems.append((f"{where}.type", "Input should be a valid string"))
+        function = tool.get("function")
+        if function is None:
+            problems.append((f"{where}.function", "Field required"))
+        elif not isinstance(function, dict):
+            problems.append((f"{where}.function", "Input should be a valid dictionary or instance of Function"))
+        elif not isinstance(function.get("name"), str):
+            problems.append((f"{where}.function.name", "Field required" if function.get("name") is None
+                             else "Input should be a valid string"))
+        else:
+            parameters = function.get("parameters")
+            functions[function["name"]] = parameters if isinstance(parameters, dict) else {}
+    if problems:
+        raise ToolSchemaError(problems)
     return functions
 
 
 def plan_call(tools: Any, tool_choice: Any, messages: list, *, parser: str | None) -> ToolCall | None:
     """The call the model makes for this request, or None. Raises
     ToolRequestError for a tool_choice SGLang refuses."""
-    functions = functions_of(tools)
     if tool_choice is None:
         tool_choice = "auto" if tools is not None else "none"
+    try:
+        functions = functions_of(tools)
+    except ToolSchemaError as error:  # pydantic lists every field's problems
+        error.problems += _tool_choice_problems(tool_choice)
+        raise
+    if problems := _tool_choice_problems(tool_choice):
+        raise ToolSchemaError(problems)
     named = None
     if isinstance(tool_choice, dict):
-        function = tool_choice.get("function")
-        named = function.get("name") if isinstance(function, dict) else None
-        if not isinstance(named, str):
-            raise ToolRequestError("tool_choice must be 'none', 'auto', 'required' or "
-                                   "{'type': 'function', 'function': {'name': ...}}.")
+        named = tool_choice["function"].get("name")  # optional in SGLang's ToolChoiceFuncName
         if not functions:
             raise ToolRequestError("Tools cannot be empty if tool choice is set to a specific tool.")
         if named not in functions:
             raise ToolRequestError(f"Tool '{named}' not found in tools list.")
-    elif tool_choice not in ("none", "auto", "required"):
-        raise ToolRequestError("tool_choice must be 'none', 'auto', 'required' or "
-                               "{'type': 'function', 'function': {'name': ...}}.")
     elif tool_choice == "required" and not functions:
         raise ToolRequestError("Tools cannot be empty if tool choice is set to required.")
     if parser is None or not functions or tool_choice == "none":

@@ -67,6 +67,34 @@ def test_required_and_named_choices(tool_sim):
     with pytest.raises(openai.BadRequestError) as empty:
         client.chat.completions.create(model="m", messages=ASK, tool_choice="required")
     assert "Tools cannot be empty if tool choice is set to required." in str(empty.value)
+    # A named choice without a name passes the schema (the name is optional) and names None.
+    with pytest.raises(openai.BadRequestError) as unnamed:
+        client.chat.completions.create(model="m", messages=ASK, tools=[WEATHER],
+                                       tool_choice={"type": "function", "function": {}})
+    assert unnamed.value.body["message"] == "Tool 'None' not found in tools list."
+
+
+def test_tools_and_tool_choice_outside_the_schema_get_pydantics_400(tool_sim):
+    """What ChatCompletionRequest's schema refuses comes back as SGLang's
+    validation handler words it: type "Bad Request", each location and problem."""
+    client = openai_client(tool_sim)
+    cases = [
+        ({"tools": {"a": 1}}, "1 validation error for ChatCompletionRequest\ntools\n  Input should be a valid list"),
+        ({"tools": [{"type": "function"}, WEATHER, {"function": {"name": 3}}]},
+         "2 validation errors for ChatCompletionRequest\ntools.0.function\n  Field required\n"
+         "tools.2.function.name\n  Input should be a valid string"),
+        ({"tools": [WEATHER], "tool_choice": "foo"},
+         "2 validation errors for ChatCompletionRequest\ntool_choice.ToolChoice\n"
+         "  Input should be a valid dictionary or instance of ToolChoice\n"
+         "tool_choice.literal['auto','required','none']\n  Input should be 'auto', 'required' or 'none'"),
+        ({"tools": [WEATHER], "tool_choice": {"type": "function"}},
+         "2 validation errors for ChatCompletionRequest\ntool_choice.ToolChoice.function\n  Field required\n"
+         "tool_choice.literal['auto','required','none']\n  Input should be 'auto', 'required' or 'none'"),
+    ]
+    for extra, message in cases:
+        with pytest.raises(openai.BadRequestError) as refused:
+            client.chat.completions.create(model="m", messages=ASK, extra_body=extra)
+        assert refused.value.body["message"] == message and refused.value.body["type"] == "Bad Request"
 
 
 def test_streamed_call_arrives_in_pieces(tool_sim):
