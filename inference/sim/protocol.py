@@ -377,10 +377,11 @@ def _openai_common(fields: _Fields, *, prompt_ids: list[int], max_tokens: int | 
 def _constrained_reply(fields: _Fields, prompt_ids: list[int]) -> str | None:
     """What the model writes under the request's output constraint, as SGLang
     turns an OpenAI request into sampling params: `response_format` (a
-    `json_schema`'s schema, also accepted as a top-level `schema` as SGLang
-    does; any JSON object for `json_object`; nothing for "text"), or the
-    `regex` / `ebnf` extras, or completions' `json_schema` string. See
-    `constrained_text`."""
+    `json_schema`'s schema, on chat also a top-level `schema` as SGLang's
+    ChatCompletionRequest takes it; any JSON object for `json_object`;
+    nothing for "text"), or the `regex` / `ebnf` extras, or completions'
+    `json_schema` string. A json_schema format without a schema is SGLang's
+    400 (typed as each route's check types it). See `constrained_text`."""
     constraints = {kind: fields.optional_str(kind) for kind in ("regex", "ebnf", "json_schema")}
     response_format = fields.body.get("response_format")
     if response_format is not None:
@@ -391,14 +392,24 @@ def _constrained_reply(fields: _Fields, prompt_ids: list[int]) -> str | None:
         if kind == "json_object":
             constraints["json_schema"] = ANY_JSON
         elif kind == "json_schema":
+            chat = fields.schema_name == "ChatCompletionRequest"
             json_schema = response_format.get("json_schema")
-            if json_schema is None and isinstance(response_format.get("schema"), dict):
-                json_schema = {"name": "Schema", "schema": response_format["schema"]}
-            if not isinstance(json_schema, dict):
-                fields.fail("response_format.json_schema", "Field required")
-            if not isinstance(json_schema.get("name"), str):
-                fields.fail("response_format.json_schema.name", "Field required")
-            constraints["json_schema"] = json.dumps(json_schema.get("schema") or {})
+            schema = response_format.get("schema")
+            if chat and not json_schema and schema and isinstance(schema, dict):
+                json_schema = {"name": schema.get("title", "Schema"), "schema": schema}
+            if json_schema is not None:
+                if not isinstance(json_schema, dict):
+                    fields.fail("response_format.json_schema",
+                                "Input should be a valid dictionary or instance of JsonSchemaResponseFormat")
+                if not isinstance(json_schema.get("name"), str):
+                    fields.fail("response_format.json_schema.name", "Field required")
+                if json_schema.get("schema") is not None and not isinstance(json_schema["schema"], dict):
+                    fields.fail("response_format.json_schema.schema", "Input should be a valid dictionary")
+            schema = json_schema.get("schema") if json_schema else None
+            if schema is None:
+                raise openai_error("schema_ is required for json_schema response format request.",
+                                   error_type="BadRequestError" if chat else "BadRequest")
+            constraints["json_schema"] = json.dumps(schema)
         elif kind == "structural_tag":
             # The whole response_format goes to the grammar backend, as SGLang's
             # to_sampling_params dumps it (legacy `structures` or xgrammar's `format`).

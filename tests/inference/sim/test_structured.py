@@ -85,6 +85,33 @@ def test_invalid_response_format_is_400(sim):
     assert text.status_code == 200 and text.json()["choices"][0]["finish_reason"] == "length"
 
 
+def test_a_json_schema_format_without_a_schema_is_400_as_each_route_says(sim):
+    """SGLang's json_schema and its schema are optional in the schema; the
+    routes refuse a format without one: chat as BadRequestError, completions
+    as BadRequest (a ValueError). Only chat takes a top-level `schema`."""
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"]}
+    with sim.client() as client:
+        def refusal(route: str, response_format: dict) -> tuple[int, str, str]:
+            body = {"model": "m", "response_format": response_format, "max_tokens": 40,
+                    **({"messages": CHAT} if route == "chat/completions" else {"prompt": "Answer:"})}
+            reply = client.post(f"/v1/{route}", json=body)
+            return reply.status_code, reply.json().get("type"), reply.json().get("message")
+
+        message = "schema_ is required for json_schema response format request."
+        assert refusal("chat/completions", {"type": "json_schema", "json_schema": {"name": "p"}}) == \
+            (400, "BadRequestError", message)
+        assert refusal("chat/completions", {"type": "json_schema"}) == (400, "BadRequestError", message)
+        assert refusal("completions", {"type": "json_schema", "json_schema": {"name": "p"}}) == \
+            (400, "BadRequest", message)
+        assert refusal("completions", {"type": "json_schema", "schema": schema}) == (400, "BadRequest", message)
+        top = client.post("/v1/chat/completions", json={"model": "m", "messages": CHAT, "response_format": {
+            "type": "json_schema", "schema": schema}})
+        assert top.status_code == 200 and set(json.loads(top.json()["choices"][0]["message"]["content"])) == {"ok"}
+        completed = client.post("/v1/completions", json={"model": "m", "prompt": "Answer:", "response_format": {
+            "type": "json_schema", "json_schema": {"name": "p", "schema": schema}}})
+        assert set(json.loads(completed.json()["choices"][0]["text"])) == {"ok"}
+
+
 def test_native_and_extra_constraints_json_schema_and_regex(sim):
     """SGLang's sampling params constraints: /generate's `json_schema` (a
     schema as a string, `$$ANY$$` any JSON) and `regex`; the OpenAI routes'
