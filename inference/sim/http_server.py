@@ -655,7 +655,8 @@ class GenerationHandlers:
 
     async def generate(self, request: web.Request) -> web.StreamResponse:
         self._generation_only(native=True)
-        parsed = parse_generate_request(await _read_json_body(request, require_json_content_type=False))
+        parsed = parse_generate_request(await _read_json_body(request, require_json_content_type=False),
+                                        reasoning_parser=self.config.reasoning_parser)
         if not parsed.stream:
             runnings = await self._start_native(parsed)
             try:

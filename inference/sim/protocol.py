@@ -695,12 +695,16 @@ def _native_logprobs(fields: _Fields, batch_size: int) -> list[NativeLogprobs | 
             for want, start, top in zip(wanted, starts, tops)]
 
 
-def parse_generate_request(body: Any) -> NativeRequest:
+def parse_generate_request(body: Any, *, reasoning_parser: str | None = None) -> NativeRequest:
     """GenerateReqInput: `text` a string or a list (a batch), or `input_ids` a
     list of ids or of id lists; `sampling_params` one object or one per prompt
     (all with the same `n`); `rid`, `lora_path`, `cache_salt` and `extra_key`
-    one value or one per prompt. With n > 1 even a single prompt is a batch."""
+    one value or one per prompt. With n > 1 even a single prompt is a batch.
+    `require_reasoning` on a reasoning model (`reasoning_parser`): the reply
+    opens with its think block, which meta_info's reasoning_tokens counts
+    through the end tag, as SGLang's scheduler does."""
     fields = _Fields(body, "GenerateReqInput", native_schema_error)
+    reasoning = reasoning_parser if fields.boolean("require_reasoning") else None
     text = body.get("text")
     input_ids = body.get("input_ids")
     if body.get("input_embeds") is not None:
@@ -818,6 +822,9 @@ def parse_generate_request(body: Any) -> NativeRequest:
             logprobs=logprobs[index],
             routing_key=fields.optional_str("routing_key"),
         ))
+        if reasoning is not None and (thinking := thinking_for(reasoning, {}, _prompt_seed(prompt_ids))):
+            generations[-1] = replace(generations[-1], preamble=thinking.preamble,
+                                      reasoning_tokens=thinking.reasoning_tokens)
     return NativeRequest(generations=generations, n=n, greedy=greedy, single=single,
                          refusal=refusals[0] if refusals else None)
 

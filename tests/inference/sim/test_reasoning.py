@@ -3,6 +3,8 @@ split into `reasoning_content` as SGLang's parsers split it."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from inference.sim.reasoning import THINK_END, ReasoningSplitter
@@ -93,6 +95,33 @@ def test_stream_reasoning_false_sends_the_block_whole_once_it_ends(which, qwen3_
     assert [d.reasoning_content for d in deltas if getattr(d, "reasoning_content", None)] == \
         [cut.message.reasoning_content]
     assert chunks[-1].choices[0].finish_reason == "length"
+
+
+def test_generate_with_require_reasoning_counts_the_think_block(r1_sim):
+    """/generate's `require_reasoning` on a reasoning model: the reply opens with
+    its think block, and meta_info counts its tokens through the end tag (every
+    token while the block is open), whole and streamed."""
+    prompt = {"text": "<|user|>What is 1+3?<|end|><|assistant|>", "sampling_params": {"max_new_tokens": 200}}
+    with r1_sim.client() as http:
+        plain = http.post("/generate", json=prompt).json()
+        whole = http.post("/generate", json={**prompt, "require_reasoning": True}).json()
+        with http.stream("POST", "/generate", json={**prompt, "require_reasoning": True, "stream": True}) as reply:
+            events = [json.loads(line[len("data: "):]) for line in reply.iter_lines()
+                      if line.startswith("data: {")]
+    assert plain["meta_info"]["reasoning_tokens"] == 0 and THINK_END not in plain["text"]
+    reasoning, _, answer = whole["text"].partition(THINK_END)
+    meta = whole["meta_info"]
+    assert reasoning and answer.startswith("\n\n") and 0 < meta["reasoning_tokens"] < meta["completion_tokens"]
+    # The block's tokens are those the chat route counts for the same reply.
+    assert whole["output_ids"][:meta["reasoning_tokens"]] == http_tokens(r1_sim, reasoning + THINK_END)
+    counts = [(event["meta_info"]["completion_tokens"], event["meta_info"]["reasoning_tokens"]) for event in events]
+    assert all(thought == min(done, meta["reasoning_tokens"]) for done, thought in counts)
+    assert counts[-1] == (meta["completion_tokens"], meta["reasoning_tokens"])
+
+
+def http_tokens(sim, text: str) -> list[int]:
+    with sim.client() as http:
+        return http.post("/tokenize", json={"prompt": text}).json()["tokens"]
 
 
 @pytest.mark.parametrize("parser", ["qwen3", "deepseek-r1"])
