@@ -198,7 +198,8 @@ def _generation_check(endpoint: str, body: dict) -> tuple[bool, bool, int, int]:
         value = body.get(name)
         if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
             raise errors.invalid_parameter(name, f"'{name}' must be an integer of at least 1.")
-    for name, low, high in (("temperature", 0, 2), ("top_p", 0, 1)):
+    for name, low, high in (("temperature", 0, 2), ("top_p", 0, 1), ("frequency_penalty", -2, 2),
+                            ("presence_penalty", -2, 2)):
         value = body.get(name)
         if value is not None and (
             not isinstance(value, (int, float)) or isinstance(value, bool) or not low <= value <= high
