@@ -414,6 +414,12 @@ class SimEngine:
         if request.max_new_tokens is not None and request.max_new_tokens + len(request.prompt_ids) > context_length:
             request.max_new_tokens = max(0, context_length - len(request.prompt_ids))
 
+    @property
+    def max_req_len(self) -> int:
+        """The most a request (prompt and output) may take: the context or the
+        KV pool, less a token (tp_worker's max_req_len)."""
+        return min(self.config.context_length, self.capacity_tokens) - 1
+
     def _length_bounds(self, request: GenerationRequest) -> tuple[int, str | None]:
         """The scheduler's bounds on a request (init_req_max_new_tokens, then
         validate_input_length): the most it may generate, and why it is refused
@@ -421,7 +427,7 @@ class SimEngine:
         alone may take more than the context or the KV pool less a token;
         a prompt of that less 5 or more is refused, or cut to it under
         --allow-auto-truncate (its output bound is taken before the cut)."""
-        max_req_len = min(self.config.context_length, self.capacity_tokens) - 1
+        max_req_len = self.max_req_len
         max_req_input_len = max_req_len - 5
         prompt_tokens = len(request.prompt_ids)
         # (SGLang's second bound, the pool less the prompt, a page and a token,

@@ -928,6 +928,10 @@ class InfoHandlers:
         config = self.config
         return _json({
             **self._server_args(),
+            # The scheduler's init info, merged in at the top level as SGLang's build_server_info does.
+            "status": "ready",
+            "max_total_num_tokens": engine.capacity_tokens,
+            "max_req_input_len": engine.max_req_len - 5,
             "startup_time": self.started_at,
             "internal_states": [{
                 "last_gen_throughput": round(engine.gen_throughput(), 2),

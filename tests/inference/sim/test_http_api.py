@@ -761,6 +761,10 @@ def test_info_endpoints(sim):
         assert server_info["context_length"] == 4096 and server_info["served_model_name"] == "demo-llm"
         assert server_info["enable_cache_report"] is True and server_info["internal_states"]
         assert "version" in server_info
+        # The scheduler's init info at the top level, as SGLang merges it in.
+        capacity = server_info["internal_states"][0]["max_total_num_tokens"]
+        assert server_info["status"] == "ready" and server_info["max_total_num_tokens"] == capacity
+        assert server_info["max_req_input_len"] == min(4096, capacity) - 1 - 5
         assert client.get("/get_server_info").json()["context_length"] == 4096
         model_info = client.get("/model_info").json()
         assert model_info["model_path"] == "demo/demo-llm" and model_info["is_generation"] is True
