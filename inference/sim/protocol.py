@@ -42,7 +42,7 @@ from .tokenizer import (
 )
 from .reasoning import ReasoningSplitter, thinking_for
 from .structured import schema_value
-from .tools import ToolCall, ToolRequestError, ToolSchemaError, plan_call
+from .tools import ToolCall, ToolRequestError, ToolSchemaError, plan_call, template_tools
 
 WEIGHT_VERSION = "default"  # SGLang's default --weight-version
 # SGLang's limits on a request's stop_regex patterns (srt/sampling/sampling_params.py).
@@ -556,7 +556,7 @@ def parse_chat_request(body: Any, *, served_model_name: str | None = None,
     except ToolRequestError as error:
         raise openai_error(str(error)) from error
     try:
-        prompt_text = render_chat_prompt(messages, body.get("tools"))
+        prompt_text = render_chat_prompt(messages, template_tools(body.get("tools"), body.get("tool_choice")))
     except ValueError as error:
         raise openai_error(str(error), error_type="BadRequest") from error
     # max_completion_tokens wins over the deprecated max_tokens, as in SGLang.

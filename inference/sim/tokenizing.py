@@ -21,6 +21,7 @@ from typing import Any
 
 from .protocol import ApiError, _Fields, chat_messages_checked, openai_error, openai_error_body, openai_schema_error
 from .tokenizer import detokenize, render_chat_prompt, tokenize
+from .tools import template_tools
 
 
 def tokenize_response(body: Any, *, context_length: int) -> dict:
@@ -36,7 +37,7 @@ def tokenize_response(body: Any, *, context_length: int) -> dict:
             fields.fail("messages", "Input should be a valid list")
         messages = chat_messages_checked(messages, "TokenizeRequest")
         try:
-            ids = tokenize(render_chat_prompt(messages, body.get("tools")))
+            ids = tokenize(render_chat_prompt(messages, template_tools(body.get("tools"), body.get("tool_choice"))))
         except ValueError as error:
             raise openai_error(str(error)) from error
         return {"tokens": ids, "count": len(ids), "max_model_len": context_length}

@@ -121,6 +121,19 @@ def render_tools(tools: list[dict]) -> str:
     return "<|tools|>\n" + json.dumps(tools, ensure_ascii=False, sort_keys=True) + "\n"
 
 
+def template_tools(tools: Any, tool_choice: Any) -> list | None:
+    """The tools the chat template renders, as SGLang's serving_chat passes
+    them: none under tool_choice "none", only the named one under a named
+    choice, else all of them."""
+    if not isinstance(tools, list) or not tools or tool_choice == "none":
+        return None
+    if isinstance(tool_choice, dict):
+        name = tool_choice["function"].get("name") if isinstance(tool_choice.get("function"), dict) else None
+        return [tool for tool in tools if isinstance(tool, dict) and isinstance(tool.get("function"), dict)
+                and tool["function"].get("name") == name] or None
+    return tools
+
+
 def functions_of(tools: Any) -> dict[str, dict]:
     """Name → parameters schema of each `{"type": "function", "function": {...}}`."""
     if tools is None:

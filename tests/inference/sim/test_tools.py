@@ -74,6 +74,29 @@ def test_required_and_named_choices(tool_sim):
     assert unnamed.value.body["message"] == "Tool 'None' not found in tools list."
 
 
+def test_the_template_renders_the_tools_tool_choice_leaves_it(tool_sim):
+    """As SGLang's serving_chat passes tools to the chat template: none under
+    tool_choice "none", only the named one under a named choice; /tokenize
+    renders messages the same way."""
+    client = openai_client(tool_sim)
+
+    def prompt_tokens(**options) -> int:
+        return client.chat.completions.create(model="m", messages=ASK, max_tokens=1, **options).usage.prompt_tokens
+
+    bare = prompt_tokens()
+    assert prompt_tokens(tools=[CLOCK, WEATHER], tool_choice="none") == bare
+    both = prompt_tokens(tools=[CLOCK, WEATHER])
+    named = prompt_tokens(tools=[CLOCK, WEATHER], tool_choice={"type": "function", "function": {"name": "get_time"}})
+    assert bare < named < both
+    assert named == prompt_tokens(tools=[CLOCK])
+    with tool_sim.client() as http:
+        def tokenized(**options) -> int:
+            return http.post("/tokenize", json={"messages": ASK, **options}).json()["count"]
+
+        assert tokenized(tools=[CLOCK, WEATHER], tool_choice="none") == tokenized() == bare
+        assert tokenized(tools=[CLOCK, WEATHER]) == both
+
+
 def test_tools_and_tool_choice_outside_the_schema_get_pydantics_400(tool_sim):
     """What ChatCompletionRequest's schema refuses comes back as SGLang's
     validation handler words it: type "Bad Request", each location and problem."""
