@@ -319,6 +319,7 @@ class SimEngine:
             self.lora.settle_shape(max_rank=config.max_lora_rank, target_modules=config.lora_target_modules)
         self.stats = SimStats()
         self._active: set[RunningRequest] = set()  # admitted and not finalized (any state)
+        self._active_rids: set[str] = set()  # their rids, which must differ
         self._waiting: deque[RunningRequest] = deque()
         self._running: dict[RunningRequest, None] = {}  # admitted to the batch (prefill or decode), ordered
         self._decoding: dict[RunningRequest, None] = {}  # prefill done
@@ -467,6 +468,8 @@ class SimEngine:
         return self._track(request)
 
     def _track(self, request: GenerationRequest) -> RunningRequest:
+        if request.rid in self._active_rids:  # SGLang's tokenizer manager holds one state per rid
+            raise RequestRejected(f"Duplicate request ID detected: {request.rid}", error_type="BadRequest")
         prompt_ids = request.prompt_ids
         self.stats.requests_received += 1
         if request.stream:
@@ -519,6 +522,7 @@ class SimEngine:
             refusal=refusal,
         )
         self._active.add(running)
+        self._active_rids.add(request.rid)
         return running
 
     # ------------------------------------------------------------ consumer side
@@ -1280,6 +1284,7 @@ class SimEngine:
         running.finalized = True
         self._retire(running)
         self._active.discard(running)
+        self._active_rids.discard(running.request.rid)
         if running.finished_at is None:
             running.finished_at = self.timing.now()
 

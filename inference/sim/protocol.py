@@ -21,6 +21,7 @@ import random
 import re
 import time
 import uuid
+from collections import Counter
 from dataclasses import dataclass, field, replace
 from http import HTTPStatus
 from typing import Any
@@ -484,6 +485,7 @@ def _choices_options(fields: _Fields, parsed: OpenAIRequest, batch_size: int) ->
     if isinstance(rid, list):
         if len(rid) != batch_size:
             raise openai_error("The specified rids length mismatch with the batch_size for batch processing.")
+        _unique_rids(rid, lambda message: openai_error(message, error_type="BadRequest"))
         parsed.prompt_rids = list(rid)
     elif batch_size == 1:
         parsed.prompt_rids = [parsed.generation.rid]
@@ -695,6 +697,13 @@ def _native_logprobs(fields: _Fields, batch_size: int) -> list[NativeLogprobs | 
             for want, start, top in zip(wanted, starts, tops)]
 
 
+def _unique_rids(rids: list[str], make_error) -> None:
+    """A batch's rids must differ (GenerateReqInput._validate_rid_uniqueness)."""
+    if len(set(rids)) != len(rids):
+        duplicates = [rid for rid, count in Counter(rids).items() if count > 1]
+        raise make_error(f"Duplicate request IDs detected within the request: {duplicates}")
+
+
 def parse_generate_request(body: Any, *, reasoning_parser: str | None = None) -> NativeRequest:
     """GenerateReqInput: `text` a string or a list (a batch), or `input_ids` a
     list of ids or of id lists; `sampling_params` one object or one per prompt
@@ -766,6 +775,7 @@ def parse_generate_request(body: Any, *, reasoning_parser: str | None = None) ->
             raise native_error("The specified rids length mismatch with the batch_size for batch processing.")
         if not all(isinstance(item, str) for item in rid):
             fields.fail("rid", "Input should be a valid list of strings")
+        _unique_rids(rid, native_error)
         rids = list(rid)
     else:
         raise native_error("The rid should be a string or a list of strings.")

@@ -994,6 +994,33 @@ def test_completions_batch_of_prompts(sim):
     assert listed.status_code == 200 and listed.json()["id"] == "x1"
 
 
+def test_request_ids_must_differ(sim):
+    """SGLang keeps one state per rid: a batch listing a rid twice is refused
+    whole, and so is a request whose rid is still in flight; once that one
+    ends, its rid may be used again."""
+    with sim.client() as client:
+        batch = client.post("/generate", json={"text": ["Hello", "World", "Again"], "rid": ["dup", "dup", "x"],
+                                               "sampling_params": {"max_new_tokens": 2}})
+        completions = client.post("/v1/completions", json={"model": "m", "prompt": ["a", "b"], "rid": ["d", "d"],
+                                                            "max_tokens": 1})
+        client.post("/sim/faults", json={"hang": True}).raise_for_status()
+        with client.stream("POST", "/generate", json={"text": "Hello", "rid": "held", "stream": True,
+                                                      "sampling_params": {"max_new_tokens": 2}}) as held:
+            assert held.status_code == 200
+            again = client.post("/generate", json={"text": "World", "rid": "held"})
+            chat = client.post("/v1/chat/completions", json={"model": "m", "messages": CHAT, "rid": "held"})
+            client.post("/sim/faults", json={"hang": False}).raise_for_status()
+            held.read()
+        reused = client.post("/generate", json={"text": "World", "rid": "held", "sampling_params": {"max_new_tokens": 2}})
+    assert batch.status_code == 400
+    assert batch.json()["error"]["message"] == "Duplicate request IDs detected within the request: ['dup']"
+    assert completions.status_code == 400 and completions.json()["type"] == "BadRequest"
+    assert completions.json()["message"] == "Duplicate request IDs detected within the request: ['d']"
+    assert again.status_code == 400 and again.json()["error"]["message"] == "Duplicate request ID detected: held"
+    assert chat.status_code == 400 and chat.json()["message"] == "Duplicate request ID detected: held"
+    assert reused.status_code == 200 and reused.json()["meta_info"]["id"] == "held"
+
+
 def test_completion_logprobs_with_echo_whole_and_streamed(sim):
     """Completions' `logprobs` in SGLang's shape: parallel lists, the echoed
     prompt's tokens first (the first without a log probability), text
