@@ -55,6 +55,15 @@ def _is_ids(value: Any) -> bool:
     return isinstance(value, list) and all(isinstance(item, int) and not isinstance(item, bool) for item in value)
 
 
+def _decodable(ids: list[int]) -> None:
+    """A negative id makes a Hugging Face fast tokenizer's decode raise, which
+    SGLang's route answers as a 500; ids past the vocabulary decode to nothing."""
+    if any(token_id < 0 for token_id in ids):
+        raise ApiError(500, openai_error_body(
+            "Internal server error during detokenization: out of range integral type conversion attempted",
+            error_type="InternalServerError", code=500))
+
+
 def detokenize_response(body: Any) -> dict:
     fields = _Fields(body, "DetokenizeRequest", openai_schema_error)
     if "tokens" not in body:
@@ -64,8 +73,11 @@ def detokenize_response(body: Any) -> dict:
     if tokens == []:
         return {"text": ""}
     if _is_ids(tokens):
+        _decodable(tokens)
         return {"text": detokenize(tokens, skip_special)}
     if isinstance(tokens, list) and all(_is_ids(item) for item in tokens):
+        for item in tokens:
+            _decodable(item)
         return {"text": [detokenize(item, skip_special) for item in tokens]}
     fields.fail("tokens", "Input should be a list of integers or a list of lists of integers")
     raise AssertionError("unreachable")

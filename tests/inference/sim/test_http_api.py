@@ -1176,6 +1176,8 @@ def test_tokenize_and_detokenize_as_sglang_serves_them(sim):
         neither = client.post("/tokenize", json={"model": "m"})
         both = client.post("/tokenize", json={"prompt": "a", "messages": ask})
         bad_ids = client.post("/detokenize", json={"tokens": [[1, "a"]]})
+        negative = client.post("/detokenize", json={"tokens": [1, -1, 2]})
+        past_vocabulary = client.post("/detokenize", json={"tokens": [[5, 10**9]]})
         form = client.post("/tokenize", content=b"prompt=a", headers={"Content-Type": "application/x-www-form-urlencoded"})
     assert by_messages["count"] == len(by_messages["tokens"]) == chat["usage"]["prompt_tokens"]
     with sim.client() as client:
@@ -1190,6 +1192,10 @@ def test_tokenize_and_detokenize_as_sglang_serves_them(sim):
         assert refused.status_code == 400 and refused.json()["type"] == "Bad Request"
         assert "Exactly one of 'prompt' or 'messages' must be provided." in refused.json()["message"]
     assert bad_ids.status_code == 400 and bad_ids.json()["object"] == "error"
+    # A tokenizer cannot decode a negative id (SGLang's route: a 500); one past the vocabulary is nothing.
+    assert negative.status_code == 500 and negative.json()["type"] == "InternalServerError"
+    assert negative.json()["message"].startswith("Internal server error during detokenization: ")
+    assert past_vocabulary.status_code == 200 and past_vocabulary.json() == {"text": [""]}
     assert form.status_code == 400
 
 
