@@ -125,6 +125,7 @@ WAITING_PREFIX_REFRESH_INTERVAL = 32
 DECODE_LOG_INTERVAL = 40
 
 ABORT_MESSAGE = "Aborted"
+WAITING_ABORT_MESSAGE = "Abort in waiting queue"
 PRIORITY_DISABLED_MESSAGE = "Using priority is disabled for this server. Please send a new request without a priority."
 QUEUE_FULL_MESSAGE = "The request queue is full."
 OUTRANKED_MESSAGE = "The request is aborted by a higher priority request."
@@ -224,6 +225,7 @@ class RunningRequest:
     output_ids: list[int] = field(default_factory=list)
     finish_reason: dict | None = None
     abort_cause: str | None = None  # "request" or "disconnect"
+    aborted_waiting: bool = False  # /abort_request took it from the waiting queue
     first_token_at: float | None = None  # simulated seconds
     last_token_at: float | None = None
     finished_at: float | None = None
@@ -1205,8 +1207,10 @@ class SimEngine:
         step.error = {"message": message, "status_code": status_code}
 
     def _abort_step(self, running: RunningRequest) -> Step:
-        # Same shape as SGLang's FINISH_ABORT().to_json() for /abort_request.
-        running.finish_reason = {"type": "abort", "message": ABORT_MESSAGE, "status_code": None, "err_type": None}
+        # Same shape as SGLang's FINISH_ABORT().to_json() for /abort_request; one
+        # popped from the waiting queue is answered by the tokenizer manager instead.
+        running.finish_reason = {"type": "abort", "message": WAITING_ABORT_MESSAGE} if running.aborted_waiting \
+            else {"type": "abort", "message": ABORT_MESSAGE, "status_code": None, "err_type": None}
         running.finished_at = self.timing.now()
         return Step("", None, running.finish_reason, None, False, len(running.output_ids), len(running.text))
 
@@ -1316,6 +1320,7 @@ class SimEngine:
         for running in list(self._active):
             if running.finish_reason is None and running.abort_cause is None and (
                     abort_all or running.rid.startswith(rid)):
+                running.aborted_waiting = running.state is WAITING
                 self._interrupt(running, "request")
                 hit += 1
         return hit

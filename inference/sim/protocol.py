@@ -844,6 +844,14 @@ def parse_generate_request(body: Any, *, reasoning_parser: str | None = None) ->
 def native_meta_info(running: RunningRequest, *, final: bool, completion_tokens: int | None = None) -> dict:
     if completion_tokens is None:
         completion_tokens = running.completion_tokens
+    if final and running.aborted_waiting:
+        # Taken from the waiting queue: the tokenizer manager's short answer.
+        meta_info = {"id": running.rid, "finish_reason": running.finish_reason, "weight_version": WEIGHT_VERSION,
+                     "e2e_latency": running.e2e_latency_s()}
+        if running.request.logprobs is not None:
+            meta_info.update(native_logprobs(running, completion_tokens))
+        meta_info["completion_tokens"] = completion_tokens
+        return meta_info
     meta_info = {
         "id": running.rid,
         "finish_reason": running.finish_reason if final else None,

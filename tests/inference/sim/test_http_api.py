@@ -660,6 +660,30 @@ def test_abort_of_native_request_reports_abort_finish_reason(sim):
     assert body["meta_info"]["completion_tokens"] == 0
 
 
+def test_abort_of_a_queued_native_request_gets_the_short_answer(sim_factory):
+    """A request /abort_request takes from the waiting queue is answered by
+    SGLang's tokenizer manager: "Abort in waiting queue", and a meta_info of
+    its id, finish reason, weight version, latency and completion tokens."""
+    one_slot = sim_factory("--max-running-requests", "1", "--decode-base-ms", "20", "--time-scale", "0.5")
+    with httpx.Client(base_url=one_slot.base_url, timeout=30) as client:
+        first = threading.Thread(target=lambda: client.post("/generate", json={
+            "text": "first", "rid": "running-one", "sampling_params": {"max_new_tokens": 2000, "ignore_eos": True}}))
+        first.start()
+        time.sleep(0.2)
+        timer = threading.Timer(0.3, lambda: httpx.post(f"{one_slot.base_url}/abort_request",
+                                                        json={"rid": "queued-one"}))
+        timer.start()
+        body = client.post("/generate", json={"text": "second", "rid": "queued-one"}).json()
+        timer.join()
+        client.post("/abort_request", json={"rid": "running-one"}).raise_for_status()
+        first.join()
+    assert body["meta_info"] == {"id": "queued-one",
+                                 "finish_reason": {"type": "abort", "message": "Abort in waiting queue"},
+                                 "weight_version": body["meta_info"]["weight_version"],
+                                 "e2e_latency": body["meta_info"]["e2e_latency"], "completion_tokens": 0}
+    assert body["text"] == ""
+
+
 def test_client_disconnect_is_recorded(sim):
     with sim.client() as client:
         client.post("/sim/faults", json={"itl_ms": 20}).raise_for_status()
