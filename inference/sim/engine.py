@@ -394,11 +394,15 @@ class SimEngine:
             await asyncio.sleep(self.timing.wall_s(delay))
         stats.prompt_tokens_total += tokens
         stats.requests_finished += 1
+        series = stats.streaming(False)
+        series.prompt_tokens += tokens
+        series.requests += 1
 
-    def _error_rate_roll(self) -> None:
+    def _error_rate_roll(self, stream: bool = False) -> None:
         """The `error_rate` fault: raises InjectedFailure for that share of requests."""
         if self.settings.error_rate > 0 and self._fault_rng.random() < self.settings.error_rate:
             self.stats.requests_failed += 1
+            self.stats.streaming(stream).requests += 1
             raise InjectedFailure("Injected failure (simulator error_rate)")
 
     def _validate(self, request: GenerationRequest) -> None:
@@ -476,7 +480,7 @@ class SimEngine:
         self.stats.requests_received += 1
         if request.stream:
             self.stats.streaming_requests += 1
-        self._error_rate_roll()
+        self._error_rate_roll(request.stream)
 
         adapter = request.lora_path or None
         room, refusal = self._length_bounds(request)
@@ -1110,6 +1114,7 @@ class SimEngine:
         if running.first_token_at is None:
             running.first_token_at = now
             self.stats.ttft.observe(now - running.admitted_at)
+            self.stats.streaming(running.request.stream).ttft.observe(now - running.admitted_at)
             gap = None
         else:
             gap = now - running.last_token_at
@@ -1296,6 +1301,10 @@ class SimEngine:
         stats.prompt_tokens_total += running.prompt_tokens
         stats.completion_tokens_total += running.completion_tokens
         stats.cached_tokens_total += running.cached_tokens
+        series = stats.streaming(running.request.stream)
+        series.prompt_tokens += running.prompt_tokens
+        series.generation_tokens += running.completion_tokens
+        series.requests += 1
         finish_reason = running.finish_reason
         if finish_reason is None and running.abort_cause is None:
             # The consumer went away without telling us (e.g. a failed write).
@@ -1307,6 +1316,7 @@ class SimEngine:
         else:
             stats.requests_finished += 1
             stats.e2e.observe(running.e2e_latency_s())
+            series.e2e.observe(running.e2e_latency_s())
 
     # ------------------------------------------------------------ control
 

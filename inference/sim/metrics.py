@@ -1,8 +1,12 @@
 """Counters behind `/sim/stats` and the Prometheus text behind `/metrics`.
 
 Metric names and labels follow SGLang's collectors (`sglang:` prefix, labels
-`model_name` and `engine_type`, plus `is_streaming` on per-request series and
-`cache_source` on cached tokens). Histogram buckets are SGLang's defaults.
+`model_name` and `engine_type`; the scheduler's gauges also `tp_rank`,
+`pp_rank` and `moe_ep_rank`; `is_streaming` on the tokenizer's per-request
+series (prompt and generation tokens, requests, TTFT and end-to-end latency),
+each streaming flag once a request has had it, as prometheus_client makes a
+labelled child on first use; `cache_source` on cached tokens). Histogram
+buckets are SGLang's defaults.
 """
 
 from __future__ import annotations
@@ -52,6 +56,17 @@ class Histogram:
 
 
 @dataclass(slots=True)
+class StreamingSeries:
+    """The tokenizer collector's series for one value of `is_streaming`."""
+
+    prompt_tokens: int = 0
+    generation_tokens: int = 0
+    requests: int = 0
+    ttft: Histogram = field(default_factory=lambda: Histogram(TTFT_BUCKETS_S))
+    e2e: Histogram = field(default_factory=lambda: Histogram(E2E_BUCKETS_S))
+
+
+@dataclass(slots=True)
 class SimStats:
     """Process-wide counters. Token totals count finished and aborted requests."""
 
@@ -77,6 +92,14 @@ class SimStats:
     ttft: Histogram = field(default_factory=lambda: Histogram(TTFT_BUCKETS_S))
     itl: Histogram = field(default_factory=lambda: Histogram(ITL_BUCKETS_S))
     e2e: Histogram = field(default_factory=lambda: Histogram(E2E_BUCKETS_S))
+    # The same by `is_streaming` (False, True), each made when first used.
+    by_streaming: dict = field(default_factory=dict)
+
+    def streaming(self, stream: bool) -> StreamingSeries:
+        series = self.by_streaming.get(stream)
+        if series is None:
+            series = self.by_streaming[stream] = StreamingSeries()
+        return series
 
     def record_abort(self, rid: str, *, by_disconnect: bool) -> None:
         self.requests_aborted += 1
@@ -93,17 +116,30 @@ def render_prometheus(*, stats: SimStats, model_name: str, num_running_reqs: int
     `evicted_tokens`: what the radix cache has evicted (its collector's own labels);
     `num_retracted_reqs`: requests the last retraction sent back (cleared as SGLang does)."""
     labels = f'model_name="{_escape_label(model_name)}",engine_type="unified"'
+    scheduler_labels = f'{labels},tp_rank="0",pp_rank="0",moe_ep_rank="0"'
     lines: list[str] = []
 
     def gauge(name: str, help_text: str, value: float) -> None:
         lines.append(f"# HELP {name} {help_text}")
         lines.append(f"# TYPE {name} gauge")
-        lines.append(f"{name}{{{labels}}} {float(value)}")
+        lines.append(f"{name}{{{scheduler_labels}}} {float(value)}")
 
-    def counter(name: str, help_text: str, value: int, extra: str = "") -> None:
+    streams = sorted(stats.by_streaming.items())
+
+    def by_streaming(name: str, help_text: str, kind: str, value) -> None:
+        lines.append(f"# HELP {name} {help_text}")
+        lines.append(f"# TYPE {name} {kind}")
+        for stream, series in streams:
+            stream_labels = f'{labels},is_streaming="{"true" if stream else "false"}"'
+            if kind == "histogram":
+                value(series).render(name, stream_labels, lines)
+            else:
+                lines.append(f"{name}{{{stream_labels}}} {float(value(series))}")
+
+    def counter(name: str, help_text: str, value: int, extra: str = "", *, scheduler: bool = False) -> None:
         lines.append(f"# HELP {name} {help_text}")
         lines.append(f"# TYPE {name} counter")
-        lines.append(f"{name}{{{labels}{extra}}} {float(value)}")
+        lines.append(f"{name}{{{scheduler_labels if scheduler else labels}{extra}}} {float(value)}")
 
     gauge("sglang:num_running_reqs", "The number of running requests.", num_running_reqs)
     gauge("sglang:num_queue_reqs", "The number of requests in the waiting queue.", num_queue_reqs)
@@ -125,20 +161,28 @@ def render_prometheus(*, stats: SimStats, model_name: str, num_running_reqs: int
               total)
         gauge("sglang:lora_pool_utilization", "LoRA pool utilization ratio (used/total). 1.0 means pool is full.",
               used / total if total else 0.0)
-    counter("sglang:prompt_tokens_total", "Number of prefill tokens processed.", stats.prompt_tokens_total)
-    counter("sglang:generation_tokens_total", "Number of generation tokens processed.",
-            stats.completion_tokens_total)
+    by_streaming("sglang:prompt_tokens_total", "Number of prefill tokens processed.", "counter",
+                 lambda series: series.prompt_tokens)
+    by_streaming("sglang:generation_tokens_total", "Number of generation tokens processed.", "counter",
+                 lambda series: series.generation_tokens)
     counter("sglang:cached_tokens_total", "Number of cached prompt tokens by source (device/host/storage).",
             stats.cached_tokens_total, ',cache_source="device"')
-    counter("sglang:num_requests_total", "Number of requests processed.",
-            stats.requests_finished + stats.requests_failed + stats.requests_aborted)
+    by_streaming("sglang:num_requests_total", "Number of requests processed.", "counter",
+                 lambda series: series.requests)
     gauge("sglang:num_retracted_reqs", "The number of retracted requests.", num_retracted_reqs)
     counter("sglang:num_retracted_requests_total", "Total number of retracted requests.",
-            stats.retracted_requests_total)
+            stats.retracted_requests_total, scheduler=True)
     counter("sglang:num_retracted_input_tokens_total", "Total number of retracted input tokens.",
-            stats.retracted_input_tokens_total)
+            stats.retracted_input_tokens_total, scheduler=True)
     counter("sglang:num_retracted_output_tokens_total", "Total number of retracted output tokens.",
-            stats.retracted_output_tokens_total)
+            stats.retracted_output_tokens_total, scheduler=True)
+    by_streaming("sglang:time_to_first_token_seconds", "Histogram of time to first token in seconds.", "histogram",
+                 lambda series: series.ttft)
+    lines.append("# HELP sglang:inter_token_latency_seconds Histogram of inter-token latency in seconds.")
+    lines.append("# TYPE sglang:inter_token_latency_seconds histogram")
+    stats.itl.render("sglang:inter_token_latency_seconds", labels, lines)
+    by_streaming("sglang:e2e_request_latency_seconds", "Histogram of End-to-end request latency in seconds",
+                 "histogram", lambda series: series.e2e)
     if evicted_tokens is not None:
         # SGLang's RadixCacheMetricsCollector labels its series by cache and rank, not model.
         lines.append("# HELP sglang:evicted_tokens_total The number of device KV token slots freed by eviction, "
@@ -147,15 +191,6 @@ def render_prometheus(*, stats: SimStats, model_name: str, num_running_reqs: int
         lines.append("# TYPE sglang:evicted_tokens_total counter")
         lines.append('sglang:evicted_tokens_total{cache_type="UnifiedRadixCache",tp_rank="0",pp_rank="0",dp_rank="0"} '
                      f"{float(evicted_tokens)}")
-    for name, help_text, histogram in (
-        ("sglang:time_to_first_token_seconds", "Histogram of time to first token in seconds.", stats.ttft),
-        ("sglang:inter_token_latency_seconds", "Histogram of inter-token latency in seconds.", stats.itl),
-        ("sglang:e2e_request_latency_seconds", "Histogram of End-to-end request latency in seconds",
-         stats.e2e),
-    ):
-        lines.append(f"# HELP {name} {help_text}")
-        lines.append(f"# TYPE {name} histogram")
-        histogram.render(name, labels, lines)
     return "\n".join(lines) + "\n"
 
 

@@ -147,6 +147,33 @@ def test_metrics_parse_and_track_the_engine(sim_factory):
     assert buckets == sorted(buckets) and buckets[-1] == 3  # cumulative, +Inf = count
 
 
+def test_metrics_carry_sglangs_labels_streaming_split_from_the_rest(sim_factory):
+    """The scheduler's gauges carry its ranks; the tokenizer's per-request
+    series are split by is_streaming, each flag once a request had it."""
+    sim = sim_factory()
+    with sim.client() as client:
+        fresh = prometheus_parse(client.get("/metrics").text)
+        client.post("/generate", json={"text": "whole", "sampling_params": {"max_new_tokens": 3}}).raise_for_status()
+        whole = prometheus_parse(client.get("/metrics").text)
+        with client.stream("POST", "/generate", json={"text": "streamed", "stream": True,
+                                                      "sampling_params": {"max_new_tokens": 5}}) as streamed:
+            streamed.read()
+        both = prometheus_parse(client.get("/metrics").text)
+    (gauge_labels, _), = both["sglang:num_running_reqs"]
+    assert gauge_labels == {"model_name": "demo-llm", "engine_type": "unified", "tp_rank": "0", "pp_rank": "0",
+                            "moe_ep_rank": "0"}
+    assert "sglang:generation_tokens_total" not in fresh and "sglang:num_requests_total" not in fresh
+    assert [labels["is_streaming"] for labels, _ in whole["sglang:generation_tokens_total"]] == ["false"]
+    by_flag = {labels["is_streaming"]: value for labels, value in both["sglang:generation_tokens_total"]}
+    assert by_flag == {"false": 3, "true": 5}
+    assert {labels["is_streaming"]: value for labels, value in both["sglang:num_requests_total"]} == \
+        {"false": 1, "true": 1}
+    counts = {labels["is_streaming"]: value for labels, value in both["sglang:time_to_first_token_seconds_count"]}
+    assert counts == {"false": 1, "true": 1}
+    (itl_labels, _), = both["sglang:inter_token_latency_seconds_count"]
+    assert "is_streaming" not in itl_labels
+
+
 def test_evicted_tokens_metric_counts_what_the_radix_cache_dropped(sim_factory):
     sim = sim_factory("--max-total-tokens", "400")
     with sim.client() as client:
