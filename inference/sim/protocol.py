@@ -36,6 +36,7 @@ from .tokenizer import (
     detokenize,
     piece_of,
     piece_to_id,
+    queried_logprob,
     render_chat_prompt,
     split_pieces,
     token_logprobs,
@@ -683,6 +684,8 @@ class NativeLogprobs:
     start: int
     top: int
     text: bool
+    # `token_ids_logprob`: these tokens' logprobs at every scored position.
+    token_ids: list[int] | None = None
     # The input's entries, computed once (the prompt does not change while a
     # stream repeats them in every event).
     inputs: dict | None = None
@@ -693,8 +696,32 @@ def _native_logprobs(fields: _Fields, batch_size: int) -> list[NativeLogprobs | 
     starts = _per_prompt(fields, "logprob_start_len", batch_size, int)
     tops = _per_prompt(fields, "top_logprobs_num", batch_size, int)
     text = fields.boolean("return_text_in_logprobs")
-    return [NativeLogprobs(start=-1 if start is None else start, top=top or 0, text=text) if want else None
-            for want, start, top in zip(wanted, starts, tops)]
+    queried = fields.body.get("token_ids_logprob")
+    if queried and isinstance(queried, list) and all(isinstance(item, list) for item in queried):
+        if len(queried) != batch_size:
+            raise native_error("The length of token_ids_logprob should be equal to the batch size.")
+        per_prompt = queried
+    else:
+        per_prompt = [queried] * batch_size
+    for token_ids in per_prompt:
+        _queried_ids_checked(token_ids)
+    return [NativeLogprobs(start=-1 if start is None else start, top=top or 0, text=text,
+                           token_ids=list(token_ids) if token_ids else None) if want else None
+            for want, start, top, token_ids in zip(wanted, starts, tops, per_prompt)]
+
+
+def _queried_ids_checked(token_ids: Any) -> None:
+    """As SGLang's tokenizer manager checks a prompt's token_ids_logprob."""
+    if not token_ids:
+        return
+    if not isinstance(token_ids, list):
+        raise native_error("token_ids_logprob must be a flat list of integers.")
+    for token_id in token_ids:
+        if not isinstance(token_id, int) or isinstance(token_id, bool):
+            raise native_error("token_ids_logprob must be a flat list of integers.")
+        if not 0 <= token_id < VOCAB_SIZE:
+            raise native_error(f"token_ids_logprob contains out-of-vocabulary token id {token_id}; "
+                               f"valid range is [0, {VOCAB_SIZE}).")
 
 
 def _unique_rids(rids: list[str], make_error) -> None:
@@ -894,37 +921,56 @@ def native_logprobs(running: RunningRequest, completion_tokens: int) -> dict:
     `logprob_start_len` (its first entry has no logprob: nothing before it was
     scored), the output's for the first `completion_tokens` tokens; with
     `top_logprobs_num`, per position the top alternatives (null where the
-    entry has no logprob). Input positions are scored as the completions
-    route's `echo` scores them, output positions as its generated tokens."""
+    entry has no logprob). A token scores by its place in the sequence, the
+    prompt's first: a reply fed back as a prompt scores as it did when it
+    was generated, and the OpenAI routes score the same."""
     spec: NativeLogprobs = running.request.logprobs
     if spec.inputs is None:
         prompt = running.request.prompt_ids
         start = len(prompt) if spec.start == -1 else spec.start
-        entries, tops = [], []
+        entries, tops, queried = [], [], []
         for position in range(start, len(prompt)):
             token_id = prompt[position]
             if position == start:
                 entries.append([None, token_id, piece_of(token_id) if spec.text else None])
                 tops.append(None)
+                queried.append(None)
             else:
-                entry, top = _logprob_entry(spec, token_id, -1 - position)
+                entry, top = _logprob_entry(spec, token_id, position)
                 entries.append(entry)
                 tops.append(top)
+                if spec.token_ids:
+                    queried.append(_queried_entries(spec, token_id, position))
         spec.inputs = {"input_token_logprobs": entries}
         if spec.top > 0:
             spec.inputs["input_top_logprobs"] = tops
+        if spec.token_ids:
+            spec.inputs["input_token_ids_logprobs"] = queried
     out = {"input_token_logprobs": spec.inputs["input_token_logprobs"]}
-    entries, tops = [], []
-    for position, token_id in enumerate(running.output_ids[:completion_tokens]):
+    entries, tops, queried = [], [], []
+    offset = len(running.request.prompt_ids)
+    for position, token_id in enumerate(running.output_ids[:completion_tokens], start=offset):
         entry, top = _logprob_entry(spec, token_id, position)
         entries.append(entry)
         tops.append(top)
+        if spec.token_ids:
+            queried.append(_queried_entries(spec, token_id, position))
     out["output_token_logprobs"] = entries
     out["output_token_logprobs_length"] = len(entries)
     if spec.top > 0:
         out["input_top_logprobs"] = spec.inputs["input_top_logprobs"]
         out["output_top_logprobs"] = tops
+    if spec.token_ids:
+        out["input_token_ids_logprobs"] = spec.inputs["input_token_ids_logprobs"]
+        out["output_token_ids_logprobs"] = queried
     return out
+
+
+def _queried_entries(spec: NativeLogprobs, token_id: int, position: int) -> list[list]:
+    """[logprob, id, text] of each token_ids_logprob id where `token_id` stands."""
+    piece = piece_of(token_id)
+    return [[queried_logprob(queried, token_id, piece, position), queried, piece_of(queried) if spec.text else None]
+            for queried in spec.token_ids]
 
 
 def _logprob_entry(spec: NativeLogprobs, token_id: int, position: int) -> tuple[list, list]:
@@ -1067,7 +1113,7 @@ def completion_logprobs(top: int, steps: list[tuple[int, str, int]], echo_text: 
     tops: list[dict | None] = []
     if echo_text is not None:
         for position, piece in enumerate(split_pieces(echo_text)):
-            entry = token_logprobs(piece_to_id(piece), piece, -1 - position, top)
+            entry = token_logprobs(piece_to_id(piece), piece, position, top)
             tokens.append(piece)
             values.append(entry["logprob"] if position else None)
             tops.append({alt["token"]: alt["logprob"] for alt in entry["top_logprobs"]} if position else None)
@@ -1083,7 +1129,10 @@ def choice_logprobs(parsed: OpenAIRequest, index: int, steps: list[tuple[int, st
                     with_echo: bool = True) -> dict | None:
     """Choice `index`'s logprobs for (token id, text, position) of its
     generated tokens, in its endpoint's shape; None when not asked for.
-    `with_echo`: a completion's echoed prompt comes first."""
+    `with_echo`: a completion's echoed prompt comes first. Positions count
+    from the reply's first token; tokens score by their place after the prompt."""
+    offset = len(parsed.prompts()[index // parsed.n][0])
+    steps = [(token_id, text, offset + position) for token_id, text, position in steps]
     if parsed.completion_logprobs is not None:
         echo_text = parsed.prompts()[index // parsed.n][1] if with_echo else None
         return completion_logprobs(parsed.completion_logprobs, steps, echo_text)

@@ -217,19 +217,42 @@ class ScriptedTextSource:
         return self._then.next_token()
 
 
-def token_logprobs(token_id: int, piece: str, position: int, top: int) -> dict:
-    """OpenAI's logprob entry of a generated token: a deterministic log
-    probability in (-2, 0] for it, and `top` alternatives (itself first, then
-    other output words, each less likely than the one before)."""
+def _scored(token_id: int, piece: str, position: int) -> tuple[float, list[str]]:
+    """The log probability of the token at `position` (its place in the
+    sequence, the prompt's tokens first) and the other output words in the
+    order of their likelihood there, each 0.75 below the one before."""
     digest = hashlib.blake2b(f"{token_id}:{position}".encode(), digest_size=8).digest()
     mixed = int.from_bytes(digest, "little")
-    logprob = -(mixed % 2000) / 1000.0
+    start = (mixed >> 16) % len(_OUTPUT_PIECES)
+    others = [candidate for candidate in _OUTPUT_PIECES[start:] + _OUTPUT_PIECES[:start] if candidate != piece]
+    return -(mixed % 2000) / 1000.0, others
+
+
+def token_logprobs(token_id: int, piece: str, position: int, top: int) -> dict:
+    """OpenAI's logprob entry of the token at `position` of a sequence: a
+    deterministic log probability in (-2, 0] for it, and `top` alternatives
+    (itself first, then other output words, each less likely than the one
+    before). The same token at the same place scores the same, as prompt or
+    as output."""
+    logprob, others = _scored(token_id, piece, position)
     alternatives = [{"token": piece, "bytes": list(piece.encode()), "logprob": logprob}] if top > 0 else []
-    others = (candidate for candidate in _OUTPUT_PIECES[(mixed >> 16) % len(_OUTPUT_PIECES):] + _OUTPUT_PIECES
-              if candidate != piece)
     for rank, other in zip(range(1, top), others):
         alternatives.append({"token": other, "bytes": list(other.encode()), "logprob": logprob - 0.75 * rank})
     return {"token": piece, "bytes": list(piece.encode()), "logprob": logprob, "top_logprobs": alternatives}
+
+
+def queried_logprob(queried_id: int, token_id: int, piece: str, position: int) -> float:
+    """The log probability of any token `queried_id` at the position where
+    `token_id` stands (SGLang's token_ids_logprob): the token's own, an
+    output word's as `token_logprobs` ranks it, any other id's below all of
+    those."""
+    logprob, others = _scored(token_id, piece, position)
+    if queried_id == token_id:
+        return logprob
+    queried = piece_of(queried_id)
+    if queried in others:
+        return logprob - 0.75 * (others.index(queried) + 1)
+    return logprob - 0.75 * (len(others) + 1) - (queried_id % 1000) / 1000.0
 
 
 def natural_length(seed: int, low: int, high: int) -> int:

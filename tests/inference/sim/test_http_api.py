@@ -1084,6 +1084,43 @@ def test_completion_logprobs_with_echo_whole_and_streamed(sim):
     assert client.completions.create(model="m", prompt="The cat sat", max_tokens=1).choices[0].logprobs is None
 
 
+def test_a_reply_fed_back_scores_as_it_was_generated_and_token_ids_logprob(sim):
+    """A token scores by its place in the sequence: prompt plus reply sent
+    back as input scores the reply's tokens as their generation did
+    (SGLang's test_logprob_match). `token_ids_logprob` gives the listed ids'
+    logprobs at every scored position, the token there scoring its own."""
+    prompt = list(range(300, 340))
+    with sim.client() as client:
+        generated = client.post("/generate", json={
+            "input_ids": prompt, "return_logprob": True, "top_logprobs_num": 3,
+            "token_ids_logprob": [5, 300, 2],
+            "sampling_params": {"max_new_tokens": 8, "ignore_eos": True}}).json()
+        rescored = client.post("/generate", json={
+            "input_ids": prompt + generated["output_ids"], "return_logprob": True, "logprob_start_len": 0,
+            "top_logprobs_num": 3, "token_ids_logprob": [5, 300, 2] + generated["output_ids"][:1],
+            "sampling_params": {"max_new_tokens": 0}}).json()
+        refused = client.post("/generate", json={"input_ids": prompt, "return_logprob": True,
+                                                 "token_ids_logprob": [10**7]})
+        not_flat = client.post("/generate", json={"input_ids": prompt, "return_logprob": True,
+                                                  "token_ids_logprob": ["a"]})
+    meta, again = generated["meta_info"], rescored["meta_info"]
+    assert again["input_token_logprobs"][len(prompt):] == meta["output_token_logprobs"]
+    assert again["input_top_logprobs"][len(prompt):] == meta["output_top_logprobs"]
+    outputs = meta["output_token_ids_logprobs"]
+    assert len(outputs) == 8 and meta["input_token_ids_logprobs"] == []
+    for (logprob, token_id, _), listed, top in zip(meta["output_token_logprobs"], outputs,
+                                                    meta["output_top_logprobs"]):
+        assert [entry[1] for entry in listed] == [5, 300, 2]
+        assert all(entry[0] < top[-1][0] for entry in listed if entry[1] not in {t[1] for t in top})
+    first_id = generated["output_ids"][0]
+    assert again["input_token_ids_logprobs"][0] is None
+    assert again["input_token_ids_logprobs"][len(prompt)][3] == [meta["output_token_logprobs"][0][0], first_id, None]
+    assert [entry[:3] for entry in again["input_token_ids_logprobs"][len(prompt):]] == outputs
+    assert refused.status_code == 400 and refused.json()["error"]["message"] == (
+        "token_ids_logprob contains out-of-vocabulary token id 10000000; valid range is [0, 100000).")
+    assert not_flat.status_code == 400
+
+
 def test_generate_logprobs(sim):
     """`return_logprob` on /generate: meta_info's `[logprob, id, text]` entries,
     the input's from `logprob_start_len` (first unscored), top alternatives with
