@@ -1010,7 +1010,7 @@ def native_output(running: RunningRequest, *, final: bool, step: Step | None = N
 
 
 # meta_info's per-output-token lists that an incremental stream sends in slices.
-INCREMENTAL_META_INFO_KEYS = ("output_token_logprobs", "output_top_logprobs")
+INCREMENTAL_META_INFO_KEYS = ("output_token_logprobs", "output_top_logprobs", "output_token_ids_logprobs")
 
 
 def native_sse(running: RunningRequest, *, final: bool, step: Step | None = None, index: int | None = None,
