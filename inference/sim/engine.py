@@ -293,8 +293,8 @@ class NewTokenRatio:
         self.current = self.start
 
 
-def adapter_seed(name: str) -> int:
-    return int.from_bytes(hashlib.blake2b(name.encode("utf-8"), digest_size=8).digest(), "little")
+def adapter_seed(weights: str) -> int:
+    return int.from_bytes(hashlib.blake2b(weights.encode("utf-8"), digest_size=8).digest(), "little")
 
 
 class SimEngine:
@@ -487,7 +487,7 @@ class SimEngine:
         prompt_ids = request.prompt_ids
         seed = generation_seed(prompt_ids=prompt_ids, server_seed=self.config.seed, request_seed=request.seed)
         if adapter is not None:
-            seed ^= adapter_seed(adapter)  # each adapter answers differently
+            seed ^= adapter_seed(self.lora.weights_of(adapter))  # each adapter's weights answer differently
         if request.sample:
             seed = generation_seed(prompt_ids=(request.sample,), server_seed=seed & 0x7FFF_FFFF_FFFF_FFFF,
                                    request_seed=None)
@@ -512,7 +512,9 @@ class SimEngine:
             ends = len(text_source) + 1
             token_limit, stops_naturally = min(ends, room), ends <= room
         # Like SGLang's radix key extra_key: adapters never share KV.
-        namespace = request.cache_namespace if adapter is None else ("lora", adapter, request.cache_namespace)
+        # SGLang keys it on the adapter's load (lora_id): a reloaded adapter finds nothing cached.
+        namespace = request.cache_namespace if adapter is None else \
+            ("lora", self.lora.load_id(adapter), request.cache_namespace)
         running = RunningRequest(
             request=request,
             prompt_tokens=len(prompt_ids),

@@ -693,6 +693,12 @@ class GenerationHandlers:
             raise native_error(parsed.refusal, 400)
         if parsed.single:
             return [await self._admit_native(parsed.generations[0])]
+        if len(parsed.generations) > 1:  # a batch's adapters are resolved together, before any prompt
+            try:
+                await self.engine.lora.resolve_batch([generation.lora_path for generation in parsed.generations])
+            except LoraError as error:
+                self.engine.stats.requests_rejected += 1
+                raise native_error(error.message, 400) from error
         return await self._start_samples(parsed.generations, parsed.n, parsed.greedy, self._admit_native)
 
     async def _generate_batch_unary(self, runnings: list[RunningRequest]) -> web.Response:
@@ -1113,7 +1119,10 @@ class InfoHandlers:
 
 
 def _lora_result(success: bool, error_message: str, loaded_adapters: dict | None) -> dict:
-    return {"success": success, "error_message": error_message, "loaded_adapters": loaded_adapters}
+    """SGLang's LoRAUpdateOutput as its route dumps it: every field, the
+    request fields it inherits (rid, http_worker_ipc) first."""
+    return {"rid": None, "http_worker_ipc": None, "success": success, "error_message": error_message,
+            "loaded_adapters": loaded_adapters}
 
 
 def build_app(*, config: ServerConfig, settings: RuntimeSettings) -> web.Application:

@@ -30,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import uuid
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Awaitable, Callable
@@ -163,6 +164,9 @@ class LoraRegistry:
         self.max_loaded_loras = max_loaded_loras
         self._load_delay = load_delay  # simulated load latency (scaled by the caller)
         self._known: dict[str, LoraAdapter] = {}  # every adapter ever loaded, by name
+        # Each load's own id (SGLang's lora_id, a uuid4 per load, reloads too): the
+        # prefix cache keys on it, so a reloaded adapter finds nothing cached.
+        self._load_ids: dict[str, str] = {}
         self._loaded: OrderedDict[str, LoraAdapter] = OrderedDict()  # least recently used first
         self._update_lock = asyncio.Lock()  # SGLang's lora_update_lock: one load/unload at a time
         self.loads_total = 0  # loads that succeeded, explicit and implicit
@@ -187,6 +191,14 @@ class LoraRegistry:
 
     def is_loaded(self, name: str) -> bool:
         return name in self._loaded
+
+    def load_id(self, name: str) -> str:
+        """The id of the adapter's current load (the prefix cache's key)."""
+        return self._load_ids[name]
+
+    def weights_of(self, name: str) -> str:
+        """What the adapter's weights are (its path): replies follow them, not its name."""
+        return os.path.realpath(self._known[name].path)
 
     @property
     def num_pinned(self) -> int:
@@ -273,6 +285,14 @@ class LoraRegistry:
         self.shape = LoraPoolShape.resolved(max_rank=max_rank, target_modules=target_modules,
                                             adapters=list(self._loaded.values()))
         for adapter in self._loaded.values():
+            modules = adapter.modules
+            if target_modules and ALL_TARGET_MODULES not in modules and not modules <= self.shape.modules:
+                # LoRAManager's own check of the start's adapters against the flag.
+                raise LoraError(
+                    f"LoRA adapter '{adapter.name}' contains target modules {sorted(modules - self.shape.modules)} "
+                    f"that are not included in the specified --lora-target-modules {sorted(self.shape.modules)}. "
+                    "Please update --lora-target-modules to include all required modules: "
+                    f"{sorted(self.shape.modules | modules)}, or use 'all' to enable all supported modules.")
             self._check_fits(adapter)
 
     def _check_fits(self, adapter: LoraAdapter) -> None:
@@ -305,30 +325,59 @@ class LoraRegistry:
             self._drop_from_gpu(name)
             return self.loaded_adapters()
 
-    async def resolve(self, name: str) -> LoraAdapter:
-        """The adapter a request names; reloads it if it was evicted. Raises LoraError."""
+    def _require_enabled(self, name: str) -> None:
         if not self.enabled:
             raise LoraError(
                 f"LoRA adapter '{name}' was requested, but LoRA is not enabled. "
                 "Please launch the server with --enable-lora flag and preload adapters "
                 "using --lora-paths or /load_lora_adapter endpoint.")
+
+    async def resolve_batch(self, names: list[str | None]) -> None:
+        """A batch's adapters, as SGLang's tokenizer manager resolves them before
+        any prompt runs: no more distinct ones (the base model counted) than
+        `max_loaded_loras`; those loaded count as used first, then the evicted
+        ones are reloaded. Raises LoraError."""
+        first = next((name for name in names if name), None)
+        if first is None:
+            return
+        self._require_enabled(first)
+        unique = set(names)
+        if self.max_loaded_loras is not None and len(unique) > self.max_loaded_loras:
+            raise LoraError(f"Received request with {len(unique)} unique loras requested "
+                            f"but max loaded loras is {self.max_loaded_loras}")
+        missing = []
+        for name in unique:
+            if name in self._loaded:
+                self._loaded.move_to_end(name)
+            elif name is not None:
+                missing.append(name)
+        for name in missing:
+            await self._reload(name)
+
+    async def resolve(self, name: str) -> LoraAdapter:
+        """The adapter a request names; reloads it if it was evicted. Raises LoraError."""
+        self._require_enabled(name)
         adapter = self._loaded.get(name)
         if adapter is None:
-            known = self._known.get(name)
-            if known is None:
-                keys = "dict_keys(" + repr(list(self._known)) + ")"
-                raise LoraError(f"Got LoRA adapter that has never been loaded: {name}\n"
-                                f"All loaded adapters: {keys}.")
-            async with self._update_lock:
-                if name not in self._loaded:  # another request may have reloaded it meanwhile
-                    await self._load_delay()
-                    self._register(known)
-                    self.reloads_total += 1
-                    self._evict_over_limit()
-            adapter = self._loaded.get(name, known)
+            adapter = await self._reload(name)
         if name in self._loaded:
             self._loaded.move_to_end(name)  # most recently used
         return adapter
+
+    async def _reload(self, name: str) -> LoraAdapter:
+        """An adapter loaded before and since evicted or unloaded, loaded again."""
+        known = self._known.get(name)
+        if known is None:
+            keys = "dict_keys(" + repr(list(self._known)) + ")"
+            raise LoraError(f"Got LoRA adapter that has never been loaded: {name}\n"
+                            f"All loaded adapters: {keys}.")
+        async with self._update_lock:
+            if name not in self._loaded:  # another request may have reloaded it meanwhile
+                await self._load_delay()
+                self._register(known)
+                self.reloads_total += 1
+                self._evict_over_limit()
+        return self._loaded.get(name, known)
 
     # ------------------------------------------------------------------ internals
 
@@ -348,6 +397,7 @@ class LoraRegistry:
         self._known[adapter.name] = adapter
         self._loaded[adapter.name] = adapter
         self._loaded.move_to_end(adapter.name)
+        self._load_ids[adapter.name] = uuid.uuid4().hex
         self.loads_total += 1
 
     def _evict_over_limit(self) -> None:

@@ -14,6 +14,7 @@ import pytest
 
 from inference.sim.config import build_argument_parser, configs_from_args
 from inference.sim.engine import GenerationRequest, SimEngine
+from inference.sim.lora import LoraError
 
 from .test_http_api import CHAT, openai_client
 
@@ -102,7 +103,7 @@ def test_load_unload_and_lru_eviction(lora_sim, adapters):
         loaded = client.post("/load_lora_adapter", json={"lora_name": "extra", "lora_path": str(adapters["extra"])})
         # then the least recently used unpinned adapter (sql) was evicted
         assert loaded.status_code == 200
-        assert loaded.json() == {"success": True, "error_message": "",
+        assert loaded.json() == {"rid": None, "http_worker_ipc": None, "success": True, "error_message": "",
                                  "loaded_adapters": {"poet": str(adapters["poet"]), "legal": str(adapters["legal"]),
                                                      "extra": str(adapters["extra"])}}
         again = client.post("/load_lora_adapter", json={"lora_name": "legal", "lora_path": str(adapters["legal"])})
@@ -124,10 +125,64 @@ def test_load_unload_and_lru_eviction(lora_sim, adapters):
         missing = client.post("/unload_lora_adapter", json={"lora_name": "sql"})
         assert missing.status_code == 400
         assert missing.json() == {
-            "success": False, "loaded_adapters": None,
+            "rid": None, "http_worker_ipc": None, "success": False, "loaded_adapters": None,
             "error_message": "LoRA with name sql does not exist. Loaded LoRAs: odict_keys(['poet', 'extra'])"}
         listed = [card["id"] for card in client.get("/v1/models").json()["data"]]
         assert listed == ["demo-llm", "poet", "extra"]
+
+
+def test_replies_follow_the_weights_and_a_reload_starts_cold(sim_factory, adapters):
+    """As in SGLang: what an adapter answers comes from its weights, not its
+    name; each load has its own id in the prefix cache's key, so an adapter
+    unloaded and loaded again finds nothing of its earlier requests cached."""
+    sim = sim_factory("--enable-cache-report", "--enable-lora", "--max-loras-per-batch", "2", "--max-lora-rank", "16",
+                      "--lora-target-modules", "q_proj", "v_proj")
+    prompt = {"input_ids": list(range(500, 700)), "sampling_params": {"max_new_tokens": 6, "ignore_eos": True}}
+
+    def load(name: str, adapter: str) -> None:
+        client.post("/load_lora_adapter", json={"lora_name": name, "lora_path": str(adapters[adapter])}
+                    ).raise_for_status()
+
+    def generate(name: str) -> dict:
+        return client.post("/generate", json={**prompt, "lora_path": name}).raise_for_status().json()
+
+    with sim.client() as client:
+        load("first", "sql")
+        first = generate("first")
+        assert generate("first")["meta_info"]["cached_tokens"] > 0
+        client.post("/unload_lora_adapter", json={"lora_name": "first"}).raise_for_status()
+        load("first", "sql")
+        reloaded = generate("first")
+        load("same_weights", "sql")
+        same_weights = generate("same_weights")
+        client.post("/unload_lora_adapter", json={"lora_name": "first"}).raise_for_status()
+        load("first", "poet")
+        other_weights = generate("first")
+    assert reloaded["meta_info"]["cached_tokens"] == 0 and reloaded["text"] == first["text"]
+    assert same_weights["text"] == first["text"] and same_weights["meta_info"]["cached_tokens"] == 0
+    assert other_weights["text"] != first["text"]
+
+
+def test_a_batchs_adapters_are_resolved_together(sim_factory, adapters):
+    """A /generate batch names at most --max-loaded-loras distinct adapters
+    (the base model counted); its loaded adapters count as used before the
+    evicted ones are reloaded, so a reload evicts none the batch needs."""
+    sim = sim_factory("--enable-lora", "--max-loaded-loras", "2", "--max-loras-per-batch", "2", "--max-lora-rank", "16",
+                      "--lora-target-modules", "q_proj", "v_proj")
+    with sim.client() as client:
+        for name in ("sql", "poet", "legal"):  # sql evicted by legal: poet, legal loaded (poet least recent)
+            client.post("/load_lora_adapter", json={"lora_name": name, "lora_path": str(adapters[name])}
+                        ).raise_for_status()
+        too_many = client.post("/generate", json={"text": ["a", "b", "c"], "lora_path": ["sql", "poet", None],
+                                                  "sampling_params": {"max_new_tokens": 1}})
+        batch = client.post("/generate", json={"text": ["a", "b"], "lora_path": ["sql", "poet"],
+                                               "sampling_params": {"max_new_tokens": 1}})
+        stats = client.get("/sim/stats").json()["lora"]
+    assert too_many.status_code == 400
+    assert too_many.json()["error"]["message"] == "Received request with 3 unique loras requested but max loaded loras is 2"
+    assert batch.status_code == 200
+    # poet, in the batch and loaded, counted as used first: sql's reload evicted legal, not poet.
+    assert {entry["name"] for entry in stats["loaded"]} == {"poet", "sql"} and stats["reloads_total"] == 1
 
 
 def test_load_validates_the_adapter_directory(lora_sim, tmp_path):
@@ -163,7 +218,7 @@ def test_lora_disabled(sim):
     with sim.client() as client:
         response = client.post("/load_lora_adapter", json={"lora_name": "a", "lora_path": "/tmp"})
         assert response.status_code == 400
-        assert response.json() == {"success": False, "loaded_adapters": None,
+        assert response.json() == {"rid": None, "http_worker_ipc": None, "success": False, "loaded_adapters": None,
                                    "error_message": "LoRA is not enabled. Please set `--enable-lora` to enable LoRA."}
         generate = client.post("/generate", json={"text": "hi", "lora_path": "a"})
     assert generate.status_code == 400
@@ -299,3 +354,18 @@ async def test_copying_an_adapter_into_the_gpu_pool_takes_its_bytes_over_the_hos
         engine.finalize(running)
     assert ttfts[0] - ttfts[1] == pytest.approx(504e6 / 50.4e9, abs=0.003)
     assert engine.lora.gpu_loads_total == 1
+
+
+def test_a_start_adapter_outside_the_flags_modules_is_named(tmp_path):
+    """An adapter of --lora-paths whose modules --lora-target-modules leaves
+    out stops the start with LoRAManager's message, not the pool's."""
+    wide = adapter_dir_make(tmp_path, "wide", config={"r": 8, "lora_alpha": 16,
+                                                       "target_modules": ["q_proj", "down_proj"]})
+    config, settings = configs_from_args(build_argument_parser().parse_args(
+        ["--lora-paths", f"wide={wide}", "--lora-target-modules", "q_proj", "v_proj", "--max-lora-rank", "8"]))
+    with pytest.raises(LoraError) as refused:
+        SimEngine(config=config, settings=settings)
+    assert refused.value.message == (
+        "LoRA adapter 'wide' contains target modules ['down_proj'] that are not included in the specified "
+        "--lora-target-modules ['qkv_proj']. Please update --lora-target-modules to include all required modules: "
+        "['down_proj', 'qkv_proj'], or use 'all' to enable all supported modules.")
