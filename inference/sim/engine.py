@@ -394,16 +394,39 @@ class SimEngine:
             await asyncio.sleep(self.timing.wall_s(delay))
         stats.prompt_tokens_total += tokens
         stats.requests_finished += 1
-        series = stats.streaming(False)
+        series = stats.streaming(False, self._metric_priority(None))
         series.prompt_tokens += tokens
         series.requests += 1
 
-    def _error_rate_roll(self, stream: bool = False) -> None:
+    def _error_rate_roll(self, request: GenerationRequest | None = None) -> None:
         """The `error_rate` fault: raises InjectedFailure for that share of requests."""
         if self.settings.error_rate > 0 and self._fault_rng.random() < self.settings.error_rate:
             self.stats.requests_failed += 1
-            self.stats.streaming(stream).requests += 1
+            stream, priority = (request.stream, request.priority) if request is not None else (False, None)
+            self.stats.streaming(stream, self._metric_priority(priority)).requests += 1
             raise InjectedFailure("Injected failure (simulator error_rate)")
+
+    def _metric_priority(self, priority: int | None) -> str | None:
+        """A request's `priority` label on the tokenizer's series: none without
+        priority scheduling; else its priority, the default's if it gave none,
+        or "" (the label's default) when there is neither."""
+        if not self.config.enable_priority_scheduling:
+            return None
+        if priority is None:
+            priority = self.config.default_priority_value
+        return "" if priority is None else str(priority)
+
+    def queues_by_priority(self) -> tuple[dict[str, int], dict[str, int]] | None:
+        """Under priority scheduling, the running and the waiting requests by
+        priority (SGLang's QueueCount: a request without one counts as "None")."""
+        if not self.config.enable_priority_scheduling:
+            return None
+
+        def label(running: RunningRequest) -> str:
+            priority = running.request.priority
+            return str(self.config.default_priority_value if priority is None else priority)
+
+        return dict(Counter(map(label, self._running))), dict(Counter(map(label, self._waiting)))
 
     def _validate(self, request: GenerationRequest) -> None:
         if not request.prompt_ids:
@@ -480,7 +503,7 @@ class SimEngine:
         self.stats.requests_received += 1
         if request.stream:
             self.stats.streaming_requests += 1
-        self._error_rate_roll(request.stream)
+        self._error_rate_roll(request)
 
         adapter = request.lora_path or None
         room, refusal = self._length_bounds(request)
@@ -1115,8 +1138,8 @@ class SimEngine:
         crashed = False
         if running.first_token_at is None:
             running.first_token_at = now
-            self.stats.ttft.observe(now - running.admitted_at)
-            self.stats.streaming(running.request.stream).ttft.observe(now - running.admitted_at)
+            self.stats.streaming(running.request.stream, self._metric_priority(running.request.priority)
+                                 ).ttft.observe(now - running.admitted_at)
             gap = None
         else:
             gap = now - running.last_token_at
@@ -1177,7 +1200,7 @@ class SimEngine:
         if produced:
             # Inter-token gaps: the first since the previous step; the rest of a
             # burst share this step's end time (gap 0).
-            itl = self.stats.itl
+            itl = self.stats.priority(self._metric_priority(running.request.priority)).itl
             if gap is not None:
                 itl.observe(gap)
                 itl.observe_many(0.0, produced - 1)
@@ -1303,7 +1326,9 @@ class SimEngine:
         stats.prompt_tokens_total += running.prompt_tokens
         stats.completion_tokens_total += running.completion_tokens
         stats.cached_tokens_total += running.cached_tokens
-        series = stats.streaming(running.request.stream)
+        priority = self._metric_priority(running.request.priority)
+        stats.priority(priority).cached_tokens += running.cached_tokens
+        series = stats.streaming(running.request.stream, priority)
         series.prompt_tokens += running.prompt_tokens
         series.generation_tokens += running.completion_tokens
         series.requests += 1
@@ -1317,7 +1342,6 @@ class SimEngine:
             stats.requests_failed += 1
         else:
             stats.requests_finished += 1
-            stats.e2e.observe(running.e2e_latency_s())
             series.e2e.observe(running.e2e_latency_s())
 
     # ------------------------------------------------------------ control

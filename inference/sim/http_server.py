@@ -1033,7 +1033,8 @@ class InfoHandlers:
             token_usage=engine.token_usage(), cache_hit_rate=engine.cache_hit_rate(),
             gen_throughput=engine.gen_throughput(), kv_tokens=engine.kv_token_counts(),
             lora_slots=(engine.lora_slots_used(), self.config.max_loras_per_batch) if self.config.enable_lora else None,
-            evicted_tokens=engine.cache.evicted_tokens_total, num_retracted_reqs=engine.last_retracted)
+            evicted_tokens=engine.cache.evicted_tokens_total, num_retracted_reqs=engine.last_retracted,
+            queues_by_priority=engine.queues_by_priority())
         # prometheus_client's CONTENT_TYPE_LATEST for the text format, as SGLang sends it.
         return web.Response(body=text.encode(), headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
 

@@ -57,13 +57,23 @@ class Histogram:
 
 @dataclass(slots=True)
 class StreamingSeries:
-    """The tokenizer collector's series for one value of `is_streaming`."""
+    """The tokenizer collector's series for one value of `is_streaming` (and
+    of `priority`, under priority scheduling)."""
 
     prompt_tokens: int = 0
     generation_tokens: int = 0
     requests: int = 0
     ttft: Histogram = field(default_factory=lambda: Histogram(TTFT_BUCKETS_S))
     e2e: Histogram = field(default_factory=lambda: Histogram(E2E_BUCKETS_S))
+
+
+@dataclass(slots=True)
+class PrioritySeries:
+    """The tokenizer collector's series without `is_streaming`, for one value
+    of `priority` (None: a server without priority scheduling, no label)."""
+
+    cached_tokens: int = 0
+    itl: Histogram = field(default_factory=lambda: Histogram(ITL_BUCKETS_S))
 
 
 @dataclass(slots=True)
@@ -89,16 +99,24 @@ class SimStats:
     disconnected: deque = field(default_factory=lambda: deque(maxlen=RECENT_RIDS_KEPT))
     # rids named by POST /abort_request, in flight or not ("*" for abort_all)
     abort_request_rids: deque = field(default_factory=lambda: deque(maxlen=RECENT_RIDS_KEPT))
-    ttft: Histogram = field(default_factory=lambda: Histogram(TTFT_BUCKETS_S))
-    itl: Histogram = field(default_factory=lambda: Histogram(ITL_BUCKETS_S))
-    e2e: Histogram = field(default_factory=lambda: Histogram(E2E_BUCKETS_S))
-    # The same by `is_streaming` (False, True), each made when first used.
+    # The tokenizer collector's series by (`priority` label or None, `is_streaming`),
+    # and by `priority` alone, each made when first used, as prometheus_client
+    # makes labelled children.
     by_streaming: dict = field(default_factory=dict)
+    by_priority: dict = field(default_factory=dict)
+    # Priorities the scheduler's queue gauges have shown (each then stays, at 0 when none).
+    known_priorities: set = field(default_factory=set)
 
-    def streaming(self, stream: bool) -> StreamingSeries:
-        series = self.by_streaming.get(stream)
+    def streaming(self, stream: bool, priority: str | None = None) -> StreamingSeries:
+        series = self.by_streaming.get((priority, stream))
         if series is None:
-            series = self.by_streaming[stream] = StreamingSeries()
+            series = self.by_streaming[(priority, stream)] = StreamingSeries()
+        return series
+
+    def priority(self, priority: str | None = None) -> PrioritySeries:
+        series = self.by_priority.get(priority)
+        if series is None:
+            series = self.by_priority[priority] = PrioritySeries()
         return series
 
     def record_abort(self, rid: str, *, by_disconnect: bool) -> None:
@@ -110,39 +128,55 @@ class SimStats:
 def render_prometheus(*, stats: SimStats, model_name: str, num_running_reqs: int, num_queue_reqs: int,
                       token_usage: float, cache_hit_rate: float, gen_throughput: float,
                       kv_tokens: dict[str, int] | None = None, lora_slots: tuple[int, int] | None = None,
-                      evicted_tokens: int | None = None, num_retracted_reqs: int = 0) -> str:
+                      evicted_tokens: int | None = None, num_retracted_reqs: int = 0,
+                      queues_by_priority: tuple[dict[str, int], dict[str, int]] | None = None) -> str:
     """SGLang's /metrics text. `kv_tokens`: num_used, kv_available, kv_evictable, kv_used
     token counts; `lora_slots`: (adapters in the running batch, max_loras_per_batch);
     `evicted_tokens`: what the radix cache has evicted (its collector's own labels);
-    `num_retracted_reqs`: requests the last retraction sent back (cleared as SGLang does)."""
+    `num_retracted_reqs`: requests the last retraction sent back (cleared as SGLang does);
+    `queues_by_priority`: under priority scheduling, the running and the waiting
+    requests by priority: every series then has a `priority` label, the
+    scheduler's "" for totals, with the two queues also broken down by priority."""
     labels = f'model_name="{_escape_label(model_name)}",engine_type="unified"'
     scheduler_labels = f'{labels},tp_rank="0",pp_rank="0",moe_ep_rank="0"'
+    if queues_by_priority is not None:
+        scheduler_labels += ',priority=""'
     lines: list[str] = []
 
-    def gauge(name: str, help_text: str, value: float) -> None:
+    def gauge(name: str, help_text: str, value: float, by_priority: dict[str, int] | None = None) -> None:
         lines.append(f"# HELP {name} {help_text}")
         lines.append(f"# TYPE {name} gauge")
         lines.append(f"{name}{{{scheduler_labels}}} {float(value)}")
+        if by_priority is not None:
+            stats.known_priorities.update(by_priority)
+            base = scheduler_labels.removesuffix(',priority=""')
+            for priority in sorted(stats.known_priorities):
+                lines.append(f'{name}{{{base},priority="{priority}"}} {float(by_priority.get(priority, 0))}')
 
-    streams = sorted(stats.by_streaming.items())
+    def with_priority(priority: str | None) -> str:
+        return labels if priority is None else f'{labels},priority="{_escape_label(priority)}"'
 
     def by_streaming(name: str, help_text: str, kind: str, value) -> None:
         lines.append(f"# HELP {name} {help_text}")
         lines.append(f"# TYPE {name} {kind}")
-        for stream, series in streams:
-            stream_labels = f'{labels},is_streaming="{"true" if stream else "false"}"'
+        for (priority, stream), series in sorted(stats.by_streaming.items(), key=lambda item: (str(item[0][0]),
+                                                                                               item[0][1])):
+            stream_labels = f'{with_priority(priority)},is_streaming="{"true" if stream else "false"}"'
             if kind == "histogram":
                 value(series).render(name, stream_labels, lines)
             else:
                 lines.append(f"{name}{{{stream_labels}}} {float(value(series))}")
 
-    def counter(name: str, help_text: str, value: int, extra: str = "", *, scheduler: bool = False) -> None:
+    by_priority_series = sorted(stats.by_priority.items(), key=lambda item: str(item[0]))
+
+    def counter(name: str, help_text: str, value: int) -> None:  # the scheduler's
         lines.append(f"# HELP {name} {help_text}")
         lines.append(f"# TYPE {name} counter")
-        lines.append(f"{name}{{{scheduler_labels if scheduler else labels}{extra}}} {float(value)}")
+        lines.append(f"{name}{{{scheduler_labels}}} {float(value)}")
 
-    gauge("sglang:num_running_reqs", "The number of running requests.", num_running_reqs)
-    gauge("sglang:num_queue_reqs", "The number of requests in the waiting queue.", num_queue_reqs)
+    running_by, waiting_by = queues_by_priority if queues_by_priority is not None else (None, None)
+    gauge("sglang:num_running_reqs", "The number of running requests.", num_running_reqs, running_by)
+    gauge("sglang:num_queue_reqs", "The number of requests in the waiting queue.", num_queue_reqs, waiting_by)
     gauge("sglang:token_usage", "The token usage.", token_usage)
     gauge("sglang:cache_hit_rate", "The prefix cache hit rate.", cache_hit_rate)
     gauge("sglang:gen_throughput", "The generation throughput (token/s).", gen_throughput)
@@ -165,22 +199,27 @@ def render_prometheus(*, stats: SimStats, model_name: str, num_running_reqs: int
                  lambda series: series.prompt_tokens)
     by_streaming("sglang:generation_tokens_total", "Number of generation tokens processed.", "counter",
                  lambda series: series.generation_tokens)
-    counter("sglang:cached_tokens_total", "Number of cached prompt tokens by source (device/host/storage).",
-            stats.cached_tokens_total, ',cache_source="device"')
+    lines.append("# HELP sglang:cached_tokens_total Number of cached prompt tokens by source (device/host/storage).")
+    lines.append("# TYPE sglang:cached_tokens_total counter")
+    for priority, series in by_priority_series:
+        if series.cached_tokens:  # counted only when a request had some, as SGLang does
+            lines.append(f'sglang:cached_tokens_total{{{with_priority(priority)},cache_source="device"}} '
+                         f"{float(series.cached_tokens)}")
     by_streaming("sglang:num_requests_total", "Number of requests processed.", "counter",
                  lambda series: series.requests)
     gauge("sglang:num_retracted_reqs", "The number of retracted requests.", num_retracted_reqs)
     counter("sglang:num_retracted_requests_total", "Total number of retracted requests.",
-            stats.retracted_requests_total, scheduler=True)
+            stats.retracted_requests_total)
     counter("sglang:num_retracted_input_tokens_total", "Total number of retracted input tokens.",
-            stats.retracted_input_tokens_total, scheduler=True)
+            stats.retracted_input_tokens_total)
     counter("sglang:num_retracted_output_tokens_total", "Total number of retracted output tokens.",
-            stats.retracted_output_tokens_total, scheduler=True)
+            stats.retracted_output_tokens_total)
     by_streaming("sglang:time_to_first_token_seconds", "Histogram of time to first token in seconds.", "histogram",
                  lambda series: series.ttft)
     lines.append("# HELP sglang:inter_token_latency_seconds Histogram of inter-token latency in seconds.")
     lines.append("# TYPE sglang:inter_token_latency_seconds histogram")
-    stats.itl.render("sglang:inter_token_latency_seconds", labels, lines)
+    for priority, series in by_priority_series:
+        series.itl.render("sglang:inter_token_latency_seconds", with_priority(priority), lines)
     by_streaming("sglang:e2e_request_latency_seconds", "Histogram of End-to-end request latency in seconds",
                  "histogram", lambda series: series.e2e)
     if evicted_tokens is not None:

@@ -174,6 +174,48 @@ def test_metrics_carry_sglangs_labels_streaming_split_from_the_rest(sim_factory)
     assert "is_streaming" not in itl_labels
 
 
+def test_priority_scheduling_labels_every_series_by_priority(sim_factory):
+    """Under priority scheduling the scheduler's gauges carry priority="" for
+    totals, the two queues a series per priority seen (kept at 0 after), and
+    the tokenizer's series each request's priority, the default's when it
+    gave none."""
+    sim = sim_factory("--enable-priority-scheduling", "--default-priority-value", "0", "--max-running-requests", "1",
+                      "--decode-base-ms", "20", "--time-scale", "0.5")
+    with sim.client() as client:
+        held = threading.Thread(target=lambda: client.post("/generate", json={
+            "text": "first", "priority": 5, "sampling_params": {"max_new_tokens": 40, "ignore_eos": True}}))
+        held.start()
+        deadline = time.monotonic() + 5
+        while metric_by_labels(client, "sglang:num_running_reqs", priority="5") != 1:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        waiting = threading.Thread(target=lambda: client.post("/generate", json={
+            "text": "second", "sampling_params": {"max_new_tokens": 2}}))
+        waiting.start()
+        while metric_by_labels(client, "sglang:num_queue_reqs", priority="0") != 1:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        busy = prometheus_parse(client.get("/metrics").text)
+        held.join()
+        waiting.join()
+        idle = prometheus_parse(client.get("/metrics").text)
+    running = {labels["priority"]: value for labels, value in busy["sglang:num_running_reqs"]}
+    assert running == {"": 1, "5": 1, "0": 0} and all(labels["tp_rank"] == "0" for labels, _ in busy["sglang:num_running_reqs"])
+    assert {labels["priority"]: value for labels, value in busy["sglang:num_queue_reqs"]} == {"": 1, "0": 1, "5": 0}
+    assert {labels["priority"]: value for labels, value in idle["sglang:num_running_reqs"]} == {"": 0, "0": 0, "5": 0}
+    tokens = {(labels["priority"], labels["is_streaming"]): value
+              for labels, value in idle["sglang:generation_tokens_total"]}
+    assert tokens == {("5", "false"): 40, ("0", "false"): 2}
+    assert {labels["priority"] for labels, _ in idle["sglang:inter_token_latency_seconds_count"]} == {"0", "5"}
+
+
+def metric_by_labels(client, name: str, **wanted: str) -> float | None:
+    for labels, value in prometheus_parse(client.get("/metrics").text).get(name, []):
+        if all(labels.get(key) == item for key, item in wanted.items()):
+            return value
+    return None
+
+
 def test_evicted_tokens_metric_counts_what_the_radix_cache_dropped(sim_factory):
     sim = sim_factory("--max-total-tokens", "400")
     with sim.client() as client:
