@@ -89,7 +89,14 @@ from .lora import LoraError, LoraRegistry
 from .metrics import SimStats
 from .radix_cache import RadixCache, RadixNode
 from .timing import EngineCosts, StepTiming
-from .tokenizer import EOS_TOKEN_ID, PseudoTextSource, ScriptedTextSource, generation_seed, natural_length
+from .tokenizer import (
+    EOS_TOKEN_ID,
+    BiasedTextSource,
+    PseudoTextSource,
+    ScriptedTextSource,
+    generation_seed,
+    natural_length,
+)
 
 logger = logging.getLogger("inference.sim.engine")
 
@@ -187,6 +194,8 @@ class GenerationRequest:
     # SGLang's routing_key (native field, or the OpenAI routes' X-SMG-Routing-Key
     # header): --schedule-policy routing-key favours keys the running batch has most.
     routing_key: str | None = None
+    # Sampling params' logit_bias, by token id (`tokenizer.BiasedTextSource`).
+    logit_bias: dict[int, float] | None = None
 
 
 @dataclass(slots=True)
@@ -515,6 +524,10 @@ class SimEngine:
             seed = generation_seed(prompt_ids=(request.sample,), server_seed=seed & 0x7FFF_FFFF_FFFF_FFFF,
                                    request_seed=None)
         text_source = PseudoTextSource(seed)
+        forced_token = False
+        if BiasedTextSource.decisive(request.logit_bias):
+            text_source = BiasedTextSource(text_source, request.logit_bias)
+            forced_token = text_source.forces
         if request.preamble or request.forced_text is not None:
             text_source = ScriptedTextSource((request.preamble or "") + (request.forced_text or ""), text_source)
         # Where the EOS lands: the reply's last token, counted but never shown.
@@ -523,7 +536,7 @@ class SimEngine:
             natural += len(text_source)  # the think block, then a reply of the usual length
         natural = max(natural, min(request.min_new_tokens + 1, room))  # EOS masked until then
         # `room` is max_new_tokens as the scheduler bounds it.
-        if request.ignore_eos or room < natural:
+        if request.ignore_eos or room < natural or (forced_token and request.forced_text is None):
             # (An EOS on the last allowed token still ends the reply as `stop`: sglang
             # 0.5.23's Req.check_finished tries stop tokens before the length cap.)
             token_limit, stops_naturally = room, False

@@ -198,6 +198,15 @@ def _priority(fields: _Fields) -> int | None:
     return priority
 
 
+def _logit_bias(source: dict) -> dict[int, float] | None:
+    """A checked `logit_bias` (see `_verify_sampling`) by token id; None when unset."""
+    logit_bias = source.get("logit_bias")
+    if not logit_bias:
+        return None
+    return {int(token_id): float(bias) for token_id, bias in logit_bias.items()
+            if isinstance(bias, (int, float)) and not isinstance(bias, bool)}
+
+
 def _verify_sampling(fields: _Fields, source: dict, *, max_new_tokens: int | None, min_name: str,
                      seed_name: str) -> tuple[int, bool]:
     """SGLang's SamplingParams.verify, in its order and wording (a ValueError):
@@ -372,6 +381,7 @@ def _openai_common(fields: _Fields, *, prompt_ids: list[int], max_tokens: int | 
         stream=stream,
         lora_path=lora_path or None,
         forced_text=_constrained_reply(fields, prompt_ids),
+        logit_bias=_logit_bias(body),
     )
     return generation, model, include_usage, continuous_usage_stats
 
@@ -858,6 +868,7 @@ def parse_generate_request(body: Any, *, reasoning_parser: str | None = None) ->
             forced_text=forced_text,
             logprobs=logprobs[index],
             routing_key=fields.optional_str("routing_key"),
+            logit_bias=_logit_bias(params),
         ))
         if reasoning is not None and (thinking := thinking_for(reasoning, {}, _prompt_seed(prompt_ids))):
             generations[-1] = replace(generations[-1], preamble=thinking.preamble,

@@ -195,13 +195,51 @@ class PseudoTextSource:
         return _OUTPUT_IDS[index], _OUTPUT_PIECES[index]
 
 
+# A logit bias at least this large (in either direction) decides the toy
+# model's choice: its own log probabilities lie within a few nats of each other.
+DECISIVE_LOGIT_BIAS = 10.0
+
+
+class BiasedTextSource:
+    """A request's `logit_bias` over the pseudo-text: the token with the
+    largest decisive positive bias is chosen at every step (its logit beats
+    every other token's, the EOS's too); tokens with a decisive negative bias
+    are never chosen; smaller biases change nothing."""
+
+    __slots__ = ("_source", "_forced", "_banned")
+
+    def __init__(self, source: PseudoTextSource, logit_bias: dict[int, float]) -> None:
+        self._source = source
+        favoured = [(bias, token_id) for token_id, bias in logit_bias.items() if bias >= DECISIVE_LOGIT_BIAS]
+        forced = max(favoured)[1] if favoured else None
+        self._forced = (forced, piece_of(forced)) if forced is not None else None
+        self._banned = frozenset(token_id for token_id, bias in logit_bias.items() if bias <= -DECISIVE_LOGIT_BIAS)
+
+    @staticmethod
+    def decisive(logit_bias: dict[int, float] | None) -> bool:
+        return bool(logit_bias) and any(abs(bias) >= DECISIVE_LOGIT_BIAS for bias in logit_bias.values())
+
+    @property
+    def forces(self) -> bool:
+        """A token is forced: the reply never reaches its EOS."""
+        return self._forced is not None
+
+    def next_token(self) -> tuple[int, str]:
+        if self._forced is not None:
+            return self._forced
+        while True:
+            token_id, piece = self._source.next_token()
+            if token_id not in self._banned:
+                return token_id, piece
+
+
 class ScriptedTextSource:
     """Output tokens that spell a given text (a tool call, a constrained
     reply), then `then`'s."""
 
     __slots__ = ("_pieces", "_next", "_then")
 
-    def __init__(self, text: str, then: PseudoTextSource) -> None:
+    def __init__(self, text: str, then: PseudoTextSource | BiasedTextSource) -> None:
         self._pieces = split_pieces(text)
         self._next = 0
         self._then = then

@@ -1121,6 +1121,31 @@ def test_a_reply_fed_back_scores_as_it_was_generated_and_token_ids_logprob(sim):
     assert not_flat.status_code == 400
 
 
+def test_logit_bias_forces_or_forbids_a_token_per_request(sim):
+    """SGLang's logit_bias tests: a bias of +100 makes every output token that
+    one (the reply runs to max_new_tokens), -100 keeps a token out; a batch's
+    other prompts are untouched, and a small bias changes nothing."""
+    prompt = "The capital of France is"
+    with sim.client() as client:
+        paris = client.post("/tokenize", json={"prompt": " Paris"}).json()["tokens"][0]
+        plain = client.post("/generate", json={"text": prompt, "sampling_params": {"max_new_tokens": 30}}).json()
+        batch = client.post("/generate", json={"text": [prompt, prompt], "sampling_params": [
+            {"max_new_tokens": 4, "logit_bias": {str(paris): 100.0}}, {"max_new_tokens": 4}]}).json()
+        banned_id = plain["output_ids"][0]
+        banned = client.post("/generate", json={"text": prompt, "sampling_params": {
+            "max_new_tokens": 30, "logit_bias": {str(banned_id): -100.0}}}).json()
+        nudged = client.post("/generate", json={"text": prompt, "sampling_params": {
+            "max_new_tokens": 30, "logit_bias": {str(banned_id): -1.0}}}).json()
+        chat = client.post("/v1/chat/completions", json={"model": "m", "messages": CHAT, "max_tokens": 3,
+                                                         "logit_bias": {str(paris): 100}}).json()
+    assert batch[0]["output_ids"] == [paris] * 4 and batch[0]["text"] == " Paris" * 4
+    assert batch[0]["meta_info"]["finish_reason"] == {"type": "length", "length": 4}
+    assert batch[1]["output_ids"] == plain["output_ids"][:4]
+    assert banned_id not in banned["output_ids"] and banned["output_ids"] != plain["output_ids"]
+    assert nudged["output_ids"] == plain["output_ids"]
+    assert chat["choices"][0]["message"]["content"] == " Paris" * 3
+
+
 def test_generate_logprobs(sim):
     """`return_logprob` on /generate: meta_info's `[logprob, id, text]` entries,
     the input's from `logprob_start_len` (first unscored), top alternatives with
