@@ -45,7 +45,7 @@ wait_http() {  # url, name, log
   --enable-cache-report --tool-call-parser qwen25 --ttft-ms 40 --itl-ms 15 > .run/sim.log 2>&1 &
 pids+=($!)
 .venv/bin/python -m inference.sim --host 127.0.0.1 --port "$EMBED_SIM_PORT" --served-model-name "$EMBED_MODEL" \
-  --is-embedding > .run/sim-embed.log 2>&1 &
+  --is-embedding --json-model-override-args '{"is_matryoshka": true}' > .run/sim-embed.log 2>&1 &
 pids+=($!)
 wait_http "http://127.0.0.1:$SIM_PORT/health" simulator .run/sim.log
 wait_http "http://127.0.0.1:$EMBED_SIM_PORT/health" "embedding simulator" .run/sim-embed.log

@@ -48,6 +48,11 @@ class ServerConfig:
     # `embedding_dim` dimensions.
     is_embedding: bool = False
     embedding_dim: int = 1024
+    # The model's Matryoshka representation, as its config gives it (here
+    # --json-model-override-args `is_matryoshka` / `matryoshka_dimensions`):
+    # whether `dimensions` may shorten its vectors, and to which sizes (None: any).
+    is_matryoshka: bool = False
+    matryoshka_dimensions: tuple[int, ...] | None = None
     api_key: str | None = None
     admin_api_key: str | None = None  # guards /flush_cache, /abort_request and LoRA (un)loading
     # --tool-call-parser: chat replies may call the request's tools (`tools.py`).
@@ -207,6 +212,9 @@ def build_argument_parser() -> argparse.ArgumentParser:
     parser.add_argument("--is-embedding", action="store_true",
                         help="serve an embedding model: POST /v1/embeddings, no generation")
     parser.add_argument("--embedding-dim", type=int, default=1024, help="dimensions of an embedding model's vectors")
+    parser.add_argument("--json-model-override-args", default="{}", metavar="JSON",
+                        help="overrides of the model's config, as SGLang takes them; the simulator reads "
+                             "is_matryoshka and matryoshka_dimensions (an embedding model's `dimensions`)")
     parser.add_argument("--api-key", default=None)
     parser.add_argument("--tool-call-parser", choices=TOOL_CALL_PARSERS, default=None,
                         help="parse tool calls out of chat replies, in this model family's format")
@@ -358,6 +366,22 @@ def _check_lora_args(config: ServerConfig) -> None:
         raise SystemExit("--max-lora-chunk-size must be a power of 2 between 16 and 128.")
 
 
+def _matryoshka(override_args: str) -> tuple[bool, tuple[int, ...] | None]:
+    """(is_matryoshka, matryoshka_dimensions) from --json-model-override-args, as
+    SGLang's ModelConfig reads them: a list of dimensions makes a model Matryoshka."""
+    try:
+        overrides = json.loads(override_args)
+    except json.JSONDecodeError as error:
+        raise SystemExit(f"--json-model-override-args: {error}") from error
+    if not isinstance(overrides, dict):
+        raise SystemExit("--json-model-override-args must be a JSON object")
+    dimensions = overrides.get("matryoshka_dimensions")
+    if dimensions is not None and not (isinstance(dimensions, list) and all(
+            isinstance(size, int) and not isinstance(size, bool) for size in dimensions)):
+        raise SystemExit("--json-model-override-args: matryoshka_dimensions must be a list of integers")
+    return bool(dimensions) or bool(overrides.get("is_matryoshka", False)), tuple(dimensions) if dimensions else None
+
+
 def configs_from_args(args: argparse.Namespace) -> tuple[ServerConfig, RuntimeSettings]:
     preset = PRESETS[args.preset] if args.preset else None
 
@@ -370,6 +394,7 @@ def configs_from_args(args: argparse.Namespace) -> tuple[ServerConfig, RuntimeSe
     model_path = pick(args.model_path, "model_path", "demo/demo-llm")
     if context_length <= 0:
         raise SystemExit("--context-length must be positive")
+    is_matryoshka, matryoshka_dimensions = _matryoshka(args.json_model_override_args)
     if args.time_scale <= 0:
         raise SystemExit("--time-scale must be positive")
     try:
@@ -399,6 +424,8 @@ def configs_from_args(args: argparse.Namespace) -> tuple[ServerConfig, RuntimeSe
         enable_cache_report=args.enable_cache_report,
         is_embedding=args.is_embedding,
         embedding_dim=args.embedding_dim,
+        is_matryoshka=is_matryoshka,
+        matryoshka_dimensions=matryoshka_dimensions,
         api_key=args.api_key,
         admin_api_key=args.admin_api_key,
         tool_call_parser=args.tool_call_parser,

@@ -6,9 +6,13 @@ Request and reply follow SGLang's OpenAI layer (`serving_embedding.py`):
   with its messages;
 - the reply is `{"data": [{"embedding", "index", "object": "embedding"}],
   "model": <model path>, "object": "list", "usage"}` with the prompt tokens of
-  all inputs as both `prompt_tokens` and `total_tokens`; vectors are always
-  floats (SGLang ignores `encoding_format`);
-- `dimensions` keeps the first N dimensions, renormalised (Matryoshka models).
+  all inputs as both `prompt_tokens` and `total_tokens`; vectors are floats,
+  or with `encoding_format` "base64" the base64 of their little-endian
+  float32 values (any other format is refused);
+- `dimensions` keeps the first N dimensions, renormalised, on a Matryoshka
+  model (`--json-model-override-args '{"is_matryoshka": true}'`, or
+  `matryoshka_dimensions` listing the sizes it allows); other models refuse
+  it, with the tokenizer manager's checks and messages.
 
 A vector is the feature hash of the input's token ids (a signed count per
 dimension), normalised to unit length: deterministic, and texts that share
@@ -16,7 +20,9 @@ tokens point the same way. Computing it costs a prefill of the input.
 """
 from __future__ import annotations
 
+import base64
 import math
+import struct
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,13 +37,18 @@ _HASH_MULTIPLIER = 2654435761
 class EmbeddingInput:
     inputs: list[list[int]]  # token ids of each input, in order
     dimensions: int | None
+    encoding_format: str = "float"
 
 
-def parse_embedding_request(body: Any, *, dim: int) -> EmbeddingInput:
+def parse_embedding_request(body: Any, *, dim: int, model_path: str = "", is_matryoshka: bool = True,
+                            matryoshka_dimensions: tuple[int, ...] | None = None) -> EmbeddingInput:
     if not isinstance(body, dict):
         raise openai_schema_error("body", "Input should be a valid dictionary", "EmbeddingRequest")
     if "input" not in body:
         raise openai_schema_error("input", "Field required", "EmbeddingRequest")
+    encoding_format = body.get("encoding_format", "float")
+    if encoding_format not in ("float", "base64"):
+        raise openai_error(f"encoding_format must be either 'float' or 'base64', got {encoding_format!r}")
     value = body["input"]
     if not value:
         raise openai_error("Input cannot be empty")
@@ -78,11 +89,20 @@ def parse_embedding_request(body: Any, *, dim: int) -> EmbeddingInput:
         raise openai_schema_error("input", "Input should be a valid string or list", "EmbeddingRequest")
     dimensions = body.get("dimensions")
     if dimensions is not None:
-        if not isinstance(dimensions, int) or isinstance(dimensions, bool) or dimensions < 1:
-            raise openai_schema_error("dimensions", "Input should be a positive integer", "EmbeddingRequest")
+        if not isinstance(dimensions, int) or isinstance(dimensions, bool):
+            raise openai_schema_error("dimensions", "Input should be a valid integer", "EmbeddingRequest")
+        # The tokenizer manager's _validate_for_matryoshka_dim, in its order.
+        if not is_matryoshka:
+            raise openai_error(f"Model '{model_path}' does not support matryoshka representation, "
+                               "changing output dimensions will lead to poor results.")
+        if dimensions < 1:
+            raise openai_error("Requested dimensions must be greater than 0")
+        if matryoshka_dimensions and dimensions not in matryoshka_dimensions:
+            raise openai_error(f"Model '{model_path}' only supports {list(matryoshka_dimensions)} matryoshka "
+                               "dimensions, using other output dimensions will lead to poor results.")
         if dimensions > dim:
-            raise openai_error(f"Requested dimensions ({dimensions}) exceed the model's {dim} dimensions.")
-    return EmbeddingInput(inputs, dimensions)
+            raise openai_error(f"Provided dimensions are greater than max embedding dimension: {dim}")
+    return EmbeddingInput(inputs, dimensions, encoding_format)
 
 
 def embedding_vector(token_ids: list[int], *, dim: int, seed: int = 0, dimensions: int | None = None) -> list[float]:
@@ -99,11 +119,20 @@ def embedding_vector(token_ids: list[int], *, dim: int, seed: int = 0, dimension
     return [x / norm for x in vector]
 
 
-def embedding_response(vectors: list[list[float]], *, model: str, prompt_tokens: int) -> dict:
+def embedding_response(vectors: list[list[float]], *, model: str, prompt_tokens: int,
+                       encoding_format: str = "float") -> dict:
     return {
-        "data": [{"embedding": vector, "index": index, "object": "embedding"} for index, vector in enumerate(vectors)],
+        "data": [{"embedding": _serialized(vector, encoding_format), "index": index, "object": "embedding"}
+                 for index, vector in enumerate(vectors)],
         "model": model,
         "object": "list",
         "usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens, "completion_tokens": 0,
-                  "prompt_tokens_details": None, "reasoning_tokens": 0},
+                  "prompt_tokens_details": None, "reasoning_tokens": 0, "completion_tokens_details": None},
     }
+
+
+def _serialized(vector: list[float], encoding_format: str) -> list[float] | str:
+    """A vector as the request asked: floats, or base64 of little-endian float32s."""
+    if encoding_format == "float":
+        return vector
+    return base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode("ascii")

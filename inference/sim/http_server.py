@@ -360,12 +360,15 @@ class GenerationHandlers:
             raise openai_error("This model does not appear to be an embedding model by default. Please add "
                                "`--is-embedding` when launching the server or try another model.")
         parsed = parse_embedding_request(await _read_json_body(request, require_json_content_type=True),
-                                         dim=config.embedding_dim)
+                                         dim=config.embedding_dim, model_path=config.model_path,
+                                         is_matryoshka=config.is_matryoshka,
+                                         matryoshka_dimensions=config.matryoshka_dimensions)
         await self._openai_answered(self.engine.embed(parsed.inputs))
         vectors = [embedding_vector(ids, dim=config.embedding_dim, seed=config.seed, dimensions=parsed.dimensions)
                    for ids in parsed.inputs]
         return _json(embedding_response(vectors, model=config.model_path,
-                                        prompt_tokens=sum(len(ids) for ids in parsed.inputs)))
+                                        prompt_tokens=sum(len(ids) for ids in parsed.inputs),
+                                        encoding_format=parsed.encoding_format))
 
     @property
     def _parsers_configured(self) -> bool:

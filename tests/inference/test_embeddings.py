@@ -24,7 +24,8 @@ def embed_model(live_tmp, django_db_blocker, django_db_setup, gateway):
     from inference.services import backend_add, served_model_upsert
     from tenants.services import api_key_create, tenant_create
 
-    sim = sim_start(live_tmp, "embed-llm", "--is-embedding", "--embedding-dim", str(DIM))
+    sim = sim_start(live_tmp, "embed-llm", "--is-embedding", "--embedding-dim", str(DIM),
+                    "--json-model-override-args", '{"is_matryoshka": true}')
     with django_db_blocker.unblock():
         model = served_model_upsert(name="embed-llm")
         model.routing_policy = ServedModel.RoutingPolicy.LEAST_OUTSTANDING

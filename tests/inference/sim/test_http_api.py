@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import math
 import re
+import struct
 import threading
 import time
 
@@ -871,7 +873,8 @@ def test_health_probe_waits_for_the_engine_unless_generation_is_off(sim_factory)
 
 
 def test_embedding_model_answers_v1_embeddings_as_sglang_does(sim_factory):
-    embedder = sim_factory("--is-embedding", "--embedding-dim", "32")
+    embedder = sim_factory("--is-embedding", "--embedding-dim", "32", "--json-model-override-args",
+                           '{"is_matryoshka": true}')
     with embedder.client() as client:
         body = client.post("/v1/embeddings", json={"model": "demo-llm", "input": ["one two three", "four"]}).json()
         assert body["object"] == "list" and body["model"] == "demo/demo-llm"  # SGLang reports the model path
@@ -879,7 +882,8 @@ def test_embedding_model_answers_v1_embeddings_as_sglang_does(sim_factory):
         vector = body["data"][0]["embedding"]
         assert len(vector) == 32 and math.isclose(sum(x * x for x in vector), 1.0)
         assert body["usage"] == {"prompt_tokens": 4, "total_tokens": 4, "completion_tokens": 0,
-                                 "prompt_tokens_details": None, "reasoning_tokens": 0}
+                                 "prompt_tokens_details": None, "reasoning_tokens": 0,
+                                 "completion_tokens_details": None}
         # Deterministic; `dimensions` keeps a renormalised prefix.
         again = client.post("/v1/embeddings", json={"model": "m", "input": "one two three"}).json()
         assert again["data"][0]["embedding"] == vector
@@ -896,6 +900,36 @@ def test_embedding_model_answers_v1_embeddings_as_sglang_does(sim_factory):
         assert client.post("/generate", json={"text": "hi"}).status_code == 400
         assert client.get("/model_info").json()["is_generation"] is False
         assert client.get("/server_info").json()["is_embedding"] is True
+
+
+def test_embedding_encodings_and_matryoshka_dimensions_as_sglang_checks_them(sim_factory):
+    """`encoding_format` base64 is the float32 bytes (any other format refused);
+    `dimensions` only on a Matryoshka model, among the sizes its config lists,
+    with the tokenizer manager's messages."""
+    plain = sim_factory("--is-embedding", "--embedding-dim", "32")
+    listed = sim_factory("--is-embedding", "--embedding-dim", "32", "--json-model-override-args",
+                         '{"matryoshka_dimensions": [8, 16]}')
+    with plain.client() as client:
+        floats = client.post("/v1/embeddings", json={"model": "m", "input": "one two"}).json()["data"][0]["embedding"]
+        encoded = client.post("/v1/embeddings", json={"model": "m", "input": "one two", "encoding_format": "base64"})
+        bogus = client.post("/v1/embeddings", json={"model": "m", "input": "one two", "encoding_format": "hex"})
+        shortened = client.post("/v1/embeddings", json={"model": "m", "input": "one two", "dimensions": 8})
+    assert list(struct.unpack("<32f", base64.b64decode(encoded.json()["data"][0]["embedding"]))) == \
+        pytest.approx(floats, rel=1e-6)
+    assert bogus.status_code == 400 and bogus.json()["message"] == \
+        "encoding_format must be either 'float' or 'base64', got 'hex'"
+    assert shortened.status_code == 400 and shortened.json()["message"] == (
+        "Model 'demo/demo-llm' does not support matryoshka representation, changing output dimensions will lead "
+        "to poor results.")
+    with listed.client() as client:
+        allowed = client.post("/v1/embeddings", json={"model": "m", "input": "one two", "dimensions": 16}).json()
+        refused = {size: client.post("/v1/embeddings", json={"model": "m", "input": "one two", "dimensions": size})
+                   for size in (0, 12)}
+    assert len(allowed["data"][0]["embedding"]) == 16
+    assert refused[0].json()["message"] == "Requested dimensions must be greater than 0"
+    assert refused[12].status_code == 400 and refused[12].json()["message"] == (
+        "Model 'demo/demo-llm' only supports [8, 16] matryoshka dimensions, using other output dimensions will "
+        "lead to poor results.")
 
 
 def test_generation_model_refuses_embeddings(sim):
