@@ -235,6 +235,7 @@ class RunningRequest:
     finish_reason: dict | None = None
     abort_cause: str | None = None  # "request" or "disconnect"
     aborted_waiting: bool = False  # /abort_request took it from the waiting queue
+    metric_priority: str | None = None  # its `priority` label on /metrics (SimEngine._metric_priority)
     first_token_at: float | None = None  # simulated seconds
     last_token_at: float | None = None
     finished_at: float | None = None
@@ -564,6 +565,7 @@ class SimEngine:
             text_source=text_source,
             crash_after=self.settings.crash_after_tokens,
             refusal=refusal,
+            metric_priority=self._metric_priority(request.priority),
         )
         self._active.add(running)
         self._active_rids.add(request.rid)
@@ -1151,8 +1153,8 @@ class SimEngine:
         crashed = False
         if running.first_token_at is None:
             running.first_token_at = now
-            self.stats.streaming(running.request.stream, self._metric_priority(running.request.priority)
-                                 ).ttft.observe(now - running.admitted_at)
+            self.stats.streaming(running.request.stream, running.metric_priority).ttft.observe(
+                now - running.admitted_at)
             gap = None
         else:
             gap = now - running.last_token_at
@@ -1213,7 +1215,7 @@ class SimEngine:
         if produced:
             # Inter-token gaps: the first since the previous step; the rest of a
             # burst share this step's end time (gap 0).
-            itl = self.stats.priority(self._metric_priority(running.request.priority)).itl
+            itl = self.stats.priority(running.metric_priority).itl
             if gap is not None:
                 itl.observe(gap)
                 itl.observe_many(0.0, produced - 1)
@@ -1339,7 +1341,7 @@ class SimEngine:
         stats.prompt_tokens_total += running.prompt_tokens
         stats.completion_tokens_total += running.completion_tokens
         stats.cached_tokens_total += running.cached_tokens
-        priority = self._metric_priority(running.request.priority)
+        priority = running.metric_priority
         stats.priority(priority).cached_tokens += running.cached_tokens
         series = stats.streaming(running.request.stream, priority)
         series.prompt_tokens += running.prompt_tokens

@@ -5,7 +5,8 @@ Metric names and labels follow SGLang's collectors (`sglang:` prefix, labels
 `pp_rank` and `moe_ep_rank`; `is_streaming` on the tokenizer's per-request
 series (prompt and generation tokens, requests, TTFT and end-to-end latency),
 each streaming flag once a request has had it, as prometheus_client makes a
-labelled child on first use; `cache_source` on cached tokens). Histogram
+labelled child on first use; `cache_source` on cached tokens; under priority
+scheduling `priority` on every series, see `render_prometheus`). Histogram
 buckets are SGLang's defaults.
 """
 
