@@ -227,10 +227,11 @@ class BiasedTextSource:
     def next_token(self) -> tuple[int, str]:
         if self._forced is not None:
             return self._forced
-        while True:
+        for _ in range(4 * len(_OUTPUT_IDS)):
             token_id, piece = self._source.next_token()
             if token_id not in self._banned:
                 return token_id, piece
+        return piece_to_id(" else"), " else"  # every word it writes banned: one it never writes otherwise
 
 
 class ScriptedTextSource:
