@@ -40,7 +40,7 @@ class EmbeddingInput:
     encoding_format: str = "float"
 
 
-def parse_embedding_request(body: Any, *, dim: int, model_path: str = "", is_matryoshka: bool = True,
+def parse_embedding_request(body: Any, *, dim: int, model_path: str = "", is_matryoshka: bool = False,
                             matryoshka_dimensions: tuple[int, ...] | None = None) -> EmbeddingInput:
     if not isinstance(body, dict):
         raise openai_schema_error("body", "Input should be a valid dictionary", "EmbeddingRequest")
