@@ -26,7 +26,7 @@ import struct
 from dataclasses import dataclass
 from typing import Any
 
-from .protocol import openai_error, openai_schema_error
+from .protocol import WEIGHT_VERSION, native_error, new_rid, openai_error, openai_schema_error
 from .tokenizer import tokenize
 
 # Knuth's multiplicative hash constant: spreads consecutive token ids.
@@ -88,21 +88,32 @@ def parse_embedding_request(body: Any, *, dim: int, model_path: str = "", is_mat
     else:
         raise openai_schema_error("input", "Input should be a valid string or list", "EmbeddingRequest")
     dimensions = body.get("dimensions")
-    if dimensions is not None:
-        if not isinstance(dimensions, int) or isinstance(dimensions, bool):
-            raise openai_schema_error("dimensions", "Input should be a valid integer", "EmbeddingRequest")
-        # The tokenizer manager's _validate_for_matryoshka_dim, in its order.
-        if not is_matryoshka:
-            raise openai_error(f"Model '{model_path}' does not support matryoshka representation, "
-                               "changing output dimensions will lead to poor results.")
-        if dimensions < 1:
-            raise openai_error("Requested dimensions must be greater than 0")
-        if matryoshka_dimensions and dimensions not in matryoshka_dimensions:
-            raise openai_error(f"Model '{model_path}' only supports {list(matryoshka_dimensions)} matryoshka "
-                               "dimensions, using other output dimensions will lead to poor results.")
-        if dimensions > dim:
-            raise openai_error(f"Provided dimensions are greater than max embedding dimension: {dim}")
+    if dimensions is not None and (not isinstance(dimensions, int) or isinstance(dimensions, bool)):
+        raise openai_schema_error("dimensions", "Input should be a valid integer", "EmbeddingRequest")
+    try:
+        dimensions_check(dimensions, dim=dim, model_path=model_path, is_matryoshka=is_matryoshka,
+                         matryoshka_dimensions=matryoshka_dimensions)
+    except ValueError as error:
+        raise openai_error(str(error)) from error
     return EmbeddingInput(inputs, dimensions, encoding_format)
+
+
+def dimensions_check(dimensions: int | None, *, dim: int, model_path: str, is_matryoshka: bool,
+                     matryoshka_dimensions: tuple[int, ...] | None) -> None:
+    """The tokenizer manager's _validate_for_matryoshka_dim, in its order and
+    words: raises ValueError for `dimensions` the model cannot give."""
+    if dimensions is None:
+        return
+    if not is_matryoshka:
+        raise ValueError(f"Model '{model_path}' does not support matryoshka representation, "
+                         "changing output dimensions will lead to poor results.")
+    if dimensions < 1:
+        raise ValueError("Requested dimensions must be greater than 0")
+    if matryoshka_dimensions and dimensions not in matryoshka_dimensions:
+        raise ValueError(f"Model '{model_path}' only supports {list(matryoshka_dimensions)} matryoshka "
+                         "dimensions, using other output dimensions will lead to poor results.")
+    if dimensions > dim:
+        raise ValueError(f"Provided dimensions are greater than max embedding dimension: {dim}")
 
 
 def embedding_vector(token_ids: list[int], *, dim: int, seed: int = 0, dimensions: int | None = None) -> list[float]:
@@ -136,3 +147,64 @@ def _serialized(vector: list[float], encoding_format: str) -> list[float] | str:
     if encoding_format == "float":
         return vector
     return base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode("ascii")
+
+
+@dataclass(frozen=True, slots=True)
+class EncodeInput:
+    """A native POST /encode (SGLang's EmbeddingReqInput): one prompt given as
+    such (`single`: the reply is one object) or a batch, each with its rid."""
+
+    inputs: list[list[int]]
+    rids: list[str]
+    single: bool
+    dimensions: int | None
+
+
+def parse_encode_request(body: Any, *, dim: int, model_path: str, is_matryoshka: bool,
+                         matryoshka_dimensions: tuple[int, ...] | None) -> EncodeInput:
+    if not isinstance(body, dict):
+        raise native_error("body: Input should be a valid dictionary")
+    text, input_ids = body.get("text"), body.get("input_ids")
+    if (text is None) == (input_ids is None):
+        raise native_error("Either text, input_ids or input_embeds should be provided.")
+    if text is not None:
+        single = isinstance(text, str)
+        texts = [text] if single else text
+        if not isinstance(texts, list) or not texts or not all(isinstance(item, str) for item in texts):
+            raise native_error("text: Input should be a valid string or list of strings")
+        inputs = [tokenize(item) for item in texts]
+    else:
+        single = bool(input_ids) and not isinstance(input_ids[0], list) if isinstance(input_ids, list) else False
+        lists = [input_ids] if single else input_ids
+        if not isinstance(lists, list) or not lists or not all(
+                isinstance(ids, list) and ids and all(isinstance(t, int) and not isinstance(t, bool) and t >= 0
+                                                      for t in ids) for ids in lists):
+            raise native_error("input_ids: Input should be a list of token ids or of token-id lists")
+        inputs = [list(ids) for ids in lists]
+    rid = body.get("rid")
+    if single:
+        rids = [rid if isinstance(rid, str) else new_rid()]
+    elif isinstance(rid, list) and len(rid) == len(inputs) and all(isinstance(item, str) for item in rid):
+        rids = list(rid)
+    elif isinstance(rid, str):
+        rids = [f"{rid}_{index}" for index in range(len(inputs))]
+    else:
+        rids = [new_rid() for _ in inputs]
+    dimensions = body.get("dimensions")
+    if dimensions is not None and (not isinstance(dimensions, int) or isinstance(dimensions, bool)):
+        raise native_error("dimensions: Input should be a valid integer")
+    try:
+        dimensions_check(dimensions, dim=dim, model_path=model_path, is_matryoshka=is_matryoshka,
+                         matryoshka_dimensions=matryoshka_dimensions)
+    except ValueError as error:
+        raise native_error(str(error)) from error
+    return EncodeInput(inputs, rids, single, dimensions)
+
+
+def encode_output(vector: list[float], *, rid: str, prompt_tokens: int, e2e_latency: float) -> dict:
+    """One /encode result, as SGLang's tokenizer manager builds it for an
+    embedding: the vector and a meta_info without generation counts (an
+    embedding ends after its prefill, as a reply of length 0)."""
+    return {"embedding": vector, "meta_info": {
+        "id": rid, "finish_reason": {"type": "length", "length": 0}, "prompt_tokens": prompt_tokens,
+        "weight_version": WEIGHT_VERSION, "num_retractions": 0, "e2e_latency": e2e_latency}}

@@ -36,7 +36,13 @@ from aiohttp import web
 
 from . import __version__ as SIM_VERSION
 from .config import RuntimeSettings, ServerConfig
-from .embedding import embedding_response, embedding_vector, parse_embedding_request
+from .embedding import (
+    embedding_response,
+    embedding_vector,
+    encode_output,
+    parse_embedding_request,
+    parse_encode_request,
+)
 from .engine import GenerationRequest, InjectedFailure, RequestRejected, RunningRequest, SimEngine, Step
 from .lora import LoraError
 from .tools import CallStream
@@ -354,21 +360,44 @@ class GenerationHandlers:
 
     # ---- OpenAI embeddings
 
-    async def embeddings(self, request: web.Request) -> web.Response:
+    def _embedding_model(self, *, native: bool) -> dict:
+        """The embedding model's shape, as the request parsers take it; refused
+        on a generation model, in the route's error shape."""
         config = self.config
         if not config.is_embedding:
-            raise openai_error("This model does not appear to be an embedding model by default. Please add "
-                               "`--is-embedding` when launching the server or try another model.")
-        parsed = parse_embedding_request(await _read_json_body(request, require_json_content_type=True),
-                                         dim=config.embedding_dim, model_path=config.model_path,
-                                         is_matryoshka=config.is_matryoshka,
-                                         matryoshka_dimensions=config.matryoshka_dimensions)
+            message = ("This model does not appear to be an embedding model by default. Please add "
+                       "`--is-embedding` when launching the server or try another model.")
+            raise native_error(message) if native else openai_error(message)
+        return {"dim": config.embedding_dim, "model_path": config.model_path, "is_matryoshka": config.is_matryoshka,
+                "matryoshka_dimensions": config.matryoshka_dimensions}
+
+    async def embeddings(self, request: web.Request) -> web.Response:
+        config = self.config
+        model = self._embedding_model(native=False)
+        parsed = parse_embedding_request(await _read_json_body(request, require_json_content_type=True), **model)
         await self._openai_answered(self.engine.embed(parsed.inputs))
         vectors = [embedding_vector(ids, dim=config.embedding_dim, seed=config.seed, dimensions=parsed.dimensions)
                    for ids in parsed.inputs]
         return _json(embedding_response(vectors, model=config.model_path,
                                         prompt_tokens=sum(len(ids) for ids in parsed.inputs),
                                         encoding_format=parsed.encoding_format))
+
+    async def encode(self, request: web.Request) -> web.Response:
+        """SGLang's native POST /encode: the embedding of each prompt, with its meta_info."""
+        config = self.config
+        model = self._embedding_model(native=True)
+        parsed = parse_encode_request(await _read_json_body(request, require_json_content_type=False), **model)
+        started = time.perf_counter()
+        try:
+            await self.engine.embed(parsed.inputs)
+        except (RequestRejected, InjectedFailure) as error:
+            raise native_error(str(error), 500 if isinstance(error, InjectedFailure) else 400) from error
+        latency = time.perf_counter() - started
+        outputs = [encode_output(embedding_vector(ids, dim=config.embedding_dim, seed=config.seed,
+                                                  dimensions=parsed.dimensions),
+                                 rid=rid, prompt_tokens=len(ids), e2e_latency=latency)
+                   for ids, rid in zip(parsed.inputs, parsed.rids)]
+        return _json(outputs[0] if parsed.single else outputs)
 
     @property
     def _parsers_configured(self) -> bool:
@@ -1149,6 +1178,8 @@ def build_app(*, config: ServerConfig, settings: RuntimeSettings) -> web.Applica
     router.add_post("/v1/chat/completions", generation.chat_completions)
     router.add_post("/v1/completions", generation.completions)
     router.add_post("/v1/embeddings", generation.embeddings)
+    router.add_post("/encode", generation.encode)
+    router.add_put("/encode", generation.encode)
     router.add_get("/v1/models", info.list_models)
     router.add_post("/separate_reasoning", info.separate_reasoning)
     router.add_post("/parse_function_call", info.parse_function_call)

@@ -902,6 +902,34 @@ def test_embedding_model_answers_v1_embeddings_as_sglang_does(sim_factory):
         assert client.get("/server_info").json()["is_embedding"] is True
 
 
+def test_native_encode_gives_the_embeddings_with_their_meta_info(sim_factory):
+    """SGLang's POST /encode (EmbeddingReqInput): `text` or `input_ids`, one
+    or a batch; the same vectors as /v1/embeddings, each with its meta_info;
+    refused on a generation model."""
+    embedder = sim_factory("--is-embedding", "--embedding-dim", "32", "--json-model-override-args",
+                           '{"is_matryoshka": true}')
+    with embedder.client() as client:
+        openai_style = client.post("/v1/embeddings", json={"model": "m", "input": ["one two", "three"]}).json()
+        one = client.post("/encode", json={"text": "one two", "rid": "enc-1"}).json()
+        batch = client.put("/encode", json={"text": ["one two", "three"], "rid": "enc"}).json()
+        ids = client.post("/tokenize", json={"prompt": "one two"}).json()["tokens"]
+        by_ids = client.post("/encode", json={"input_ids": ids, "dimensions": 8}).json()
+        neither = client.post("/encode", json={"rid": "x"})
+    assert one["embedding"] == openai_style["data"][0]["embedding"]
+    meta = one["meta_info"]
+    assert meta["id"] == "enc-1" and meta["prompt_tokens"] == 2 and meta["finish_reason"] == {"type": "length",
+                                                                                                "length": 0}
+    assert set(meta) == {"id", "finish_reason", "prompt_tokens", "weight_version", "num_retractions", "e2e_latency"}
+    assert [item["embedding"] for item in batch] == [item["embedding"] for item in openai_style["data"]]
+    assert [item["meta_info"]["id"] for item in batch] == ["enc_0", "enc_1"]
+    assert len(by_ids["embedding"]) == 8 and math.isclose(sum(x * x for x in by_ids["embedding"]), 1.0)
+    assert neither.status_code == 400 and "error" in neither.json()
+    generator = sim_factory()
+    with generator.client() as client:
+        refused = client.post("/encode", json={"text": "one two"})
+    assert refused.status_code == 400 and "--is-embedding" in refused.json()["error"]["message"]
+
+
 def test_embedding_encodings_and_matryoshka_dimensions_as_sglang_checks_them(sim_factory):
     """`encoding_format` base64 is the float32 bytes (any other format refused);
     `dimensions` only on a Matryoshka model, among the sizes its config lists,
