@@ -86,6 +86,9 @@ class ServerConfig:
     # --allow-auto-truncate: a prompt too long for the context (or the KV pool)
     # is cut to fit, and max_new_tokens to what is left, instead of refused.
     allow_auto_truncate: bool = False
+    # --skip-tokenizer-init: /generate takes input_ids only and answers output ids
+    # without text, as a server launched without its tokenizer does.
+    skip_tokenizer_init: bool = False
     # --radix-eviction-policy and its --radix-eviction-policy-config (radix_cache.EVICTION_POLICIES).
     radix_eviction_policy: str = "lru"
     radix_eviction_policy_config: dict | None = None
@@ -209,6 +212,8 @@ def build_argument_parser() -> argparse.ArgumentParser:
     parser.add_argument("--context-length", type=int, default=None, help="tokens (default 8192, or the preset's)")
     parser.add_argument("--enable-cache-report", action="store_true",
                         help="report usage.prompt_tokens_details.cached_tokens in OpenAI replies")
+    parser.add_argument("--skip-tokenizer-init", action="store_true",
+                        help="no tokenizer: /generate takes input_ids only and answers without text")
     parser.add_argument("--is-embedding", action="store_true",
                         help="serve an embedding model: POST /v1/embeddings, no generation")
     parser.add_argument("--embedding-dim", type=int, default=1024, help="dimensions of an embedding model's vectors")
@@ -443,6 +448,7 @@ def configs_from_args(args: argparse.Namespace) -> tuple[ServerConfig, RuntimeSe
         retraction_policy=args.retraction_policy,
         max_queued_requests=args.max_queued_requests,
         allow_auto_truncate=args.allow_auto_truncate,
+        skip_tokenizer_init=args.skip_tokenizer_init,
         radix_eviction_policy=args.radix_eviction_policy,
         radix_eviction_policy_config=policy_config,
         preset=args.preset,

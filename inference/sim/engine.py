@@ -196,6 +196,8 @@ class GenerationRequest:
     routing_key: str | None = None
     # Sampling params' logit_bias, by token id (`tokenizer.BiasedTextSource`).
     logit_bias: dict[int, float] | None = None
+    # False under --skip-tokenizer-init: native outputs carry ids, no text.
+    detokenize: bool = True
 
 
 @dataclass(slots=True)

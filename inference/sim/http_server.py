@@ -688,7 +688,8 @@ class GenerationHandlers:
     async def generate(self, request: web.Request) -> web.StreamResponse:
         self._generation_only(native=True)
         parsed = parse_generate_request(await _read_json_body(request, require_json_content_type=False),
-                                        reasoning_parser=self.config.reasoning_parser)
+                                        reasoning_parser=self.config.reasoning_parser,
+                                        skip_tokenizer_init=self.config.skip_tokenizer_init)
         if not parsed.stream:
             runnings = await self._start_native(parsed)
             try:
@@ -956,7 +957,7 @@ class InfoHandlers:
             "is_embedding": config.is_embedding,
             "tool_call_parser": config.tool_call_parser,
             "reasoning_parser": config.reasoning_parser,
-            "skip_tokenizer_init": False,
+            "skip_tokenizer_init": config.skip_tokenizer_init,
             "weight_version": "default",
             "random_seed": config.seed,
         }

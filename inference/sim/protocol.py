@@ -701,11 +701,11 @@ class NativeLogprobs:
     inputs: dict | None = None
 
 
-def _native_logprobs(fields: _Fields, batch_size: int) -> list[NativeLogprobs | None]:
+def _native_logprobs(fields: _Fields, batch_size: int, *, detokenize: bool = True) -> list[NativeLogprobs | None]:
     wanted = _per_prompt(fields, "return_logprob", batch_size, bool)
     starts = _per_prompt(fields, "logprob_start_len", batch_size, int)
     tops = _per_prompt(fields, "top_logprobs_num", batch_size, int)
-    text = fields.boolean("return_text_in_logprobs")
+    text = fields.boolean("return_text_in_logprobs") and detokenize  # no tokenizer, no texts
     queried = fields.body.get("token_ids_logprob")
     if queried and isinstance(queried, list) and all(isinstance(item, list) for item in queried):
         if len(queried) != batch_size:
@@ -741,7 +741,13 @@ def _unique_rids(rids: list[str], make_error) -> None:
         raise make_error(f"Duplicate request IDs detected within the request: {duplicates}")
 
 
-def parse_generate_request(body: Any, *, reasoning_parser: str | None = None) -> NativeRequest:
+SKIP_TOKENIZER_TEXT_MESSAGE = (
+    "The engine initialized with skip_tokenizer_init=True cannot accept text prompts. Please provide input_ids "
+    "or re-initialize the engine with skip_tokenizer_init=False.")
+
+
+def parse_generate_request(body: Any, *, reasoning_parser: str | None = None,
+                           skip_tokenizer_init: bool = False) -> NativeRequest:
     """GenerateReqInput: `text` a string or a list (a batch), or `input_ids` a
     list of ids or of id lists; `sampling_params` one object or one per prompt
     (all with the same `n`); `rid`, `lora_path`, `cache_salt` and `extra_key`
@@ -762,6 +768,8 @@ def parse_generate_request(body: Any, *, reasoning_parser: str | None = None) ->
         texts = [text] if single else text
         if not isinstance(texts, list) or not all(isinstance(item, str) for item in texts):
             fields.fail("text", "Input should be a valid string")
+        if skip_tokenizer_init:
+            raise native_error(SKIP_TOKENIZER_TEXT_MESSAGE)
         prompts = [tokenize(item) for item in texts]
     else:
         if not isinstance(input_ids, list) or not input_ids:
@@ -817,7 +825,7 @@ def parse_generate_request(body: Any, *, reasoning_parser: str | None = None) ->
     else:
         raise native_error("The rid should be a string or a list of strings.")
     per_prompt = {name: _per_prompt(fields, name, batch_size) for name in ("lora_path", "cache_salt", "extra_key")}
-    logprobs = _native_logprobs(fields, batch_size)
+    logprobs = _native_logprobs(fields, batch_size, detokenize=not skip_tokenizer_init)
     stream = fields.boolean("stream")
     generations = []
     greedy = []
@@ -869,6 +877,7 @@ def parse_generate_request(body: Any, *, reasoning_parser: str | None = None) ->
             logprobs=logprobs[index],
             routing_key=fields.optional_str("routing_key"),
             logit_bias=_logit_bias(params),
+            detokenize=not skip_tokenizer_init,
         ))
         if reasoning is not None and (thinking := thinking_for(reasoning, {}, _prompt_seed(prompt_ids))):
             generations[-1] = replace(generations[-1], preamble=thinking.preamble,
@@ -1015,6 +1024,8 @@ def native_output(running: RunningRequest, *, final: bool, step: Step | None = N
                 if key in meta_info:
                     meta_info[key] = meta_info[key][since:]
             output = {"text": step.delta_text, "output_ids": running.output_ids[since:count], "meta_info": meta_info}
+    if not running.request.detokenize:
+        del output["text"]  # no tokenizer: ids only
     if index is not None:
         output["index"] = index
     return output

@@ -902,6 +902,32 @@ def test_embedding_model_answers_v1_embeddings_as_sglang_does(sim_factory):
         assert client.get("/server_info").json()["is_embedding"] is True
 
 
+def test_skip_tokenizer_init_serves_ids_only(sim_factory):
+    """--skip-tokenizer-init, as SGLang's test_skip_tokenizer_init drives it:
+    input_ids in, output_ids and meta_info out (no text, whole or streamed,
+    nor in logprobs); a text prompt is refused with SGLang's message."""
+    sim = sim_factory("--skip-tokenizer-init")
+    prompt = {"input_ids": list(range(400, 420)), "return_logprob": True, "return_text_in_logprobs": True,
+              "top_logprobs_num": 2, "sampling_params": {"max_new_tokens": 6, "ignore_eos": True}}
+    with sim.client() as client:
+        whole = client.post("/generate", json=prompt).json()
+        with client.stream("POST", "/generate", json={**prompt, "stream": True}) as reply:
+            events = [json.loads(line[len("data: "):]) for line in reply.iter_lines()
+                      if line.startswith("data: {")]
+        sampled = client.post("/generate", json={"input_ids": list(range(400, 420)),
+                                                 "sampling_params": {"max_new_tokens": 3, "n": 2}}).json()
+        text = client.post("/generate", json={"text": "hello"})
+        flagged = client.get("/server_info").json()["skip_tokenizer_init"]
+    assert set(whole) == {"output_ids", "meta_info"} and len(whole["output_ids"]) == 6
+    assert all(entry[2] is None for entry in whole["meta_info"]["output_token_logprobs"])
+    assert all("text" not in event for event in events) and events[-1]["output_ids"] == whole["output_ids"]
+    assert len(sampled) == 2 and all(set(item) == {"output_ids", "meta_info"} for item in sampled)
+    assert text.status_code == 400 and text.json()["error"]["message"] == (
+        "The engine initialized with skip_tokenizer_init=True cannot accept text prompts. Please provide input_ids "
+        "or re-initialize the engine with skip_tokenizer_init=False.")
+    assert flagged is True
+
+
 def test_native_encode_gives_the_embeddings_with_their_meta_info(sim_factory):
     """SGLang's POST /encode (EmbeddingReqInput): `text` or `input_ids`, one
     or a batch; the same vectors as /v1/embeddings, each with its meta_info;
