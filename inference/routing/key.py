@@ -29,6 +29,20 @@ FIELD_SEP = "\x1f"
 _MAX_CODE_POINT = 0x10FFFF
 
 
+def _rendered_tools(tools: object, tool_choice: object) -> object:
+    """The tools SGLang's chat route hands the template: none under
+    tool_choice "none", only the named one under a named choice."""
+    if not tools or tool_choice == "none":
+        return None
+    if isinstance(tool_choice, dict) and isinstance(tools, list):
+        function = tool_choice.get("function")
+        name = function.get("name") if isinstance(function, dict) else None
+        return [tool for tool in tools
+                if isinstance(tool, dict) and isinstance(tool.get("function"), dict)
+                and tool["function"].get("name") == name]
+    return tools
+
+
 def routing_key_build(*, endpoint: str, body: dict, namespace: str = "") -> str:
     """The prefix-matching text of an OpenAI request `body`.
 
@@ -51,7 +65,7 @@ def routing_key_build(*, endpoint: str, body: dict, namespace: str = "") -> str:
             parts.append(f"{FIELD_SEP}{name}={value}")
     parts.append(NAMESPACE_END)
     if endpoint == "chat.completions":
-        tools = body.get("tools")
+        tools = _rendered_tools(body.get("tools"), body.get("tool_choice"))
         # Chat templates render tool definitions into the system prompt, first.
         if tools:
             parts.append(MESSAGE_START + "tools" + FIELD_SEP + orjson.dumps(tools).decode())

@@ -71,6 +71,11 @@ def test_tool_calls_and_tools_are_included():
     assert with_tools != chat_key([SYSTEM])
     # tools come first, like chat templates render them into the system prompt
     assert with_tools.index('"name":"f"') < with_tools.index("careful assistant")
+    # as SGLang renders them: none under tool_choice "none", only a named choice's
+    both = tools + [{"type": "function", "function": {"name": "g", "parameters": {}}}]
+    assert chat_key([SYSTEM], tools=both, tool_choice="none") == chat_key([SYSTEM])
+    assert chat_key([SYSTEM], tools=both, tool_choice={"type": "function", "function": {"name": "f"}}) == with_tools
+    assert chat_key([SYSTEM], tools=both, tool_choice="auto") == chat_key([SYSTEM], tools=both)
 
 
 def test_namespace_isolates_tenants_and_empty_namespace_shares():
