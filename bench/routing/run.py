@@ -617,17 +617,18 @@ def render(results: dict, meta: dict) -> str:
     if len(by_seed) > 1:
         out(f"{'cache_aware vs sgl-router by seed':<34} {'hit rate':>9} {'oracle':>7} {'tok/s':>8} {'TTFT p99':>9}   "
             f"{'sgl hit':>8} {'oracle':>7} {'tok/s':>8} {'TTFT p99':>9}")
+        def seed_row(label: str, s: dict, *, ttft: bool) -> str:
+            """One line of the table: hit rate, oracle, tok/s (and TTFT p99) of each router."""
+            def cells(who: str) -> str:
+                line = (f"{100 * s[who + '_hit_rate']:>8.2f}% {100 * s[who + '_oracle']:>6.2f}% "
+                        f"{s[who + '_tokens_per_s']:>8.0f}")
+                return line + (f" {s[who + '_ttft_p99_ms']:>9.0f}" if ttft else "")
+            sgl = cells("sgl_router")[1:]  # its column is a character narrower
+            return f"{label:<34} {cells('cache_aware')}{'' if ttft else ' ' + ' ' * 9}   {sgl}"
+
         for s in by_seed:
-            out(f"{'seed ' + str(s['seed']):<34} {100 * s['cache_aware_hit_rate']:>8.2f}% "
-                f"{100 * s['cache_aware_oracle']:>6.2f}% "
-                f"{s['cache_aware_tokens_per_s']:>8.0f} {s['cache_aware_ttft_p99_ms']:>9.0f}   "
-                f"{100 * s['sgl_router_hit_rate']:>7.2f}% {100 * s['sgl_router_oracle']:>6.2f}% "
-                f"{s['sgl_router_tokens_per_s']:>8.0f} {s['sgl_router_ttft_p99_ms']:>9.0f}")
-        m = results["analysis"]["seeds_mean"]
-        out(f"{'mean':<34} {100 * m['cache_aware_hit_rate']:>8.2f}% {100 * m['cache_aware_oracle']:>6.2f}% "
-            f"{m['cache_aware_tokens_per_s']:>8.0f} {'':>9}   "
-            f"{100 * m['sgl_router_hit_rate']:>7.2f}% {100 * m['sgl_router_oracle']:>6.2f}% "
-            f"{m['sgl_router_tokens_per_s']:>8.0f}")
+            out(seed_row("seed " + str(s["seed"]), s, ttft=True))
+        out(seed_row("mean", results["analysis"]["seeds_mean"], ttft=False))
         out("(seeds after the first: " + ", ".join(SEED_TARGETS) + " only, same windows; oracle = each target's "
             "own requests)")
         out("")
