@@ -89,6 +89,13 @@ class ServerConfig:
     # --skip-tokenizer-init: /generate takes input_ids only and answers output ids
     # without text, as a server launched without its tokenizer does.
     skip_tokenizer_init: bool = False
+    # --disable-radix-cache: no prefix caching (SGLang's ChunkCache): every
+    # request prefills its whole prompt, its KV is freed when it ends, and the
+    # cache-aware schedule policies fall back to fcfs.
+    disable_radix_cache: bool = False
+    # --page-size: tokens per KV page; the radix cache holds whole pages only,
+    # so cached prefixes are multiples of it.
+    page_size: int = 1
     # --radix-eviction-policy and its --radix-eviction-policy-config (radix_cache.EVICTION_POLICIES).
     radix_eviction_policy: str = "lru"
     radix_eviction_policy_config: dict | None = None
@@ -258,6 +265,10 @@ def build_argument_parser() -> argparse.ArgumentParser:
                         help="the longest the waiting queue may grow; beyond, requests are refused with 503")
     parser.add_argument("--schedule-conservativeness", type=float, default=1.0,
                         help="scales the share of max_new_tokens reserved for running requests (SGLang's)")
+    parser.add_argument("--disable-radix-cache", action="store_true",
+                        help="no prefix caching: every prompt is prefilled whole and its KV freed when it ends")
+    parser.add_argument("--page-size", type=int, default=1,
+                        help="tokens per KV page; only whole pages are cached and matched (SGLang's default 1)")
     parser.add_argument("--radix-eviction-policy", choices=EVICTION_POLICIES, default="lru",
                         help="which unused cached prefixes go first when the KV cache is full (as SGLang's)")
     parser.add_argument("--radix-eviction-policy-config", default=None, metavar="JSON",
@@ -408,6 +419,14 @@ def configs_from_args(args: argparse.Namespace) -> tuple[ServerConfig, RuntimeSe
         raise SystemExit(str(error)) from error
     if args.schedule_policy not in SCHEDULE_POLICIES:  # in SGLang's choices, refused at start
         raise SystemExit(f"Unknown schedule_policy: policy={args.schedule_policy!r}")
+    schedule_policy = args.schedule_policy
+    if args.disable_radix_cache and schedule_policy in CACHE_AWARE_POLICIES:
+        # SGLang's SchedulePolicy without a tree to match against.
+        if schedule_policy == "shortest-prefill-first":
+            raise SystemExit("Experimental shortest-prefill-first requires prefix caching")
+        schedule_policy = "fcfs"
+    if args.page_size < 1:
+        raise SystemExit("--page-size must be positive")
     policy_config = None
     if args.radix_eviction_policy_config is not None:
         try:
@@ -438,7 +457,7 @@ def configs_from_args(args: argparse.Namespace) -> tuple[ServerConfig, RuntimeSe
         max_running_requests=pick(args.max_running_requests, "max_running_requests", DEFAULT_MAX_RUNNING_REQUESTS),
         max_total_tokens=pick(args.max_total_tokens, "max_total_tokens", DEFAULT_MAX_TOTAL_TOKENS),
         chunked_prefill_size=pick(args.chunked_prefill_size, "chunked_prefill_size", DEFAULT_CHUNKED_PREFILL_SIZE),
-        schedule_policy=args.schedule_policy,
+        schedule_policy=schedule_policy,
         enable_priority_scheduling=args.enable_priority_scheduling,
         disable_priority_preemption=args.disable_priority_preemption,
         default_priority_value=args.default_priority_value,
@@ -449,6 +468,8 @@ def configs_from_args(args: argparse.Namespace) -> tuple[ServerConfig, RuntimeSe
         max_queued_requests=args.max_queued_requests,
         allow_auto_truncate=args.allow_auto_truncate,
         skip_tokenizer_init=args.skip_tokenizer_init,
+        disable_radix_cache=args.disable_radix_cache,
+        page_size=args.page_size,
         radix_eviction_policy=args.radix_eviction_policy,
         radix_eviction_policy_config=policy_config,
         preset=args.preset,

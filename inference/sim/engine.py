@@ -198,6 +198,9 @@ class GenerationRequest:
     logit_bias: dict[int, float] | None = None
     # False under --skip-tokenizer-init: native outputs carry ids, no text.
     detokenize: bool = True
+    # The data-parallel rank a router asked for (SGLang's routed_dp_rank, or
+    # its deprecated alias data_parallel_rank, or the X-Data-Parallel-Rank header).
+    routed_dp_rank: int | None = None
 
 
 @dataclass(slots=True)
@@ -319,7 +322,8 @@ class SimEngine:
         self.capacity_tokens = config.max_total_tokens
         self.cache = RadixCache(capacity_tokens=config.max_total_tokens,
                                 eviction_policy=config.radix_eviction_policy,
-                                eviction_config=config.radix_eviction_policy_config)
+                                eviction_config=config.radix_eviction_policy_config,
+                                page_size=config.page_size)
         # Evict 1/32 (≈ 3 %) of the budget beyond the overflow, so that a full cache
         # is not rescanned for every new sequence: each eviction pass walks all
         # leaves (≈ 2 ms per 2,000 leaves). The slack costs a little hit rate.
@@ -348,6 +352,7 @@ class SimEngine:
         self._priority_queue = config.enable_priority_scheduling and config.schedule_policy == "fcfs"
         self._preemption = config.enable_priority_scheduling and not config.disable_priority_preemption
         self._queue_seq = itertools.count()
+        self._uncached_ids = itertools.count()  # --disable-radix-cache: each request's own namespace
         self._pending_prefill = 0
         self._private_tokens = 0
         self.new_token_ratio = NewTokenRatio(config)
@@ -511,6 +516,10 @@ class SimEngine:
     def _track(self, request: GenerationRequest) -> RunningRequest:
         if request.rid in self._active_rids:  # SGLang's tokenizer manager holds one state per rid
             raise RequestRejected(f"Duplicate request ID detected: {request.rid}", error_type="BadRequest")
+        rank = request.routed_dp_rank
+        if rank is not None and rank != 0:
+            # The tokenizer manager's check; one scheduler here, so only rank 0 exists.
+            raise RequestRejected(f"routed_dp_rank={rank} out of range [0, 1)", error_type="BadRequest")
         prompt_ids = request.prompt_ids
         self.stats.requests_received += 1
         if request.stream:
@@ -554,6 +563,9 @@ class SimEngine:
         # SGLang keys it on the adapter's load (lora_id): a reloaded adapter finds nothing cached.
         namespace = request.cache_namespace if adapter is None else \
             ("lora", self.lora.load_id(adapter), request.cache_namespace)
+        if self.config.disable_radix_cache:
+            # SGLang's ChunkCache: a request's KV is its own, freed when it leaves.
+            namespace = ("uncached", next(self._uncached_ids))
         running = RunningRequest(
             request=request,
             prompt_tokens=len(prompt_ids),
@@ -1066,6 +1078,8 @@ class SimEngine:
         if running.locked_node is not None:
             self.cache.unlock(running.locked_node)
             running.locked_node = None
+        if self.config.disable_radix_cache:
+            self.cache.drop_namespace(running.namespace)
         running.retractions += 1
         running.state = WAITING
         if self._queue_admits(running):  # SGLang re-queues it as it queues a new one
@@ -1116,13 +1130,15 @@ class SimEngine:
     def _prefill_complete(self, running: RunningRequest, now: float) -> int:
         """The prompt is prefilled: cache it, sample the first token. Returns tokens generated."""
         # The prompt's KV now lives in the cache (after a retraction, with the output so far).
-        moved = running.prefill_needed
+        fill_ids = running.fill_ids()
+        cache = self.cache
+        # With pages of P tokens, the last partial page stays the request's own.
+        moved = running.prefill_needed - len(fill_ids) % cache.page_size
         running.kv_private -= moved
         self._private_tokens -= moved
         self._fit_cache()
-        cache = self.cache
         request = running.request
-        match = cache.insert_and_lock(running.fill_ids(), namespace=running.namespace,
+        match = cache.insert_and_lock(fill_ids, namespace=running.namespace,
                                       priority=request.priority or 0)
         previous = running.locked_node
         running.locked_node = match.node
@@ -1307,7 +1323,7 @@ class SimEngine:
         running.kv_private = 0
         self._fit_cache()
         cache = self.cache
-        if running.output_ids:
+        if running.output_ids and not self.config.disable_radix_cache:
             # Finished (or partial) sequences stay cached, like RadixAttention;
             # as SGLang splits the prompt off the reply, the prompt gets the
             # request's priority + 1 (under `--radix-eviction-policy priority`
@@ -1321,6 +1337,8 @@ class SimEngine:
         if running.locked_node is not None:
             cache.unlock(running.locked_node)
             running.locked_node = None
+        if self.config.disable_radix_cache:
+            cache.drop_namespace(running.namespace)
         if self._waiting and self._scheduler_task is not None:
             _resolve_future(self._scheduler_wakeup)  # room freed: a waiting request may fit
 

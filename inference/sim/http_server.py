@@ -408,10 +408,20 @@ class GenerationHandlers:
     def _openai_defaults(self, parsed: OpenAIRequest, request: web.Request) -> OpenAIRequest:
         """--stream-response-default-include-usage: a stream ends with its usage
         chunk whether or not the request asked (SGLang's should_include_usage);
-        the X-SMG-Routing-Key header is the request's routing key."""
+        the X-SMG-Routing-Key header is the request's routing key, and an
+        X-Data-Parallel-Rank header overrides the body's routed_dp_rank."""
         if self.config.stream_response_default_include_usage:
             parsed.include_usage = True
         parsed.generation.routing_key = request.headers.get("x-smg-routing-key")
+        rank = request.headers.get("x-data-parallel-rank")
+        if rank is not None:
+            try:
+                parsed.generation.routed_dp_rank = int(rank)
+            except ValueError:
+                # SGLang's HTTPException, in its flat error shape (type: the status).
+                raise ApiError(400, {"object": "error", "type": "400", "param": None, "code": 400,
+                                     "message": "Invalid X-Data-Parallel-Rank header: must be an integer, "
+                                                f"got '{rank}'"}) from None
         return parsed
 
     # ---- OpenAI chat
@@ -920,8 +930,8 @@ class InfoHandlers:
             "max_running_requests": config.max_running_requests,
             "max_total_tokens": config.max_total_tokens,
             "chunked_prefill_size": config.chunked_prefill_size,
-            "page_size": 1,
-            "disable_radix_cache": False,
+            "page_size": config.page_size,
+            "disable_radix_cache": config.disable_radix_cache,
             "radix_eviction_policy": config.radix_eviction_policy,
             "radix_eviction_policy_config": config.radix_eviction_policy_config,
             "schedule_policy": config.schedule_policy,

@@ -330,6 +330,13 @@ def split_model_adapter(model: str, served_model_name: str | None) -> tuple[str,
     return base.strip(), adapter.strip() or None
 
 
+def _routed_dp_rank(fields: _Fields) -> int | None:
+    """The data-parallel rank a router injected: `routed_dp_rank`, else its
+    deprecated alias `data_parallel_rank` (SGLang maps one onto the other)."""
+    rank = fields.optional_int("routed_dp_rank")
+    return rank if rank is not None else fields.optional_int("data_parallel_rank")
+
+
 def _openai_common(fields: _Fields, *, prompt_ids: list[int], max_tokens: int | None,
                    served_model_name: str | None) -> tuple[GenerationRequest, str, bool, bool]:
     body = fields.body
@@ -382,6 +389,7 @@ def _openai_common(fields: _Fields, *, prompt_ids: list[int], max_tokens: int | 
         lora_path=lora_path or None,
         forced_text=_constrained_reply(fields, prompt_ids),
         logit_bias=_logit_bias(body),
+        routed_dp_rank=_routed_dp_rank(fields),
     )
     return generation, model, include_usage, continuous_usage_stats
 
@@ -876,6 +884,7 @@ def parse_generate_request(body: Any, *, reasoning_parser: str | None = None,
             forced_text=forced_text,
             logprobs=logprobs[index],
             routing_key=fields.optional_str("routing_key"),
+            routed_dp_rank=_routed_dp_rank(fields),
             logit_bias=_logit_bias(params),
             detokenize=not skip_tokenizer_init,
         ))

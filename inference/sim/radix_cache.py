@@ -4,7 +4,8 @@ Finished (and prefilled) sequences are inserted; a new request matches the
 longest cached prefix of its prompt and reports it as `cached_tokens`.
 
 Invariants:
-- every non-root node has a non-empty edge `key`; siblings differ in key[0];
+- every non-root node has a non-empty edge `key`; siblings differ in their
+  first page (`page_size` tokens: key[0] with pages of one token);
 - `lock_ref` of a node counts the running requests whose matched or inserted
   path passes through it; locked nodes are never evicted;
 - `total_tokens == evictable_tokens + protected_tokens`, where a node's tokens
@@ -17,8 +18,12 @@ Invariants:
   requests have reserved (`set_capacity`), so the cache and the running
   requests share one token budget.
 
-Page size is 1 token. Each namespace (a request's `cache_salt` / `extra_key`)
-has its own root, so a different salt never shares a prefix.
+With `page_size` P > 1 (SGLang's `--page-size`) the cache holds whole pages
+only, as SGLang's paged RadixCache does: keys are cut to a multiple of P before
+a match or an insert (a sequence's last partial page stays private to its
+request and is freed with it), edges split at page boundaries only, so every
+match is a multiple of P. Each namespace (a request's `cache_salt` /
+`extra_key`) has its own root, so a different salt never shares a prefix.
 
 Eviction policies, as SGLang's `--radix-eviction-policy` (sglang 0.5.23,
 `mem_cache/evict_policy.py`) orders a leaf, least first, ties by recency:
@@ -142,9 +147,12 @@ def _eviction_order(policy: str, settings: dict[str, int]) -> Callable[[RadixNod
 
 class RadixCache:
     def __init__(self, *, capacity_tokens: int, eviction_policy: str = "lru",
-                 eviction_config: dict[str, Any] | None = None) -> None:
+                 eviction_config: dict[str, Any] | None = None, page_size: int = 1) -> None:
         if capacity_tokens < 0:
             raise ValueError("capacity_tokens must be >= 0")
+        if page_size < 1:
+            raise ValueError("page_size must be >= 1")
+        self.page_size = page_size
         self.eviction_policy = eviction_policy
         self.eviction_settings = eviction_policy_checked(eviction_policy, eviction_config)
         self._eviction_key = _eviction_order(eviction_policy, self.eviction_settings)
@@ -173,8 +181,8 @@ class RadixCache:
         return root
 
     def match_prefix(self, tokens: Sequence[int], *, namespace: Namespace = None) -> PrefixMatch:
-        """Longest cached prefix of `tokens`; splits an edge matched part-way."""
-        tokens = tokens if isinstance(tokens, list) else list(tokens)
+        """Longest cached prefix of `tokens` (whole pages); splits an edge matched part-way."""
+        tokens = self.page_aligned(tokens)
         node, length = self._walk(tokens, namespace=namespace, split_partial=True)
         now = next(self._clock)
         self._touch_path(node, now)
@@ -257,6 +265,31 @@ class RadixCache:
         self.evicted_tokens_total += evicted
         return evicted
 
+    def drop_namespace(self, namespace: Namespace) -> int:
+        """Free every unlocked token of `namespace` at once (a request's own
+        KV when prefix caching is off). Returns the tokens freed."""
+        root = self._roots.get(namespace)
+        if root is None:
+            return 0
+        freed = 0
+        stack = list(root.children.values())
+        while stack:
+            node = stack.pop()
+            if node.lock_ref > 0:
+                stack.extend(node.children.values())  # a locked path stays; its free leaves go
+                continue
+            subtree = [node]
+            while subtree:
+                dropped = subtree.pop()
+                freed += len(dropped.key)
+                subtree.extend(dropped.children.values())
+            del node.parent.children[self._child_key(node.key)]
+            node.parent = None
+        self.total_tokens -= freed
+        if not root.children:
+            del self._roots[namespace]
+        return freed
+
     def reset(self) -> None:
         """Drop everything (SGLang's /flush_cache). Callers ensure nothing is locked."""
         self._roots.clear()
@@ -265,12 +298,26 @@ class RadixCache:
 
     # ------------------------------------------------------------- internals
 
+    def page_aligned(self, tokens: Sequence[int]) -> list[int]:
+        """`tokens` cut to whole pages (a list either way)."""
+        tokens = tokens if isinstance(tokens, list) else list(tokens)
+        page = self.page_size
+        if page > 1 and len(tokens) % page:
+            return tokens[:len(tokens) // page * page]
+        return tokens
+
+    def _child_key(self, tokens: Sequence[int], start: int = 0) -> Hashable:
+        """The children-dict key of the edge starting at `tokens[start]`: its first page."""
+        page = self.page_size
+        return tokens[start] if page == 1 else tuple(tokens[start:start + page])
+
     def _walk(self, tokens: Sequence[int], *, namespace: Namespace, split_partial: bool) -> tuple[RadixNode, int]:
         node = self.root(namespace)
         position = 0
         total = len(tokens)
+        page = self.page_size
         while position < total:
-            child = node.children.get(tokens[position])
+            child = node.children.get(self._child_key(tokens, position))
             if child is None:
                 break
             key = child.key
@@ -281,7 +328,9 @@ class RadixCache:
                 position += key_len
                 continue
             common = _common_prefix_length(key, tokens, position)
-            # common >= 1 because children are keyed by their first token.
+            # common >= 1 page because children are keyed by their first page;
+            # only whole pages match.
+            common -= common % page
             if split_partial:
                 node = self._split(child, common)
             position += common
@@ -290,14 +339,14 @@ class RadixCache:
 
     def _insert_without_eviction(self, tokens: Sequence[int], *, namespace: Namespace, priority: int,
                                  inserted: int) -> PrefixMatch:
-        tokens = tokens if isinstance(tokens, list) else list(tokens)
+        tokens = self.page_aligned(tokens)
         node, length = self._walk(tokens, namespace=namespace, split_partial=True)
         now = next(self._clock)
         end = node
         if length < len(tokens):
             end = RadixNode(key=list(tokens[length:]), parent=node, namespace=namespace, last_access=now,
                             priority=priority)
-            node.children[end.key[0]] = end
+            node.children[self._child_key(end.key)] = end
             self.total_tokens += len(end.key)
             # The branch's high-water depth rises along the path (tlru).
             ancestor = node
@@ -329,10 +378,10 @@ class RadixCache:
         upper.lock_ref = child.lock_ref
         upper.hit_count = child.hit_count
         upper.history = child.history
-        parent.children[upper.key[0]] = upper
+        parent.children[self._child_key(upper.key)] = upper
         child.key = child.key[at:]
         child.parent = upper
-        upper.children[child.key[0]] = child
+        upper.children[self._child_key(child.key)] = child
         return upper
 
     def _touch_path(self, node: RadixNode, now: int) -> None:
@@ -353,7 +402,7 @@ class RadixCache:
     def _remove_leaf(self, leaf: RadixNode) -> int:
         parent = leaf.parent
         assert parent is not None
-        del parent.children[leaf.key[0]]
+        del parent.children[self._child_key(leaf.key)]
         self.total_tokens -= len(leaf.key)
         leaf.parent = None
         return len(leaf.key)

@@ -584,3 +584,48 @@ async def test_time_scale_runs_faster_than_real_time():
     wall = loop.time() - started
     assert running.e2e_latency_s() == pytest.approx(0.5, rel=0.2)  # 10 × 50 ms simulated
     assert wall < 0.2
+
+
+async def test_pages_of_sixteen_tokens_report_whole_pages_cached():
+    """`--page-size 16`: SGLang's paged radix cache matches whole pages of the
+    prompt less its last token, and keeps a sequence's last partial page out of
+    the tree (freed with the request)."""
+    engine = engine_make("--page-size", "16")
+    shared = prompt(50, 45)
+    first, = await run_all(engine, [request_make("page-first", shared, max_new_tokens=3)])
+    assert first.cached_tokens == 0
+    # 45 + 3 tokens written; 48 is three whole pages, so the whole sequence is kept
+    assert engine.cache.total_tokens == 48
+    again, = await run_all(engine, [request_make("page-again", shared + [7, 8], max_new_tokens=1)])
+    assert again.cached_tokens == 32  # 46 tokens to match: two whole pages of the 45 cached
+    # the second sequence (48 tokens) branches off inside the third page: a page of its own
+    assert engine.cache.total_tokens == 64
+    assert engine.used_tokens() == 0 and engine._private_tokens == 0  # the partial pages were freed
+
+
+async def test_without_the_radix_cache_every_prompt_is_prefilled_and_its_kv_freed():
+    """`--disable-radix-cache` (SGLang's ChunkCache): nothing is matched, and
+    a finished request's KV goes back to the pool at once."""
+    engine = engine_make("--disable-radix-cache", "--max-total-tokens", "400")
+    shared = prompt(60, 45)
+    runs = await run_all(engine, [request_make("nocache1", shared, max_new_tokens=4)])
+    runs += await run_all(engine, [request_make("nocache2", shared, max_new_tokens=4)])
+    assert [run.cached_tokens for run in runs] == [0, 0]
+    assert engine.cache.total_tokens == 0 and engine.used_tokens() == 0
+    # several at once, more than the pool would cache: each finishes and frees its share
+    crowd = await run_all(engine, [request_make(f"crowd{index}", shared, max_new_tokens=20) for index in range(6)])
+    assert all(run.completion_tokens == 20 and run.cached_tokens == 0 for run in crowd)
+    assert engine.cache.total_tokens == 0 and engine.stats_snapshot()["cache"]["hit_rate"] == 0
+
+
+def test_without_the_radix_cache_cache_aware_schedule_policies_fall_back_to_fcfs():
+    config, _ = configs_from_args(build_argument_parser().parse_args(
+        ["--disable-radix-cache", "--schedule-policy", "lpm"]))
+    assert config.schedule_policy == "fcfs" and config.disable_radix_cache
+    config, _ = configs_from_args(build_argument_parser().parse_args(["--schedule-policy", "lpm"]))
+    assert config.schedule_policy == "lpm"
+    with pytest.raises(SystemExit, match="Experimental shortest-prefill-first requires prefix caching"):
+        configs_from_args(build_argument_parser().parse_args(
+            ["--disable-radix-cache", "--schedule-policy", "shortest-prefill-first"]))
+    with pytest.raises(SystemExit, match="--page-size must be positive"):
+        configs_from_args(build_argument_parser().parse_args(["--page-size", "0"]))

@@ -1133,6 +1133,58 @@ def test_request_ids_must_differ(sim):
     assert reused.status_code == 200 and reused.json()["meta_info"]["id"] == "held"
 
 
+def test_a_routers_data_parallel_rank_is_checked_against_the_servers_one(sim):
+    """A router may pin a request to a data-parallel rank: `routed_dp_rank`,
+    its deprecated alias `data_parallel_rank`, or on the OpenAI routes the
+    X-Data-Parallel-Rank header, which wins over the body. One scheduler
+    serves here, so rank 0 is taken (and ignored) and the others are refused
+    with the tokenizer manager's message."""
+    params = {"max_new_tokens": 2}
+    with sim.client() as client:
+        rank0 = client.post("/generate", json={"text": "Hello", "routed_dp_rank": 0, "sampling_params": params})
+        alias = client.post("/generate", json={"text": "Hello", "data_parallel_rank": 1, "sampling_params": params})
+        chat = client.post("/v1/chat/completions", json={"model": "m", "messages": CHAT, "routed_dp_rank": 2,
+                                                          "max_tokens": 2})
+        header_wins = client.post("/v1/completions", json={"model": "m", "prompt": "Hi", "routed_dp_rank": 3,
+                                                            "max_tokens": 2},
+                                  headers={"X-Data-Parallel-Rank": "0"})
+        header_out = client.post("/v1/completions", json={"model": "m", "prompt": "Hi", "max_tokens": 2},
+                                 headers={"X-Data-Parallel-Rank": "1"})
+        header_bad = client.post("/v1/chat/completions", json={"model": "m", "messages": CHAT, "max_tokens": 2},
+                                 headers={"X-Data-Parallel-Rank": "first"})
+    assert rank0.status_code == 200 and rank0.json()["meta_info"]["completion_tokens"] == 2
+    assert alias.status_code == 400 and alias.json() == {"error": {"message": "routed_dp_rank=1 out of range [0, 1)"}}
+    assert chat.status_code == 400 and chat.json()["type"] == "BadRequest"
+    assert chat.json()["message"] == "routed_dp_rank=2 out of range [0, 1)"
+    assert header_wins.status_code == 200
+    assert header_out.status_code == 400 and header_out.json()["message"] == "routed_dp_rank=1 out of range [0, 1)"
+    assert header_bad.status_code == 400 and header_bad.json() == {
+        "object": "error", "type": "400", "param": None, "code": 400,
+        "message": "Invalid X-Data-Parallel-Rank header: must be an integer, got 'first'"}
+
+
+def test_a_server_without_prefix_caching_or_with_pages_says_so_and_serves_accordingly(sim_factory):
+    """`--disable-radix-cache` and `--page-size` as /server_info reports them
+    and as `cached_tokens` shows them."""
+    prompt = {"text": "one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen "
+                      "sixteen seventeen eighteen nineteen twenty", "sampling_params": {"max_new_tokens": 2}}
+    answers = {}
+    for flags in (("--disable-radix-cache", "--schedule-policy", "lpm"), ("--page-size", "8")):
+        server = sim_factory(*flags)
+        with server.client() as client:
+            info = client.get("/server_info").json()
+            answers[flags[0]] = (info, [client.post("/generate", json=prompt).json()["meta_info"]
+                                        for _ in range(2)])
+    info, (first, second) = answers["--disable-radix-cache"]
+    assert info["disable_radix_cache"] is True and info["schedule_policy"] == "fcfs" and info["page_size"] == 1
+    assert first["cached_tokens"] == second["cached_tokens"] == 0
+    info, (first, second) = answers["--page-size"]
+    assert info["page_size"] == 8 and info["disable_radix_cache"] is False
+    prompt_tokens = second["prompt_tokens"]
+    assert first["cached_tokens"] == 0 and prompt_tokens > 9
+    assert second["cached_tokens"] == (prompt_tokens - 1) // 8 * 8 and second["cached_tokens"] % 8 == 0
+
+
 def test_completion_logprobs_with_echo_whole_and_streamed(sim):
     """Completions' `logprobs` in SGLang's shape: parallel lists, the echoed
     prompt's tokens first (the first without a log probability), text

@@ -18,7 +18,9 @@ def _assert_accounting(cache: RadixCache) -> None:
             total += len(node.key)
             if node.lock_ref > 0:
                 protected += len(node.key)
-            assert len({child.key[0] for child in node.children.values()}) == len(node.children)
+            assert len(node.key) % cache.page_size == 0, "edges hold whole pages"
+            first_pages = {tuple(child.key[:cache.page_size]) for child in node.children.values()}
+            assert len(first_pages) == len(node.children)
             stack.extend(node.children.values())
     assert cache.total_tokens == total
     assert cache.protected_tokens == protected
@@ -327,3 +329,49 @@ def test_eviction_policy_settings_are_checked_as_sglang_checks_them():
         eviction_policy_checked("slru", {"protected_threshold": "2"})
     with pytest.raises(ValueError, match="Unknown eviction policy: fifo. Supported policies: 'lru', 'lfu'"):
         RadixCache(capacity_tokens=1, eviction_policy="fifo")
+
+
+def test_pages_of_four_tokens_cache_and_match_whole_pages_only():
+    # given a cache of 4-token pages holding a 10-token sequence
+    cache = RadixCache(capacity_tokens=1000, page_size=4)
+    cache.insert(list(range(10)))
+
+    # then its last partial page is not cached
+    assert cache.total_tokens == 8
+    # and a match counts whole pages: 0-6 shares 7 tokens, of which one page and
+    # three tokens of the next; a divergence inside the first page matches nothing
+    assert cache.match_prefix(list(range(7)) + [99]).length == 4
+    assert cache.match_prefix(list(range(10))).length == 8
+    assert cache.match_prefix([0, 1, 99, 3, 4, 5, 6, 7]).length == 0
+
+    # when a sequence diverging inside the second page is inserted
+    assert cache.insert([0, 1, 2, 3, 4, 5, 77, 78]).length == 4
+    # then the edge split at the page boundary, and both branches are kept whole
+    root = cache.root()
+    (top,) = root.children.values()
+    assert top.key == [0, 1, 2, 3]
+    assert sorted(child.key for child in top.children.values()) == [[4, 5, 6, 7], [4, 5, 77, 78]]
+    # and one in the first page is a sibling keyed by its own first page
+    cache.insert([0, 1, 2, 9])
+    assert len(root.children) == 2 and cache.total_tokens == 16
+    _assert_accounting(cache)
+
+
+def test_dropping_a_namespace_frees_its_unlocked_tokens():
+    # given a namespace with one locked path and one free branch, and another namespace
+    cache = RadixCache(capacity_tokens=1000)
+    locked = cache.insert_and_lock([1, 2, 3, 4], namespace="a")
+    cache.insert([1, 2, 8, 9], namespace="a")
+    cache.insert([1, 2, 3], namespace="b")
+
+    # when the namespace is dropped
+    freed = cache.drop_namespace("a")
+
+    # then only its free branch went: the locked path stays until unlocked
+    assert freed == 2 and cache.total_tokens == 4 + 3
+    assert cache.match_prefix([1, 2, 8, 9], namespace="a").length == 2
+    cache.unlock(locked.node)
+    assert cache.drop_namespace("a") == 4
+    assert cache.total_tokens == 3 and cache.match_prefix([1, 2, 3], namespace="b").length == 3
+    assert cache.drop_namespace("missing") == 0
+    _assert_accounting(cache)
