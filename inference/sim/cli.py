@@ -15,6 +15,10 @@ def main(argv: list[str] | None = None) -> None:
     args = build_argument_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config, settings = configs_from_args(args)
+    if config.hardware_flags:
+        logging.getLogger("inference.sim").info(
+            "Accepted without effect on the simulator: %s",
+            ", ".join(f"--{name.replace('_', '-')}" for name in config.hardware_flags))
     try:
         import uvloop  # optional: faster event loop
     except ImportError:

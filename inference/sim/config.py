@@ -17,7 +17,7 @@ import argparse
 import json
 import math
 import os
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from .lora import ALL_TARGET_MODULES, LORA_BACKENDS, LORA_EVICTION_POLICIES, SUPPORTED_TARGET_MODULES
@@ -89,6 +89,8 @@ class ServerConfig:
     # --skip-tokenizer-init: /generate takes input_ids only and answers output ids
     # without text, as a server launched without its tokenizer does.
     skip_tokenizer_init: bool = False
+    # SGLang flags without effect here that the launch line gave (HARDWARE_FLAGS).
+    hardware_flags: dict = field(default_factory=dict)
     # --disable-radix-cache: no prefix caching (SGLang's ChunkCache): every
     # request prefills its whole prompt, its KV is freed when it ends, and the
     # cache-aware schedule policies fall back to fcfs.
@@ -205,6 +207,42 @@ def _validate_setting(name: str, value: Any) -> Any:
     if name == "error_rate" and value > 1:
         raise ValueError("error_rate must be in [0, 1]")
     return float(value)
+
+
+# SGLang launch flags about hardware, kernels, parallel topology, weights and
+# logging: a launch line written for SGLang (its test helpers always add
+# --device) starts the simulator unchanged. They are accepted, reported in
+# /server_info as given, and change nothing the simulator models.
+# Flags that take a value, with their SGLang defaults (dest names)...
+HARDWARE_FLAGS: dict[str, object] = {
+    "device": None, "tp_size": 1, "pp_size": 1, "ep_size": 1, "nnodes": 1, "node_rank": 0,
+    "base_gpu_id": 0, "gpu_id_step": 1, "dist_init_addr": None, "nccl_port": None, "dist_timeout": None,
+    "mem_fraction_static": None, "cpu_offload_gb": 0, "dtype": "auto", "kv_cache_dtype": "auto",
+    "quantization": None, "load_format": "auto", "revision": None, "download_dir": None,
+    "tokenizer_path": None, "tokenizer_mode": "auto", "tokenizer_worker_num": 1,
+    "model_loader_extra_config": "{}", "attention_backend": None, "prefill_attention_backend": None,
+    "decode_attention_backend": None, "sampling_backend": None, "mm_attention_backend": None,
+    "moe_runner_backend": "auto", "cuda_graph_max_bs": None, "torch_compile_max_bs": 32,
+    "watchdog_timeout": 300.0, "log_level_http": None, "log_requests_level": 2,
+}
+# ...and switches.
+HARDWARE_SWITCHES = (
+    "trust_remote_code", "disable_cuda_graph", "disable_cuda_graph_padding", "enable_torch_compile",
+    "disable_custom_all_reduce", "enable_p2p_check", "enable_nccl_nvls", "enable_symm_mem",
+    "disable_flashinfer_autotune", "enable_memory_saver", "enable_deterministic_inference",
+    "skip_server_warmup", "log_requests", "show_time_cost", "disable_outlines_disk_cache",
+)
+# SGLang's longer aliases of some of them.
+_HARDWARE_ALIASES = {"tp_size": ["--tensor-parallel-size"], "pp_size": ["--pipeline-parallel-size"],
+                     "ep_size": ["--expert-parallel-size"], "dist_init_addr": ["--nccl-init-addr"]}
+
+
+def hardware_flags_given(args: argparse.Namespace) -> dict[str, object]:
+    """The SGLang flags without effect here that the launch line set, by dest name."""
+    given = {name: getattr(args, name) for name, default in HARDWARE_FLAGS.items()
+             if getattr(args, name) != default}
+    given.update({name: True for name in HARDWARE_SWITCHES if getattr(args, name)})
+    return given
 
 
 def build_argument_parser() -> argparse.ArgumentParser:
@@ -324,6 +362,19 @@ def build_argument_parser() -> argparse.ArgumentParser:
     parser.add_argument("--hang", action="store_true")
     parser.add_argument("--unhealthy", action="store_true")
     parser.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
+    hardware = parser.add_argument_group(
+        "SGLang flags without effect here", "hardware, kernels, parallelism, weights and logging: accepted so "
+        "that SGLang launch lines run unchanged, and reported in /server_info")
+    for name, default in HARDWARE_FLAGS.items():
+        kind = type(default) if default is not None else str
+        if name in ("mem_fraction_static", "watchdog_timeout"):
+            kind = float
+        elif name in ("cuda_graph_max_bs", "nccl_port", "dist_timeout"):
+            kind = int
+        hardware.add_argument(f"--{name.replace('_', '-')}", *_HARDWARE_ALIASES.get(name, ()), dest=name,
+                              type=kind, default=default, help=argparse.SUPPRESS)
+    for name in HARDWARE_SWITCHES:
+        hardware.add_argument(f"--{name.replace('_', '-')}", dest=name, action="store_true", help=argparse.SUPPRESS)
     return parser
 
 
@@ -504,6 +555,7 @@ def configs_from_args(args: argparse.Namespace) -> tuple[ServerConfig, RuntimeSe
         incremental_streaming_output=args.incremental_streaming_output,
         stream_response_default_include_usage=args.stream_response_default_include_usage,
         stream_interval=args.stream_interval,
+        hardware_flags=hardware_flags_given(args),
     )
     for name in ("max_running_requests", "max_total_tokens", "max_loras_per_batch", "embedding_dim",
                  "stream_interval", "new_token_ratio_decay_steps", "clip_max_new_tokens"):

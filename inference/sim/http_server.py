@@ -970,6 +970,8 @@ class InfoHandlers:
             "skip_tokenizer_init": config.skip_tokenizer_init,
             "weight_version": "default",
             "random_seed": config.seed,
+            # Launch flags about hardware and kernels, as given (no effect here).
+            **config.hardware_flags,
         }
 
     async def server_info(self, request: web.Request) -> web.Response:

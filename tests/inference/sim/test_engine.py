@@ -629,3 +629,25 @@ def test_without_the_radix_cache_cache_aware_schedule_policies_fall_back_to_fcfs
             ["--disable-radix-cache", "--schedule-policy", "shortest-prefill-first"]))
     with pytest.raises(SystemExit, match="--page-size must be positive"):
         configs_from_args(build_argument_parser().parse_args(["--page-size", "0"]))
+
+
+def test_sglang_launch_lines_with_hardware_flags_start_the_simulator():
+    """SGLang's test helpers add `--device` to every launch, and launch lines
+    carry GPU settings: those flags are accepted, recorded as given (for
+    /server_info) and change nothing; flags that would change what is served
+    but are not modelled (`--dp-size`) are still refused."""
+    parser = build_argument_parser()
+    args = parser.parse_args(["--device", "cuda", "--tp", "2", "--mem-fraction-static", "0.85",
+                              "--trust-remote-code", "--cuda-graph-max-bs", "32", "--disable-cuda-graph",
+                              "--attention-backend", "fa3", "--tensor-parallel-size", "4"])
+    config, _ = configs_from_args(args)
+    assert config.hardware_flags == {"device": "cuda", "tp_size": 4, "mem_fraction_static": 0.85,
+                                     "cuda_graph_max_bs": 32, "attention_backend": "fa3",
+                                     "trust_remote_code": True, "disable_cuda_graph": True}
+    plain, _ = configs_from_args(parser.parse_args([]))
+    assert plain.hardware_flags == {}
+    assert replace(plain, hardware_flags=config.hardware_flags) == config  # nothing else differs
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--dp-size", "2"])
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--mem-fraction-static", "most"])
