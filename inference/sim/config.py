@@ -91,6 +91,13 @@ class ServerConfig:
     skip_tokenizer_init: bool = False
     # SGLang flags without effect here that the launch line gave (HARDWARE_FLAGS).
     hardware_flags: dict = field(default_factory=dict)
+    # --dp-size: data-parallel replicas, each a scheduler with its own batch,
+    # KV pool and radix cache (max_running_requests and max_total_tokens are
+    # each one's); a request goes to the rank a router names (routed_dp_rank),
+    # else by --load-balance-method: round_robin (SGLang's default outside PD
+    # disaggregation), total_requests or total_tokens (the fewest in flight).
+    dp_size: int = 1
+    load_balance_method: str = "round_robin"
     # --disable-radix-cache: no prefix caching (SGLang's ChunkCache): every
     # request prefills its whole prompt, its KV is freed when it ends, and the
     # cache-aware schedule policies fall back to fcfs.
@@ -303,6 +310,12 @@ def build_argument_parser() -> argparse.ArgumentParser:
                         help="the longest the waiting queue may grow; beyond, requests are refused with 503")
     parser.add_argument("--schedule-conservativeness", type=float, default=1.0,
                         help="scales the share of max_new_tokens reserved for running requests (SGLang's)")
+    parser.add_argument("--dp-size", "--data-parallel-size", dest="dp_size", type=int, default=1,
+                        help="data-parallel replicas, each with its own scheduler, KV pool and prefix cache")
+    parser.add_argument("--load-balance-method", default="auto",
+                        choices=["auto", "round_robin", "total_requests", "total_tokens"],
+                        help="how requests without a routed_dp_rank are spread over the data-parallel ranks "
+                             "(auto: round_robin)")
     parser.add_argument("--disable-radix-cache", action="store_true",
                         help="no prefix caching: every prompt is prefilled whole and its KV freed when it ends")
     parser.add_argument("--page-size", type=int, default=1,
@@ -478,6 +491,8 @@ def configs_from_args(args: argparse.Namespace) -> tuple[ServerConfig, RuntimeSe
         schedule_policy = "fcfs"
     if args.page_size < 1:
         raise SystemExit("--page-size must be positive")
+    if args.dp_size < 1:
+        raise SystemExit("--dp-size must be positive")
     policy_config = None
     if args.radix_eviction_policy_config is not None:
         try:
@@ -519,6 +534,8 @@ def configs_from_args(args: argparse.Namespace) -> tuple[ServerConfig, RuntimeSe
         max_queued_requests=args.max_queued_requests,
         allow_auto_truncate=args.allow_auto_truncate,
         skip_tokenizer_init=args.skip_tokenizer_init,
+        dp_size=args.dp_size,
+        load_balance_method="round_robin" if args.load_balance_method == "auto" else args.load_balance_method,
         disable_radix_cache=args.disable_radix_cache,
         page_size=args.page_size,
         radix_eviction_policy=args.radix_eviction_policy,

@@ -263,6 +263,7 @@ class RunningRequest:
     queued_seq: int = 0  # when it (last) entered the waiting queue
     arrival_processed: int = 0  # prompt tokens the engine had prefilled when it arrived (hrrn)
     refusal: str | None = None  # why the scheduler refuses it (too long for the KV pool)
+    engine: SimEngine | None = None  # the scheduler (data-parallel rank) serving it
 
     def fill_ids(self) -> list[int]:
         """What its prefill computes: the prompt, and after a retraction the output so far too."""
@@ -313,8 +314,15 @@ def adapter_seed(weights: str) -> int:
 
 
 class SimEngine:
-    def __init__(self, *, config: ServerConfig, settings: RuntimeSettings) -> None:
+    """One scheduler: its batch, queue, KV pool and radix cache. With
+    `--dp-size` N the server runs N of them (`dp_rank` 0..N-1), which share the
+    tokenizer manager's state: `stats` (its series and totals) and the rids in
+    flight (which must differ across ranks)."""
+
+    def __init__(self, *, config: ServerConfig, settings: RuntimeSettings, dp_rank: int = 0,
+                 stats: SimStats | None = None, active_rids: set[str] | None = None) -> None:
         self.config = config
+        self.dp_rank = dp_rank
         self.settings = settings
         self.timing = StepTiming(EngineCosts(
             prefill_tokens_per_s=config.prefill_tokens_per_s, decode_base_ms=config.decode_base_ms,
@@ -335,9 +343,13 @@ class SimEngine:
             self.lora.preload(name=entry["lora_name"], path=entry["lora_path"], pinned=entry["pinned"])
         if config.enable_lora:
             self.lora.settle_shape(max_rank=config.max_lora_rank, target_modules=config.lora_target_modules)
-        self.stats = SimStats()
+        self.stats = stats if stats is not None else SimStats()
+        # This scheduler's own prompt and cached token totals (its cache hit rate).
+        self.prompt_tokens_total = 0
+        self.cached_tokens_total = 0
         self._active: set[RunningRequest] = set()  # admitted and not finalized (any state)
-        self._active_rids: set[str] = set()  # their rids, which must differ
+        # The rids in flight, which must differ (on every rank: the tokenizer manager's).
+        self._active_rids: set[str] = active_rids if active_rids is not None else set()
         self._waiting: deque[RunningRequest] = deque()
         self._running: dict[RunningRequest, None] = {}  # admitted to the batch (prefill or decode), ordered
         self._decoding: dict[RunningRequest, None] = {}  # prefill done
@@ -410,6 +422,7 @@ class SimEngine:
         if delay > 0:
             await asyncio.sleep(self.timing.wall_s(delay))
         stats.prompt_tokens_total += tokens
+        self.prompt_tokens_total += tokens
         stats.requests_finished += 1
         series = stats.streaming(False, self._metric_priority(None))
         series.prompt_tokens += tokens
@@ -516,10 +529,6 @@ class SimEngine:
     def _track(self, request: GenerationRequest) -> RunningRequest:
         if request.rid in self._active_rids:  # SGLang's tokenizer manager holds one state per rid
             raise RequestRejected(f"Duplicate request ID detected: {request.rid}", error_type="BadRequest")
-        rank = request.routed_dp_rank
-        if rank is not None and rank != 0:
-            # The tokenizer manager's check; one scheduler here, so only rank 0 exists.
-            raise RequestRejected(f"routed_dp_rank={rank} out of range [0, 1)", error_type="BadRequest")
         prompt_ids = request.prompt_ids
         self.stats.requests_received += 1
         if request.stream:
@@ -567,6 +576,7 @@ class SimEngine:
             # SGLang's ChunkCache: a request's KV is its own, freed when it leaves.
             namespace = ("uncached", next(self._uncached_ids))
         running = RunningRequest(
+            engine=self,
             request=request,
             prompt_tokens=len(prompt_ids),
             token_limit=token_limit,
@@ -1361,6 +1371,8 @@ class SimEngine:
         stats.prompt_tokens_total += running.prompt_tokens
         stats.completion_tokens_total += running.completion_tokens
         stats.cached_tokens_total += running.cached_tokens
+        self.prompt_tokens_total += running.prompt_tokens
+        self.cached_tokens_total += running.cached_tokens
         priority = running.metric_priority
         stats.priority(priority).cached_tokens += running.cached_tokens
         series = stats.streaming(running.request.stream, priority)
@@ -1381,10 +1393,12 @@ class SimEngine:
 
     # ------------------------------------------------------------ control
 
-    def abort(self, *, rid: str, abort_all: bool) -> int:
-        """SGLang's abort_request: rid prefix match, or everything. Returns count hit."""
-        self.stats.abort_requests_received += 1
-        self.stats.abort_request_rids.append("*" if abort_all else rid)
+    def abort(self, *, rid: str, abort_all: bool, record: bool = True) -> int:
+        """SGLang's abort_request: rid prefix match, or everything. Returns count
+        hit. `record`: count the call (once per call, whatever the ranks)."""
+        if record:
+            self.stats.abort_requests_received += 1
+            self.stats.abort_request_rids.append("*" if abort_all else rid)
         if not abort_all and not rid:
             return 0  # an empty rid would prefix-match everything; SGLang ignores it
         hit = 0
@@ -1415,6 +1429,10 @@ class SimEngine:
                 _resolve_future(running.waiter)
                 released += 1
         return released
+
+    @property
+    def has_active_requests(self) -> bool:
+        return bool(self._active)
 
     def flush_cache(self) -> bool:
         """Drop the prefix cache unless requests are running or waiting (as SGLang does)."""
@@ -1470,8 +1488,8 @@ class SimEngine:
         return len({running.adapter for running in self._running})
 
     def cache_hit_rate(self) -> float:
-        prompt_total = self.stats.prompt_tokens_total
-        return self.stats.cached_tokens_total / prompt_total if prompt_total else 0.0
+        prompt_total = self.prompt_tokens_total
+        return self.cached_tokens_total / prompt_total if prompt_total else 0.0
 
     def token_usage(self) -> float:
         capacity = self.capacity_tokens
@@ -1533,8 +1551,10 @@ class SimEngine:
             "lora": self.lora.snapshot(),
         }
 
-    def reset_stats(self) -> None:
-        self.stats = SimStats()
+    def reset_stats(self, stats: SimStats | None = None) -> None:
+        """Start the counters again (`stats`: the new ones the ranks share)."""
+        self.stats = stats if stats is not None else SimStats()
+        self.prompt_tokens_total = self.cached_tokens_total = 0
 
 
 def _resolve_future(future: asyncio.Future | None) -> None:

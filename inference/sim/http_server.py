@@ -43,10 +43,11 @@ from .embedding import (
     parse_embedding_request,
     parse_encode_request,
 )
+from .data_parallel import DataParallel
 from .engine import GenerationRequest, InjectedFailure, RequestRejected, RunningRequest, SimEngine, Step
 from .lora import LoraError
 from .tools import CallStream
-from .metrics import render_prometheus
+from .metrics import SchedulerGauges, render_prometheus
 from .protocol import (
     SSE_DONE,
     ApiError,
@@ -333,12 +334,13 @@ async def _api_error_middleware(request: web.Request, handler):
 # ---------------------------------------------------------------- generation
 
 class GenerationHandlers:
-    def __init__(self, engine: SimEngine, config: ServerConfig) -> None:
-        self.engine = engine
+    def __init__(self, dp: DataParallel, config: ServerConfig) -> None:
+        self.dp = dp
+        self.engine = dp.ranks[0]  # embeddings and the adapters' names
         self.config = config
 
     async def _admit_openai(self, generation) -> RunningRequest:
-        return await self._openai_answered(self.engine.admit_async(generation))
+        return await self._openai_answered(self.dp.admit(generation))
 
     async def _openai_answered(self, call):
         """Awaits an engine call; its refusals and injected failures become
@@ -346,7 +348,7 @@ class GenerationHandlers:
         try:
             return await call
         except RequestRejected as error:
-            self.engine.stats.requests_rejected += 1
+            self.dp.stats.requests_rejected += 1
             raise openai_error(error.message, error_type=error.error_type, status=error.status_code) from error
         except InjectedFailure as error:
             raise openai_error(f"Internal server error: {error}", error_type="InternalServerError",
@@ -445,7 +447,7 @@ class GenerationHandlers:
                 return await self._openai_unary(parsed, [running], chat_response)
             return await self._stream_one(request, parsed, running, chat=True)
         finally:
-            self.engine.finalize(running)
+            running.engine.finalize(running)
 
     async def _collect(self, running: RunningRequest) -> tuple[list[tuple[int, str, int]], dict | None]:
         """Runs a request to its end: its tokens as (id, text, position), for
@@ -454,7 +456,7 @@ class GenerationHandlers:
         too, with the text of their id (a special token's name)."""
         error = None
         tokens: list[tuple[int, str, int]] = []
-        async with contextlib.aclosing(self.engine.run(running)) as steps:
+        async with contextlib.aclosing(running.engine.run(running)) as steps:
             async for step in steps:
                 if step.error is not None:
                     error = step.error
@@ -491,7 +493,7 @@ class GenerationHandlers:
             return await self._stream_choices(request, parsed, runnings, chat=chat)
         finally:
             for running in runnings:
-                self.engine.finalize(running)
+                running.engine.finalize(running)
 
     async def _start_choices(self, parsed: OpenAIRequest) -> list[RunningRequest]:
         template = parsed.generation
@@ -526,7 +528,7 @@ class GenerationHandlers:
             return runnings
         except BaseException:
             for running in runnings:
-                self.engine.finalize(running)
+                running.engine.finalize(running)
             raise
 
     async def _stream_choices(self, request: web.Request, parsed: OpenAIRequest, runnings: list[RunningRequest],
@@ -561,7 +563,7 @@ class GenerationHandlers:
             response = await self._finish_sse(request, response, pending)
         except _CLIENT_GONE:
             for running in runnings:
-                self.engine.mark_disconnected(running)
+                running.engine.mark_disconnected(running)
         return response if response is not None else web.Response(status=499)
 
     def _streamed(self, running: RunningRequest) -> AsyncIterator[Step]:
@@ -576,11 +578,11 @@ class GenerationHandlers:
         interval = running.request.stream_interval or self.config.stream_interval
         stops = running.request.stop
         if interval <= 1 and not stops:
-            return self.engine.run(running)
+            return running.engine.run(running)
         return self._held_back(running, interval, stops)
 
     async def _held_back(self, running: RunningRequest, interval: int, stops: tuple[str, ...]) -> AsyncIterator[Step]:
-        async with contextlib.aclosing(self.engine.run(running)) as steps:
+        async with contextlib.aclosing(running.engine.run(running)) as steps:
             held: list[Step] = []
             sent = 0  # output tokens sent
             seen, sent_text = "", 0  # the text as the steps wrote it, and how much of it was sent
@@ -653,7 +655,7 @@ class GenerationHandlers:
             pending.append(SSE_DONE)
             response = await self._finish_sse(request, response, pending)
         except _CLIENT_GONE:
-            self.engine.mark_disconnected(running)
+            running.engine.mark_disconnected(running)
         return response if response is not None else web.Response(status=499)
 
     async def _finish_sse(self, request: web.Request, response: web.StreamResponse | None,
@@ -691,7 +693,7 @@ class GenerationHandlers:
                 return await self._openai_unary(parsed, [running], completion_response)
             return await self._stream_one(request, parsed, running, chat=False)
         finally:
-            self.engine.finalize(running)
+            running.engine.finalize(running)
 
     # ---- native /generate
 
@@ -708,7 +710,7 @@ class GenerationHandlers:
                 return await self._generate_batch_unary(runnings)
             finally:
                 for running in runnings:
-                    self.engine.finalize(running)
+                    running.engine.finalize(running)
 
         # SGLang starts the SSE response before the engine validates the
         # request, so a rejection arrives as an SSE error event; injected
@@ -729,7 +731,7 @@ class GenerationHandlers:
             return await self._generate_batch_stream(request, runnings)
         finally:
             for running in runnings:
-                self.engine.finalize(running)
+                running.engine.finalize(running)
 
     async def _start_native(self, parsed: NativeRequest) -> list[RunningRequest]:
         if parsed.refusal is not None:
@@ -738,9 +740,10 @@ class GenerationHandlers:
             return [await self._admit_native(parsed.generations[0])]
         if len(parsed.generations) > 1:  # a batch's adapters are resolved together, before any prompt
             try:
-                await self.engine.lora.resolve_batch([generation.lora_path for generation in parsed.generations])
+                names = [generation.lora_path for generation in parsed.generations]
+                await asyncio.gather(*(engine.lora.resolve_batch(names) for engine in self.dp.ranks))
             except LoraError as error:
-                self.engine.stats.requests_rejected += 1
+                self.dp.stats.requests_rejected += 1
                 raise native_error(error.message, 400) from error
         return await self._start_samples(parsed.generations, parsed.n, parsed.greedy, self._admit_native)
 
@@ -778,12 +781,12 @@ class GenerationHandlers:
             await response.write_eof(b"".join(pending))
         except _CLIENT_GONE:
             for running in runnings:
-                self.engine.mark_disconnected(running)
+                running.engine.mark_disconnected(running)
         return response
 
     async def _generate_unary(self, running: RunningRequest) -> web.Response:
         error = None
-        async with contextlib.aclosing(self.engine.run(running)) as steps:
+        async with contextlib.aclosing(running.engine.run(running)) as steps:
             async for step in steps:
                 if step.error is not None:
                     error = step.error
@@ -812,14 +815,14 @@ class GenerationHandlers:
             pending.append(SSE_DONE)
             await response.write_eof(b"".join(pending))
         except _CLIENT_GONE:
-            self.engine.mark_disconnected(running)
+            running.engine.mark_disconnected(running)
         return response
 
     async def _admit_native(self, generation) -> RunningRequest:
         try:
-            return await self.engine.admit_async(generation)
+            return await self.dp.admit(generation)
         except RequestRejected as error:
-            self.engine.stats.requests_rejected += 1
+            self.dp.stats.requests_rejected += 1
             raise native_error(error.message, error.status_code) from error
         except InjectedFailure as error:
             raise native_error(f"Internal server error: {error}", 500) from error
@@ -828,8 +831,9 @@ class GenerationHandlers:
 # ---------------------------------------------------------------- info / control
 
 class InfoHandlers:
-    def __init__(self, engine: SimEngine, config: ServerConfig, started_at: float) -> None:
-        self.engine = engine
+    def __init__(self, dp: DataParallel, config: ServerConfig, started_at: float) -> None:
+        self.dp = dp
+        engine = self.engine = dp.ranks[0]  # settings and timing are the server's; adapters' names
         self.config = config
         self.started_at = started_at
         # time.monotonic() after which /health answers 200 (slow start)
@@ -949,9 +953,9 @@ class InfoHandlers:
             "incremental_streaming_output": config.incremental_streaming_output,
             "stream_response_default_include_usage": config.stream_response_default_include_usage,
             "tp_size": 1,
-            "dp_size": 1,
+            "dp_size": config.dp_size,
             "pp_size": 1,
-            "load_balance_method": "round_robin",
+            "load_balance_method": config.load_balance_method,
             "disaggregation_mode": "null",
             "enable_lora": config.enable_lora,
             "lora_paths": [dict(entry) for entry in config.lora_paths] or None,
@@ -985,12 +989,12 @@ class InfoHandlers:
             "max_req_input_len": engine.max_req_len - 5,
             "startup_time": self.started_at,
             "internal_states": [{
-                "last_gen_throughput": round(engine.gen_throughput(), 2),
-                "num_running_reqs": engine.num_running_requests,
-                "num_waiting_reqs": engine.num_waiting_requests,
+                "last_gen_throughput": round(rank.gen_throughput(), 2),
+                "num_running_reqs": rank.num_running_requests,
+                "num_waiting_reqs": rank.num_waiting_requests,
                 "max_total_num_tokens": config.max_total_tokens,
                 "effective_max_running_requests_per_dp": config.max_running_requests,
-            }],
+            } for rank in self.dp.ranks],
             "version": SGLANG_VERSION,
             "frontend": "python",
             "simulator": {
@@ -1001,12 +1005,11 @@ class InfoHandlers:
             },
         })
 
-    def _load_core(self) -> dict:
-        engine = self.engine
+    def _load_core(self, engine: SimEngine) -> dict:
         running_tokens = engine.running_tokens()
         return {
             "timestamp": time.time(),
-            "dp_rank": 0,
+            "dp_rank": engine.dp_rank,
             "num_running_reqs": engine.num_running_requests,
             "num_waiting_reqs": engine.num_waiting_requests,
             "num_waiting_uncached_tokens": engine.waiting_uncached_tokens(),
@@ -1020,17 +1023,17 @@ class InfoHandlers:
             "gen_throughput": round(engine.gen_throughput(), 2),
             "cache_hit_rate": round(engine.cache_hit_rate(), 4),
             "utilization": round(engine.num_running_requests / max(1, self.config.max_running_requests), 4),
-            "total_prefill_uncached_tokens": engine.stats.prompt_tokens_total - engine.stats.cached_tokens_total,
+            "total_prefill_uncached_tokens": engine.prompt_tokens_total - engine.cached_tokens_total,
             "total_prefill_busy_us": 0,
             "decode_moments": None,
         }
 
     async def get_load(self, request: web.Request) -> web.Response:
         """Pre-0.5.23 shape: one dict per DP rank (what sglang-router polls)."""
-        engine = self.engine
-        return _json([{"dp_rank": 0, "num_reqs": engine.num_running_requests + engine.num_waiting_requests,
+        return _json([{"dp_rank": engine.dp_rank,
+                       "num_reqs": engine.num_running_requests + engine.num_waiting_requests,
                        "num_waiting_reqs": engine.num_waiting_requests, "num_tokens": engine.running_tokens(),
-                       "token_usage": round(engine.token_usage(), 4)}])
+                       "token_usage": round(engine.token_usage(), 4)} for engine in self.dp.ranks])
 
     async def v1_loads(self, request: web.Request) -> web.Response:
         valid_sections = {"core", "memory", "spec", "lora", "disagg", "queues", "all"}
@@ -1041,18 +1044,22 @@ class InfoHandlers:
                           "message": f"Invalid include sections: {include_set - valid_sections}. "
                                      f"Valid options: {sorted(valid_sections)}"}, status=400)
         dp_rank = request.query.get("dp_rank")
-        load = self._load_core()
-        if include_set is None or "all" in include_set or "memory" in include_set:
-            load["memory"] = {"weight_gb": 0.0, "kv_cache_gb": 0.0, "graph_gb": 0.0,
-                              "token_capacity": self.config.max_total_tokens}
-        if include_set is None or "all" in include_set or "queues" in include_set:
-            load["queues"] = {"waiting": self.engine.num_waiting_requests, "grammar": 0, "paused": 0,
-                              "retracted": self.engine.last_retracted, "prealloc_ready": 0}
-        if self.config.enable_lora and (include_set is None or "all" in include_set or "lora" in include_set):
-            load["lora"] = {"loaded_adapters": len(self.engine.lora.loaded()),
-                            "max_loaded_loras": self.config.max_loaded_loras,
-                            "max_loras_per_batch": self.config.max_loras_per_batch}
-        loads = [load] if dp_rank in (None, "0") else []
+        loads = []
+        for engine in self.dp.ranks:
+            if dp_rank is not None and dp_rank != str(engine.dp_rank):
+                continue  # the tokenizer manager's filter: a rank it does not have gives []
+            load = self._load_core(engine)
+            if include_set is None or "all" in include_set or "memory" in include_set:
+                load["memory"] = {"weight_gb": 0.0, "kv_cache_gb": 0.0, "graph_gb": 0.0,
+                                  "token_capacity": self.config.max_total_tokens}
+            if include_set is None or "all" in include_set or "queues" in include_set:
+                load["queues"] = {"waiting": engine.num_waiting_requests, "grammar": 0, "paused": 0,
+                                  "retracted": engine.last_retracted, "prealloc_ready": 0}
+            if self.config.enable_lora and (include_set is None or "all" in include_set or "lora" in include_set):
+                load["lora"] = {"loaded_adapters": len(engine.lora.loaded()),
+                                "max_loaded_loras": self.config.max_loaded_loras,
+                                "max_loras_per_batch": self.config.max_loras_per_batch}
+            loads.append(load)
         if request.query.get("format") == "prometheus":
             lines = []
             for entry in loads:
@@ -1064,27 +1071,30 @@ class InfoHandlers:
                             continue
                         name = f"sglang_{prefix}_{sub_key}" if sub_key else f"sglang_{key}"
                         lines.append(f"# TYPE {name} gauge")
-                        lines.append(f'{name}{{dp_rank="0"}} {sub_value}')
+                        lines.append(f'{name}{{dp_rank="{entry["dp_rank"]}"}} {sub_value}')
             return web.Response(text="\n".join(lines) + "\n", content_type="text/plain",
                                 headers={"X-Content-Type-Version": "0.0.4"})
         return _json({"timestamp": datetime.now(timezone.utc).isoformat(), "version": SGLANG_VERSION,
-                      "accelerator": None, "num_accelerators": 1, "loads": loads})
+                      "accelerator": None, "num_accelerators": len(self.dp.ranks), "loads": loads})
 
     async def metrics(self, request: web.Request) -> web.Response:
-        engine = self.engine
-        text = render_prometheus(
-            stats=engine.stats, model_name=self.config.served_model_name,
-            num_running_reqs=engine.num_running_requests, num_queue_reqs=engine.num_waiting_requests,
-            token_usage=engine.token_usage(), cache_hit_rate=engine.cache_hit_rate(),
-            gen_throughput=engine.gen_throughput(), kv_tokens=engine.kv_token_counts(),
-            lora_slots=(engine.lora_slots_used(), self.config.max_loras_per_batch) if self.config.enable_lora else None,
-            evicted_tokens=engine.cache.evicted_tokens_total, num_retracted_reqs=engine.last_retracted,
-            queues_by_priority=engine.queues_by_priority())
+        config = self.config
+        several = len(self.dp.ranks) > 1
+        text = render_prometheus(stats=self.dp.stats, model_name=config.served_model_name, schedulers=[
+            SchedulerGauges(
+                dp_rank=engine.dp_rank if several else None,
+                num_running_reqs=engine.num_running_requests, num_queue_reqs=engine.num_waiting_requests,
+                token_usage=engine.token_usage(), cache_hit_rate=engine.cache_hit_rate(),
+                gen_throughput=engine.gen_throughput(), kv_tokens=engine.kv_token_counts(),
+                lora_slots=(engine.lora_slots_used(), config.max_loras_per_batch) if config.enable_lora else None,
+                evicted_tokens=engine.cache.evicted_tokens_total, num_retracted_reqs=engine.last_retracted,
+                queues_by_priority=engine.queues_by_priority())
+            for engine in self.dp.ranks])
         # prometheus_client's CONTENT_TYPE_LATEST for the text format, as SGLang sends it.
         return web.Response(body=text.encode(), headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
 
     async def flush_cache(self, request: web.Request) -> web.Response:
-        if self.engine.flush_cache():
+        if self.dp.flush_cache():
             return web.Response(text=(
                 "Cache flushed.\nPlease check backend logs for more details. "
                 "(When there are running or waiting requests, the operation will not be performed.)\n"))
@@ -1098,7 +1108,7 @@ class InfoHandlers:
         abort_all = bool(body.get("abort_all", False))
         if not isinstance(rid, str):
             return _json({"error": {"message": "rid must be a string."}}, status=400)
-        self.engine.abort(rid=rid, abort_all=abort_all)
+        self.dp.abort(rid=rid, abort_all=abort_all)
         return web.Response(status=200)
 
     # ---- LoRA
@@ -1118,8 +1128,10 @@ class InfoHandlers:
         body = await self._lora_body(request, "lora_name", "lora_path")
         registry = self.engine.lora
         try:
-            loaded = await registry.load(name=body["lora_name"], path=body["lora_path"],
-                                         pinned=body.get("pinned", False))
+            # Every data-parallel rank loads it (the tokenizer manager broadcasts); rank 0 answers.
+            loaded, *_ = await asyncio.gather(*(
+                engine.lora.load(name=body["lora_name"], path=body["lora_path"], pinned=body.get("pinned", False))
+                for engine in self.dp.ranks))
         except LoraError as error:
             return _json(_lora_result(False, error.message,
                                       registry.loaded_adapters() if error.loaded_adapters_known else None), 400)
@@ -1129,7 +1141,8 @@ class InfoHandlers:
         body = await self._lora_body(request, "lora_name")
         registry = self.engine.lora
         try:
-            loaded = await registry.unload(name=body["lora_name"])
+            loaded, *_ = await asyncio.gather(*(engine.lora.unload(name=body["lora_name"])
+                                                for engine in self.dp.ranks))
         except LoraError as error:
             return _json(_lora_result(False, error.message,
                                       registry.loaded_adapters() if error.loaded_adapters_known else None), 400)
@@ -1150,18 +1163,18 @@ class InfoHandlers:
         except ValueError as error:
             return _json({"error": str(error)}, status=400)
         if was_hanging and not self.engine.settings.hang:
-            self.engine.release_hung_requests()
+            self.dp.release_hung_requests()
         if "startup_delay_ms" in body:
             # A (re)start from now: /health answers 503 for this long.
             self.ready_at = time.monotonic() + self.engine.timing.wall_s(self.engine.settings.startup_delay_ms / 1e3)
         return _json(self.engine.settings.as_dict())
 
     async def get_stats(self, request: web.Request) -> web.Response:
-        return _json(self.engine.stats_snapshot())
+        return _json(self.dp.stats_snapshot())
 
     async def reset_stats(self, request: web.Request) -> web.Response:
-        self.engine.reset_stats()
-        return _json(self.engine.stats_snapshot())
+        self.dp.reset_stats()
+        return _json(self.dp.stats_snapshot())
 
 
 def _lora_result(success: bool, error_message: str, loaded_adapters: dict | None) -> dict:
@@ -1173,18 +1186,18 @@ def _lora_result(success: bool, error_message: str, loaded_adapters: dict | None
 
 def build_app(*, config: ServerConfig, settings: RuntimeSettings) -> web.Application:
     try:
-        engine = SimEngine(config=config, settings=settings)
+        dp = DataParallel(config=config, settings=settings)
     except LoraError as error:
         raise SystemExit(f"--lora-paths: {error.message}") from error
     middlewares = [_api_error_middleware, _auth_middleware(config.api_key, config.admin_api_key)]
     if logger.isEnabledFor(logging.DEBUG):
         middlewares.insert(0, _debug_log_middleware)
     app = web.Application(middlewares=middlewares, client_max_size=64 * 1024 * 1024)
-    app[ENGINE_KEY] = engine
+    app[ENGINE_KEY] = dp.ranks[0]
     app[CONFIG_KEY] = config
     app[STARTED_AT_KEY] = time.time()
-    generation = GenerationHandlers(engine, config)
-    info = InfoHandlers(engine, config, app[STARTED_AT_KEY])
+    generation = GenerationHandlers(dp, config)
+    info = InfoHandlers(dp, config, app[STARTED_AT_KEY])
     router = app.router
     router.add_post("/generate", generation.generate)
     router.add_put("/generate", generation.generate)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import bisect
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 # Number of rids kept in each "recent aborts" list of /sim/stats.
@@ -126,33 +127,62 @@ class SimStats:
         (self.disconnected if by_disconnect else self.aborted_by_request).append(rid)
 
 
-def render_prometheus(*, stats: SimStats, model_name: str, num_running_reqs: int, num_queue_reqs: int,
-                      token_usage: float, cache_hit_rate: float, gen_throughput: float,
-                      kv_tokens: dict[str, int] | None = None, lora_slots: tuple[int, int] | None = None,
-                      evicted_tokens: int | None = None, num_retracted_reqs: int = 0,
-                      queues_by_priority: tuple[dict[str, int], dict[str, int]] | None = None) -> str:
-    """SGLang's /metrics text. `kv_tokens`: num_used, kv_available, kv_evictable, kv_used
-    token counts; `lora_slots`: (adapters in the running batch, max_loras_per_batch);
-    `evicted_tokens`: what the radix cache has evicted (its collector's own labels);
-    `num_retracted_reqs`: requests the last retraction sent back (cleared as SGLang does);
-    `queues_by_priority`: under priority scheduling, the running and the waiting
-    requests by priority: every series then has a `priority` label, the
-    scheduler's "" for totals, with the two queues also broken down by priority."""
+@dataclass(slots=True)
+class SchedulerGauges:
+    """One scheduler's gauges. `dp_rank`: its data-parallel rank, labelled as
+    SGLang labels its collectors when the server runs several (None with one);
+    `kv_tokens`: num_used, kv_available, kv_evictable, kv_used token counts;
+    `lora_slots`: (adapters in the running batch, max_loras_per_batch);
+    `evicted_tokens`: what its radix cache has evicted; `num_retracted_reqs`:
+    requests its last retraction sent back (cleared as SGLang does);
+    `queues_by_priority`: under priority scheduling, its running and waiting
+    requests by priority."""
+
+    num_running_reqs: int
+    num_queue_reqs: int
+    token_usage: float
+    cache_hit_rate: float
+    gen_throughput: float
+    dp_rank: int | None = None
+    kv_tokens: dict[str, int] | None = None
+    lora_slots: tuple[int, int] | None = None
+    evicted_tokens: int | None = None
+    num_retracted_reqs: int = 0
+    queues_by_priority: tuple[dict[str, int], dict[str, int]] | None = None
+
+
+def render_prometheus(*, stats: SimStats, model_name: str, schedulers: list[SchedulerGauges]) -> str:
+    """SGLang's /metrics text: the tokenizer manager's series from `stats`, and
+    each scheduler's gauges (`schedulers`, one per data-parallel rank). Under
+    priority scheduling (`queues_by_priority` given) every series has a
+    `priority` label, the scheduler's "" for totals, with the two queues also
+    broken down by priority."""
     labels = f'model_name="{_escape_label(model_name)}",engine_type="unified"'
-    scheduler_labels = f'{labels},tp_rank="0",pp_rank="0",moe_ep_rank="0"'
-    if queues_by_priority is not None:
-        scheduler_labels += ',priority=""'
+    by_priority_scheduling = schedulers[0].queues_by_priority is not None
+
+    def scheduler_labels(scheduler: SchedulerGauges) -> str:
+        text = f'{labels},tp_rank="0",pp_rank="0",moe_ep_rank="0"'
+        if by_priority_scheduling:
+            text += ',priority=""'
+        if scheduler.dp_rank is not None:
+            text += f',dp_rank="{scheduler.dp_rank}"'
+        return text
+
     lines: list[str] = []
 
-    def gauge(name: str, help_text: str, value: float, by_priority: dict[str, int] | None = None) -> None:
+    def gauge(name: str, help_text: str, value: Callable[[SchedulerGauges], float],
+              by_priority: Callable[[SchedulerGauges], dict[str, int] | None] = lambda _: None) -> None:
         lines.append(f"# HELP {name} {help_text}")
         lines.append(f"# TYPE {name} gauge")
-        lines.append(f"{name}{{{scheduler_labels}}} {float(value)}")
-        if by_priority is not None:
-            stats.known_priorities.update(by_priority)
-            base = scheduler_labels.removesuffix(',priority=""')
-            for priority in sorted(stats.known_priorities):
-                lines.append(f'{name}{{{base},priority="{priority}"}} {float(by_priority.get(priority, 0))}')
+        for scheduler in schedulers:
+            own = scheduler_labels(scheduler)
+            lines.append(f"{name}{{{own}}} {float(value(scheduler))}")
+            queues = by_priority(scheduler)
+            if queues is not None:
+                stats.known_priorities.update(queues)
+                base = own.replace(',priority=""', "")
+                for priority in sorted(stats.known_priorities):
+                    lines.append(f'{name}{{{base},priority="{priority}"}} {float(queues.get(priority, 0))}')
 
     def with_priority(priority: str | None) -> str:
         return labels if priority is None else f'{labels},priority="{_escape_label(priority)}"'
@@ -170,32 +200,35 @@ def render_prometheus(*, stats: SimStats, model_name: str, num_running_reqs: int
 
     by_priority_series = sorted(stats.by_priority.items(), key=lambda item: str(item[0]))
 
-    def counter(name: str, help_text: str, value: int) -> None:  # the scheduler's
+    def counter(name: str, help_text: str, value: int) -> None:  # the schedulers' (their shared total)
         lines.append(f"# HELP {name} {help_text}")
         lines.append(f"# TYPE {name} counter")
-        lines.append(f"{name}{{{scheduler_labels}}} {float(value)}")
+        lines.append(f"{name}{{{scheduler_labels(schedulers[0])}}} {float(value)}")
 
-    running_by, waiting_by = queues_by_priority if queues_by_priority is not None else (None, None)
-    gauge("sglang:num_running_reqs", "The number of running requests.", num_running_reqs, running_by)
-    gauge("sglang:num_queue_reqs", "The number of requests in the waiting queue.", num_queue_reqs, waiting_by)
-    gauge("sglang:token_usage", "The token usage.", token_usage)
-    gauge("sglang:cache_hit_rate", "The prefix cache hit rate.", cache_hit_rate)
-    gauge("sglang:gen_throughput", "The generation throughput (token/s).", gen_throughput)
-    if kv_tokens is not None:
-        gauge("sglang:num_used_tokens", "The number of used tokens.", kv_tokens["num_used"])
-        gauge("sglang:kv_available_tokens", "Number of free token slots in the KV cache pool.",
-              kv_tokens["kv_available"])
-        gauge("sglang:kv_evictable_tokens", "Number of evictable (radix-cached) token slots in the KV cache pool.",
-              kv_tokens["kv_evictable"])
-        gauge("sglang:kv_used_tokens", "Number of actively used token slots in the KV cache pool.",
-              kv_tokens["kv_used"])
-    if lora_slots is not None:
-        used, total = lora_slots
-        gauge("sglang:lora_pool_slots_used", "Number of LoRA adapter slots currently occupied in GPU memory.", used)
+    def queues(index: int) -> Callable[[SchedulerGauges], dict[str, int] | None]:
+        return lambda scheduler: scheduler.queues_by_priority[index] if scheduler.queues_by_priority else None
+
+    gauge("sglang:num_running_reqs", "The number of running requests.", lambda g: g.num_running_reqs, queues(0))
+    gauge("sglang:num_queue_reqs", "The number of requests in the waiting queue.", lambda g: g.num_queue_reqs,
+          queues(1))
+    gauge("sglang:token_usage", "The token usage.", lambda g: g.token_usage)
+    gauge("sglang:cache_hit_rate", "The prefix cache hit rate.", lambda g: g.cache_hit_rate)
+    gauge("sglang:gen_throughput", "The generation throughput (token/s).", lambda g: g.gen_throughput)
+    if schedulers[0].kv_tokens is not None:
+        for name, key, help_text in (
+                ("sglang:num_used_tokens", "num_used", "The number of used tokens."),
+                ("sglang:kv_available_tokens", "kv_available", "Number of free token slots in the KV cache pool."),
+                ("sglang:kv_evictable_tokens", "kv_evictable",
+                 "Number of evictable (radix-cached) token slots in the KV cache pool."),
+                ("sglang:kv_used_tokens", "kv_used", "Number of actively used token slots in the KV cache pool.")):
+            gauge(name, help_text, lambda g, key=key: g.kv_tokens[key])
+    if schedulers[0].lora_slots is not None:
+        gauge("sglang:lora_pool_slots_used", "Number of LoRA adapter slots currently occupied in GPU memory.",
+              lambda g: g.lora_slots[0])
         gauge("sglang:lora_pool_slots_total", "Total number of LoRA adapter slots available (max_loras_per_batch).",
-              total)
+              lambda g: g.lora_slots[1])
         gauge("sglang:lora_pool_utilization", "LoRA pool utilization ratio (used/total). 1.0 means pool is full.",
-              used / total if total else 0.0)
+              lambda g: g.lora_slots[0] / g.lora_slots[1] if g.lora_slots[1] else 0.0)
     by_streaming("sglang:prompt_tokens_total", "Number of prefill tokens processed.", "counter",
                  lambda series: series.prompt_tokens)
     by_streaming("sglang:generation_tokens_total", "Number of generation tokens processed.", "counter",
@@ -208,7 +241,7 @@ def render_prometheus(*, stats: SimStats, model_name: str, num_running_reqs: int
                          f"{float(series.cached_tokens)}")
     by_streaming("sglang:num_requests_total", "Number of requests processed.", "counter",
                  lambda series: series.requests)
-    gauge("sglang:num_retracted_reqs", "The number of retracted requests.", num_retracted_reqs)
+    gauge("sglang:num_retracted_reqs", "The number of retracted requests.", lambda g: g.num_retracted_reqs)
     counter("sglang:num_retracted_requests_total", "Total number of retracted requests.",
             stats.retracted_requests_total)
     counter("sglang:num_retracted_input_tokens_total", "Total number of retracted input tokens.",
@@ -223,14 +256,15 @@ def render_prometheus(*, stats: SimStats, model_name: str, num_running_reqs: int
         series.itl.render("sglang:inter_token_latency_seconds", with_priority(priority), lines)
     by_streaming("sglang:e2e_request_latency_seconds", "Histogram of End-to-end request latency in seconds",
                  "histogram", lambda series: series.e2e)
-    if evicted_tokens is not None:
+    if schedulers[0].evicted_tokens is not None:
         # SGLang's RadixCacheMetricsCollector labels its series by cache and rank, not model.
         lines.append("# HELP sglang:evicted_tokens_total The number of device KV token slots freed by eviction, "
                      "regardless of whether the data was backed up to host (see sglang:hicache_backup_tokens_total) "
                      "or destroyed (see sglang:hicache_dropped_tokens_total).")
         lines.append("# TYPE sglang:evicted_tokens_total counter")
-        lines.append('sglang:evicted_tokens_total{cache_type="UnifiedRadixCache",tp_rank="0",pp_rank="0",dp_rank="0"} '
-                     f"{float(evicted_tokens)}")
+        for scheduler in schedulers:
+            lines.append('sglang:evicted_tokens_total{cache_type="UnifiedRadixCache",tp_rank="0",pp_rank="0",'
+                         f'dp_rank="{scheduler.dp_rank or 0}"}} {float(scheduler.evicted_tokens)}')
     return "\n".join(lines) + "\n"
 
 

@@ -635,7 +635,7 @@ def test_sglang_launch_lines_with_hardware_flags_start_the_simulator():
     """SGLang's test helpers add `--device` to every launch, and launch lines
     carry GPU settings: those flags are accepted, recorded as given (for
     /server_info) and change nothing; flags that would change what is served
-    but are not modelled (`--dp-size`) are still refused."""
+    but are not modelled (`--enable-hierarchical-cache`) are still refused."""
     parser = build_argument_parser()
     args = parser.parse_args(["--device", "cuda", "--tp", "2", "--mem-fraction-static", "0.85",
                               "--trust-remote-code", "--cuda-graph-max-bs", "32", "--disable-cuda-graph",
@@ -648,6 +648,42 @@ def test_sglang_launch_lines_with_hardware_flags_start_the_simulator():
     assert plain.hardware_flags == {}
     assert replace(plain, hardware_flags=config.hardware_flags) == config  # nothing else differs
     with pytest.raises(SystemExit):
-        parser.parse_args(["--dp-size", "2"])
+        parser.parse_args(["--enable-hierarchical-cache"])
     with pytest.raises(SystemExit):
         parser.parse_args(["--mem-fraction-static", "most"])
+
+
+@pytest.mark.parametrize("method", ["total_requests", "total_tokens"])
+async def test_data_parallel_load_balance_methods_pick_the_least_loaded_rank(method):
+    """`--load-balance-method total_requests | total_tokens`: a request without
+    a rank goes to the rank with the fewest requests (or tokens) in flight,
+    ties to the lowest rank."""
+    from inference.sim.data_parallel import DataParallel
+    config, settings = configs_from_args(build_argument_parser().parse_args(
+        ["--dp-size", "3", "--load-balance-method", method, "--decode-base-ms", "5", "--time-scale", "0.2"]))
+    dp = DataParallel(config=config, settings=settings)
+    assert dp.engine_for(request_make("first", prompt(1, 8))) is dp.ranks[0]  # idle: the lowest rank
+    busy = dp.ranks[0].admit(request_make("busy", prompt(2, 30), max_new_tokens=50))
+    task = asyncio.create_task(drive(dp.ranks[0], busy))
+    await asyncio.sleep(0.01)
+    assert dp.ranks[0].num_running_requests == 1
+    assert dp.engine_for(request_make("next", prompt(3, 8))) is dp.ranks[1]
+    assert dp.engine_for(request_make("named", prompt(4, 8), routed_dp_rank=0)) is dp.ranks[0]
+    dp.ranks[0].abort(rid="busy", abort_all=False)
+    await task
+    dp.ranks[0].finalize(busy)
+
+
+async def test_data_parallel_round_robin_and_shared_rids():
+    from inference.sim.data_parallel import DataParallel
+    from inference.sim.engine import RequestRejected
+    config, settings = configs_from_args(build_argument_parser().parse_args(["--dp-size", "2"]))
+    dp = DataParallel(config=config, settings=settings)
+    picks = [dp.engine_for(request_make(f"r{index}", prompt(index, 8))).dp_rank for index in range(4)]
+    assert picks == [0, 1, 0, 1]
+    held = await dp.admit(request_make("same", prompt(5, 8)))
+    with pytest.raises(RequestRejected, match="Duplicate request ID detected: same"):
+        await dp.admit(request_make("same", prompt(6, 8)))  # the other rank: rids are the tokenizer's
+    held.engine.finalize(held)
+    with pytest.raises(RequestRejected, match=r"routed_dp_rank=-1 out of range \[0, 2\)"):
+        dp.engine_for(request_make("negative", prompt(7, 8), routed_dp_rank=-1))

@@ -1552,3 +1552,49 @@ def test_a_priority_refused_by_a_server_without_priority_scheduling(sim_factory)
         assert native.status_code == 503 and native.json()["message"] == message
         plain = client.post("/v1/chat/completions", json={"model": "m", "messages": CHAT, "max_tokens": 3})
         assert plain.status_code == 200, plain.text
+
+
+def test_data_parallel_ranks_cache_apart_and_serve_the_rank_a_router_names(sim_factory):
+    """`--dp-size 2`: two schedulers, each with its own radix cache, as an
+    SGLang server with data parallelism has them. Requests without a rank go
+    round-robin (SGLang's default), so the same prompt twice in a row finds
+    nothing cached; a router naming the rank (`routed_dp_rank`) keeps a prefix
+    where it was cached. Loads, /server_info and /metrics are per rank."""
+    server = sim_factory("--dp-size", "2", "--enable-cache-report")
+    text = " ".join(f"word{index}" for index in range(40))
+
+    def cached(client, prompt, **extra):
+        reply = client.post("/generate", json={"text": prompt, "sampling_params": {"max_new_tokens": 2}, **extra})
+        assert reply.status_code == 200, reply.text
+        return reply.json()["meta_info"]["cached_tokens"]
+
+    with server.client() as client:
+        info = client.get("/server_info").json()
+        round_robin = [cached(client, text) for _ in range(3)]
+        pinned = [cached(client, "pinned " + text, routed_dp_rank=1) for _ in range(2)]
+        other_rank = cached(client, "pinned " + text, data_parallel_rank=0)
+        out_of_range = client.post("/generate", json={"text": text, "routed_dp_rank": 2})
+        loads = client.get("/v1/loads").json()["loads"]
+        one_rank = client.get("/v1/loads", params={"dp_rank": "1"}).json()["loads"]
+        no_rank = client.get("/v1/loads", params={"dp_rank": "5"}).json()["loads"]
+        legacy = client.get("/get_load").json()
+        metrics = client.get("/metrics").text
+        stats = client.get("/sim/stats").json()
+        assert client.post("/flush_cache").status_code == 200
+        after_flush = cached(client, "pinned " + text, routed_dp_rank=1)
+    assert info["dp_size"] == 2 and info["load_balance_method"] == "round_robin"
+    assert len(info["internal_states"]) == 2
+    assert round_robin[0] == round_robin[1] == 0 and round_robin[2] > 0  # ranks 0, 1, then 0 again
+    assert pinned[0] == 0 and pinned[1] > 0 and other_rank == 0
+    assert out_of_range.status_code == 400
+    assert out_of_range.json()["error"]["message"] == "routed_dp_rank=2 out of range [0, 2)"
+    assert [load["dp_rank"] for load in loads] == [0, 1] and [load["dp_rank"] for load in one_rank] == [1]
+    assert no_rank == [] and [load["dp_rank"] for load in legacy] == [0, 1]
+    assert all(load["cache_hit_rate"] > 0 for load in loads)  # each rank's own
+    assert 'sglang:num_running_reqs{model_name="demo-llm",engine_type="unified",tp_rank="0",pp_rank="0",' \
+           'moe_ep_rank="0",dp_rank="1"}' in metrics
+    assert 'sglang:evicted_tokens_total{cache_type="UnifiedRadixCache",tp_rank="0",pp_rank="0",dp_rank="1"}' \
+        in metrics
+    assert metrics.count("# TYPE sglang:prompt_tokens_total counter") == 1  # the tokenizer's series, once
+    assert stats["requests_finished"] == 6 and len(stats["dp_ranks"]) == 2
+    assert after_flush == 0  # every rank's cache went

@@ -6,6 +6,7 @@ The router discovers workers through GET /health, /server_info and
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -22,22 +23,21 @@ pytest.importorskip("sglang_router")
 ROUTER_STARTUP_TIMEOUT_S = 30.0
 
 
-@pytest.fixture(scope="module")
-def routed_sims(tmp_path_factory):
-    # A local (empty) model directory: the router then looks for a tokenizer
-    # on disk instead of asking Hugging Face, so nothing leaves the machine.
-    model_dir = tmp_path_factory.mktemp("sim-model")
-    sims = [start_sim("--model-path", str(model_dir), "--enable-cache-report") for _ in range(2)]
+@contextlib.contextmanager
+def _router(sims, *flags: str, expected: int):
+    """sglang-router's cache_aware policy in front of `sims`, once it lists
+    `expected` healthy workers; its URL."""
     router_port = free_port()
     command = [sys.executable, "-m", "sglang_router.launch_router", "--host", "127.0.0.1",
                "--port", str(router_port), "--worker-urls", *[sim.base_url for sim in sims],
-               "--policy", "cache_aware", "--log-level", "warn"]
+               "--policy", "cache_aware", "--log-level", "warn",
+               "--prometheus-port", str(free_port()), *flags]
     router = subprocess.Popen(command, cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                               env={**os.environ, "HF_HUB_OFFLINE": "1"})
     router_url = f"http://127.0.0.1:{router_port}"
     try:
-        _wait_for_workers(router_url, router, expected=2)
-        yield router_url, sims
+        _wait_for_workers(router_url, router, expected=expected)
+        yield router_url
     finally:
         router.terminate()
         try:
@@ -45,6 +45,22 @@ def routed_sims(tmp_path_factory):
         except subprocess.TimeoutExpired:
             router.kill()
             router.wait(timeout=5)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    # A local (empty) model directory: the router then looks for a tokenizer
+    # on disk instead of asking Hugging Face, so nothing leaves the machine.
+    return tmp_path_factory.mktemp("sim-model")
+
+
+@pytest.fixture(scope="module")
+def routed_sims(model_dir):
+    sims = [start_sim("--model-path", str(model_dir), "--enable-cache-report") for _ in range(2)]
+    try:
+        with _router(sims, expected=2) as router_url:
+            yield router_url, sims
+    finally:
         for sim in sims:
             sim.stop()
 
@@ -108,3 +124,25 @@ def test_native_generate_through_router(routed_sims):
                           timeout=10)
     assert response.status_code == 200
     assert response.json()["meta_info"]["finish_reason"] == {"type": "length", "length": 3}
+
+
+def test_dp_aware_router_pins_a_prefix_to_one_data_parallel_rank(model_dir):
+    """sglang-router's --dp-aware mode reads `dp_size` from /server_info,
+    lists one worker per rank (url@rank) and names the rank in each request;
+    the simulator's ranks cache apart, so a repeated prompt hits the rank it
+    was pinned to (without the rank, the server's round robin would alternate)."""
+    sim = start_sim("--model-path", str(model_dir), "--enable-cache-report", "--dp-size", "2")
+    try:
+        with _router([sim], "--dp-aware", expected=2) as router_url:
+            workers = httpx.get(f"{router_url}/workers", timeout=5).json()["workers"]
+            client = openai.OpenAI(base_url=f"{router_url}/v1", api_key="x", max_retries=0)
+            messages = [{"role": "user", "content": "A long shared prompt about rivers and mountains " * 4}]
+            completions = [client.chat.completions.create(model="demo-llm", messages=messages, max_tokens=2)
+                           for _ in range(4)]
+            loads = httpx.get(f"{sim.base_url}/v1/loads").json()["loads"]
+    finally:
+        sim.stop()
+    assert sorted(worker["url"] for worker in workers) == [f"{sim.base_url}@0", f"{sim.base_url}@1"]
+    assert all(c.usage.prompt_tokens_details.cached_tokens == c.usage.prompt_tokens - 1 for c in completions[1:])
+    assert sorted(load["num_running_reqs"] + load["num_waiting_reqs"] for load in loads) == [0, 0]
+    assert sorted(load["cache_hit_rate"] > 0 for load in loads) == [False, True]  # one rank served them all
