@@ -12,10 +12,18 @@ from . import errors
 class BackendState:
     """A backend as one gateway process sees it. Survives registry reloads, so
     in-flight counts, health and the circuit breaker are not reset by an
-    unrelated change."""
+    unrelated change.
+
+    A server that runs several data-parallel ranks (SGLang's `--dp-size`: one
+    scheduler and radix cache each) is several backends, one per rank: `url`
+    is then "<server URL>@<rank>", `base_url` the server's URL and `dp_rank`
+    the rank its requests name (`data_parallel_rank`), so that routing keeps
+    each prefix on the rank that caches it."""
 
     url: str
     api_key: str = ""
+    base_url: str = ""  # the server's URL ("": `url`)
+    dp_rank: int | None = None
     status: str = "active"
     # Sequences this process has in flight on the backend (a request with n
     # choices runs n), and the sum of their requests' key footprints
@@ -44,6 +52,10 @@ class BackendState:
     # gateway processes too); -1 until read. `outstanding` at that moment.
     running: int = -1
     outstanding_at_report: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.base_url:
+            self.base_url = self.url
 
     @property
     def load(self) -> int:
@@ -151,6 +163,9 @@ class Registry:
     def __init__(self) -> None:
         self._models: dict[str, ModelEntry] = {}
         self._backends: dict[str, BackendState] = {}
+        self._rows: list[ModelRow] = []
+        # Server URL → its data-parallel ranks, as its /server_info said (`dp_size`).
+        self._dp_sizes: dict[str, int] = {}
         self.loaded_at = 0.0
 
     def replace(self, rows: list[ModelRow]) -> None:
@@ -160,15 +175,33 @@ class Registry:
             entry = ModelEntry(row.name, row.upstream_name, row.context_length, row.owned_by, row.created,
                                row.prices, row.routing_policy, tier_priorities=row.tier_priorities)
             for url, api_key, status in row.backends:
-                state = self._backends.get(url) or backends.get(url) or BackendState(url)
-                state.api_key, state.status = api_key, status
-                backends[url] = state
-                entry.backends.append(state)
+                size = self._dp_sizes.get(url, 1)
+                for state_url, rank in ([(url, None)] if size <= 1 else
+                                        [(f"{url}@{rank}", rank) for rank in range(size)]):
+                    state = (self._backends.get(state_url) or backends.get(state_url)
+                             or BackendState(state_url, base_url=url, dp_rank=rank))
+                    state.api_key, state.status = api_key, status
+                    backends[state_url] = state
+                    entry.backends.append(state)
             previous = self._models.get(row.name)
             entry.next_index = previous.next_index if previous else 0
             models[row.name] = entry
-        self._models, self._backends = models, backends
+        self._models, self._backends, self._rows = models, backends, rows
         self.loaded_at = time.monotonic()
+
+    def dp_size_set(self, base_url: str, size: int) -> bool:
+        """The server at `base_url` runs `size` data-parallel ranks: its
+        backends become one per rank (or one again). True when that changed
+        the pools."""
+        size = max(1, size)
+        if self._dp_sizes.get(base_url, 1) == size:
+            return False
+        if size == 1:
+            self._dp_sizes.pop(base_url, None)
+        else:
+            self._dp_sizes[base_url] = size
+        self.replace(self._rows)
+        return True
 
     def resolve(self, name: object) -> Resolution:
         if name is None or name == "":

@@ -25,8 +25,8 @@ from .redis_pipe import PipelinedRedis
 from .routing.homes import ConversationHomes
 from .metering import UsageRecorder
 from .models import ServedModel
-from .registry import ModelRow, Prices, Registry
-from .sglang import backend_health, backend_kv_tokens, backend_load, session_create
+from .registry import BackendState, ModelRow, Prices, Registry
+from .sglang import backend_capacity, backend_health, backend_loads, session_create
 from .streaming import CompletionService
 
 logger = logging.getLogger(__name__)
@@ -188,45 +188,64 @@ class GatewayRuntime:
         while True:
             await asyncio.sleep(interval)
             try:
-                backends = [b for b in self.registry.backends() if b.status == "active" and b.healthy]
+                # One poll per server: a data-parallel server's ranks each take their own entry.
+                servers = _by_server(b for b in self.registry.backends() if b.status == "active" and b.healthy)
                 loads = await asyncio.gather(*(
-                    backend_load(self.session, b, timeout=min(interval, settings.GATEWAY_HEALTH_TIMEOUT_SECONDS))
-                    for b in backends
+                    backend_loads(self.session, ranks[0], timeout=min(interval, settings.GATEWAY_HEALTH_TIMEOUT_SECONDS))
+                    for ranks in servers.values()
                 ))
-                for backend, report in zip(backends, loads):
-                    backend.load_report(*report)
+                for ranks, report in zip(servers.values(), loads):
+                    for backend in ranks:
+                        backend.load_report(*report.get(backend.dp_rank, (-1, -1.0, -1)))
                 for model in self.registry.models():
                     self.gate.pump(model)
             except Exception:
                 logger.exception("backend load poll failed")
 
-    async def _health_check_loop(self) -> None:
-        """Active checks: GET /health of every backend, every GATEWAY_HEALTH_CHECK_SECONDS;
-        and the KV capacity of each backend not yet known (GET /server_info)."""
-        while True:
-            backends = [b for b in self.registry.backends() if b.status != "disabled"]
-            unknown = [b for b in backends if not b.kv_tokens]
-            if unknown:
-                capacities = await asyncio.gather(*(
-                    backend_kv_tokens(self.session, b, timeout=settings.GATEWAY_HEALTH_TIMEOUT_SECONDS)
-                    for b in unknown
-                ))
-                for backend, tokens in zip(unknown, capacities):
+    async def servers_inspect(self) -> None:
+        """GET /server_info of each server whose KV capacity is not yet known:
+        its capacity, and its data-parallel ranks (a server running several
+        becomes one backend per rank, each keeping the prefixes it served)."""
+        servers = _by_server(b for b in self.registry.backends() if b.status != "disabled" and not b.kv_tokens)
+        if not servers:
+            return
+        infos = await asyncio.gather(*(
+            backend_capacity(self.session, ranks[0], timeout=settings.GATEWAY_HEALTH_TIMEOUT_SECONDS)
+            for ranks in servers.values()
+        ))
+        for base_url, (tokens, dp_size) in zip(servers, infos):
+            if not tokens:
+                continue
+            if self.registry.dp_size_set(base_url, dp_size):
+                logger.warning("backend %s runs %d data-parallel rank(s): routed to each", base_url, dp_size)
+                self.completions.backend_forget(base_url)
+            for backend in self.registry.backends():
+                if backend.base_url == base_url:
                     backend.kv_tokens = tokens
+
+    async def _health_check_loop(self) -> None:
+        """Active checks: GET /health of every server, every GATEWAY_HEALTH_CHECK_SECONDS
+        (its data-parallel ranks share the answer); and what each server not yet
+        inspected runs (`servers_inspect`)."""
+        while True:
+            await self.servers_inspect()
             await asyncio.sleep(settings.GATEWAY_HEALTH_CHECK_SECONDS)
-            backends = [b for b in self.registry.backends() if b.status != "disabled"]
+            servers = _by_server(b for b in self.registry.backends() if b.status != "disabled")
             results = await asyncio.gather(*(
-                backend_health(self.session, b, timeout=settings.GATEWAY_HEALTH_TIMEOUT_SECONDS) for b in backends
+                backend_health(self.session, ranks[0], timeout=settings.GATEWAY_HEALTH_TIMEOUT_SECONDS)
+                for ranks in servers.values()
             ))
-            for backend, ok in zip(backends, results):
-                was_healthy = backend.healthy
-                backend.check_result(ok, failures_to_unhealthy=settings.GATEWAY_HEALTH_FAILURES)
-                if was_healthy != backend.healthy:
-                    logger.warning("backend %s is now %s", backend.url, "healthy" if ok else "unhealthy")
-                    if backend.healthy:
-                        # It may have restarted: its prefix cache is empty, its capacity new.
-                        self.completions.backend_forget(backend.url)
-                        backend.kv_tokens = 0
+            for ranks, ok in zip(servers.values(), results):
+                for backend in ranks:
+                    was_healthy = backend.healthy
+                    backend.check_result(ok, failures_to_unhealthy=settings.GATEWAY_HEALTH_FAILURES)
+                    if was_healthy != backend.healthy:
+                        logger.warning("backend %s is now %s", backend.url, "healthy" if ok else "unhealthy")
+                        if backend.healthy:
+                            # It may have restarted: its prefix cache is empty, its capacity
+                            # (and data-parallel ranks) new.
+                            self.completions.backend_forget(backend.url)
+                            backend.kv_tokens = 0
 
     async def _invalidation_listen_loop(self) -> None:
         while True:
@@ -262,6 +281,14 @@ class GatewayRuntime:
                 await self.registry_reload()
             except Exception:
                 logger.exception("registry reload on change failed")
+
+
+def _by_server(backends) -> dict[str, list[BackendState]]:
+    """Backends grouped by server (a data-parallel server's ranks together)."""
+    servers: dict[str, list[BackendState]] = {}
+    for backend in backends:
+        servers.setdefault(backend.base_url, []).append(backend)
+    return servers
 
 
 _runtime: GatewayRuntime | None = None

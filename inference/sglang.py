@@ -38,13 +38,27 @@ def _headers(backend: BackendState) -> dict[str, str]:
     return JSON_HEADERS
 
 
+def _with_dp_rank(body: bytes, rank: int) -> bytes:
+    """A JSON object body with `data_parallel_rank` added: the field every SGLang
+    release with data-parallel routing reads (0.5.23 maps it onto
+    `routed_dp_rank`), as sglang-router's dp-aware mode sends it."""
+    end = body.rstrip().rfind(b"}")
+    if end < 0:
+        return body
+    separator = b"," if body[:end].rstrip()[-1:] not in (b"{", b"") else b""
+    return body[:end] + separator + b'"data_parallel_rank":' + str(rank).encode() + body[end:]
+
+
 async def backend_post(
     session: aiohttp.ClientSession, backend: BackendState, path: str, body: bytes
 ) -> aiohttp.ClientResponse:
     """Sends a request and returns the response once its headers arrived; the caller
-    reads and releases it. Raises BackendUnreachable when no connection was made."""
+    reads and releases it. A data-parallel rank's backend names its rank in the
+    body. Raises BackendUnreachable when no connection was made."""
+    if backend.dp_rank is not None:
+        body = _with_dp_rank(body, backend.dp_rank)
     try:
-        return await session.post(backend.url + path, data=body, headers=_headers(backend))
+        return await session.post(backend.base_url + path, data=body, headers=_headers(backend))
     except (aiohttp.ClientConnectorError, aiohttp.ServerDisconnectedError, ConnectionError) as error:
         raise BackendUnreachable(f"{backend.url}: {error}") from error
     except asyncio.TimeoutError as error:
@@ -55,7 +69,7 @@ async def backend_abort(session: aiohttp.ClientSession, backend: BackendState, r
     """Asks the backend to stop generating for `rid` (SGLang `/abort_request`)."""
     try:
         async with session.post(
-            backend.url + "/abort_request",
+            backend.base_url + "/abort_request",
             data=orjson.dumps({"rid": rid}),
             headers=_headers(backend),
             timeout=aiohttp.ClientTimeout(total=5),
@@ -68,7 +82,7 @@ async def backend_abort(session: aiohttp.ClientSession, backend: BackendState, r
 async def backend_health(session: aiohttp.ClientSession, backend: BackendState, *, timeout: float) -> bool:
     """SGLang's GET /health: 200 when the server can generate."""
     try:
-        async with session.get(backend.url + "/health", headers=_headers(backend),
+        async with session.get(backend.base_url + "/health", headers=_headers(backend),
                                timeout=aiohttp.ClientTimeout(total=timeout)) as response:
             await response.read()
             return response.status == 200
@@ -83,7 +97,7 @@ async def _get_json_first(session: aiohttp.ClientSession, backend: BackendState,
     200 with JSON."""
     for path in paths:
         try:
-            async with session.get(backend.url + path, headers=_headers(backend),
+            async with session.get(backend.base_url + path, headers=_headers(backend),
                                    timeout=aiohttp.ClientTimeout(total=timeout)) as response:
                 if response.status == 404:
                     continue
@@ -95,18 +109,28 @@ async def _get_json_first(session: aiohttp.ClientSession, backend: BackendState,
     return None
 
 
-async def backend_kv_tokens(session: aiohttp.ClientSession, backend: BackendState, *, timeout: float) -> int:
-    """The backend's KV cache capacity in tokens, from SGLang's GET /server_info
-    (`/get_server_info` on releases before it): `max_total_num_tokens`, at the
-    top level (older releases) or in `internal_states[0]`. 0 when it cannot be read."""
+async def backend_capacity(session: aiohttp.ClientSession, backend: BackendState, *,
+                           timeout: float) -> tuple[int, int]:
+    """The server's KV cache capacity in tokens (each data-parallel rank's) and
+    its data-parallel ranks, from SGLang's GET /server_info (`/get_server_info`
+    on releases before it): `max_total_num_tokens`, at the top level (older
+    releases) or in `internal_states[0]`, and `dp_size`. (0, 0) when it cannot
+    be read; a `dp_size` absent or not a positive integer counts as 1."""
     info = await _get_json_first(session, backend, ("/server_info", "/get_server_info"), timeout=timeout)
     if not isinstance(info, dict):
-        return 0
+        return 0, 0
     value = info.get("max_total_num_tokens")
     states = info.get("internal_states")
     if value is None and isinstance(states, list) and states and isinstance(states[0], dict):
         value = states[0].get("max_total_num_tokens")
-    return value if isinstance(value, int) and value > 0 else 0
+    dp_size = info.get("dp_size")
+    dp_size = dp_size if isinstance(dp_size, int) and not isinstance(dp_size, bool) and dp_size > 0 else 1
+    return (value if isinstance(value, int) and value > 0 else 0), dp_size
+
+
+async def backend_kv_tokens(session: aiohttp.ClientSession, backend: BackendState, *, timeout: float) -> int:
+    """The backend's KV cache capacity in tokens (`backend_capacity`); 0 when it cannot be read."""
+    return (await backend_capacity(session, backend, timeout=timeout))[0]
 
 
 async def backend_load(session: aiohttp.ClientSession, backend: BackendState, *,
@@ -117,9 +141,28 @@ async def backend_load(session: aiohttp.ClientSession, backend: BackendState, *,
     share of KV held by running requests (`token_usage`, the fullest rank's),
     and requests running (`num_running_reqs`, or `/get_load`'s `num_reqs` less
     the waiting ones, summed). -1 for what it cannot say."""
+    return (await backend_loads(session, backend, timeout=timeout))[None]
+
+
+async def backend_loads(session: aiohttp.ClientSession, backend: BackendState, *,
+                        timeout: float) -> dict[int | None, tuple[int, float, int]]:
+    """The server's load as `backend_load` reads it, under None, and each
+    data-parallel rank's own under its `dp_rank` (one request for all)."""
     body = await _get_json_first(session, backend, LOAD_PATHS, timeout=timeout)
     try:
         ranks = load_ranks(body)
+    except (AttributeError, TypeError, ValueError):
+        return {None: (-1, -1.0, -1)}
+    loads = {None: _load_of(ranks)}
+    for rank in ranks:
+        if isinstance(rank, dict) and isinstance(rank.get("dp_rank"), int):
+            loads[rank["dp_rank"]] = _load_of([rank])
+    return loads
+
+
+def _load_of(ranks: list) -> tuple[int, float, int]:
+    """Waiting, KV use and running of the rank load dicts `ranks`, together."""
+    try:
         waiting = sum(int(rank.get("num_waiting_reqs", 0)) for rank in ranks)
     except (AttributeError, TypeError, ValueError):
         return -1, -1.0, -1

@@ -164,6 +164,18 @@ def gateway_start(live_tmp: Path, db_name: str, **env: str) -> Gateway:
     return Gateway(url, process, log)
 
 
+@contextlib.contextmanager
+def gateway_running(live_tmp: Path, **env: str):
+    """`gateway_start` on the test database, the gateway stopped on leaving."""
+    from django.db import connection
+
+    gateway = gateway_start(live_tmp, connection.settings_dict["NAME"], **env)
+    try:
+        yield gateway
+    finally:
+        process_stop(gateway.process)
+
+
 @pytest.fixture(scope="session")
 def django_db_setup(django_test_environment, django_db_blocker):
     """The test database, for every run: live-process tests reach it through

@@ -1,0 +1,67 @@
+"""A data-parallel SGLang server behind a live gateway: one scheduler and radix
+cache per rank, which the server itself would feed round robin. The gateway
+reads `dp_size` from /server_info and routes to each rank as a backend of its
+own, naming the rank in the request, so a prefix stays where it is cached."""
+import time
+
+import openai
+import pytest
+from inference.models import ServedModel
+from tests.conftest import gateway_running, pool_running, usage_rows_wait
+from tests.inference.sim_control import sim_call
+
+
+@pytest.fixture(scope="module")
+def dp_server(live_tmp, django_db_blocker, django_db_setup):
+    """Model dp-llm on one simulator running two data-parallel ranks, routed cache-aware."""
+    with pool_running(live_tmp, django_db_blocker, "dp-llm", ServedModel.RoutingPolicy.CACHE_AWARE, 1,
+                      "--dp-size", "2") as sims:
+        yield sims[0]
+
+
+@pytest.fixture(scope="module")
+def dp_gateway(dp_server, live_tmp, django_db_setup):
+    with gateway_running(live_tmp, GATEWAY_HEALTH_CHECK_SECONDS="0.2", GATEWAY_BACKEND_LOAD_POLL_SECONDS="0.2") as gateway:
+        yield gateway
+
+
+def test_each_conversation_stays_on_the_rank_that_caches_it(dp_gateway, dp_server, make_tenant):
+    tk = make_tenant()
+    client = openai.OpenAI(base_url=dp_gateway.base_url, api_key=tk.secret, max_retries=0)
+
+    def ask(system: str):
+        return client.chat.completions.create(model="dp-llm", max_tokens=2, messages=[
+            {"role": "system", "content": system}, {"role": "user", "content": "And then?"}])
+
+    # The gateway inspects its backends when it starts serving: wait until it routes by rank.
+    deadline = time.monotonic() + 10
+    sent = 0
+    while True:
+        ask(f"warm-up {sent}")
+        sent += 1
+        rows = usage_rows_wait(api_key=tk.api_key, count=sent)
+        if len(rows) == sent and rows[-1].backend.startswith(dp_server.url + "@"):
+            break
+        assert time.monotonic() < deadline, [row.backend for row in rows]
+        time.sleep(0.2)
+
+    systems = [f"You are assistant number {index} of a long-winded company, answer briefly. " * 6
+               for index in range(6)]
+    replies = [[ask(system) for _ in range(3)] for system in systems]
+
+    # Every repeat finds its prompt cached, all but the last token: the server's
+    # own round robin would have sent the second of each to the other rank.
+    for repeats in replies:
+        assert repeats[0].usage.prompt_tokens_details.cached_tokens < repeats[0].usage.prompt_tokens - 1
+        for reply in repeats[1:]:
+            assert reply.usage.prompt_tokens_details.cached_tokens == reply.usage.prompt_tokens - 1
+    rows = usage_rows_wait(api_key=tk.api_key, count=sent + 18)[sent:]
+    by_conversation = [{row.backend for row in rows[index:index + 3]} for index in range(0, 18, 3)]
+    assert all(len(backends) == 1 for backends in by_conversation)
+    assert set().union(*by_conversation) <= {f"{dp_server.url}@0", f"{dp_server.url}@1"}
+    # each rank that homed a conversation served its repeats from its own cache
+    loads = sim_call(dp_server, "/v1/loads")["loads"]
+    served = {load["dp_rank"]: load["cache_hit_rate"] for load in loads}
+    for backends in by_conversation:
+        rank = int(next(iter(backends)).rsplit("@", 1)[1])
+        assert served[rank] > 0
