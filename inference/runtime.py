@@ -216,7 +216,7 @@ class GatewayRuntime:
         for base_url, (tokens, dp_size) in zip(servers, infos):
             if not tokens:
                 continue
-            if self.registry.dp_size_set(base_url, dp_size):
+            if self.registry.dp_size_set(base_url, dp_size if settings.GATEWAY_DATA_PARALLEL_RANKS else 1):
                 logger.warning("backend %s runs %d data-parallel rank(s): routed to each", base_url, dp_size)
                 self.completions.backend_forget(base_url)
             for backend in self.registry.backends():

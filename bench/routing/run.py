@@ -11,7 +11,10 @@ sglang-router (cache_aware, defaults) directly in front of the simulators. An
 oracle computes the hit rate of an unbounded cache with perfect affinity for the
 same requests. Then round_robin, least_outstanding, cache_aware and sgl-router
 again on further workload seeds (--more-seeds), so that every goal is also
-judged on more than one sample. Prints the
+judged on more than one sample. With --dp-size N each simulator runs N
+data-parallel ranks (a cache each): the gateway routes to each rank, sgl-router
+runs with --dp-aware, and the target cache_aware_dp_unseen shows the gateway
+routing to each server as one backend (GATEWAY_DATA_PARALLEL_RANKS=0). Prints the
 tables and writes bench/results/routing.json. Everything started here is
 stopped on exit, Ctrl-C or error.
 
@@ -51,15 +54,20 @@ MODEL = "bench-routing-llm"
 TENANT = "bench-routing"
 REQUEST_TIMEOUT_S = 120.0
 
-# target name -> (label, kind, gateway policy, gateway processes, shared conversation homes)
+# target name -> (label, kind, gateway policy, gateway processes, gateway settings)
 TARGETS = {
-    "round_robin": ("round_robin", "gateway", "round_robin", 1, True),
-    "least_outstanding": ("least_outstanding", "gateway", "least_outstanding", 1, True),
-    "cache_aware": ("cache_aware", "gateway", "cache_aware", 1, True),
-    "cache_aware_4p": ("cache_aware, 4 gateway processes", "gateway", "cache_aware", 4, True),
-    "cache_aware_4p_local": ("cache_aware, 4 processes, no homes", "gateway", "cache_aware", 4, False),
-    "sgl_router": ("sgl-router cache_aware", "router", None, 0, True),
+    "round_robin": ("round_robin", "gateway", "round_robin", 1, {}),
+    "least_outstanding": ("least_outstanding", "gateway", "least_outstanding", 1, {}),
+    "cache_aware": ("cache_aware", "gateway", "cache_aware", 1, {}),
+    "cache_aware_4p": ("cache_aware, 4 gateway processes", "gateway", "cache_aware", 4, {}),
+    "cache_aware_4p_local": ("cache_aware, 4 processes, no homes", "gateway", "cache_aware", 4,
+                             {"GATEWAY_ROUTING_SHARED_HOMES": "0"}),
+    "sgl_router": ("sgl-router cache_aware", "router", None, 0, {}),
+    # Only with --dp-size > 1 (not run unless asked for): each server one backend.
+    "cache_aware_dp_unseen": ("cache_aware, ranks unseen", "gateway", "cache_aware", 1,
+                              {"GATEWAY_DATA_PARALLEL_RANKS": "0"}),
 }
+DEFAULT_TARGETS = [name for name in TARGETS if name != "cache_aware_dp_unseen"]
 # Targets run again on each of --more-seeds: every goal compares cache_aware with one
 # of the others, and one seed is one draw of the workload.
 SEED_TARGETS = ("round_robin", "least_outstanding", "cache_aware", "sgl_router")
@@ -90,7 +98,19 @@ def redis_flush(url: str) -> None:
 
 
 def sim_stats(urls: list[str]) -> list[dict]:
-    return [orjson.loads(http("GET", url + "/sim/stats")[1]) for url in urls]
+    """Each simulator's /sim/stats; a data-parallel one's cache and engine
+    figures summed over its ranks (its counters are the server's already)."""
+    out = []
+    for url in urls:
+        stats = orjson.loads(http("GET", url + "/sim/stats")[1])
+        ranks = stats.get("dp_ranks")
+        if ranks:
+            for part in ("cache", "engine"):
+                stats[part] = {key: sum(rank[part][key] for rank in ranks)
+                               if isinstance(value, (int, float)) and not isinstance(value, bool) else value
+                               for key, value in stats[part].items()}
+        out.append(stats)
+    return out
 
 
 def wait_until(what: str, check, procs: Processes, timeout: float = 60.0, interval: float = 0.2):
@@ -538,16 +558,20 @@ def analyse(rows: dict, seeds: dict | None = None, main_seed: int = 1) -> dict:
 def render(results: dict, meta: dict) -> str:
     lines = []
     out = lines.append
-    out(f"routing: multi-tenant chat over {meta['backends']} simulator backends, closed loop of "
+    dp_size = meta.get("dp_size", 1)
+    ranks = f" of {dp_size} data-parallel ranks each" if dp_size > 1 else ""
+    out(f"routing: multi-tenant chat over {meta['backends']} simulator backends{ranks}, closed loop of "
         f"{meta['concurrency']} concurrent conversations")
     out("workload: " + meta["workload"])
     out(f"backends: {meta['simulator']}")
-    out(f"cache pressure: one backend's KV holds {meta['max_total_tokens']:,} tokens; system prompts alone are "
+    out(f"cache pressure: one {'rank' if dp_size > 1 else 'backend'}'s KV holds {meta['max_total_tokens']:,} "
+        f"tokens; system prompts alone are "
         f"{meta['system_tokens_total']:,} tokens; the active conversations' sequences in the cache-aware window "
         f"average {meta['active_set_tokens']:,} tokens (system prompts counted once)")
     out(f"per target: cold caches, {meta['warmup_s']:.0f} s warm-up + {meta['duration_s']:.0f} s window (wall) = "
         f"{meta['duration_s'] / meta['time_scale']:.1f} simulated s; gateway: {meta['gateway']}")
-    out(f"sgl-router: sglang-router {meta['versions'].get('sglang-router', '?')} {' '.join(ROUTER_FLAGS)}")
+    out(f"sgl-router: sglang-router {meta['versions'].get('sglang-router', '?')} "
+        f"{' '.join(meta.get('router_flags', ROUTER_FLAGS))}")
     out("")
     head = (f"{'target':<34} {'hit rate':>8} {'oracle':>7} {'tok/s':>8} {'gen tok/s':>9} {'req/s':>6} "
             f"{'TTFT p50':>9} {'p99':>8} {'err':>4} {'lag':>4}  backend request share")
@@ -679,7 +703,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--duration", type=float, default=24.0, help="measurement window per target, wall s")
     parser.add_argument("--warmup", type=float, default=12.0, help="warm-up per target (from cold), wall s")
     parser.add_argument("--concurrency", type=int, default=64, help="concurrent conversations (closed loop)")
-    parser.add_argument("--targets", default=",".join(TARGETS), help="subset of " + ",".join(TARGETS))
+    parser.add_argument("--targets", default=",".join(DEFAULT_TARGETS), help="subset of " + ",".join(TARGETS))
     parser.add_argument("--seed", type=int, default=1, help="workload seed of every target")
     parser.add_argument("--more-seeds", default="2,3",
                         help="further workload seeds on which " + ", ".join(SEED_TARGETS)
@@ -689,7 +713,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--user-tokens", default="100,1200", help="user message length range, tokens")
     parser.add_argument("--backends", type=int, default=4)
     parser.add_argument("--preset", default="h100-8b", help="simulator hardware preset")
-    parser.add_argument("--max-total-tokens", type=int, default=96_000, help="KV capacity of each simulator, tokens")
+    parser.add_argument("--max-total-tokens", type=int, default=96_000,
+                        help="KV capacity of each simulator (of each rank with --dp-size), tokens")
+    parser.add_argument("--dp-size", type=int, default=1,
+                        help="data-parallel ranks of each simulator, each with its own scheduler and cache")
     parser.add_argument("--radix-eviction-policy", default="lru",
                         help="the simulators' --radix-eviction-policy (SGLang's: lru, lfu, slru, priority, tlru)")
     parser.add_argument("--radix-eviction-policy-config", default=None, metavar="JSON",
@@ -741,6 +768,9 @@ def main() -> int:
     workload = Workload(spec)
     sim_flags = ["--preset", args.preset, "--max-total-tokens", str(args.max_total_tokens),
                  "--time-scale", str(args.time_scale), "--enable-cache-report", "--seed", "0"]
+    if args.dp_size > 1:
+        sim_flags += ["--dp-size", str(args.dp_size)]
+    router_flags = ROUTER_FLAGS + (["--dp-aware"] if args.dp_size > 1 else [])
     if args.radix_eviction_policy != "lru":  # (a --tree from before the flag runs with SGLang's default)
         sim_flags += ["--radix-eviction-policy", args.radix_eviction_policy]
     if args.radix_eviction_policy_config is not None:
@@ -777,11 +807,13 @@ def main() -> int:
         def run_target(name: str, workload: Workload) -> tuple[dict, list[Record], float, float]:
             """One target, from cold, over `workload`: its row of results, records and window."""
             nonlocal gateway_requests
-            label, kind, policy, nproc, shared_homes = TARGETS[name]
+            label, kind, policy, nproc, gateway_settings = TARGETS[name]
             if kind == "gateway" and nproc > 1:
                 nproc = args.gateway_processes
                 label = label.replace("4 ", f"{nproc} ")
-            target_env = {**env, "GATEWAY_ROUTING_SHARED_HOMES": "1" if shared_homes else "0"}
+            if kind == "router" and args.dp_size > 1:
+                label += " --dp-aware"
+            target_env = {**env, **gateway_settings}
             # Every target starts cold: no conversation homes (nor limit counters) left by the previous one.
             redis_flush(env["REDIS_URL"])
             started: list[subprocess.Popen] = []
@@ -802,7 +834,7 @@ def main() -> int:
             else:
                 started.append(procs.start("sgl-router", [
                     py, "-m", "sglang_router.launch_router", "--host", HOST, "--port", str(router_port),
-                    "--worker-urls", *sim_urls, *ROUTER_FLAGS, "--prometheus-host", HOST,
+                    "--worker-urls", *sim_urls, *router_flags, "--prometheus-host", HOST,
                     "--prometheus-port", str(prom_port)], core=None, env=env))
                 target_ports, key = [router_port], None
             print(f"[{name}] {label}: ports {target_ports}", file=sys.stderr, flush=True)
@@ -894,7 +926,8 @@ def main() -> int:
 
     results["analysis"] = analyse(results["targets"], results["seeds"], args.seed)
     sim_desc = (f"{args.backends} x inference.sim --preset {args.preset} --max-total-tokens {args.max_total_tokens} "
-                f"--time-scale {args.time_scale} (1 simulated s = {args.time_scale} wall s), --enable-cache-report, "
+                + (f"--dp-size {args.dp_size} " if args.dp_size > 1 else "")
+                + f"--time-scale {args.time_scale} (1 simulated s = {args.time_scale} wall s), --enable-cache-report, "
                 f"--radix-eviction-policy {args.radix_eviction_policy}"
                 + (f" --radix-eviction-policy-config '{args.radix_eviction_policy_config}'"
                    if args.radix_eviction_policy_config is not None else "")
@@ -907,7 +940,7 @@ def main() -> int:
         "gateway_processes": args.gateway_processes,
         "gateway": "uvicorn config.asgi:application, routing_policy set per phase in the DB, fresh processes per "
                    f"target, Redis DB {args.redis_db} flushed before each",
-        "router_flags": ROUTER_FLAGS, "versions": versions(), "tree": str(tree),
+        "router_flags": router_flags, "dp_size": args.dp_size, "versions": versions(), "tree": str(tree),
         "machine": {"cpus": os.cpu_count(), "loadavg_before": loadavg_before, "loadavg_after": os.getloadavg()},
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }

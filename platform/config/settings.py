@@ -145,6 +145,10 @@ GATEWAY_FIRST_CHUNK_TIMEOUT_SECONDS = env_float("GATEWAY_FIRST_CHUNK_TIMEOUT_SEC
 # after its last placement; off: each process routes on what it saw alone.
 GATEWAY_ROUTING_SHARED_HOMES = env_bool("GATEWAY_ROUTING_SHARED_HOMES", True)
 GATEWAY_ROUTING_HOME_TTL_SECONDS = env_int("GATEWAY_ROUTING_HOME_TTL_SECONDS", 3600)
+# A backend server with several data-parallel ranks (its /server_info `dp_size`)
+# is routed to rank by rank, each request naming its rank; off: as one backend,
+# which hands requests to its ranks itself (SGLang: round robin).
+GATEWAY_DATA_PARALLEL_RANKS = env_bool("GATEWAY_DATA_PARALLEL_RANKS", True)
 # Usage events: each gateway process appends them to a spool file in this folder
 # (fsynced every GATEWAY_USAGE_FLUSH_SECONDS); a shipper process stores them in
 # PostgreSQL ("embedded": the gateway starts it; "off": run

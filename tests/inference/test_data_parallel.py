@@ -65,3 +65,21 @@ def test_each_conversation_stays_on_the_rank_that_caches_it(dp_gateway, dp_serve
     for backends in by_conversation:
         rank = int(next(iter(backends)).rsplit("@", 1)[1])
         assert served[rank] > 0
+
+
+def test_with_the_ranks_unseen_the_server_spreads_a_prompt_over_its_caches(dp_server, live_tmp, make_tenant):
+    """GATEWAY_DATA_PARALLEL_RANKS=0: the server is one backend and hands
+    requests to its ranks itself, round robin, so a repeated prompt finds
+    its cache on the other rank."""
+    tk = make_tenant()
+    with gateway_running(live_tmp, GATEWAY_DATA_PARALLEL_RANKS="0", GATEWAY_HEALTH_CHECK_SECONDS="0.2") as gateway:
+        client = openai.OpenAI(base_url=gateway.base_url, api_key=tk.secret, max_retries=0)
+        client.chat.completions.create(model="dp-llm", max_tokens=1, messages=[{"role": "user", "content": "hi"}])
+        time.sleep(1.0)  # past the gateway's first look at its backends
+        messages = [{"role": "system", "content": "A prompt the server's round robin spreads. " * 8},
+                    {"role": "user", "content": "And then?"}]
+        first, second = (client.chat.completions.create(model="dp-llm", max_tokens=2, messages=messages)
+                         for _ in range(2))
+    assert first.usage.prompt_tokens_details.cached_tokens < first.usage.prompt_tokens - 1
+    assert second.usage.prompt_tokens_details.cached_tokens < second.usage.prompt_tokens - 1
+    assert {row.backend for row in usage_rows_wait(api_key=tk.api_key, count=3)} == {dp_server.url}
