@@ -213,12 +213,15 @@ class GatewayRuntime:
             backend_capacity(self.session, ranks[0], timeout=settings.GATEWAY_HEALTH_TIMEOUT_SECONDS)
             for ranks in servers.values()
         ))
-        for base_url, (tokens, dp_size) in zip(servers, infos):
+        for (base_url, before), (tokens, dp_size) in zip(servers.items(), infos):
             if not tokens:
                 continue
-            if self.registry.dp_size_set(base_url, dp_size if settings.GATEWAY_DATA_PARALLEL_RANKS else 1):
-                logger.warning("backend %s runs %d data-parallel rank(s): routed to each", base_url, dp_size)
-                self.completions.backend_forget(base_url)
+            size = dp_size if settings.GATEWAY_DATA_PARALLEL_RANKS else 1
+            if self.registry.dp_size_set(base_url, size):
+                logger.warning("backend %s: routed to %s", base_url,
+                               f"each of its {size} data-parallel ranks" if size > 1 else "as one backend")
+                for backend in before:  # what the policies knew of it went with those backends
+                    self.completions.backend_forget(backend.url)
             for backend in self.registry.backends():
                 if backend.base_url == base_url:
                     backend.kv_tokens = tokens
