@@ -54,7 +54,7 @@ class ServerConfig:
     is_matryoshka: bool = False
     matryoshka_dimensions: tuple[int, ...] | None = None
     api_key: str | None = None
-    admin_api_key: str | None = None  # guards /flush_cache, /abort_request and LoRA (un)loading
+    admin_api_key: str | None = None  # guards /flush_cache, /abort_request, LoRA (un)loading, weight updates
     # --tool-call-parser: chat replies may call the request's tools (`tools.py`).
     tool_call_parser: str | None = None
     # --reasoning-parser: chat replies think first, split into reasoning_content (`reasoning.py`).
@@ -89,6 +89,12 @@ class ServerConfig:
     # --skip-tokenizer-init: /generate takes input_ids only and answers output ids
     # without text, as a server launched without its tokenizer does.
     skip_tokenizer_init: bool = False
+    # --weight-version: the version the served weights report (meta_info,
+    # /model_info) until an update sets another; --known-model-paths: model
+    # paths /update_weights_from_disk may load besides --model-path and existing
+    # local directories (the simulator has no weights to look for).
+    weight_version: str = "default"
+    known_model_paths: tuple[str, ...] = ()
     # SGLang flags without effect here that the launch line gave (HARDWARE_FLAGS).
     hardware_flags: dict = field(default_factory=dict)
     # --dp-size: data-parallel replicas, each a scheduler with its own batch,
@@ -278,7 +284,7 @@ def build_argument_parser() -> argparse.ArgumentParser:
     parser.add_argument("--reasoning-parser", choices=REASONING_PARSERS, default=None,
                         help="a reasoning model: chat replies open with a think block, given as reasoning_content")
     parser.add_argument("--admin-api-key", default=None,
-                        help="key for /flush_cache, /abort_request and LoRA loading (else --api-key)")
+                        help="key for /flush_cache, /abort_request, LoRA loading and weight updates (else --api-key)")
     parser.add_argument("--preset", choices=sorted(PRESETS), default=None,
                         help="hardware preset for the engine model (capacity and step costs)")
     parser.add_argument("--max-running-requests", type=int, default=None,
@@ -310,6 +316,11 @@ def build_argument_parser() -> argparse.ArgumentParser:
                         help="the longest the waiting queue may grow; beyond, requests are refused with 503")
     parser.add_argument("--schedule-conservativeness", type=float, default=1.0,
                         help="scales the share of max_new_tokens reserved for running requests (SGLang's)")
+    parser.add_argument("--weight-version", default="default",
+                        help="the served weights' version, as meta_info and /model_info report it")
+    parser.add_argument("--known-model-paths", nargs="*", default=(), metavar="PATH",
+                        help="model paths /update_weights_from_disk may load (besides --model-path and "
+                             "existing local directories)")
     parser.add_argument("--dp-size", "--data-parallel-size", dest="dp_size", type=int, default=1,
                         help="data-parallel replicas, each with its own scheduler, KV pool and prefix cache")
     parser.add_argument("--load-balance-method", default="auto",
@@ -534,6 +545,8 @@ def configs_from_args(args: argparse.Namespace) -> tuple[ServerConfig, RuntimeSe
         max_queued_requests=args.max_queued_requests,
         allow_auto_truncate=args.allow_auto_truncate,
         skip_tokenizer_init=args.skip_tokenizer_init,
+        weight_version=args.weight_version,
+        known_model_paths=tuple(args.known_model_paths),
         dp_size=args.dp_size,
         load_balance_method="round_robin" if args.load_balance_method == "auto" else args.load_balance_method,
         disable_radix_cache=args.disable_radix_cache,

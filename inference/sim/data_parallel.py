@@ -19,6 +19,7 @@ from __future__ import annotations
 from .config import RuntimeSettings, ServerConfig
 from .engine import GenerationRequest, RequestRejected, RunningRequest, SimEngine
 from .metrics import SimStats
+from .weights import ServedWeights
 
 
 class DataParallel:
@@ -26,8 +27,10 @@ class DataParallel:
         # The tokenizer manager's state, shared by every rank: its series, and the rids in flight.
         self.stats = SimStats()
         active_rids: set[str] = set()
+        self.weights = ServedWeights(launch_path=config.model_path, served_model_name=config.served_model_name,
+                                     weight_version=config.weight_version, known_paths=config.known_model_paths)
         self.ranks = [SimEngine(config=config, settings=settings, dp_rank=rank, stats=self.stats,
-                                active_rids=active_rids)
+                                active_rids=active_rids, weights=self.weights)
                       for rank in range(config.dp_size)]
         self.method = config.load_balance_method
         self._round_robin = 0
@@ -54,6 +57,10 @@ class DataParallel:
 
     async def admit(self, request: GenerationRequest) -> RunningRequest:
         return await self.engine_for(request).admit_async(request)
+
+    @property
+    def active_requests(self) -> int:
+        return sum(engine.active_requests for engine in self.ranks)
 
     def abort(self, *, rid: str, abort_all: bool) -> int:
         """/abort_request reaches every rank; the request counts once."""

@@ -201,10 +201,11 @@ def parse_encode_request(body: Any, *, dim: int, model_path: str, is_matryoshka:
     return EncodeInput(inputs, rids, single, dimensions)
 
 
-def encode_output(vector: list[float], *, rid: str, prompt_tokens: int, e2e_latency: float) -> dict:
+def encode_output(vector: list[float], *, rid: str, prompt_tokens: int, e2e_latency: float,
+                  weight_version: str = WEIGHT_VERSION) -> dict:
     """One /encode result, as SGLang's tokenizer manager builds it for an
     embedding: the vector and a meta_info without generation counts (an
     embedding ends after its prefill, as a reply of length 0)."""
     return {"embedding": vector, "meta_info": {
         "id": rid, "finish_reason": {"type": "length", "length": 0}, "prompt_tokens": prompt_tokens,
-        "weight_version": WEIGHT_VERSION, "num_retractions": 0, "e2e_latency": e2e_latency}}
+        "weight_version": weight_version, "num_retractions": 0, "e2e_latency": e2e_latency}}

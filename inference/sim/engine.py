@@ -87,6 +87,7 @@ from typing import AsyncIterator, Callable, Hashable
 from .config import CACHE_AWARE_POLICIES, RuntimeSettings, ServerConfig
 from .lora import LoraError, LoraRegistry
 from .metrics import SimStats
+from .weights import ServedWeights
 from .radix_cache import RadixCache, RadixNode
 from .timing import EngineCosts, StepTiming
 from .tokenizer import (
@@ -264,6 +265,7 @@ class RunningRequest:
     arrival_processed: int = 0  # prompt tokens the engine had prefilled when it arrived (hrrn)
     refusal: str | None = None  # why the scheduler refuses it (too long for the KV pool)
     engine: SimEngine | None = None  # the scheduler (data-parallel rank) serving it
+    weight_version: str = "default"  # of the weights that served it
 
     def fill_ids(self) -> list[int]:
         """What its prefill computes: the prompt, and after a retraction the output so far too."""
@@ -320,9 +322,14 @@ class SimEngine:
     flight (which must differ across ranks)."""
 
     def __init__(self, *, config: ServerConfig, settings: RuntimeSettings, dp_rank: int = 0,
-                 stats: SimStats | None = None, active_rids: set[str] | None = None) -> None:
+                 stats: SimStats | None = None, active_rids: set[str] | None = None,
+                 weights: ServedWeights | None = None) -> None:
         self.config = config
         self.dp_rank = dp_rank
+        # The weights served (every rank's; /update_weights_from_disk changes them).
+        self.weights = weights if weights is not None else ServedWeights(
+            launch_path=config.model_path, served_model_name=config.served_model_name,
+            weight_version=config.weight_version, known_paths=config.known_model_paths)
         self.settings = settings
         self.timing = StepTiming(EngineCosts(
             prefill_tokens_per_s=config.prefill_tokens_per_s, decode_base_ms=config.decode_base_ms,
@@ -539,6 +546,7 @@ class SimEngine:
         room, refusal = self._length_bounds(request)
         prompt_ids = request.prompt_ids
         seed = generation_seed(prompt_ids=prompt_ids, server_seed=self.config.seed, request_seed=request.seed)
+        seed ^= self.weights.seed  # other weights answer differently
         if adapter is not None:
             seed ^= adapter_seed(self.lora.weights_of(adapter))  # each adapter's weights answer differently
         if request.sample:
@@ -577,6 +585,7 @@ class SimEngine:
             namespace = ("uncached", next(self._uncached_ids))
         running = RunningRequest(
             engine=self,
+            weight_version=self.weights.weight_version,
             request=request,
             prompt_tokens=len(prompt_ids),
             token_limit=token_limit,
@@ -1433,6 +1442,10 @@ class SimEngine:
     @property
     def has_active_requests(self) -> bool:
         return bool(self._active)
+
+    @property
+    def active_requests(self) -> int:
+        return len(self._active)
 
     def flush_cache(self) -> bool:
         """Drop the prefix cache unless requests are running or waiting (as SGLang does)."""

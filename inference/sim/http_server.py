@@ -270,7 +270,8 @@ async def _read_json_body(request: web.Request, *, require_json_content_type: bo
 # ---------------------------------------------------------------- middleware
 
 # Endpoints that --admin-api-key guards (SGLang's AuthLevel.ADMIN_OPTIONAL).
-ADMIN_PATHS = ("/flush_cache", "/abort_request", "/load_lora_adapter", "/unload_lora_adapter")
+ADMIN_PATHS = ("/flush_cache", "/abort_request", "/load_lora_adapter", "/unload_lora_adapter",
+               "/update_weights_from_disk", "/update_weight_version")
 
 
 def _native_abort_error(error: dict) -> ApiError:
@@ -378,7 +379,8 @@ class GenerationHandlers:
         model = self._embedding_model(native=False)
         parsed = parse_embedding_request(await _read_json_body(request, require_json_content_type=True), **model)
         await self._openai_answered(self.engine.embed(parsed.inputs))
-        vectors = [embedding_vector(ids, dim=config.embedding_dim, seed=config.seed, dimensions=parsed.dimensions)
+        seed = config.seed ^ self.dp.weights.seed
+        vectors = [embedding_vector(ids, dim=config.embedding_dim, seed=seed, dimensions=parsed.dimensions)
                    for ids in parsed.inputs]
         return _json(embedding_response(vectors, model=config.model_path,
                                         prompt_tokens=sum(len(ids) for ids in parsed.inputs),
@@ -395,9 +397,11 @@ class GenerationHandlers:
         except (RequestRejected, InjectedFailure) as error:
             raise native_error(str(error), 500 if isinstance(error, InjectedFailure) else 400) from error
         latency = time.perf_counter() - started
-        outputs = [encode_output(embedding_vector(ids, dim=config.embedding_dim, seed=config.seed,
+        weights = self.dp.weights
+        outputs = [encode_output(embedding_vector(ids, dim=config.embedding_dim, seed=config.seed ^ weights.seed,
                                                   dimensions=parsed.dimensions),
-                                 rid=rid, prompt_tokens=len(ids), e2e_latency=latency)
+                                 rid=rid, prompt_tokens=len(ids), e2e_latency=latency,
+                                 weight_version=weights.weight_version)
                    for ids, rid in zip(parsed.inputs, parsed.rids)]
         return _json(outputs[0] if parsed.single else outputs)
 
@@ -430,6 +434,7 @@ class GenerationHandlers:
 
     async def chat_completions(self, request: web.Request) -> web.StreamResponse:
         self._generation_only()
+        await self.dp.weights.admission()  # behind a pending weight update
         parsed = self._openai_defaults(parse_chat_request(
             await _read_json_body(request, require_json_content_type=True),
             served_model_name=self.config.served_model_name, tool_call_parser=self.config.tool_call_parser,
@@ -682,6 +687,7 @@ class GenerationHandlers:
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
         self._generation_only()
+        await self.dp.weights.admission()  # behind a pending weight update
         parsed = self._openai_defaults(parse_completion_request(
             await _read_json_body(request, require_json_content_type=True),
             served_model_name=self.config.served_model_name), request)
@@ -699,6 +705,7 @@ class GenerationHandlers:
 
     async def generate(self, request: web.Request) -> web.StreamResponse:
         self._generation_only(native=True)
+        await self.dp.weights.admission()  # behind a pending weight update
         parsed = parse_generate_request(await _read_json_body(request, require_json_content_type=False),
                                         reasoning_parser=self.config.reasoning_parser,
                                         skip_tokenizer_init=self.config.skip_tokenizer_init)
@@ -886,16 +893,17 @@ class InfoHandlers:
         return _json(parse_function_call_response(await _read_json_body(request, require_json_content_type=False)))
 
     async def list_models(self, request: web.Request) -> web.Response:
-        cards = [self._model_card(self.config.served_model_name)]
+        served = self.dp.weights.served_model_name
+        cards = [self._model_card(served)]
         for adapter in self.engine.lora.loaded():
             cards.append({"id": adapter.name, "object": "model", "created": int(self.started_at),
-                          "owned_by": "sglang", "root": adapter.path, "parent": self.config.served_model_name,
+                          "owned_by": "sglang", "root": adapter.path, "parent": served,
                           "max_model_len": None})
         return _json({"object": "list", "data": cards})
 
     async def retrieve_model(self, request: web.Request) -> web.Response:
         model = request.match_info["model"]
-        if model != self.config.served_model_name:
+        if model != self.dp.weights.served_model_name:
             return _json({"error": {"message": f"The model '{model}' does not exist",
                                     "type": "invalid_request_error", "param": "model",
                                     "code": "model_not_found"}}, status=404)
@@ -903,14 +911,15 @@ class InfoHandlers:
 
     async def model_info(self, request: web.Request) -> web.Response:
         config = self.config
+        weights = self.dp.weights
         return _json({
-            "model_path": config.model_path,
-            "served_model_name": config.served_model_name,
+            "model_path": weights.model_path,
+            "served_model_name": weights.served_model_name,
             "tokenizer_path": config.model_path,
             "is_generation": not config.is_embedding,
             "preferred_sampling_params": None,
-            "weight_version": "default",
-            "load_format": "auto",
+            "weight_version": weights.weight_version,
+            "load_format": weights.load_format,
             "reasoning_parser": self.config.reasoning_parser,
             "tool_call_parser": self.config.tool_call_parser,
             "disaggregation_mode": "null",
@@ -922,10 +931,11 @@ class InfoHandlers:
 
     def _server_args(self) -> dict:
         config = self.config
+        weights = self.dp.weights
         return {
-            "model_path": config.model_path,
+            "model_path": weights.model_path,
             "tokenizer_path": config.model_path,
-            "served_model_name": config.served_model_name,
+            "served_model_name": weights.served_model_name,
             "host": config.host,
             "port": config.port,
             "context_length": config.context_length,
@@ -972,7 +982,8 @@ class InfoHandlers:
             "tool_call_parser": config.tool_call_parser,
             "reasoning_parser": config.reasoning_parser,
             "skip_tokenizer_init": config.skip_tokenizer_init,
-            "weight_version": "default",
+            "weight_version": weights.weight_version,
+            "load_format": weights.load_format,
             "random_seed": config.seed,
             # Launch flags about hardware and kernels, as given (no effect here).
             **config.hardware_flags,
@@ -1148,6 +1159,55 @@ class InfoHandlers:
                                       registry.loaded_adapters() if error.loaded_adapters_known else None), 400)
         return _json(_lora_result(True, "", loaded))
 
+    # ---- weights
+
+    async def update_weights_from_disk(self, request: web.Request) -> web.Response:
+        """SGLang's in-place weight update (see `weights`): waits for the requests
+        in flight, holding new ones back; loads `model_path` or fails with the
+        loader's message; flushes every rank's prefix cache (unless
+        `flush_cache` is false). Several data-parallel ranks answer together:
+        their messages joined by " | ", `num_paused_requests` a list."""
+        body = await _read_json_body(request, require_json_content_type=False)
+        if not isinstance(body, dict) or not isinstance(body.get("model_path"), str):
+            raise ApiError(400, {"object": "error", "message": "model_path: Field required (a string)",
+                                 "type": "Bad Request", "param": None, "code": 400})
+        weights, dp = self.dp.weights, self.dp
+        if body.get("abort_all_requests"):
+            dp.abort(rid="", abort_all=True)
+        weights.begin_update()
+        try:
+            while dp.active_requests:
+                await asyncio.sleep(0.005)
+            path = body["model_path"]
+            if not weights.loadable(path):
+                success, message = False, f"Failed to get weights iterator: Cannot find any model weights with `{path}`."
+            else:
+                weights.load(path, body.get("load_format"))
+                if body.get("flush_cache", True):
+                    dp.flush_cache()
+                success, message = True, "Succeeded to update model weights."
+        finally:
+            weights.end_update()
+        ranks = len(dp.ranks)
+        if ranks > 1:
+            message = " | ".join([message] * ranks)
+        version = body.get("weight_version")
+        if success and isinstance(version, str):
+            weights.weight_version = version
+            message += f" Weight version updated to {version}."
+        return _json({"success": success, "message": message, "num_paused_requests": [0] * ranks if ranks > 1 else 0},
+                     status=200 if success else 400)
+
+    async def update_weight_version(self, request: web.Request) -> web.Response:
+        body = await _read_json_body(request, require_json_content_type=False)
+        if not isinstance(body, dict) or not isinstance(body.get("new_version"), str):
+            raise ApiError(400, {"object": "error", "message": "new_version: Field required (a string)",
+                                 "type": "Bad Request", "param": None, "code": 400})
+        if body.get("abort_all_requests", True):
+            self.dp.abort(rid="", abort_all=True)
+        version = self.dp.weights.weight_version = body["new_version"]
+        return _json({"success": True, "message": f"Weight version updated to {version}", "new_version": version})
+
     # ---- simulator hooks
 
     async def get_faults(self, request: web.Request) -> web.Response:
@@ -1228,6 +1288,8 @@ def build_app(*, config: ServerConfig, settings: RuntimeSettings) -> web.Applica
     router.add_post("/abort_request", info.abort_request)
     router.add_post("/load_lora_adapter", info.load_lora_adapter)
     router.add_post("/unload_lora_adapter", info.unload_lora_adapter)
+    router.add_post("/update_weights_from_disk", info.update_weights_from_disk)
+    router.add_post("/update_weight_version", info.update_weight_version)
     router.add_get("/sim/faults", info.get_faults)
     router.add_post("/sim/faults", info.update_faults)
     router.add_get("/sim/stats", info.get_stats)

@@ -902,7 +902,8 @@ def native_meta_info(running: RunningRequest, *, final: bool, completion_tokens:
         completion_tokens = running.completion_tokens
     if final and running.aborted_waiting:
         # Taken from the waiting queue: the tokenizer manager's short answer.
-        meta_info = {"id": running.rid, "finish_reason": running.finish_reason, "weight_version": WEIGHT_VERSION,
+        meta_info = {"id": running.rid, "finish_reason": running.finish_reason,
+                     "weight_version": running.weight_version,
                      "e2e_latency": running.e2e_latency_s()}
         if running.request.logprobs is not None:
             meta_info.update(native_logprobs(running, completion_tokens))
@@ -912,7 +913,7 @@ def native_meta_info(running: RunningRequest, *, final: bool, completion_tokens:
         "id": running.rid,
         "finish_reason": running.finish_reason if final else None,
         "prompt_tokens": running.prompt_tokens,
-        "weight_version": WEIGHT_VERSION,
+        "weight_version": running.weight_version,
         "num_retractions": running.retractions,
         "reasoning_tokens": _reasoning_tokens(running, completion_tokens),
         "completion_tokens": completion_tokens,
@@ -1127,7 +1128,7 @@ def _openai_response(parsed: OpenAIRequest, runnings: list[RunningRequest], kind
         "model": parsed.model,
         "choices": choices,
         "usage": choices_usage(runnings, parsed.n, enable_cache_report),
-        "metadata": {"weight_version": WEIGHT_VERSION},
+        "metadata": {"weight_version": runnings[0].weight_version},
     }
     extension = sglext(parsed, runnings[:1])  # SGLang reads the first result only
     if extension is not None:

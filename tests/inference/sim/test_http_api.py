@@ -1582,6 +1582,7 @@ def test_data_parallel_ranks_cache_apart_and_serve_the_rank_a_router_names(sim_f
         stats = client.get("/sim/stats").json()
         assert client.post("/flush_cache").status_code == 200
         after_flush = cached(client, "pinned " + text, routed_dp_rank=1)
+        update = client.post("/update_weights_from_disk", json={"model_path": "demo/demo-llm"})
     assert info["dp_size"] == 2 and info["load_balance_method"] == "round_robin"
     assert len(info["internal_states"]) == 2
     assert round_robin[0] == round_robin[1] == 0 and round_robin[2] > 0  # ranks 0, 1, then 0 again
@@ -1598,3 +1599,74 @@ def test_data_parallel_ranks_cache_apart_and_serve_the_rank_a_router_names(sim_f
     assert metrics.count("# TYPE sglang:prompt_tokens_total counter") == 1  # the tokenizer's series, once
     assert stats["requests_finished"] == 6 and len(stats["dp_ranks"]) == 2
     assert after_flush == 0  # every rank's cache went
+    assert update.json() == {"success": True, "num_paused_requests": [0, 0],  # each rank answers
+                             "message": "Succeeded to update model weights. | Succeeded to update model weights."}
+
+
+def test_weights_updated_from_disk_change_replies_name_and_version_and_wait_for_requests(sim_factory):
+    """SGLang's /update_weights_from_disk as its test suite drives it: the
+    server then answers under the new path (model_info, /v1/models), replies
+    follow the new weights and come back with the old ones, the prefix cache
+    is flushed, a path without weights fails and changes nothing; an update
+    waits for the requests in flight. /update_weight_version sets the version
+    that meta_info and the OpenAI replies' metadata report."""
+    server = sim_factory("--enable-cache-report", "--known-model-paths", "org/other-model", "--weight-version", "v0")
+    prompt = {"text": "The capital of France is", "sampling_params": {"temperature": 0, "max_new_tokens": 16}}
+
+    with server.client() as client:
+        def decode() -> dict:
+            return client.post("/generate", json=prompt).json()
+
+        def update(path: str, **extra) -> httpx.Response:
+            return client.post("/update_weights_from_disk", json={"model_path": path, **extra})
+
+        origin = client.get("/model_info").json()
+        first, cached = decode(), decode()
+        updated = update("org/other-model", weight_version="v1")
+        info = client.get("/model_info").json()
+        models = client.get("/v1/models").json()["data"]
+        other = decode()
+        chat = client.post("/v1/chat/completions", json={"model": "m", "messages": CHAT, "max_tokens": 2}).json()
+        missing = update("org/missing-model")
+        after_missing = client.get("/model_info").json()
+        back = update(origin["model_path"])
+        again = decode()
+        version = client.post("/update_weight_version", json={"new_version": "v2"})
+        versioned = decode()
+
+        # An update waits for the request in flight: the stream ends first.
+        client.post("/sim/faults", json={"itl_ms": 20}).raise_for_status()
+        finished = {}
+
+        def stream():
+            with httpx.stream("POST", server.base_url + "/generate", timeout=10,
+                              json={**prompt, "stream": True}) as response:
+                response.read()
+            finished["stream"] = time.monotonic()
+
+        thread = threading.Thread(target=stream)
+        thread.start()
+        time.sleep(0.08)
+        waited = update(origin["model_path"])
+        finished["update"] = time.monotonic()
+        thread.join()
+        client.post("/sim/faults", json={"itl_ms": 0}).raise_for_status()
+
+    assert (origin["model_path"], origin["served_model_name"]) == ("demo/demo-llm", "demo-llm")
+    assert origin["weight_version"] == first["meta_info"]["weight_version"] == "v0"
+    assert cached["meta_info"]["cached_tokens"] > 0
+    assert updated.status_code == 200 and updated.json() == {
+        "success": True, "message": "Succeeded to update model weights. Weight version updated to v1.",
+        "num_paused_requests": 0}
+    assert info["model_path"] == info["served_model_name"] == "org/other-model" and info["weight_version"] == "v1"
+    assert models[0]["id"] == "org/other-model"
+    assert other["text"] != first["text"] and other["meta_info"]["cached_tokens"] == 0  # flushed
+    assert other["meta_info"]["weight_version"] == "v1" and chat["metadata"] == {"weight_version": "v1"}
+    assert missing.status_code == 400 and missing.json() == {
+        "success": False, "num_paused_requests": 0,
+        "message": "Failed to get weights iterator: Cannot find any model weights with `org/missing-model`."}
+    assert after_missing["model_path"] == "org/other-model"
+    assert back.json()["success"] and again["text"] == first["text"]
+    assert version.json() == {"success": True, "message": "Weight version updated to v2", "new_version": "v2"}
+    assert versioned["meta_info"]["weight_version"] == "v2"
+    assert waited.json()["success"] and finished["stream"] <= finished["update"]
