@@ -50,7 +50,18 @@ EMBEDDING_INPUTS_MAX = 2048
 CHOICES_PER_PROMPT_MAX = 128
 # Fields a caller may not set: the gateway decides them (rid, adapter selection,
 # the backend scheduling priority, which follows the tenant's tier).
-GATEWAY_OWNED_FIELDS = ("rid", "lora_path", "priority")
+# Fields of SGLang's request schema that callers may not set: the gateway owns
+# them (request ids, adapters, priorities, and the data-parallel rank it routes
+# to), or they reach past the caller's own request: server-side sessions
+# another tenant could name, code run in the server's sampler
+# (custom_logit_processor, where the server enables it), and the router's
+# prefill-decode hand-off (bootstrap_*, a host for the server to connect to).
+GATEWAY_OWNED_FIELDS = frozenset((
+    "rid", "lora_path", "priority",
+    "routed_dp_rank", "data_parallel_rank", "disagg_prefill_dp_rank",
+    "session_id", "session_params", "custom_logit_processor", "custom_params",
+    "bootstrap_host", "bootstrap_port", "bootstrap_room",
+))
 # Ids: 64 random bits per process and a counter. uuid4() per request would read
 # os.urandom, which releases and then waits for the GIL on a busy event loop.
 _ID_BASE = secrets.randbits(64)

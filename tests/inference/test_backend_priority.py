@@ -86,8 +86,8 @@ def test_a_premium_request_preempts_a_free_one_on_backends_that_schedule_by_prio
     assert premium_end > free_end and billed == LONG_TOKENS
 
 
-@pytest.mark.parametrize("tier_priorities, sent", [({"premium": 40, "free": 0}, 40), (None, None)])
-def test_the_upstream_body_carries_the_tier_priority_and_never_the_callers(tier_priorities, sent):
+def upstream_body_of(caller_body: dict, tier_priorities: dict | None = None) -> dict:
+    """What the gateway sends a backend for a premium tenant's chat request `caller_body`."""
     from inference.registry import ModelEntry, Resolution
     from inference.streaming import CHAT, _upstream_body, completion_request_build
     from tenants.selectors import ApiKeyPrincipal
@@ -95,11 +95,29 @@ def test_the_upstream_body_carries_the_tier_priority_and_never_the_callers(tier_
     principal = ApiKeyPrincipal(api_key_id=1, api_key_prefix="sk", tenant_id=1, tenant_public_id="t1",
                                 tenant_slug="t1", tenant_tier="premium", tenant_status="active",
                                 suspended_reason="", expires_at=None, revoked=False)
-    request = completion_request_build(principal=principal, endpoint=CHAT, transport="http", body={
-        "model": "m", "messages": MESSAGES, "priority": 10**6})
+    request = completion_request_build(principal=principal, endpoint=CHAT, transport="http", body=caller_body)
     model = ModelEntry("m", "m-upstream", 4096, "platform", 0, tier_priorities=tier_priorities)
-    body = orjson.loads(_upstream_body(request, Resolution(model), stream=False, cap=("max_tokens", 16)))
+    return orjson.loads(_upstream_body(request, Resolution(model), stream=False, cap=("max_tokens", 16)))
+
+
+@pytest.mark.parametrize("tier_priorities, sent", [({"premium": 40, "free": 0}, 40), (None, None)])
+def test_the_upstream_body_carries_the_tier_priority_and_never_the_callers(tier_priorities, sent):
+    body = upstream_body_of({"model": "m", "messages": MESSAGES, "priority": 10**6}, tier_priorities)
     assert body.get("priority") == sent
+
+
+def test_fields_that_reach_past_the_callers_own_request_never_go_upstream():
+    """SGLang's schema takes fields a router or operator sets: the data-parallel
+    rank, sessions, server-side code, the prefill-decode hand-off. A caller's
+    are dropped; its sampling fields go through."""
+    owned = {"rid": "other-tenants-rid", "lora_path": "other-adapter", "routed_dp_rank": 5,
+             "data_parallel_rank": 5, "disagg_prefill_dp_rank": 1, "session_id": "s-1",
+             "session_params": {"id": "s-1", "rid": "r"}, "custom_logit_processor": "gASV...",
+             "custom_params": {"a": 1}, "bootstrap_host": "10.0.0.9", "bootstrap_port": 8998, "bootstrap_room": 7}
+    body = upstream_body_of({"model": "m", "messages": MESSAGES, "top_k": 5, "cache_salt": "mine", **owned})
+    assert not (set(owned) - {"rid"}) & set(body)
+    assert body["rid"] != "other-tenants-rid"
+    assert body["top_k"] == 5 and body["cache_salt"] == "mine" and body["model"] == "m-upstream"
 
 
 @pytest.mark.django_db

@@ -59,6 +59,11 @@ def test_each_conversation_stays_on_the_rank_that_caches_it(dp_gateway, dp_serve
     by_conversation = [{row.backend for row in rows[index:index + 3]} for index in range(0, 18, 3)]
     assert all(len(backends) == 1 for backends in by_conversation)
     assert set().union(*by_conversation) <= {f"{dp_server.url}@0", f"{dp_server.url}@1"}
+    # A caller cannot name a rank: the gateway's choice goes (a rank the server
+    # lacks would have been refused there).
+    pinned = client.chat.completions.create(model="dp-llm", max_tokens=2, messages=[
+        {"role": "user", "content": "Which rank?"}], extra_body={"routed_dp_rank": 5, "data_parallel_rank": 5})
+    assert pinned.choices[0].finish_reason == "length"
     # each rank that homed a conversation served its repeats from its own cache
     loads = sim_call(dp_server, "/v1/loads")["loads"]
     served = {load["dp_rank"]: load["cache_hit_rate"] for load in loads}
