@@ -221,6 +221,12 @@ class Registry:
     def models(self) -> list[ModelEntry]:
         return list(self._models.values())
 
+    def server_backends(self, backend: BackendState) -> list[BackendState]:
+        """`backend` and the other data-parallel ranks of its server."""
+        if backend.dp_rank is None:
+            return [backend]
+        return [b for b in self._backends.values() if b.base_url == backend.base_url] or [backend]
+
     def backends(self) -> list[BackendState]:
         """Every backend of every pool, once."""
         return list(self._backends.values())

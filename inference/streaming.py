@@ -652,10 +652,12 @@ class CompletionService:
                 if maybe_running and not isinstance(failure, BackendUnreachable):
                     self._abort_on_backend(backend, request.request_id)
                 busy = isinstance(failure, _BackendFailed) and failure.error.code == "overloaded"
+                unreachable = isinstance(failure, BackendUnreachable)
                 if not busy:
-                    backend.request_failed(time.monotonic(), threshold=self._breaker_failures,
-                                           open_seconds=self._cooldown,
-                                           unreachable=isinstance(failure, BackendUnreachable))
+                    # A server that cannot be reached is down for each of its data-parallel ranks.
+                    for failed in (self._registry.server_backends(backend) if unreachable else (backend,)):
+                        failed.request_failed(time.monotonic(), threshold=self._breaker_failures,
+                                              open_seconds=self._cooldown, unreachable=unreachable)
                 if isinstance(failure, _BackendFailed):
                     last_error = failure.error
                 elif isinstance(failure, asyncio.TimeoutError):

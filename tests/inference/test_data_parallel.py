@@ -7,7 +7,7 @@ import time
 import openai
 import pytest
 from inference.models import ServedModel
-from tests.conftest import gateway_running, pool_running, usage_rows_wait
+from tests.conftest import gateway_running, pool_running, process_stop, usage_rows_wait
 from tests.inference.sim_control import sim_call
 
 
@@ -88,3 +88,38 @@ def test_with_the_ranks_unseen_the_server_spreads_a_prompt_over_its_caches(dp_se
     assert first.usage.prompt_tokens_details.cached_tokens < first.usage.prompt_tokens - 1
     assert second.usage.prompt_tokens_details.cached_tokens < second.usage.prompt_tokens - 1
     assert {row.backend for row in usage_rows_wait(api_key=tk.api_key, count=3)} == {dp_server.url}
+
+
+def test_a_data_parallel_server_that_cannot_be_reached_is_left_rank_and_all(live_tmp, django_db_blocker,
+                                                                            django_db_setup, make_tenant):
+    """Failover: a connection the server refuses takes every rank of it out, so
+    the next attempt goes to another server, not to the same one's next rank
+    (two attempts, round robin over rank 0, rank 1 and a plain server)."""
+    with pool_running(live_tmp, django_db_blocker, "dp-fail-llm", ServedModel.RoutingPolicy.ROUND_ROBIN, 1,
+                      "--dp-size", "2") as (dp_sim,), \
+            pool_running(live_tmp, django_db_blocker, "dp-fail-llm", ServedModel.RoutingPolicy.ROUND_ROBIN, 1) \
+            as (plain,), \
+            gateway_running(live_tmp, GATEWAY_FAILOVER_ATTEMPTS="2", GATEWAY_HEALTH_CHECK_SECONDS="60",
+                            GATEWAY_BREAKER_OPEN_SECONDS="60") as gateway:
+        tk = make_tenant()
+        client = openai.OpenAI(base_url=gateway.base_url, api_key=tk.secret, max_retries=0)
+
+        def ask():
+            return client.chat.completions.create(model="dp-fail-llm", max_tokens=1,
+                                                  messages=[{"role": "user", "content": "hi"}])
+
+        # Once the ranks are routed to, and the plain server served the last
+        # request, the rotation starts again at rank 0: then the server goes.
+        deadline, sent = time.monotonic() + 10, 0
+        while True:
+            ask()
+            sent += 1
+            rows = usage_rows_wait(api_key=tk.api_key, count=sent)
+            if any(row.backend.startswith(dp_sim.url + "@") for row in rows) and rows[-1].backend == plain.url:
+                break
+            assert time.monotonic() < deadline, [row.backend for row in rows]
+        process_stop(dp_sim.process)
+        served = [ask().choices[0].finish_reason for _ in range(6)]
+        rows = usage_rows_wait(api_key=tk.api_key, count=sent + len(served))
+    assert served == ["length"] * 6
+    assert len(rows) == sent + 6 and {row.backend for row in rows[sent:]} == {plain.url}

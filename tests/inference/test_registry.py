@@ -70,3 +70,13 @@ def test_a_ranks_requests_name_their_rank():
     assert _with_dp_rank(b'{"model":"m","stream":true}', 1) == b'{"model":"m","stream":true,"data_parallel_rank":1}'
     assert _with_dp_rank(b'{}', 0) == b'{"data_parallel_rank":0}'
     assert _with_dp_rank(b'{"a": {"b": 1}}\n', 3) == b'{"a": {"b": 1},"data_parallel_rank":3}\n'
+
+
+def test_a_ranks_server_backends_are_its_siblings():
+    registry = Registry()
+    registry.replace(rows("m"))
+    registry.dp_size_set("http://a", 3)
+    rank = registry.resolve("m").model.backends[1]
+    assert [b.url for b in registry.server_backends(rank)] == ["http://a@0", "http://a@1", "http://a@2"]
+    plain = registry.resolve("m").model.backends[3]
+    assert registry.server_backends(plain) == [plain]
