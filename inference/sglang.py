@@ -128,26 +128,16 @@ async def backend_capacity(session: aiohttp.ClientSession, backend: BackendState
     return (value if isinstance(value, int) and value > 0 else 0), dp_size
 
 
-async def backend_kv_tokens(session: aiohttp.ClientSession, backend: BackendState, *, timeout: float) -> int:
-    """The backend's KV cache capacity in tokens (`backend_capacity`); 0 when it cannot be read."""
-    return (await backend_capacity(session, backend, timeout=timeout))[0]
-
-
-async def backend_load(session: aiohttp.ClientSession, backend: BackendState, *,
-                       timeout: float) -> tuple[int, float, int]:
-    """The backend's queue, KV use and running requests from SGLang's GET
-    /v1/loads (`/get_load` on releases before 0.5.23, which have no /v1/loads):
-    requests waiting (`num_waiting_reqs` summed over data-parallel ranks), the
-    share of KV held by running requests (`token_usage`, the fullest rank's),
-    and requests running (`num_running_reqs`, or `/get_load`'s `num_reqs` less
-    the waiting ones, summed). -1 for what it cannot say."""
-    return (await backend_loads(session, backend, timeout=timeout))[None]
-
 
 async def backend_loads(session: aiohttp.ClientSession, backend: BackendState, *,
                         timeout: float) -> dict[int | None, tuple[int, float, int]]:
-    """The server's load as `backend_load` reads it, under None, and each
-    data-parallel rank's own under its `dp_rank` (one request for all)."""
+    """The server's queue, KV use and running requests from SGLang's GET
+    /v1/loads (`/get_load` on releases before 0.5.23, which have no /v1/loads),
+    under None: requests waiting (`num_waiting_reqs` summed over data-parallel
+    ranks), the share of KV held by running requests (`token_usage`, the
+    fullest rank's), and requests running (`num_running_reqs`, or
+    `/get_load`'s `num_reqs` less the waiting ones, summed); and each rank's
+    own under its `dp_rank`. -1 for what it cannot say."""
     body = await _get_json_first(session, backend, LOAD_PATHS, timeout=timeout)
     try:
         ranks = load_ranks(body)

@@ -362,7 +362,7 @@ def test_backend_queue_and_kv_use_are_read_from_v1_loads_or_get_load():
     from aiohttp import web
 
     from inference.registry import BackendState
-    from inference.sglang import backend_load
+    from inference.sglang import backend_loads
     from tests.conftest import free_port
 
     def answer(body):
@@ -388,9 +388,13 @@ def test_backend_queue_and_kv_use_are_read_from_v1_loads_or_get_load():
         urls.append(f"http://127.0.0.1:{free_port()}")  # nothing listening
         try:
             async with aiohttp.ClientSession() as session:
-                return [await backend_load(session, BackendState(url), timeout=2.0) for url in urls]
+                return [await backend_loads(session, BackendState(url), timeout=2.0) for url in urls]
         finally:
             for runner in runners:
                 await runner.cleanup()
 
-    assert asyncio.run(main()) == [(7, 0.5, 11), (5, -1.0, 4), (-1, -1.0, -1), (-1, -1.0, -1)]
+    new, old, neither, nothing = asyncio.run(main())
+    # the server's (None: every rank together), and each data-parallel rank's
+    assert new == {None: (7, 0.5, 11), 0: (3, 0.25, 5), 1: (4, 0.5, 6)}
+    assert old == {None: (5, -1.0, 4), 0: (5, -1.0, 4)}
+    assert neither == nothing == {None: (-1, -1.0, -1)}

@@ -180,12 +180,12 @@ def test_backend_kv_capacity_is_read_from_server_info(homes_pool):
     import aiohttp
 
     from inference.registry import BackendState
-    from inference.sglang import backend_kv_tokens
+    from inference.sglang import backend_capacity
 
-    async def read(url: str) -> int:
+    async def read(url: str) -> tuple[int, int]:
         async with aiohttp.ClientSession() as session:
-            return await backend_kv_tokens(session, BackendState(url), timeout=2.0)
+            return await backend_capacity(session, BackendState(url), timeout=2.0)
 
-    assert asyncio.run(read(homes_pool[0].url)) == 50_000
+    assert asyncio.run(read(homes_pool[0].url)) == (50_000, 1)  # its KV tokens, one data-parallel rank
     # nothing listening: 0 (unknown), at once
-    assert asyncio.run(read(f"http://127.0.0.1:{free_port()}")) == 0
+    assert asyncio.run(read(f"http://127.0.0.1:{free_port()}")) == (0, 0)
