@@ -72,7 +72,6 @@ Output rules (deterministic):
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import itertools
 import logging
 import math
@@ -87,7 +86,7 @@ from typing import AsyncIterator, Callable, Hashable
 from .config import CACHE_AWARE_POLICIES, RuntimeSettings, ServerConfig
 from .lora import LoraError, LoraRegistry
 from .metrics import SimStats
-from .weights import ServedWeights
+from .weights import ServedWeights, weights_seed
 from .radix_cache import RadixCache, RadixNode
 from .timing import EngineCosts, StepTiming
 from .tokenizer import (
@@ -309,10 +308,6 @@ class NewTokenRatio:
 
     def reset(self) -> None:
         self.current = self.start
-
-
-def adapter_seed(weights: str) -> int:
-    return int.from_bytes(hashlib.blake2b(weights.encode("utf-8"), digest_size=8).digest(), "little")
 
 
 class SimEngine:
@@ -548,7 +543,7 @@ class SimEngine:
         seed = generation_seed(prompt_ids=prompt_ids, server_seed=self.config.seed, request_seed=request.seed)
         seed ^= self.weights.seed  # other weights answer differently
         if adapter is not None:
-            seed ^= adapter_seed(self.lora.weights_of(adapter))  # each adapter's weights answer differently
+            seed ^= weights_seed(self.lora.weights_of(adapter))  # each adapter's weights answer differently
         if request.sample:
             seed = generation_seed(prompt_ids=(request.sample,), server_seed=seed & 0x7FFF_FFFF_FFFF_FFFF,
                                    request_seed=None)

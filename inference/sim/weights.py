@@ -29,8 +29,8 @@ from dataclasses import dataclass, field
 
 
 def weights_seed(path: str) -> int:
-    """What a set of weights changes in every reply's seed."""
-    return int.from_bytes(hashlib.blake2b(f"weights:{path}".encode(), digest_size=8).digest(), "big")
+    """What a set of weights (a model's, or a LoRA adapter's) changes in every reply's seed."""
+    return int.from_bytes(hashlib.blake2b(path.encode("utf-8"), digest_size=8).digest(), "little")
 
 
 @dataclass(slots=True)
