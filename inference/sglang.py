@@ -2,6 +2,7 @@
 aiohttp session per process. Facts of the protocol: shared/sglang-protocol.md."""
 import asyncio
 import logging
+from typing import NamedTuple
 
 import aiohttp
 import orjson
@@ -109,23 +110,31 @@ async def _get_json_first(session: aiohttp.ClientSession, backend: BackendState,
     return None
 
 
+class ServerCapacity(NamedTuple):
+    kv_tokens: int  # 0: unknown
+    dp_size: int  # 0: unknown
+    prefix_cache: bool
+
+
 async def backend_capacity(session: aiohttp.ClientSession, backend: BackendState, *,
-                           timeout: float) -> tuple[int, int]:
-    """The server's KV cache capacity in tokens (each data-parallel rank's) and
-    its data-parallel ranks, from SGLang's GET /server_info (`/get_server_info`
-    on releases before it): `max_total_num_tokens`, at the top level (older
-    releases) or in `internal_states[0]`, and `dp_size`. (0, 0) when it cannot
-    be read; a `dp_size` absent or not a positive integer counts as 1."""
+                           timeout: float) -> ServerCapacity:
+    """The server's KV cache capacity in tokens (each data-parallel rank's), its
+    data-parallel ranks and whether it caches prefixes, from SGLang's GET
+    /server_info (`/get_server_info` on releases before it):
+    `max_total_num_tokens`, at the top level (older releases) or in
+    `internal_states[0]`; `dp_size`; `disable_radix_cache`. (0, 0, True) when
+    it cannot be read; a `dp_size` absent or not a positive integer counts as 1."""
     info = await _get_json_first(session, backend, ("/server_info", "/get_server_info"), timeout=timeout)
     if not isinstance(info, dict):
-        return 0, 0
+        return ServerCapacity(0, 0, True)
     value = info.get("max_total_num_tokens")
     states = info.get("internal_states")
     if value is None and isinstance(states, list) and states and isinstance(states[0], dict):
         value = states[0].get("max_total_num_tokens")
     dp_size = info.get("dp_size")
     dp_size = dp_size if isinstance(dp_size, int) and not isinstance(dp_size, bool) and dp_size > 0 else 1
-    return (value if isinstance(value, int) and value > 0 else 0), dp_size
+    return ServerCapacity(value if isinstance(value, int) and value > 0 else 0, dp_size,
+                          info.get("disable_radix_cache") is not True)
 
 
 

@@ -378,7 +378,10 @@ class CacheAware:
         low, high = min(loads), max(loads)
         if high - low > self.balance_abs_threshold and high > self.balance_rel_threshold * low:
             return self._least_loaded(candidates, low, tree)
-        if not key:
+        if not key or not any(b.prefix_cache for b in candidates):
+            # Nothing to route for: no prefix, or backends that cache none
+            # (SGLang's --disable-radix-cache), where keeping conversations
+            # together would only cost balance.
             return self._least_loaded(candidates, low, tree)
         if self.bounded_load_epsilon is None:
             bound = sticky_bound = new_bound = float("inf")

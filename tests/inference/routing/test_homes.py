@@ -13,7 +13,7 @@ from django.db import connection
 from inference.models import ServedModel
 from inference.redis_pipe import PipelinedRedis
 from inference.routing.homes import ConversationHomes
-from tests.conftest import free_port, gateway_start, pool_start, process_stop, usage_rows_wait
+from tests.conftest import free_port, gateway_start, pool_start, process_stop, sim_start, usage_rows_wait
 
 MODEL = "homes-llm"
 SYSTEM = "You are the travel assistant of a small agency. Answer briefly. " + "Policy text. " * 120
@@ -176,16 +176,22 @@ def test_without_homes_a_process_routes_on_what_it_saw_alone(gateways, homes_poo
     assert seconds != placed
 
 
-def test_backend_kv_capacity_is_read_from_server_info(homes_pool):
+def test_backend_kv_capacity_is_read_from_server_info(homes_pool, live_tmp):
     import aiohttp
 
     from inference.registry import BackendState
     from inference.sglang import backend_capacity
 
-    async def read(url: str) -> tuple[int, int]:
+    async def read(url: str) -> tuple[int, int, bool]:
         async with aiohttp.ClientSession() as session:
             return await backend_capacity(session, BackendState(url), timeout=2.0)
 
-    assert asyncio.run(read(homes_pool[0].url)) == (50_000, 1)  # its KV tokens, one data-parallel rank
+    # its KV tokens, one data-parallel rank, a prefix cache
+    assert asyncio.run(read(homes_pool[0].url)) == (50_000, 1, True)
     # nothing listening: 0 (unknown), at once
-    assert asyncio.run(read(f"http://127.0.0.1:{free_port()}")) == (0, 0)
+    assert asyncio.run(read(f"http://127.0.0.1:{free_port()}")) == (0, 0, True)
+    uncached = sim_start(live_tmp, "homes-llm", "--disable-radix-cache", "--dp-size", "2")
+    try:
+        assert asyncio.run(read(uncached.url))[1:] == (2, False)
+    finally:
+        process_stop(uncached.process)

@@ -628,3 +628,23 @@ def test_cache_aware_kv_balance_gives_a_holder_twice_the_room(pool):
     # holding the system prompt, it takes the conversation
     policy.observe(pool, first, chat_key("earlier " + "q " * 30))
     assert policy.pick(pool, new) is first
+
+
+def test_cache_aware_balances_backends_that_cache_no_prefix(pool):
+    """Backends launched with --disable-radix-cache reuse nothing: a
+    conversation's turns go to the least loaded backend, not back to its home."""
+    policy = CacheAware()
+    for backend in pool.backends:
+        backend.prefix_cache = False
+    key = routing_key_build(endpoint="chat", body={"messages": [
+        {"role": "system", "content": "A long system prompt. " * 40}, {"role": "user", "content": "hi"}]})
+    first = policy.pick(pool, key)
+    policy.observe(pool, first, key)
+    first.enter(10)
+    again = policy.pick(pool, key)
+    assert again is not first and again.load == 0
+    # backends with a prefix cache: the conversation goes home again
+    first.leave(10)
+    for backend in pool.backends:
+        backend.prefix_cache = True
+    assert policy.pick(pool, key) is first
