@@ -12,9 +12,10 @@ Pieces (GPT-2-like, but simpler):
 - an optional single space followed by one punctuation character (`` ,``);
 - any other single whitespace character (``\\n``, a second space, a tab).
 
-Generated text is a sequence of pieces `` word`` drawn from ``OUTPUT_WORDS`` by
-a PRNG seeded from the prompt, so re-rendering an assistant answer inside the
-next chat turn tokenizes back to exactly the ids that were generated.
+Generated text is a sequence of pieces, `` word`` from ``OUTPUT_WORDS`` and now
+and then ``,``, ``.`` or a line break (``OUTPUT_PUNCTUATION``), drawn by a PRNG
+seeded from the prompt, so re-rendering an assistant answer inside the next
+chat turn tokenizes back to exactly the ids that were generated.
 """
 
 from __future__ import annotations
@@ -160,8 +161,20 @@ OUTPUT_WORDS: tuple[str, ...] = tuple(
     """.split()
 )
 
-_OUTPUT_PIECES: tuple[str, ...] = tuple(" " + word for word in OUTPUT_WORDS)
+# Punctuation the toy model writes between its words, with how many of the
+# draws (out of the words' one each) land on it: a comma or a full stop about
+# every 26 tokens each, a line break about every 50, so that replies have
+# sentences and lines, and stop strings such as "\n" or "." end them as they
+# end a real model's.
+OUTPUT_PUNCTUATION: dict[str, int] = {",": 6, ".": 6, "\n": 3}
+
+# Every piece the toy model writes, once each (what logprobs rank)...
+_OUTPUT_PIECES: tuple[str, ...] = tuple(" " + word for word in OUTPUT_WORDS) + tuple(OUTPUT_PUNCTUATION)
 _OUTPUT_IDS: tuple[int, ...] = tuple(piece_to_id(piece) for piece in _OUTPUT_PIECES)
+# ...and as it draws them.
+_DRAW_PIECES: tuple[str, ...] = tuple(" " + word for word in OUTPUT_WORDS) + tuple(
+    piece for piece, weight in OUTPUT_PUNCTUATION.items() for _ in range(weight))
+_DRAW_IDS: tuple[int, ...] = tuple(piece_to_id(piece) for piece in _DRAW_PIECES)
 
 _MASK64 = (1 << 64) - 1
 
@@ -176,7 +189,7 @@ def generation_seed(*, prompt_ids: Sequence[int], server_seed: int, request_seed
 
 
 class PseudoTextSource:
-    """Deterministic stream of output tokens (xorshift64* over OUTPUT_WORDS)."""
+    """Deterministic stream of output tokens (xorshift64* over the words and punctuation)."""
 
     __slots__ = ("_state",)
 
@@ -191,8 +204,8 @@ class PseudoTextSource:
         state ^= state >> 27
         self._state = state
         index = ((state * 0x2545F4914F6CDD1D) & _MASK64) >> 33
-        index %= len(_OUTPUT_IDS)
-        return _OUTPUT_IDS[index], _OUTPUT_PIECES[index]
+        index %= len(_DRAW_IDS)
+        return _DRAW_IDS[index], _DRAW_PIECES[index]
 
 
 # A logit bias at least this large (in either direction) decides the toy

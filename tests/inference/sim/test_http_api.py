@@ -1670,3 +1670,28 @@ def test_weights_updated_from_disk_change_replies_name_and_version_and_wait_for_
     assert version.json() == {"success": True, "message": "Weight version updated to v2", "new_version": "v2"}
     assert versioned["meta_info"]["weight_version"] == "v2"
     assert waited.json()["success"] and finished["stream"] <= finished["update"]
+
+
+def test_a_stop_at_a_line_break_ends_the_reply_there(sim):
+    """Replies have punctuation and line breaks, so the most common stop
+    string of completion clients, "\\n", ends a reply as it would a real
+    model's: at its first line, finish_reason "stop", the break trimmed."""
+    with sim.client() as client:
+        for index in range(50):
+            prompt = f"Write line {index}:"
+            whole = client.post("/v1/completions", json={"model": "m", "prompt": prompt, "max_tokens": 64,
+                                                          "ignore_eos": True}).json()["choices"][0]["text"]
+            if "\n" in whole:
+                break
+        else:
+            pytest.fail("no reply with a line break in 50 prompts")
+        stopped = client.post("/v1/completions", json={"model": "m", "prompt": prompt, "max_tokens": 64,
+                                                        "ignore_eos": True, "stop": ["\n"]}).json()["choices"][0]
+        streamed = "".join(
+            json.loads(line[6:])["choices"][0]["text"]
+            for line in client.post("/v1/completions", json={
+                "model": "m", "prompt": prompt, "max_tokens": 64, "ignore_eos": True, "stop": ["\n"],
+                "stream": True}).text.splitlines()
+            if line.startswith("data: {"))
+    assert stopped["finish_reason"] == "stop" and stopped["matched_stop"] == "\n"
+    assert stopped["text"] == whole.split("\n")[0] == streamed

@@ -9,6 +9,8 @@ import pytest
 
 from inference.sim.tokenizer import (
     EOS_TOKEN_ID,
+    OUTPUT_PUNCTUATION,
+    OUTPUT_WORDS,
     RESERVED_IDS,
     VOCAB_SIZE,
     PseudoTextSource,
@@ -83,8 +85,23 @@ def test_pseudo_text_is_deterministic_per_seed():
     a = [first.next_token() for _ in range(20)]
     assert a == [second.next_token() for _ in range(20)]
     assert a != [other.next_token() for _ in range(20)]
-    assert all(piece.startswith(" ") and tokenize(piece) == [token_id] for token_id, piece in a)
+    assert all(tokenize(piece) == [token_id] for token_id, piece in a)
+    assert all(piece.startswith(" ") or piece in OUTPUT_PUNCTUATION for _, piece in a)
     assert EOS_TOKEN_ID not in [token_id for token_id, _ in a]
+
+
+def test_pseudo_text_has_sentences_and_lines_that_tokenize_back():
+    """Commas, full stops and line breaks come between the words, about as
+    often as OUTPUT_PUNCTUATION weighs them, and a reply's text tokenizes back
+    to the ids generated (a later turn finds it in the cache)."""
+    source = PseudoTextSource(7)
+    tokens = [source.next_token() for _ in range(20_000)]
+    pieces = [piece for _, piece in tokens]
+    draws = len(OUTPUT_WORDS) + sum(OUTPUT_PUNCTUATION.values())
+    for mark, weight in OUTPUT_PUNCTUATION.items():
+        assert abs(pieces.count(mark) / len(pieces) - weight / draws) < 0.01, mark
+    text = "".join(pieces)
+    assert "\n" in text and tokenize(text) == [token_id for token_id, _ in tokens]
 
 
 def test_natural_length_in_bounds():
