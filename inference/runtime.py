@@ -137,6 +137,10 @@ class GatewayRuntime:
 
     async def start(self) -> None:
         await self.registry_reload()
+        # What each backend server runs (its KV capacity, its data-parallel
+        # ranks) before the first request is routed; at most the health
+        # timeout when one cannot be reached (the health loop asks again).
+        await self.servers_inspect()
         # Everything loaded so far (Django, the apps) lives as long as the process:
         # keep it out of every later collection, and collect the young generation
         # less often. GC pauses were the main source of TTFT tails under load
