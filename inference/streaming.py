@@ -326,10 +326,14 @@ def _upstream_body(request: CompletionRequest, resolution: Resolution, *, stream
         body["rid"] = request.request_id
         return orjson.dumps(body)
     body[cap[0]] = cap[1]
+    salt = body.get("cache_salt")
     if request.principal.cache_isolation:
-        salt = body.get("cache_salt")
         tenant = request.principal.tenant_public_id
         body["cache_salt"] = f"{tenant}:{salt}" if isinstance(salt, str) and salt else tenant
+    elif isinstance(salt, str) and salt:
+        # A caller's own salt keeps its requests apart from the rest, but can
+        # never name an isolated tenant's namespace (its id, with or without a salt).
+        body["cache_salt"] = f"shared:{salt}"
     # SGLang takes one rid per prompt for a batch or parallel sampling (a single
     # string is refused there by older releases); `<rid>_<i>` keeps the
     # request id a prefix of each, for /abort_request.

@@ -117,7 +117,7 @@ def test_fields_that_reach_past_the_callers_own_request_never_go_upstream():
     body = upstream_body_of({"model": "m", "messages": MESSAGES, "top_k": 5, "cache_salt": "mine", **owned})
     assert not (set(owned) - {"rid"}) & set(body)
     assert body["rid"] != "other-tenants-rid"
-    assert body["top_k"] == 5 and body["cache_salt"] == "mine" and body["model"] == "m-upstream"
+    assert body["top_k"] == 5 and body["cache_salt"] == "shared:mine" and body["model"] == "m-upstream"
 
 
 @pytest.mark.django_db

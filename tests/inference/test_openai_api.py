@@ -121,6 +121,32 @@ def test_repeated_prefix_reports_cached_tokens(client, tenant_key):
     assert rows[1].cached_tokens == second.usage.prompt_tokens_details.cached_tokens
 
 
+def test_an_isolated_tenants_prefix_cache_is_out_of_every_other_tenants_reach(gateway, make_tenant):
+    """Tenant.cache_isolation: the tenant's prompts live in a cache namespace of
+    its own. Another tenant sending the same prompt finds nothing of it
+    cached, not even by naming the tenant's id as its cache_salt (its own
+    salts are kept apart from tenants' ids); its own repeats still hit."""
+    isolated, other = make_tenant(), make_tenant()
+    isolated.tenant.cache_isolation = True
+    isolated.tenant.save(update_fields=["cache_isolation"])
+    prompt = [{"role": "system", "content": "A confidential system prompt of the isolated tenant. " * 20},
+              {"role": "user", "content": "Go on."}]
+
+    def cached(key, **extra) -> tuple[int, int]:
+        reply = openai.OpenAI(base_url=gateway.base_url, api_key=key.secret, max_retries=0).chat.completions.create(
+            model="test-llm", messages=prompt, max_tokens=2, **extra)
+        return reply.usage.prompt_tokens_details.cached_tokens, reply.usage.prompt_tokens
+
+    cached(isolated)
+    own_hit, prompt_tokens = cached(isolated)
+    guessed_salt, _ = cached(other, extra_body={"cache_salt": str(isolated.tenant.public_id)})
+    plain_first, _ = cached(other)
+    plain_again, _ = cached(other)
+    assert own_hit == prompt_tokens - 1
+    assert guessed_salt < prompt_tokens // 4 and plain_first < prompt_tokens // 4
+    assert plain_again == prompt_tokens - 1
+
+
 def test_completions_non_streaming_and_streaming(client, tenant_key):
     completion = client.completions.create(model="test-llm", prompt="Once upon a time", max_tokens=10)
     assert completion.id.startswith("cmpl-") and completion.object == "text_completion"
