@@ -27,8 +27,7 @@ class DataParallel:
         # The tokenizer manager's state, shared by every rank: its series, and the rids in flight.
         self.stats = SimStats()
         active_rids: set[str] = set()
-        self.weights = ServedWeights(launch_path=config.model_path, served_model_name=config.served_model_name,
-                                     weight_version=config.weight_version, known_paths=config.known_model_paths)
+        self.weights = ServedWeights.launched(config)
         self.ranks = [SimEngine(config=config, settings=settings, dp_rank=rank, stats=self.stats,
                                 active_rids=active_rids, weights=self.weights)
                       for rank in range(config.dp_size)]

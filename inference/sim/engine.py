@@ -322,9 +322,7 @@ class SimEngine:
         self.config = config
         self.dp_rank = dp_rank
         # The weights served (every rank's; /update_weights_from_disk changes them).
-        self.weights = weights if weights is not None else ServedWeights(
-            launch_path=config.model_path, served_model_name=config.served_model_name,
-            weight_version=config.weight_version, known_paths=config.known_model_paths)
+        self.weights = weights if weights is not None else ServedWeights.launched(config)
         self.settings = settings
         self.timing = StepTiming(EngineCosts(
             prefill_tokens_per_s=config.prefill_tokens_per_s, decode_base_ms=config.decode_base_ms,

@@ -983,10 +983,10 @@ class InfoHandlers:
             "reasoning_parser": config.reasoning_parser,
             "skip_tokenizer_init": config.skip_tokenizer_init,
             "weight_version": weights.weight_version,
-            "load_format": weights.load_format,
             "random_seed": config.seed,
             # Launch flags about hardware and kernels, as given (no effect here).
             **config.hardware_flags,
+            "load_format": weights.load_format,  # the launch's, until a weight update gives another
         }
 
     async def server_info(self, request: web.Request) -> web.Response:

@@ -26,6 +26,10 @@ import asyncio
 import hashlib
 import os
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .config import ServerConfig
 
 
 def weights_seed(path: str) -> int:
@@ -47,6 +51,13 @@ class ServedWeights:
     def __post_init__(self) -> None:
         self.model_path = self.model_path or self.launch_path
         self._idle.set()
+
+    @classmethod
+    def launched(cls, config: ServerConfig) -> ServedWeights:
+        """The weights the launch flags name."""
+        return cls(launch_path=config.model_path, served_model_name=config.served_model_name,
+                   weight_version=config.weight_version, known_paths=config.known_model_paths,
+                   load_format=str(config.hardware_flags.get("load_format", "auto")))
 
     @property
     def seed(self) -> int:

@@ -1610,7 +1610,8 @@ def test_weights_updated_from_disk_change_replies_name_and_version_and_wait_for_
     is flushed, a path without weights fails and changes nothing; an update
     waits for the requests in flight. /update_weight_version sets the version
     that meta_info and the OpenAI replies' metadata report."""
-    server = sim_factory("--enable-cache-report", "--known-model-paths", "org/other-model", "--weight-version", "v0")
+    server = sim_factory("--enable-cache-report", "--known-model-paths", "org/other-model", "--weight-version", "v0",
+                         "--load-format", "dummy")
     prompt = {"text": "The capital of France is", "sampling_params": {"temperature": 0, "max_new_tokens": 16}}
 
     with server.client() as client:
@@ -1621,6 +1622,7 @@ def test_weights_updated_from_disk_change_replies_name_and_version_and_wait_for_
             return client.post("/update_weights_from_disk", json={"model_path": path, **extra})
 
         origin = client.get("/model_info").json()
+        launched = client.get("/server_info").json()
         first, cached = decode(), decode()
         updated = update("org/other-model", weight_version="v1")
         info = client.get("/model_info").json()
@@ -1654,6 +1656,7 @@ def test_weights_updated_from_disk_change_replies_name_and_version_and_wait_for_
 
     assert (origin["model_path"], origin["served_model_name"]) == ("demo/demo-llm", "demo-llm")
     assert origin["weight_version"] == first["meta_info"]["weight_version"] == "v0"
+    assert origin["load_format"] == launched["load_format"] == "dummy"
     assert cached["meta_info"]["cached_tokens"] > 0
     assert updated.status_code == 200 and updated.json() == {
         "success": True, "message": "Succeeded to update model weights. Weight version updated to v1.",
