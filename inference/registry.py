@@ -171,8 +171,10 @@ class Registry:
         self._dp_sizes: dict[str, int] = {}
         self.loaded_at = 0.0
 
-    def replace(self, rows: list[ModelRow]) -> None:
+    def replace(self, rows: list[ModelRow]) -> bool:
+        """Load `rows`. True when a backend new to this registry came with them."""
         models: dict[str, ModelEntry] = {}
+        added = False
         backends: dict[str, BackendState] = {}
         for row in rows:
             entry = ModelEntry(row.name, row.upstream_name, row.context_length, row.owned_by, row.created,
@@ -181,8 +183,9 @@ class Registry:
                 size = self._dp_sizes.get(url, 1)
                 for state_url, rank in ([(url, None)] if size <= 1 else
                                         [(f"{url}@{rank}", rank) for rank in range(size)]):
-                    state = (self._backends.get(state_url) or backends.get(state_url)
-                             or BackendState(state_url, base_url=url, dp_rank=rank))
+                    state = self._backends.get(state_url) or backends.get(state_url)
+                    if state is None:
+                        state, added = BackendState(state_url, base_url=url, dp_rank=rank), True
                     state.api_key, state.status = api_key, status
                     backends[state_url] = state
                     entry.backends.append(state)
@@ -191,6 +194,7 @@ class Registry:
             models[row.name] = entry
         self._models, self._backends, self._rows = models, backends, rows
         self.loaded_at = time.monotonic()
+        return added
 
     def dp_size_set(self, base_url: str, size: int) -> bool:
         """The server at `base_url` runs `size` data-parallel ranks: its

@@ -134,6 +134,7 @@ class GatewayRuntime:
             homes=self.homes,
         )
         self._tasks: list[asyncio.Task] = []
+        self._inspections: set[asyncio.Task] = set()
 
     async def start(self) -> None:
         await self.registry_reload()
@@ -170,7 +171,11 @@ class GatewayRuntime:
 
     async def registry_reload(self) -> None:
         rows = await sync_to_async(_registry_rows, thread_sensitive=True)()
-        self.registry.replace(rows)
+        if self.registry.replace(rows) and self._tasks:
+            # A server added at run time: what it runs, without waiting for the health loop.
+            task = asyncio.get_running_loop().create_task(self.servers_inspect())
+            self._inspections.add(task)
+            task.add_done_callback(self._inspections.discard)
 
     async def _registry_refresh_loop(self) -> None:
         interval = settings.GATEWAY_REGISTRY_REFRESH_SECONDS

@@ -7,7 +7,7 @@ import time
 import openai
 import pytest
 from inference.models import ServedModel
-from tests.conftest import gateway_running, pool_running, process_stop, usage_rows_wait
+from tests.conftest import gateway_running, pool_running, process_stop, sim_start, usage_rows_wait
 from tests.inference.sim_control import sim_call
 
 
@@ -117,3 +117,28 @@ def test_a_data_parallel_server_that_cannot_be_reached_is_left_rank_and_all(live
         rows = usage_rows_wait(api_key=tk.api_key, count=sent + len(served))
     assert served == ["length"] * 6
     assert len(rows) == sent + 6 and {row.backend for row in rows[sent:]} == {plain.url}
+
+
+def test_a_data_parallel_server_added_at_run_time_is_routed_rank_by_rank(live_tmp, django_db_blocker,
+                                                                        django_db_setup, make_tenant):
+    """A server added while the gateway runs is read when the registry picks it
+    up, not at the health loop's next pass (a minute away here)."""
+    from inference.services import backend_add
+
+    with pool_running(live_tmp, django_db_blocker, "dp-late-llm", ServedModel.RoutingPolicy.ROUND_ROBIN, 1) \
+            as (plain,), gateway_running(live_tmp, GATEWAY_HEALTH_CHECK_SECONDS="60") as gateway:
+        late = sim_start(live_tmp, "dp-late-llm", "--dp-size", "2")
+        try:
+            with django_db_blocker.unblock():
+                backend_add(model=ServedModel.objects.get(name="dp-late-llm"), url=late.url)
+            time.sleep(1.0)  # the registry reloads on the change; the server is read right after
+            tk = make_tenant()
+            client = openai.OpenAI(base_url=gateway.base_url, api_key=tk.secret, max_retries=0)
+            for _ in range(6):
+                client.chat.completions.create(model="dp-late-llm", max_tokens=1,
+                                               messages=[{"role": "user", "content": "hi"}])
+            backends = [row.backend for row in usage_rows_wait(api_key=tk.api_key, count=6)]
+        finally:
+            process_stop(late.process)
+    assert len(backends) == 6 and plain.url in backends
+    assert sorted(set(backends) - {plain.url}) == [f"{late.url}@0", f"{late.url}@1"]
