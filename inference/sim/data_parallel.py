@@ -83,10 +83,11 @@ class DataParallel:
     def stats_snapshot(self) -> dict:
         """/sim/stats: the shared counters with rank 0's cache and engine, and
         with several ranks each one's."""
-        snapshot = self.ranks[0].stats_snapshot()
-        if len(self.ranks) > 1:
-            snapshot["dp_ranks"] = [{"cache": own["cache"], "engine": own["engine"]}
-                                    for own in (engine.stats_snapshot() for engine in self.ranks)]
-            snapshot["active_requests"] = sum(len(engine.active_rids()) for engine in self.ranks)
-            snapshot["active_rids"] = sorted(rid for engine in self.ranks for rid in engine.active_rids())
+        snapshots = [engine.stats_snapshot() for engine in self.ranks]
+        snapshot = snapshots[0]
+        if len(snapshots) > 1:
+            snapshot = {**snapshot,
+                        "dp_ranks": [{"cache": own["cache"], "engine": own["engine"]} for own in snapshots],
+                        "active_requests": sum(own["active_requests"] for own in snapshots),
+                        "active_rids": sorted(rid for own in snapshots for rid in own["active_rids"])}
         return snapshot
