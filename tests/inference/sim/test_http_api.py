@@ -1636,21 +1636,23 @@ def test_weights_updated_from_disk_change_replies_name_and_version_and_wait_for_
         version = client.post("/update_weight_version", json={"new_version": "v2"})
         versioned = decode()
 
-        # An update waits for the request in flight: the stream ends first.
+        # An update waits for the request in flight: a 16-token stream at 20 ms
+        # a token, 80 ms in, keeps it waiting about 240 ms (without the wait it
+        # answers in a few); the stream itself runs to its end.
         client.post("/sim/faults", json={"itl_ms": 20}).raise_for_status()
         finished = {}
 
         def stream():
             with httpx.stream("POST", server.base_url + "/generate", timeout=10,
                               json={**prompt, "stream": True}) as response:
-                response.read()
-            finished["stream"] = time.monotonic()
+                finished["stream"] = response.read().decode()
 
         thread = threading.Thread(target=stream)
         thread.start()
         time.sleep(0.08)
+        posted = time.monotonic()
         waited = update(origin["model_path"])
-        finished["update"] = time.monotonic()
+        update_took = time.monotonic() - posted
         thread.join()
         client.post("/sim/faults", json={"itl_ms": 0}).raise_for_status()
 
@@ -1672,7 +1674,8 @@ def test_weights_updated_from_disk_change_replies_name_and_version_and_wait_for_
     assert back.json()["success"] and again["text"] == first["text"]
     assert version.json() == {"success": True, "message": "Weight version updated to v2", "new_version": "v2"}
     assert versioned["meta_info"]["weight_version"] == "v2"
-    assert waited.json()["success"] and finished["stream"] <= finished["update"]
+    assert waited.json()["success"] and update_took > 0.15
+    assert '"completion_tokens":16' in finished["stream"].replace(" ", "")
 
 
 def test_a_stop_at_a_line_break_ends_the_reply_there(sim):
