@@ -22,7 +22,7 @@ from typing import Any
 
 from .lora import ALL_TARGET_MODULES, LORA_BACKENDS, LORA_EVICTION_POLICIES, SUPPORTED_TARGET_MODULES
 from .presets import PRESETS
-from .radix_cache import EVICTION_POLICIES, eviction_policy_checked
+from .radix_cache import EVICTION_POLICIES, HICACHE_WRITE_POLICIES, eviction_policy_checked
 from .reasoning import REASONING_PARSERS
 from .tools import TOOL_CALL_PARSERS
 
@@ -114,6 +114,23 @@ class ServerConfig:
     # --radix-eviction-policy and its --radix-eviction-policy-config (radix_cache.EVICTION_POLICIES).
     radix_eviction_policy: str = "lru"
     radix_eviction_policy_config: dict | None = None
+    # --enable-hierarchical-cache (SGLang's HiCache): a host-memory tier under
+    # the device's radix cache (radix_cache.RadixCache), of --hicache-size GB
+    # per TP rank (tokens: the bytes over a rank's share of kv_bytes_per_token)
+    # or else --hicache-ratio × the device pool; --hicache-write-policy says when nodes are copied to it. A
+    # request's prefix found on the host is loaded back before its prefill, at
+    # kv_bytes_per_token / host_to_device_bytes_per_s a token (presets give
+    # both; 0: free), and counts as cached. --hicache-io-backend and
+    # --hicache-mem-layout are accepted and change nothing here.
+    enable_hierarchical_cache: bool = False
+    hicache_ratio: float = 2.0
+    hicache_size: int = 0
+    hicache_write_policy: str = "write_through"
+    hicache_io_backend: str = "kernel"
+    hicache_mem_layout: str = "page_first"
+    kv_bytes_per_token: int = 0  # the whole model's (all TP ranks)
+    kv_tp_size: int = 1  # the TP ranks sharing it, each with its own host pool
+    host_to_device_bytes_per_s: float = 0.0  # all ranks' links together
     preset: str | None = None
     prefill_tokens_per_s: float = 0.0  # 0: prefill is free
     decode_base_ms: float = 0.0  # decode step at batch 1
@@ -173,6 +190,20 @@ class ServerConfig:
     # Natural (EOS) completion length when a request sets no max tokens, in tokens.
     natural_length_min: int = 16
     natural_length_max: int = 64
+
+    def hicache_host_tokens(self) -> int:
+        """The host pool of each scheduler, in tokens (0 without a hierarchical cache)."""
+        if not self.enable_hierarchical_cache:
+            return 0
+        if self.hicache_size > 0:
+            return int(self.hicache_size * 1e9 * self.kv_tp_size // self.kv_bytes_per_token)
+        return int(self.max_total_tokens * self.hicache_ratio)
+
+    def load_back_s_per_token(self) -> float:
+        """Simulated seconds to copy one token's KV from the host pool back to the device."""
+        if self.kv_bytes_per_token <= 0 or self.host_to_device_bytes_per_s <= 0:
+            return 0.0
+        return self.kv_bytes_per_token / self.host_to_device_bytes_per_s
 
 
 @dataclass(slots=True)
@@ -336,6 +367,24 @@ def build_argument_parser() -> argparse.ArgumentParser:
     parser.add_argument("--radix-eviction-policy-config", default=None, metavar="JSON",
                         help='the policy\'s settings: slru {"protected_threshold": 2}, '
                              'tlru {"threshold": 4096, "next_prompt_estimate": 512}')
+    parser.add_argument("--enable-hierarchical-cache", "--enable-hicache", dest="enable_hierarchical_cache",
+                        action="store_true",
+                        help="a host-memory tier under the prefix cache: evicted prefixes stay on the host and "
+                             "are loaded back when a request reuses them")
+    parser.add_argument("--hicache-ratio", type=float, default=None,
+                        help="host pool size over the device pool's (default 2.0)")
+    parser.add_argument("--hicache-size", type=int, default=0,
+                        help="host pool size in GB; overrides --hicache-ratio (needs a --preset's KV bytes per token)")
+    parser.add_argument("--hicache-write-policy", choices=HICACHE_WRITE_POLICIES, default="write_through",
+                        help="when prefixes are copied to the host: at their first use, their second "
+                             "(write_through_selective), or when evicted (write_back)")
+    parser.add_argument("--hicache-io-backend", choices=["direct", "kernel", "kernel_ascend"], default="kernel",
+                        help="accepted as SGLang has it (copies are not simulated kernel by kernel)")
+    parser.add_argument("--hicache-mem-layout", default="page_first",
+                        choices=["layer_first", "page_first", "page_first_direct", "page_first_kv_split", "page_head"],
+                        help="accepted as SGLang has it")
+    parser.add_argument("--hicache-storage-backend", default=None,
+                        help="an L3 storage tier: not simulated, refused")
     parser.add_argument("--prefill-tokens-per-s", type=float, default=None, help="prefill throughput; 0 = free")
     parser.add_argument("--decode-base-ms", type=float, default=None, help="decode step time at batch 1")
     parser.add_argument("--decode-per-request-ms", type=float, default=None,
@@ -502,6 +551,18 @@ def configs_from_args(args: argparse.Namespace) -> tuple[ServerConfig, RuntimeSe
         schedule_policy = "fcfs"
     if args.page_size < 1:
         raise SystemExit("--page-size must be positive")
+    if args.enable_hierarchical_cache and args.disable_radix_cache:
+        raise SystemExit("The arguments enable-hierarchical-cache and disable-radix-cache are mutually exclusive "
+                         "and cannot be used at the same time. Please use only one of them.")
+    if args.hicache_storage_backend is not None:
+        raise SystemExit("--hicache-storage-backend: an L3 storage tier is not simulated")
+    hicache_ratio = 2.0 if args.hicache_ratio is None else args.hicache_ratio
+    if args.enable_hierarchical_cache and (not math.isfinite(hicache_ratio) or hicache_ratio <= 0
+                                           or args.hicache_size < 0):
+        raise SystemExit("--hicache-ratio must be positive and --hicache-size non-negative")
+    if args.enable_hierarchical_cache and args.hicache_size > 0 and preset is None:
+        raise SystemExit("--hicache-size needs a --preset: its KV bytes per token turn gigabytes into tokens "
+                         "(or give --hicache-ratio)")
     if args.dp_size < 1:
         raise SystemExit("--dp-size must be positive")
     policy_config = None
@@ -553,6 +614,15 @@ def configs_from_args(args: argparse.Namespace) -> tuple[ServerConfig, RuntimeSe
         page_size=args.page_size,
         radix_eviction_policy=args.radix_eviction_policy,
         radix_eviction_policy_config=policy_config,
+        enable_hierarchical_cache=args.enable_hierarchical_cache,
+        hicache_ratio=hicache_ratio,
+        hicache_size=args.hicache_size,
+        hicache_write_policy=args.hicache_write_policy,
+        hicache_io_backend=args.hicache_io_backend,
+        hicache_mem_layout=args.hicache_mem_layout,
+        kv_bytes_per_token=preset.kv_bytes_per_token if preset is not None else 0,
+        kv_tp_size=preset.tp_size if preset is not None else 1,
+        host_to_device_bytes_per_s=preset.lora_h2d_bytes_per_s if preset is not None else 0.0,
         preset=args.preset,
         prefill_tokens_per_s=pick(args.prefill_tokens_per_s, "prefill_tokens_per_s", 0.0),
         decode_base_ms=pick(args.decode_base_ms, "decode_base_ms", 0.0),

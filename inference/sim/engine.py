@@ -235,6 +235,7 @@ class RunningRequest:
     adapter: str | None = None  # LoRA adapter name, None = base model
     namespace: Hashable = None  # radix-cache namespace (adapter, cache_salt, extra_key)
     cached_tokens: int = 0  # prompt tokens served from the cache (known once running)
+    cached_tokens_host: int = 0  # of those, the ones loaded back from the host tier (HiCache)
     text: str = ""
     output_ids: list[int] = field(default_factory=list)
     finish_reason: dict | None = None
@@ -331,7 +332,10 @@ class SimEngine:
         self.cache = RadixCache(capacity_tokens=config.max_total_tokens,
                                 eviction_policy=config.radix_eviction_policy,
                                 eviction_config=config.radix_eviction_policy_config,
-                                page_size=config.page_size)
+                                page_size=config.page_size, host_capacity_tokens=config.hicache_host_tokens(),
+                                write_policy=config.hicache_write_policy)
+        self._load_back_s_per_token = config.load_back_s_per_token()
+        self._load_back_pending = 0  # host tokens admitted requests load back in the next prefill step
         # Evict 1/32 (≈ 3 %) of the budget beyond the overflow, so that a full cache
         # is not rescanned for every new sequence: each eviction pass walks all
         # leaves (≈ 2 ms per 2,000 leaves). The slack costs a little hit rate.
@@ -793,6 +797,10 @@ class SimEngine:
                 tokens += count
             self._prefill_tokens_processed += tokens
             duration = self.timing.prefill_step_s(tokens)
+            if self._load_back_pending:
+                # HiCache: the batch's prefixes found on the host are copied back first.
+                duration += self._load_back_pending * self._load_back_s_per_token
+                self._load_back_pending = 0
             if self.config.enable_lora:
                 # The batch's adapters the GPU pool lacks are copied in first.
                 copied = self.lora.fetch({r.adapter for r in self._running})
@@ -1003,6 +1011,9 @@ class SimEngine:
         # SGLang always recomputes the last prompt token, so at most
         # len(prompt) - 1 tokens can come from the cache.
         match = cache.match_prefix(fill_ids[:-1], namespace=running.namespace)
+        host_hit = match.host_length
+        if host_hit:  # HiCache: the part found on the host is loaded back, not prefilled
+            match = cache.load_back(match)
         cache.lock(match.node)
         uncached = len(fill_ids) - match.length
         charge = uncached + self._output_estimate(running, 1.0)
@@ -1014,6 +1025,8 @@ class SimEngine:
         running.state = RUNNING
         if not running.retractions:
             running.cached_tokens = match.length  # SGLang counts the first attempt's hit only
+            running.cached_tokens_host = host_hit
+        self._load_back_pending += host_hit
         running.locked_node = match.node
         running.prefill_needed = uncached
         running.prefill_scheduled = running.prefill_done = 0
@@ -1537,6 +1550,8 @@ class SimEngine:
                 "evictable_tokens": cache.evictable_tokens,
                 "evicted_tokens_total": cache.evicted_tokens_total,
                 "hit_rate": round(self.cache_hit_rate(), 4),
+                **({"host_capacity_tokens": cache.host_capacity_tokens, "host_tokens": cache.host_tokens,
+                    **cache.hicache_counters()} if cache.hierarchical else {}),
             },
             "engine": {
                 "running_requests": len(self._running),

@@ -948,6 +948,13 @@ class InfoHandlers:
             "disable_radix_cache": config.disable_radix_cache,
             "radix_eviction_policy": config.radix_eviction_policy,
             "radix_eviction_policy_config": config.radix_eviction_policy_config,
+            "enable_hierarchical_cache": config.enable_hierarchical_cache,
+            "hicache_ratio": config.hicache_ratio,
+            "hicache_size": config.hicache_size,
+            "hicache_write_policy": config.hicache_write_policy,
+            "hicache_io_backend": config.hicache_io_backend,
+            "hicache_mem_layout": config.hicache_mem_layout,
+            "hicache_storage_backend": None,
             "schedule_policy": config.schedule_policy,
             "enable_priority_scheduling": config.enable_priority_scheduling,
             "disable_priority_preemption": config.disable_priority_preemption,
@@ -1099,7 +1106,10 @@ class InfoHandlers:
                 gen_throughput=engine.gen_throughput(), kv_tokens=engine.kv_token_counts(),
                 lora_slots=(engine.lora_slots_used(), config.max_loras_per_batch) if config.enable_lora else None,
                 evicted_tokens=engine.cache.evicted_tokens_total, num_retracted_reqs=engine.last_retracted,
-                queues_by_priority=engine.queues_by_priority())
+                queues_by_priority=engine.queues_by_priority(),
+                hicache_host_tokens=((engine.cache.host_tokens, engine.cache.host_capacity_tokens)
+                                     if engine.cache.hierarchical else None),
+                hicache_counters=engine.cache.hicache_counters() if engine.cache.hierarchical else None)
             for engine in self.dp.ranks])
         # prometheus_client's CONTENT_TYPE_LATEST for the text format, as SGLang sends it.
         return web.Response(body=text.encode(), headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})

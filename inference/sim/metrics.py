@@ -149,6 +149,10 @@ class SchedulerGauges:
     evicted_tokens: int | None = None
     num_retracted_reqs: int = 0
     queues_by_priority: tuple[dict[str, int], dict[str, int]] | None = None
+    # HiCache: host pool (used, total) tokens, and the counters of tokens
+    # copied to the host, loaded back and dropped from the device uncopied.
+    hicache_host_tokens: tuple[int, int] | None = None
+    hicache_counters: dict[str, int] | None = None
 
 
 def render_prometheus(*, stats: SimStats, model_name: str, schedulers: list[SchedulerGauges]) -> str:
@@ -265,7 +269,37 @@ def render_prometheus(*, stats: SimStats, model_name: str, schedulers: list[Sche
         for scheduler in schedulers:
             lines.append('sglang:evicted_tokens_total{cache_type="UnifiedRadixCache",tp_rank="0",pp_rank="0",'
                          f'dp_rank="{scheduler.dp_rank or 0}"}} {float(scheduler.evicted_tokens)}')
+    if schedulers[0].hicache_host_tokens is not None:
+        _render_hicache(schedulers, lines)
     return "\n".join(lines) + "\n"
+
+
+# SGLang's HiCache series (srt/observability/metrics_collector.py): name, type, help.
+_HICACHE_SERIES = (
+    ("sglang:hicache_host_used_tokens", "gauge", "The number of tokens in the HiCache host pool."),
+    ("sglang:hicache_host_total_tokens", "gauge", "The capacity of the HiCache host pool in tokens."),
+    ("sglang:hicache_backup_tokens_total", "counter",
+     "The number of tokens backed up from GPU to local host DRAM (L2)."),
+    ("sglang:load_back_tokens_total", "counter",
+     "The number of tokens loaded back from local host DRAM (L2) to GPU."),
+    ("sglang:hicache_dropped_tokens_total", "counter",
+     "The number of logical device KV tokens destroyed by eviction without a host copy."),
+)
+
+
+def _render_hicache(schedulers: list[SchedulerGauges], lines: list[str]) -> None:
+    for name, kind, help_text in _HICACHE_SERIES:
+        lines.append(f"# HELP {name} {help_text}")
+        lines.append(f"# TYPE {name} {kind}")
+        for scheduler in schedulers:
+            used, total = scheduler.hicache_host_tokens
+            counters = scheduler.hicache_counters or {}
+            value = {"sglang:hicache_host_used_tokens": used, "sglang:hicache_host_total_tokens": total}.get(
+                name, counters.get(name.removeprefix("sglang:"), 0))
+            labels = f'tp_rank="0",pp_rank="0",dp_rank="{scheduler.dp_rank or 0}"'
+            if kind == "counter" and name != "sglang:hicache_backup_tokens_total":
+                labels = f'cache_type="UnifiedRadixCache",{labels}'
+            lines.append(f"{name}{{{labels}}} {float(value)}")
 
 
 def _escape_label(value: str) -> str:

@@ -65,6 +65,7 @@ class EnginePreset:
     decode_per_request_ms: float  # extra decode-step time per running request, milliseconds
     kv_bytes_per_token: int  # whole model (all TP ranks), bytes
     sources: tuple[str, ...]
+    tp_size: int = 1  # tensor-parallel ranks: each keeps 1/tp of every token's KV (and its own host pool)
     # Copying a LoRA adapter's weights into the GPU pool (each TP rank copies its
     # shard over its own link, so the whole adapter moves at one link's rate × tp).
     lora_h2d_bytes_per_s: float = H100_HOST_TO_DEVICE_BYTES_PER_S
@@ -164,6 +165,7 @@ def _8xh100_70b() -> EnginePreset:
         decode_per_request_ms=0.10,
         kv_bytes_per_token=kv,
         lora_h2d_bytes_per_s=H100_HOST_TO_DEVICE_BYTES_PER_S * tp,
+        tp_size=tp,
         sources=(
             "SGLang 0.5.23 srt/arg_groups/memory_hook.py (mem_fraction_static, chunked_prefill_size 8192)",
             "SGLang 0.5.23 srt/model_executor/pool_configurator.py (default max running requests)",

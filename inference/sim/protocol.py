@@ -929,11 +929,11 @@ def native_meta_info(running: RunningRequest, *, final: bool, completion_tokens:
 
 def cached_tokens_details(running: RunningRequest) -> dict | None:
     """Where a request's cached tokens came from, as SGLang's scheduler reports
-    them without a hierarchical cache: all from the device, or None when
-    nothing was cached."""
+    them: from the device pool and from the hierarchical cache's host pool
+    (loaded back), or None when nothing was cached."""
     if not running.cached_tokens:
         return None
-    return {"device": running.cached_tokens, "host": 0}
+    return {"device": running.cached_tokens - running.cached_tokens_host, "host": running.cached_tokens_host}
 
 
 def sglext(parsed: OpenAIRequest, runnings: list[RunningRequest]) -> dict | None:

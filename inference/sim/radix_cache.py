@@ -39,6 +39,26 @@ Eviction policies, as SGLang's `--radix-eviction-policy` (sglang 0.5.23,
   conversation past what keeps its next prefill within `threshold` tokens
   (its branch's deepest sequence + `next_prompt_estimate` - `threshold`
   tokens from the root suffice), then last access.
+
+Hierarchical cache (SGLang's HiCache, `--enable-hierarchical-cache`): with a
+host capacity (`host_capacity_tokens` > 0) a node's KV may also have a copy in
+host memory (`backed_up`), and a node may live on the host only (`device`
+False). Residency on the device is closed under ancestors: device eviction
+takes device leaves (no child on the device), so a path is on the device down
+to some node and on the host only below it.
+- backup: under `write_through` a node is copied to the host when a request
+  inserts through it (hit count 1), under `write_through_selective` at its
+  second, under `write_back` only when it is evicted from the device. A backup
+  that finds the host full first evicts host-only leaves, least recently used
+  first; when that is not enough the node is not backed up;
+- device eviction of a backed-up node keeps it in the tree, on the host only;
+  a node without a copy leaves the tree (with any host-only nodes under it);
+- `match_prefix` reports the device part as `length`/`node` and the host-only
+  part after it as `host_length`/`host_node`; `load_back` makes that part
+  resident again (the scheduler loads it before the request's prefill);
+- an insert through host-only nodes makes them resident again (the request
+  has just computed their KV on the device).
+`total_tokens` counts device tokens; `host_tokens` the tokens with a host copy.
 """
 
 from __future__ import annotations
@@ -52,6 +72,7 @@ from typing import Any, Hashable, Sequence
 Namespace = Hashable
 
 EVICTION_POLICIES = ("lru", "lfu", "slru", "priority", "tlru")
+HICACHE_WRITE_POLICIES = ("write_back", "write_through", "write_through_selective")
 # Each policy's tuning keys (SGLang's --radix-eviction-policy-config) and their defaults.
 _POLICY_CONFIG_KEYS: dict[str, dict[str, int]] = {
     "lru": {}, "lfu": {}, "priority": {},
@@ -62,7 +83,7 @@ _POLICY_CONFIG_KEYS: dict[str, dict[str, int]] = {
 
 class RadixNode:
     __slots__ = ("children", "parent", "key", "lock_ref", "last_access", "namespace", "hit_count", "priority",
-                 "depth", "history")
+                 "depth", "history", "device", "backed_up")
 
     def __init__(self, *, key: list[int], parent: RadixNode | None, namespace: Namespace, last_access: int,
                  priority: int = 0) -> None:
@@ -78,6 +99,8 @@ class RadixNode:
         # ever reached (the branch's high-water depth; tlru).
         self.depth = (parent.depth if parent is not None else 0) + len(key)
         self.history = self.depth
+        self.device = True  # its KV is in the device pool (else on the host only)
+        self.backed_up = False  # a copy of its KV is in the host pool (hierarchical cache)
 
     @property
     def is_root(self) -> bool:
@@ -89,10 +112,14 @@ class RadixNode:
 
 @dataclass(frozen=True, slots=True)
 class PrefixMatch:
-    """`length` tokens of the query are cached; `node` ends exactly there."""
+    """`length` tokens of the query are cached on the device; `node` ends
+    exactly there. With a hierarchical cache, `host_length` more are cached on
+    the host only, ending at `host_node`."""
 
     length: int
     node: RadixNode
+    host_length: int = 0
+    host_node: RadixNode | None = None
 
 
 def eviction_policy_checked(policy: str, config: dict[str, Any] | None) -> dict[str, int]:
@@ -147,9 +174,14 @@ def _eviction_order(policy: str, settings: dict[str, int]) -> Callable[[RadixNod
 
 class RadixCache:
     def __init__(self, *, capacity_tokens: int, eviction_policy: str = "lru",
-                 eviction_config: dict[str, Any] | None = None, page_size: int = 1) -> None:
+                 eviction_config: dict[str, Any] | None = None, page_size: int = 1,
+                 host_capacity_tokens: int = 0, write_policy: str = "write_through") -> None:
         if capacity_tokens < 0:
             raise ValueError("capacity_tokens must be >= 0")
+        if host_capacity_tokens < 0:
+            raise ValueError("host_capacity_tokens must be >= 0")
+        if write_policy not in HICACHE_WRITE_POLICIES:
+            raise ValueError(f"unknown write policy {write_policy!r}")
         if page_size < 1:
             raise ValueError("page_size must be >= 1")
         self.page_size = page_size
@@ -164,6 +196,27 @@ class RadixCache:
         self.evicted_tokens_total = 0
         # Extra tokens evicted whenever the tree overflows (amortises the leaf scan).
         self.eviction_slack_tokens = 0
+        # The host tier (0: none). A node is backed up once this many requests
+        # inserted through it (None: only when evicted, write_back).
+        self.host_capacity_tokens = host_capacity_tokens
+        self.write_policy = write_policy
+        self._backup_at_hits = {"write_through": 1, "write_through_selective": 2}.get(write_policy)
+        self.host_tokens = 0
+        self.backup_tokens_total = 0  # copied to the host
+        self.load_back_tokens_total = 0  # copied back to the device
+        self.host_evicted_tokens_total = 0  # host copies dropped for room
+        self.dropped_tokens_total = 0  # evicted from the device without a host copy
+
+    @property
+    def hierarchical(self) -> bool:
+        return self.host_capacity_tokens > 0
+
+    def hicache_counters(self) -> dict[str, int]:
+        """The host tier's token counters, by their SGLang metric names."""
+        return {"hicache_backup_tokens_total": self.backup_tokens_total,
+                "load_back_tokens_total": self.load_back_tokens_total,
+                "hicache_dropped_tokens_total": self.dropped_tokens_total,
+                "hicache_host_evicted_tokens_total": self.host_evicted_tokens_total}
 
     # ------------------------------------------------------------- queries
 
@@ -186,7 +239,28 @@ class RadixCache:
         node, length = self._walk(tokens, namespace=namespace, split_partial=True)
         now = next(self._clock)
         self._touch_path(node, now)
-        return PrefixMatch(length=length, node=node)
+        if node.device:
+            return PrefixMatch(length=length, node=node)
+        # The path ends on the host: its device part ends at the deepest resident ancestor.
+        device_node = node
+        while not device_node.device:
+            device_node = device_node.parent
+        return PrefixMatch(length=device_node.depth, node=device_node, host_length=length - device_node.depth,
+                           host_node=node)
+
+    def load_back(self, match: PrefixMatch) -> PrefixMatch:
+        """Make the host-only part of `match` resident on the device again;
+        returns the match it then is. The caller locks it (or lets it be
+        evicted again)."""
+        if not match.host_length:
+            return match
+        node = match.host_node
+        while not node.device:
+            node.device = True
+            self.total_tokens += len(node.key)
+            node = node.parent
+        self.load_back_tokens_total += match.host_length
+        return PrefixMatch(length=match.length + match.host_length, node=match.host_node)
 
     # ------------------------------------------------------------- updates
 
@@ -239,8 +313,10 @@ class RadixCache:
         self._evict_to_capacity()
 
     def evict(self, num_tokens: int) -> int:
-        """Evict at least `num_tokens` unlocked tokens if possible, leaves in
-        the eviction policy's order (least recently used first under `lru`).
+        """Evict at least `num_tokens` unlocked tokens from the device if
+        possible, device leaves in the eviction policy's order (least recently
+        used first under `lru`). With a hierarchical cache a leaf with a host
+        copy stays in the tree on the host only.
 
         Returns the number of tokens evicted (whole leaves, so it may exceed
         the request, or fall short when the rest is locked).
@@ -254,20 +330,76 @@ class RadixCache:
             heap.append((order(leaf), next(tie), leaf))
         heapq.heapify(heap)
         evicted = 0
+        hierarchical = self.hierarchical
         while heap and evicted < num_tokens:
             _, _, leaf = heapq.heappop(heap)
-            if leaf.lock_ref > 0 or leaf.children or leaf.parent is None:
+            if leaf.lock_ref > 0 or leaf.parent is None or not leaf.device or self._has_device_child(leaf):
                 continue
             parent = leaf.parent
-            evicted += self._remove_leaf(leaf)
-            if parent.parent is not None and parent.lock_ref == 0 and not parent.children:
+            if hierarchical and (leaf.backed_up or (self._backup_at_hits is None and self._backup(leaf))):
+                leaf.device = False
+                self.total_tokens -= len(leaf.key)
+                evicted += len(leaf.key)
+            else:
+                evicted += self._remove_leaf(leaf)
+                self.dropped_tokens_total += len(leaf.key) if hierarchical else 0
+            if parent.parent is not None and parent.lock_ref == 0 and not self._has_device_child(parent):
                 heapq.heappush(heap, (order(parent), next(tie), parent))
         self.evicted_tokens_total += evicted
         return evicted
 
+    def evict_host(self, num_tokens: int) -> int:
+        """Drop at least `num_tokens` of host-only KV if possible, host-only
+        leaves least recently used first. Returns the tokens dropped."""
+        heap: list[tuple[int, int, RadixNode]] = []
+        tie = itertools.count()
+        for root in self._roots.values():
+            stack = list(root.children.values())
+            while stack:
+                node = stack.pop()
+                if node.children:
+                    stack.extend(node.children.values())
+                elif not node.device:
+                    heap.append((node.last_access, next(tie), node))
+        heapq.heapify(heap)
+        dropped = 0
+        while heap and dropped < num_tokens:
+            _, _, leaf = heapq.heappop(heap)
+            if leaf.parent is None or leaf.children or leaf.device:
+                continue
+            parent = leaf.parent
+            dropped += self._remove_leaf(leaf)
+            if parent.parent is not None and not parent.device and not parent.children:
+                heapq.heappush(heap, (parent.last_access, next(tie), parent))
+        self.host_evicted_tokens_total += dropped
+        return dropped
+
+    def _backup(self, node: RadixNode) -> bool:
+        """Copy `node`'s KV to the host, dropping host-only leaves for room
+        (never `node`'s own descendants' ancestors: only leaves go). False
+        when the host cannot make room."""
+        need = len(node.key)
+        short = self.host_tokens + need - self.host_capacity_tokens
+        if short > 0 and self.evict_host(short) < short:
+            return False
+        node.backed_up = True
+        self.host_tokens += need
+        self.backup_tokens_total += need
+        return True
+
+    def _has_device_child(self, node: RadixNode) -> bool:
+        if not node.children:
+            return False
+        if not self.hierarchical:
+            return True
+        for child in node.children.values():
+            if child.device:
+                return True
+        return False
+
     def drop_namespace(self, namespace: Namespace) -> int:
         """Free every unlocked token of `namespace` at once (a request's own
-        KV when prefix caching is off). Returns the tokens freed."""
+        KV when prefix caching is off). Returns the device tokens freed."""
         root = self._roots.get(namespace)
         if root is None:
             return 0
@@ -281,7 +413,8 @@ class RadixCache:
             subtree = [node]
             while subtree:
                 dropped = subtree.pop()
-                freed += len(dropped.key)
+                freed += len(dropped.key) if dropped.device else 0
+                self.host_tokens -= len(dropped.key) if dropped.backed_up else 0
                 subtree.extend(dropped.children.values())
             del node.parent.children[self._child_key(node.key)]
             node.parent = None
@@ -291,10 +424,11 @@ class RadixCache:
         return freed
 
     def reset(self) -> None:
-        """Drop everything (SGLang's /flush_cache). Callers ensure nothing is locked."""
+        """Drop everything, host copies too (SGLang's /flush_cache). Callers ensure nothing is locked."""
         self._roots.clear()
         self.total_tokens = 0
         self.protected_tokens = 0
+        self.host_tokens = 0
 
     # ------------------------------------------------------------- internals
 
@@ -356,6 +490,8 @@ class RadixCache:
         # SGLang's _insert_helper: every node on the path takes the highest
         # priority inserted through it, and counts the request as a hit unless
         # it ends within what this request inserted before.
+        hierarchical = self.hierarchical
+        backup_at = self._backup_at_hits
         visit = end
         while visit.parent is not None:
             visit.last_access = now
@@ -363,6 +499,12 @@ class RadixCache:
                 visit.priority = priority
             if visit.depth > inserted:
                 visit.hit_count += 1
+            if hierarchical:
+                if not visit.device:  # the request computed it again on the device
+                    visit.device = True
+                    self.total_tokens += len(visit.key)
+                if backup_at is not None and not visit.backed_up and visit.hit_count >= backup_at:
+                    self._backup(visit)
             visit = visit.parent
         visit.last_access = now
         return PrefixMatch(length=length, node=end)
@@ -378,6 +520,8 @@ class RadixCache:
         upper.lock_ref = child.lock_ref
         upper.hit_count = child.hit_count
         upper.history = child.history
+        upper.device = child.device
+        upper.backed_up = child.backed_up
         parent.children[self._child_key(upper.key)] = upper
         child.key = child.key[at:]
         child.parent = upper
@@ -390,21 +534,35 @@ class RadixCache:
             node = node.parent
 
     def _evictable_leaves(self):
+        """Unlocked device leaves: nodes on the device none of whose children are."""
+        hierarchical = self.hierarchical
         for root in self._roots.values():
             stack = list(root.children.values())
             while stack:
                 node = stack.pop()
-                if node.children:
+                if hierarchical and not node.device:
+                    continue  # its subtree is on the host only
+                if node.children and (not hierarchical or self._has_device_child(node)):
                     stack.extend(node.children.values())
                 elif node.lock_ref == 0:
                     yield node
 
     def _remove_leaf(self, leaf: RadixNode) -> int:
+        """Take `leaf` (and any host-only nodes under it) out of the tree.
+        Returns the device tokens freed, or the host tokens for a host-only leaf."""
         parent = leaf.parent
         assert parent is not None
         del parent.children[self._child_key(leaf.key)]
-        self.total_tokens -= len(leaf.key)
         leaf.parent = None
+        stack = list(leaf.children.values())
+        while stack:  # host-only descendants of a device leaf without a copy
+            below = stack.pop()
+            self.host_tokens -= len(below.key) if below.backed_up else 0
+            stack.extend(below.children.values())
+        if leaf.backed_up:
+            self.host_tokens -= len(leaf.key)
+        if leaf.device:
+            self.total_tokens -= len(leaf.key)
         return len(leaf.key)
 
     def _evict_to_capacity(self) -> None:

@@ -635,7 +635,7 @@ def test_sglang_launch_lines_with_hardware_flags_start_the_simulator():
     """SGLang's test helpers add `--device` to every launch, and launch lines
     carry GPU settings: those flags are accepted, recorded as given (for
     /server_info) and change nothing; flags that would change what is served
-    but are not modelled (`--enable-hierarchical-cache`) are still refused."""
+    but are not modelled (`--enable-dp-attention`, an L3 HiCache tier) are still refused."""
     parser = build_argument_parser()
     args = parser.parse_args(["--device", "cuda", "--tp", "2", "--mem-fraction-static", "0.85",
                               "--trust-remote-code", "--cuda-graph-max-bs", "32", "--disable-cuda-graph",
@@ -648,7 +648,9 @@ def test_sglang_launch_lines_with_hardware_flags_start_the_simulator():
     assert plain.hardware_flags == {}
     assert replace(plain, hardware_flags=config.hardware_flags) == config  # nothing else differs
     with pytest.raises(SystemExit):
-        parser.parse_args(["--enable-hierarchical-cache"])
+        parser.parse_args(["--enable-dp-attention"])
+    with pytest.raises(SystemExit, match="L3 storage tier is not simulated"):
+        configs_from_args(parser.parse_args(["--enable-hicache", "--hicache-storage-backend", "file"]))
     with pytest.raises(SystemExit):
         parser.parse_args(["--mem-fraction-static", "most"])
 

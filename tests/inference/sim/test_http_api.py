@@ -1701,3 +1701,35 @@ def test_a_stop_at_a_line_break_ends_the_reply_there(sim):
             if line.startswith("data: {"))
     assert stopped["finish_reason"] == "stop" and stopped["matched_stop"] == "\n"
     assert stopped["text"] == whole.split("\n")[0] == streamed
+
+
+def test_a_hierarchical_cache_serves_a_prefix_evicted_from_the_device_from_host_memory(sim_factory):
+    """`--enable-hierarchical-cache`: a prompt pushed out of the device pool by
+    others is still a hit, loaded back from the host pool, and `meta_info`
+    says so (`cached_tokens_details`); without the host tier it is a miss.
+    /server_info and /metrics report the tier."""
+    def prompt(first_id: int) -> dict:
+        return {"input_ids": list(range(first_id, first_id + 300)), "sampling_params": {"max_new_tokens": 1}}
+
+    results = {}
+    for flags in (("--enable-hicache", "--hicache-ratio", "4"), ()):
+        server = sim_factory("--max-total-tokens", "1000", *flags)
+        with server.client() as client:
+            client.post("/generate", json=prompt(1000))
+            for first_id in (2000, 3000, 4000, 5000):  # 1,200 tokens more than the device holds
+                client.post("/generate", json=prompt(first_id))
+            again = client.post("/generate", json=prompt(1000)).json()["meta_info"]
+            results[bool(flags)] = (again, client.get("/server_info").json(), client.get("/metrics").text)
+
+    again, info, metrics = results[True]
+    assert again["cached_tokens"] == 299
+    assert again["cached_tokens_details"] == {"device": 0, "host": 299}
+    assert info["enable_hierarchical_cache"] is True and info["hicache_ratio"] == 4.0
+    assert info["hicache_write_policy"] == "write_through"
+    assert 'sglang:hicache_host_total_tokens{tp_rank="0",pp_rank="0",dp_rank="0"} 4000.0' in metrics
+    assert 'sglang:load_back_tokens_total{cache_type="UnifiedRadixCache",tp_rank="0",pp_rank="0",dp_rank="0"} ' \
+           '299.0' in metrics
+
+    again, info, metrics = results[False]
+    assert again["cached_tokens"] == 0 and info["enable_hierarchical_cache"] is False
+    assert "sglang:hicache_host_total_tokens" not in metrics

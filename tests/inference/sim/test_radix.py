@@ -375,3 +375,93 @@ def test_dropping_a_namespace_frees_its_unlocked_tokens():
     assert cache.total_tokens == 3 and cache.match_prefix([1, 2, 3], namespace="b").length == 3
     assert cache.drop_namespace("missing") == 0
     _assert_accounting(cache)
+
+
+def _assert_tiers(cache: RadixCache) -> None:
+    """HiCache accounting: device tokens, host copies, residency closed under ancestors."""
+    device = host = 0
+    for root in cache._roots.values():
+        stack = [(child, True) for child in root.children.values()]
+        while stack:
+            node, parent_on_device = stack.pop()
+            assert parent_on_device or not node.device, "a resident node's ancestors are resident"
+            assert node.device or node.backed_up, "a node off the device has a host copy"
+            assert node.lock_ref == 0 or node.device, "locked KV is on the device"
+            device += len(node.key) if node.device else 0
+            host += len(node.key) if node.backed_up else 0
+            stack.extend((child, node.device) for child in node.children.values())
+    assert cache.total_tokens == device <= cache.capacity_tokens
+    assert cache.host_tokens == host <= cache.host_capacity_tokens
+
+
+def test_hierarchical_cache_keeps_evicted_prefixes_on_the_host_and_loads_them_back():
+    # given a device pool of 10 tokens over a host pool of 30, copying at first use
+    cache = RadixCache(capacity_tokens=10, host_capacity_tokens=30, write_policy="write_through")
+    first, second = [1, 2, 3, 4, 5, 6, 7, 8], [9, 9, 8, 8, 7, 7, 6, 6]
+    cache.insert(first)
+    assert cache.host_tokens == 8 and cache.backup_tokens_total == 8
+
+    # when another sequence takes the device
+    cache.insert(second)
+    _assert_tiers(cache)
+
+    # then the first is on the host only: no device hit, a host hit
+    match = cache.match_prefix(first + [10])
+    assert (match.length, match.host_length) == (0, 8)
+    assert cache.evicted_tokens_total == 8 and cache.dropped_tokens_total == 0
+
+    # when it is loaded back and locked, the other is evicted in its turn (also to the host)
+    loaded = cache.load_back(match)
+    cache.lock(loaded.node)
+    cache.set_capacity(10)
+    assert (loaded.length, cache.load_back_tokens_total) == (8, 8)
+    assert cache.match_prefix(first).length == 8
+    assert cache.match_prefix(second).host_length == 8
+    _assert_tiers(cache)
+    cache.unlock(loaded.node)
+
+    # and a flush drops both tiers
+    cache.reset()
+    assert (cache.total_tokens, cache.host_tokens) == (0, 0)
+    assert cache.match_prefix(first).host_length == 0
+
+
+def test_hierarchical_cache_write_policies_and_a_full_host():
+    """write_back copies at eviction, write_through_selective from the second
+    use (a sequence used once is dropped); a full host drops its least recently
+    used host-only leaves; an insert through a host-only path makes it resident."""
+    back = RadixCache(capacity_tokens=8, host_capacity_tokens=16, write_policy="write_back")
+    back.insert([1, 2, 3, 4, 5, 6])
+    assert back.host_tokens == 0
+    back.insert([7, 7, 7, 7, 7, 7])
+    assert back.match_prefix([1, 2, 3, 4, 5, 6]).host_length == 6 and back.backup_tokens_total == 6
+    _assert_tiers(back)
+
+    selective = RadixCache(capacity_tokens=8, host_capacity_tokens=16, write_policy="write_through_selective")
+    selective.insert([1, 2, 3, 4, 5, 6])
+    selective.insert([1, 2, 3, 4, 5, 6, 8])  # a second request through the same prefix
+    selective.insert([7, 7, 7, 7, 7, 7])
+    assert selective.match_prefix([1, 2, 3, 4, 5, 6]).host_length == 6
+    selective.insert([5, 5, 5, 5, 5, 5])  # used once: not copied, so dropped when evicted
+    selective.insert([4, 4, 4, 4, 4, 4])
+    assert selective.match_prefix([7, 7, 7, 7, 7, 7]).host_length == 0
+    assert selective.dropped_tokens_total > 0
+    _assert_tiers(selective)
+
+    full = RadixCache(capacity_tokens=6, host_capacity_tokens=12)
+    sequences = [[n] * 6 for n in (1, 2, 3, 4)]
+    for sequence in sequences:
+        full.insert(sequence)
+    # the host's 12 tokens hold the last two, one of them also on the device
+    # (write-through copies what is resident too); older host-only copies went for room
+    assert [(full.match_prefix(s).length, full.match_prefix(s).host_length) for s in sequences] == [
+        (0, 0), (0, 0), (0, 6), (6, 0)]
+    assert full.host_evicted_tokens_total == 12
+    _assert_tiers(full)
+
+    # an insert that extends a host-only prefix makes the whole path resident
+    full.set_capacity(20)
+    full.insert(sequences[2] + [9, 9])
+    match = full.match_prefix(sequences[2] + [9, 9])
+    assert (match.length, match.host_length) == (8, 0)
+    _assert_tiers(full)
