@@ -42,6 +42,9 @@ class BackendState:
     # KV cache capacity in tokens (`max_total_num_tokens` of GET /server_info);
     # 0 until read. Cache-aware routing sizes its picture of the cache by it.
     kv_tokens: int = 0
+    # What its prefix cache can serve from, in tokens: `kv_tokens`, or more with a
+    # hierarchical cache's host tier (sglang.hicache_cache_tokens); 0 until read.
+    cache_tokens: int = 0
     # False when GET /server_info said `disable_radix_cache`: it reuses no prefix,
     # so cache-aware routing has nothing to keep together there.
     prefix_cache: bool = True

@@ -222,7 +222,7 @@ class GatewayRuntime:
             backend_capacity(self.session, ranks[0], timeout=settings.GATEWAY_HEALTH_TIMEOUT_SECONDS)
             for ranks in servers.values()
         ))
-        for (base_url, before), (tokens, dp_size, prefix_cache) in zip(servers.items(), infos):
+        for (base_url, before), (tokens, dp_size, prefix_cache, cache_tokens) in zip(servers.items(), infos):
             if not tokens:
                 continue
             size = dp_size if settings.GATEWAY_DATA_PARALLEL_RANKS else 1
@@ -234,6 +234,7 @@ class GatewayRuntime:
             for backend in self.registry.backends():
                 if backend.base_url == base_url:
                     backend.kv_tokens, backend.prefix_cache = tokens, prefix_cache
+                    backend.cache_tokens = cache_tokens if settings.GATEWAY_HIERARCHICAL_CACHE else tokens
 
     async def _health_check_loop(self) -> None:
         """Active checks: GET /health of every server, every GATEWAY_HEALTH_CHECK_SECONDS

@@ -114,6 +114,28 @@ class ServerCapacity(NamedTuple):
     kv_tokens: int  # 0: unknown
     dp_size: int  # 0: unknown
     prefix_cache: bool
+    # What its prefix cache can serve from, in tokens: `kv_tokens`, or with a
+    # hierarchical cache (HiCache) what its host tier adds (0: unknown).
+    cache_tokens: int = 0
+
+
+def hicache_cache_tokens(info: dict, kv_tokens: int) -> int:
+    """The tokens of prefix a server with `kv_tokens` of KV can serve from
+    cache, from its /server_info: with `enable_hierarchical_cache`, its host
+    pool too, sized as `hicache_ratio` × the device pool (a `hicache_size` in
+    GB cannot be turned into tokens without the model's KV size, and SGLang
+    reports the ratio either way). Write-through copies what is on the device
+    to the host as well, so the host pool bounds the whole; write-back copies
+    only what leaves the device, so the pools add up."""
+    if info.get("enable_hierarchical_cache") is not True:
+        return kv_tokens
+    ratio = info.get("hicache_ratio")
+    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not ratio > 0:
+        ratio = 2.0  # SGLang's default
+    host = int(kv_tokens * ratio)
+    if info.get("hicache_write_policy") == "write_back":
+        return kv_tokens + host
+    return max(kv_tokens, host)
 
 
 async def backend_capacity(session: aiohttp.ClientSession, backend: BackendState, *,
@@ -122,7 +144,8 @@ async def backend_capacity(session: aiohttp.ClientSession, backend: BackendState
     data-parallel ranks and whether it caches prefixes, from SGLang's GET
     /server_info (`/get_server_info` on releases before it):
     `max_total_num_tokens`, at the top level (older releases) or in
-    `internal_states[0]`; `dp_size`; `disable_radix_cache`. (0, 0, True) when
+    `internal_states[0]`; `dp_size`; `disable_radix_cache`; and the tokens its
+    prefix cache can serve from (`hicache_cache_tokens`). (0, 0, True, 0) when
     it cannot be read; a `dp_size` absent or not a positive integer counts as 1."""
     info = await _get_json_first(session, backend, ("/server_info", "/get_server_info"), timeout=timeout)
     if not isinstance(info, dict):
@@ -133,8 +156,9 @@ async def backend_capacity(session: aiohttp.ClientSession, backend: BackendState
         value = states[0].get("max_total_num_tokens")
     dp_size = info.get("dp_size")
     dp_size = dp_size if isinstance(dp_size, int) and not isinstance(dp_size, bool) and dp_size > 0 else 1
-    return ServerCapacity(value if isinstance(value, int) and value > 0 else 0, dp_size,
-                          info.get("disable_radix_cache") is not True)
+    tokens = value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
+    return ServerCapacity(tokens, dp_size, info.get("disable_radix_cache") is not True,
+                          hicache_cache_tokens(info, tokens))
 
 
 

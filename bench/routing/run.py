@@ -66,8 +66,11 @@ TARGETS = {
     # Only with --dp-size > 1 (not run unless asked for): each server one backend.
     "cache_aware_dp_unseen": ("cache_aware, ranks unseen", "gateway", "cache_aware", 1,
                               {"GATEWAY_DATA_PARALLEL_RANKS": "0"}),
+    # Only with --hicache-ratio (not run unless asked for): the host pools unseen.
+    "cache_aware_host_unseen": ("cache_aware, host pools unseen", "gateway", "cache_aware", 1,
+                                {"GATEWAY_HIERARCHICAL_CACHE": "0"}),
 }
-DEFAULT_TARGETS = [name for name in TARGETS if name != "cache_aware_dp_unseen"]
+DEFAULT_TARGETS = [name for name in TARGETS if name not in ("cache_aware_dp_unseen", "cache_aware_host_unseen")]
 # Targets run again on each of --more-seeds: every goal compares cache_aware with one
 # of the others, and one seed is one draw of the workload.
 SEED_TARGETS = ("round_robin", "least_outstanding", "cache_aware", "sgl_router")
@@ -717,6 +720,9 @@ def parse_args() -> argparse.Namespace:
                         help="KV capacity of each simulator (of each rank with --dp-size), tokens")
     parser.add_argument("--dp-size", type=int, default=1,
                         help="data-parallel ranks of each simulator, each with its own scheduler and cache")
+    parser.add_argument("--hicache-ratio", type=float, default=0.0,
+                        help="give each simulator a hierarchical cache (HiCache) whose host pool is this many "
+                             "times its KV pool (0: none)")
     parser.add_argument("--radix-eviction-policy", default="lru",
                         help="the simulators' --radix-eviction-policy (SGLang's: lru, lfu, slru, priority, tlru)")
     parser.add_argument("--radix-eviction-policy-config", default=None, metavar="JSON",
@@ -775,6 +781,8 @@ def main() -> int:
         sim_flags += ["--radix-eviction-policy", args.radix_eviction_policy]
     if args.radix_eviction_policy_config is not None:
         sim_flags += ["--radix-eviction-policy-config", args.radix_eviction_policy_config]
+    if args.hicache_ratio > 0:
+        sim_flags += ["--enable-hierarchical-cache", "--hicache-ratio", str(args.hicache_ratio)]
 
     def on_term(signum, frame):
         raise KeyboardInterrupt
@@ -931,6 +939,7 @@ def main() -> int:
                 f"--radix-eviction-policy {args.radix_eviction_policy}"
                 + (f" --radix-eviction-policy-config '{args.radix_eviction_policy_config}'"
                    if args.radix_eviction_policy_config is not None else "")
+                + (f" --enable-hierarchical-cache --hicache-ratio {args.hicache_ratio}" if args.hicache_ratio > 0 else "")
                 + ", same --seed (identical replies on every backend)")
     meta = {
         "backends": args.backends, "concurrency": args.concurrency, "workload": spec.describe(),

@@ -149,6 +149,10 @@ GATEWAY_ROUTING_HOME_TTL_SECONDS = env_int("GATEWAY_ROUTING_HOME_TTL_SECONDS", 3
 # is routed to rank by rank, each request naming its rank; off: as one backend,
 # which hands requests to its ranks itself (SGLang: round robin).
 GATEWAY_DATA_PARALLEL_RANKS = env_bool("GATEWAY_DATA_PARALLEL_RANKS", True)
+# Cache-aware routing pictures a backend with a hierarchical cache (SGLang's
+# HiCache: `enable_hierarchical_cache` in /server_info) as holding what its host
+# pool holds too; 0 pictures only its KV pool on the device.
+GATEWAY_HIERARCHICAL_CACHE = env_bool("GATEWAY_HIERARCHICAL_CACHE", True)
 # Usage events: each gateway process appends them to a spool file in this folder
 # (fsynced every GATEWAY_USAGE_FLUSH_SECONDS); a shipper process stores them in
 # PostgreSQL ("embedded": the gateway starts it; "off": run

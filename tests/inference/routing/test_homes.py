@@ -186,12 +186,32 @@ def test_backend_kv_capacity_is_read_from_server_info(homes_pool, live_tmp):
         async with aiohttp.ClientSession() as session:
             return await backend_capacity(session, BackendState(url), timeout=2.0)
 
-    # its KV tokens, one data-parallel rank, a prefix cache
-    assert asyncio.run(read(homes_pool[0].url)) == (50_000, 1, True)
+    # its KV tokens, one data-parallel rank, a prefix cache, serving from its KV
+    assert asyncio.run(read(homes_pool[0].url)) == (50_000, 1, True, 50_000)
     # nothing listening: 0 (unknown), at once
-    assert asyncio.run(read(f"http://127.0.0.1:{free_port()}")) == (0, 0, True)
+    assert asyncio.run(read(f"http://127.0.0.1:{free_port()}")) == (0, 0, True, 0)
     uncached = sim_start(live_tmp, "homes-llm", "--disable-radix-cache", "--dp-size", "2")
+    # a hierarchical cache (HiCache) serves prefixes from its host pool too
+    tiered = sim_start(live_tmp, "homes-llm", "--max-total-tokens", "20000", "--enable-hierarchical-cache",
+                       "--hicache-ratio", "3")
     try:
-        assert asyncio.run(read(uncached.url))[1:] == (2, False)
+        assert asyncio.run(read(uncached.url))[1:3] == (2, False)
+        assert asyncio.run(read(tiered.url)) == (20_000, 1, True, 60_000)
     finally:
         process_stop(uncached.process)
+        process_stop(tiered.process)
+
+
+def test_what_a_hierarchical_cache_serves_from_is_read_from_its_write_policy():
+    from inference.sglang import hicache_cache_tokens
+
+    assert hicache_cache_tokens({"enable_hierarchical_cache": False, "hicache_ratio": 2.0}, 1_000) == 1_000
+    # write-through copies the device's KV to the host too: the host pool bounds it
+    assert hicache_cache_tokens({"enable_hierarchical_cache": True, "hicache_ratio": 2.5,
+                                 "hicache_write_policy": "write_through"}, 1_000) == 2_500
+    assert hicache_cache_tokens({"enable_hierarchical_cache": True, "hicache_ratio": 0.5}, 1_000) == 1_000
+    # write-back keeps on the host only what left the device: the pools add up
+    assert hicache_cache_tokens({"enable_hierarchical_cache": True, "hicache_ratio": 2.0,
+                                 "hicache_write_policy": "write_back"}, 1_000) == 3_000
+    # a ratio missing or malformed: SGLang's default, 2
+    assert hicache_cache_tokens({"enable_hierarchical_cache": True, "hicache_ratio": "x"}, 1_000) == 2_000

@@ -264,6 +264,11 @@ def test_cache_aware_tree_is_sized_by_the_backends_kv_capacity(pool):
     assert policy.tree_chars_limit(pool.name, backend) == 30_000
     policy.usage_observe(pool.name, key_chars=40, prompt_tokens=10)  # too short to count
     assert policy.tree_chars_limit(pool.name, backend) == 30_000
+    # a hierarchical cache's host tier widens the picture, not the KV the in-flight requests fill
+    backend.cache_tokens = 15_000
+    assert policy.tree_chars_limit(pool.name, backend) == 90_000
+    assert policy.kv_chars_limit(pool.name, backend) == 30_000
+    backend.cache_tokens = 0
     # and the tree evicts down to it
     for index in range(30):
         key = chat_key(f"conversation {index} " + "words " * 300)
@@ -449,7 +454,7 @@ def test_cache_aware_new_conversation_skips_a_holder_without_kv_room(pool):
     policy.observe(pool, backends["http://a"], chat_key("earlier " + "q " * 30))
     _capacity(pool, 1_000)
     new = chat_key("new " + "q " * 30)
-    room = policy.tree_chars_limit(pool.name, backends["http://a"]) - key_footprint(new)
+    room = policy.kv_chars_limit(pool.name, backends["http://a"]) - key_footprint(new)
     # when a's requests in flight leave just enough room: the new conversation joins a
     backends["http://a"].outstanding_chars = room
     assert policy.pick(pool, new) is backends["http://a"]
@@ -527,6 +532,23 @@ def test_cache_aware_a_saturated_home_is_kept_when_no_backend_has_room_or_when_d
             backend.load_report(waiting=others[0], kv_usage=others[1], running=3)
         home.load_report(waiting=4, kv_usage=0.97, running=3)
         assert policy.pick(pool, later) is home, (saturated_waiting, others)
+
+
+def test_cache_aware_a_saturated_home_with_a_host_tier_keeps_its_conversations(pool):
+    """A home with a hierarchical cache (HiCache) keeps the histories its KV
+    pool evicts in host memory and loads them back: its later turns stay,
+    however full its KV, while it is within the load bound."""
+    policy = CacheAware(conversation_affinity=True, bounded_load_epsilon=0.5, bounded_load_slack=2)
+    home = send(policy, pool, chat_key("my question " + "q " * 30))
+    finish(home)
+    later = chat_key("my question " + "q " * 30, "an answer", "a follow-up")
+    for backend in pool.backends:
+        backend.kv_tokens = backend.cache_tokens = 64_000
+        backend.load_report(waiting=0, kv_usage=0.5, running=3)
+    home.load_report(waiting=4, kv_usage=0.97, running=3)
+    assert policy.pick(pool, later) is not home  # device pool only: it leaves
+    home.cache_tokens = 96_000
+    assert policy.pick(pool, later) is home
 
 
 def test_backend_state_counts_requests_and_footprints_together():
