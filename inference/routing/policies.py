@@ -455,14 +455,18 @@ class CacheAware:
         footprint of a request in flight, or that are not yet full: their
         footprints plus this one within `kv_balance_floor` of their capacity
         and their reported KV use (`BackendState.kv_usage`) under
-        `kv_balance_reported_floor`; all of them when none is."""
+        `kv_balance_reported_floor`; all of them when none is. The balance is
+        skipped when every candidate has a hierarchical cache: it exists to keep
+        histories between turns, which a host tier keeps (bench/routing
+        `--max-total-tokens 64000 --hicache-ratio 1.5`, alternated runs:
+        87.0, 87.0, 87.1 % hit rate without it against 86.8, 86.8, 87.1, 86.8 %)."""
         limits = {b.url: self.kv_chars_limit(model_name, b) for b in candidates if b.kv_tokens}
         roomy = candidates
         if self.kv_fill is not None:
             roomy = [b for b in candidates
                      if b.url not in limits or b.outstanding_chars + footprint <= self.kv_fill * limits[b.url]]
             roomy = roomy or candidates
-        if self.kv_balance_epsilon is None or len(roomy) < 2:
+        if self.kv_balance_epsilon is None or len(roomy) < 2 or all(b.cache_tokens > b.kv_tokens for b in roomy):
             return roomy, roomy
         total = sum(b.outstanding_chars for b in candidates) + footprint
         mean = total / len(candidates)

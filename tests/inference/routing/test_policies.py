@@ -600,6 +600,13 @@ def test_cache_aware_new_conversation_avoids_a_backend_whose_footprints_outgrow_
     home.kv_usage = 0.95
     home.outstanding_chars = 200
     assert policy.pick(pool, new) is home
+    # backends with a hierarchical cache keep their conversations' histories in
+    # host memory whatever their KV holds: the holder takes it, within the load bound
+    home.kv_usage, home.outstanding_chars = 0.8, 2_800
+    assert policy.pick(pool, new) is not home
+    for backend in pool.backends:
+        backend.cache_tokens = 2 * backend.kv_tokens
+    assert policy.pick(pool, new) is home
 
 
 def test_cache_aware_kv_balance_gives_way_when_no_backend_is_within_it_or_when_disabled(pool):
