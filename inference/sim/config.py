@@ -89,6 +89,8 @@ class ServerConfig:
     # --skip-tokenizer-init: /generate takes input_ids only and answers output ids
     # without text, as a server launched without its tokenizer does.
     skip_tokenizer_init: bool = False
+    # --enable-streaming-session: /open_session may open streaming sessions (sessions.Sessions).
+    enable_streaming_session: bool = False
     # --weight-version: the version the served weights report (meta_info,
     # /model_info) until an update sets another; --known-model-paths: model
     # paths /update_weights_from_disk may load besides --model-path and existing
@@ -367,6 +369,8 @@ def build_argument_parser() -> argparse.ArgumentParser:
     parser.add_argument("--radix-eviction-policy-config", default=None, metavar="JSON",
                         help='the policy\'s settings: slru {"protected_threshold": 2}, '
                              'tlru {"threshold": 4096, "next_prompt_estimate": 512}')
+    parser.add_argument("--enable-streaming-session", action="store_true",
+                        help="let /open_session open streaming sessions (append-only, one request at a time)")
     parser.add_argument("--enable-hierarchical-cache", "--enable-hicache", dest="enable_hierarchical_cache",
                         action="store_true",
                         help="a host-memory tier under the prefix cache: evicted prefixes stay on the host and "
@@ -614,6 +618,7 @@ def configs_from_args(args: argparse.Namespace) -> tuple[ServerConfig, RuntimeSe
         page_size=args.page_size,
         radix_eviction_policy=args.radix_eviction_policy,
         radix_eviction_policy_config=policy_config,
+        enable_streaming_session=args.enable_streaming_session,
         enable_hierarchical_cache=args.enable_hierarchical_cache,
         hicache_ratio=hicache_ratio,
         hicache_size=args.hicache_size,

@@ -1485,6 +1485,10 @@ class SimEngine:
     def active_rids(self) -> list[str]:
         return [running.rid for running in self._active]
 
+    def find_active(self, rid: str) -> RunningRequest | None:
+        """The request in flight (admitted, not finalized) with this rid."""
+        return next((running for running in self._active if running.rid == rid), None)
+
     def running_tokens(self) -> int:
         """Tokens (prompt + generated) held by running requests."""
         return sum(running.prompt_tokens + running.completion_tokens for running in self._running)

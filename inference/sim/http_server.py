@@ -45,6 +45,7 @@ from .embedding import (
 )
 from .data_parallel import DataParallel
 from .engine import GenerationRequest, InjectedFailure, RequestRejected, RunningRequest, SimEngine, Step
+from .sessions import SessionError, Sessions
 from .lora import LoraError
 from .tools import CallStream
 from .metrics import SchedulerGauges, render_prometheus
@@ -339,6 +340,44 @@ class GenerationHandlers:
         self.dp = dp
         self.engine = dp.ranks[0]  # embeddings and the adapters' names
         self.config = config
+        self.sessions = Sessions(streaming_enabled=config.enable_streaming_session)
+
+    async def open_session(self, request: web.Request) -> web.Response:
+        """SGLang's /open_session: the new session's id, a JSON string."""
+        try:
+            return _json(self.sessions.open(await _read_json_body(request, require_json_content_type=False)))
+        except SessionError as error:
+            return _json({"error": {"message": str(error)}}, status=400)
+
+    async def close_session(self, request: web.Request) -> web.Response:
+        try:
+            self.sessions.close(await _read_json_body(request, require_json_content_type=False))
+        except SessionError as error:
+            return _json({"error": {"message": str(error)}}, status=400)
+        return web.Response(status=200)
+
+    def _session_input(self, params, rid: str, input_ids: list[int]) -> list[int]:
+        """A session request's whole input; the session requests it replaces are aborted."""
+        plan = self.sessions.plan(params, rid=rid, input_ids=input_ids, output_so_far=self._output_so_far)
+        for replaced in plan.abort_rids:
+            self.dp.abort(rid=replaced, abort_all=False)
+        return plan.input_ids
+
+    def _output_so_far(self, rid: str) -> list[int]:
+        running = next(filter(None, (engine.find_active(rid) for engine in self.dp.ranks)), None)
+        return list(running.output_ids) if running is not None else []
+
+    def _session_ended(self, parsed: NativeRequest, runnings: list[RunningRequest] | None) -> None:
+        """What a session request ended with is what the session continues from."""
+        if "session_params" not in parsed.body_keys:
+            return
+        if runnings:
+            for running in runnings:
+                reason = running.finish_reason or {}
+                self.sessions.finished(running.rid, running.output_ids, completed=reason.get("type") != "abort")
+        else:
+            for generation in parsed.generations:
+                self.sessions.finished(generation.rid, [], completed=False)
 
     async def _admit_openai(self, generation) -> RunningRequest:
         return await self._openai_answered(self.dp.admit(generation))
@@ -708,9 +747,16 @@ class GenerationHandlers:
         await self.dp.weights.admission()  # behind a pending weight update
         parsed = parse_generate_request(await _read_json_body(request, require_json_content_type=False),
                                         reasoning_parser=self.config.reasoning_parser,
-                                        skip_tokenizer_init=self.config.skip_tokenizer_init)
+                                        skip_tokenizer_init=self.config.skip_tokenizer_init,
+                                        session_input=self._session_input)
+        try:
+            return await self._generate(request, parsed)
+        finally:
+            self._session_ended(parsed, parsed.runnings)
+
+    async def _generate(self, request: web.Request, parsed: NativeRequest) -> web.StreamResponse:
         if not parsed.stream:
-            runnings = await self._start_native(parsed)
+            runnings = parsed.runnings = await self._start_native(parsed)
             try:
                 if parsed.single:
                     return await self._generate_unary(runnings[0])
@@ -723,7 +769,7 @@ class GenerationHandlers:
         # request, so a rejection arrives as an SSE error event; injected
         # failures are still answered (500) before any byte.
         try:
-            runnings = await self._start_native(parsed)
+            runnings = parsed.runnings = await self._start_native(parsed)
         except ApiError as error:
             if error.status == 500:
                 raise
@@ -948,6 +994,7 @@ class InfoHandlers:
             "disable_radix_cache": config.disable_radix_cache,
             "radix_eviction_policy": config.radix_eviction_policy,
             "radix_eviction_policy_config": config.radix_eviction_policy_config,
+            "enable_streaming_session": config.enable_streaming_session,
             "enable_hierarchical_cache": config.enable_hierarchical_cache,
             "hicache_ratio": config.hicache_ratio,
             "hicache_size": config.hicache_size,
@@ -1274,6 +1321,10 @@ def build_app(*, config: ServerConfig, settings: RuntimeSettings) -> web.Applica
     router.add_post("/v1/chat/completions", generation.chat_completions)
     router.add_post("/v1/completions", generation.completions)
     router.add_post("/v1/embeddings", generation.embeddings)
+    for path in ("/open_session", "/close_session"):
+        handler = generation.open_session if path == "/open_session" else generation.close_session
+        router.add_route("GET", path, handler)
+        router.add_route("POST", path, handler)
     router.add_post("/encode", generation.encode)
     router.add_put("/encode", generation.encode)
     router.add_get("/v1/models", info.list_models)

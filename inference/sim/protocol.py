@@ -22,6 +22,7 @@ import re
 import time
 import uuid
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from http import HTTPStatus
 from typing import Any
@@ -670,6 +671,9 @@ class NativeRequest:
     # not compile, a logprob_start_len past the prompt. A stream is already open
     # by then, so the route answers it as the stream's error event.
     refusal: str | None = None
+    # The request body's top-level keys, and the requests it started (set by the route).
+    body_keys: frozenset = frozenset()
+    runnings: list | None = None
 
     @property
     def stream(self) -> bool:
@@ -755,11 +759,15 @@ SKIP_TOKENIZER_TEXT_MESSAGE = (
 
 
 def parse_generate_request(body: Any, *, reasoning_parser: str | None = None,
-                           skip_tokenizer_init: bool = False) -> NativeRequest:
+                           skip_tokenizer_init: bool = False,
+                           session_input: Callable[[Any, str, list[int]], list[int]] | None = None) -> NativeRequest:
     """GenerateReqInput: `text` a string or a list (a batch), or `input_ids` a
     list of ids or of id lists; `sampling_params` one object or one per prompt
     (all with the same `n`); `rid`, `lora_path`, `cache_salt` and `extra_key`
     one value or one per prompt. With n > 1 even a single prompt is a batch.
+    `session_params` (one prompt only): `session_input(params, rid, ids)`
+    gives the whole input the session makes of the prompt, or raises
+    ValueError with why the session refuses it (the request is then refused).
     `require_reasoning` on a reasoning model (`reasoning_parser`): the reply
     opens with its think block, which meta_info's reasoning_tokens counts
     through the end tag, as SGLang's scheduler does."""
@@ -838,6 +846,9 @@ def parse_generate_request(body: Any, *, reasoning_parser: str | None = None,
     generations = []
     greedy = []
     refusals = []
+    in_session = body.get("session_params") is not None and session_input is not None
+    if in_session and (len(prompts) != 1 or n != 1):
+        raise native_error("session_params is supported for a single prompt and n = 1 only.")
     priority = None
     try:
         priority = _priority(fields)
@@ -860,9 +871,8 @@ def parse_generate_request(body: Any, *, reasoning_parser: str | None = None,
         except ValueError as error:
             refusals.append(str(error))
         start = logprobs[index].start if logprobs[index] is not None else -1
-        if start > len(prompt_ids):
-            refusals.append(f"req.logprob_start_len={start} is higher than the number of input tokens "
-                            f"len(req.origin_input_ids)={len(prompt_ids)}. Please use a smaller logprob_start_len.")
+        if start > len(prompt_ids) and not in_session:
+            refusals.append(_logprob_start_refusal(start, prompt_ids))
         stream_interval = fields.optional_int("stream_interval", source=params)  # unchecked in SGLang too
         generations.append(GenerationRequest(
             rid=rids[index],
@@ -891,8 +901,22 @@ def parse_generate_request(body: Any, *, reasoning_parser: str | None = None,
         if reasoning is not None and (thinking := thinking_for(reasoning, {}, _prompt_seed(prompt_ids))):
             generations[-1] = replace(generations[-1], preamble=thinking.preamble,
                                       reasoning_tokens=thinking.reasoning_tokens)
+    if in_session:  # last: nothing may refuse it unseen once the session has recorded it
+        try:
+            whole = session_input(body["session_params"], rids[0], prompts[0])
+            generations[0] = replace(generations[0], prompt_ids=whole)
+            start = logprobs[0].start if logprobs[0] is not None else -1
+            if start > len(whole):
+                refusals.append(_logprob_start_refusal(start, whole))
+        except ValueError as error:
+            refusals.insert(0, str(error))
     return NativeRequest(generations=generations, n=n, greedy=greedy, single=single,
-                         refusal=refusals[0] if refusals else None)
+                         refusal=refusals[0] if refusals else None, body_keys=frozenset(body))
+
+
+def _logprob_start_refusal(start: int, prompt_ids: list[int]) -> str:
+    return (f"req.logprob_start_len={start} is higher than the number of input tokens "
+            f"len(req.origin_input_ids)={len(prompt_ids)}. Please use a smaller logprob_start_len.")
 
 
 # ------------------------------------------------------------------ native responses
