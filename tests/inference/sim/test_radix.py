@@ -465,3 +465,63 @@ def test_hierarchical_cache_write_policies_and_a_full_host():
     match = full.match_prefix(sequences[2] + [9, 9])
     assert (match.length, match.host_length) == (8, 0)
     _assert_tiers(full)
+
+
+@pytest.mark.parametrize("policy", ["write_through", "write_through_selective", "write_back"])
+@pytest.mark.parametrize("page_size", [1, 4])
+def test_hierarchical_cache_keeps_its_accounting_through_random_traffic(policy, page_size):
+    """Inserts, matches, loads back, locks and unlocks at random over a few
+    shared prefixes: the device and host counters always match the tree,
+    residency stays closed under ancestors, and a match never reports more
+    than was inserted."""
+    import random
+
+    rng = random.Random(f"{policy}-{page_size}")
+    cache = RadixCache(capacity_tokens=96, host_capacity_tokens=160, write_policy=policy, page_size=page_size)
+    prefixes = [[base + i for i in range(rng.randrange(8, 24))] for base in (100, 200, 300)]
+    locked = []
+    for _ in range(600):
+        sequence = rng.choice(prefixes) + [rng.randrange(1000, 1010) for _ in range(rng.randrange(0, 20))]
+        action = rng.random()
+        if action < 0.45:
+            cache.insert(sequence)
+        elif action < 0.8:
+            match = cache.match_prefix(sequence)
+            assert match.length + match.host_length <= len(sequence)
+            assert (match.length + match.host_length) % page_size == 0
+            if match.host_length and rng.random() < 0.7:
+                match = cache.load_back(match)
+                assert match.host_length == 0
+            if rng.random() < 0.3:
+                cache.lock(match.node)
+                locked.append(match.node)
+            cache.set_capacity(96)
+        elif locked:
+            cache.unlock(locked.pop(rng.randrange(len(locked))))
+        _assert_tiers_unbounded(cache)
+    for node in locked:
+        cache.unlock(node)
+    cache.set_capacity(96)
+    _assert_tiers(cache)
+    _assert_accounting_devices(cache)
+
+
+def _assert_tiers_unbounded(cache: RadixCache) -> None:
+    """_assert_tiers while locks may hold the device over its capacity."""
+    capacity = cache.capacity_tokens
+    cache.capacity_tokens = max(capacity, cache.total_tokens)
+    try:
+        _assert_tiers(cache)
+    finally:
+        cache.capacity_tokens = capacity
+
+
+def _assert_accounting_devices(cache: RadixCache) -> None:
+    protected = 0
+    for root in cache._roots.values():
+        stack = list(root.children.values())
+        while stack:
+            node = stack.pop()
+            protected += len(node.key) if node.lock_ref > 0 else 0
+            stack.extend(node.children.values())
+    assert cache.protected_tokens == protected == 0
