@@ -369,8 +369,6 @@ class GenerationHandlers:
 
     def _session_ended(self, parsed: NativeRequest, runnings: list[RunningRequest] | None) -> None:
         """What a session request ended with is what the session continues from."""
-        if "session_params" not in parsed.body_keys:
-            return
         if runnings:
             for running in runnings:
                 reason = running.finish_reason or {}
@@ -749,6 +747,8 @@ class GenerationHandlers:
                                         reasoning_parser=self.config.reasoning_parser,
                                         skip_tokenizer_init=self.config.skip_tokenizer_init,
                                         session_input=self._session_input)
+        if not parsed.in_session:
+            return await self._generate(request, parsed)
         try:
             return await self._generate(request, parsed)
         finally:

@@ -671,8 +671,8 @@ class NativeRequest:
     # not compile, a logprob_start_len past the prompt. A stream is already open
     # by then, so the route answers it as the stream's error event.
     refusal: str | None = None
-    # The request body's top-level keys, and the requests it started (set by the route).
-    body_keys: frozenset = frozenset()
+    # It continues a session (`session_params`); the requests it started (set by the route).
+    in_session: bool = False
     runnings: list | None = None
 
     @property
@@ -911,7 +911,7 @@ def parse_generate_request(body: Any, *, reasoning_parser: str | None = None,
         except ValueError as error:
             refusals.insert(0, str(error))
     return NativeRequest(generations=generations, n=n, greedy=greedy, single=single,
-                         refusal=refusals[0] if refusals else None, body_keys=frozenset(body))
+                         refusal=refusals[0] if refusals else None, in_session=in_session)
 
 
 def _logprob_start_refusal(start: int, prompt_ids: list[int]) -> str:

@@ -66,8 +66,7 @@ from __future__ import annotations
 import heapq
 import itertools
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any, Hashable, Sequence
+from typing import Any, Hashable, NamedTuple, Sequence
 
 Namespace = Hashable
 
@@ -110,8 +109,7 @@ class RadixNode:
         return f"RadixNode(len={len(self.key)}, lock_ref={self.lock_ref}, children={len(self.children)})"
 
 
-@dataclass(frozen=True, slots=True)
-class PrefixMatch:
+class PrefixMatch(NamedTuple):
     """`length` tokens of the query are cached on the device; `node` ends
     exactly there. With a hierarchical cache, `host_length` more are cached on
     the host only, ending at `host_node`."""
