@@ -59,6 +59,15 @@ class BackendState:
     running: int = -1
     outstanding_at_report: int = 0
 
+    @property
+    def host_tier(self) -> bool:
+        """Its prefix cache has a host tier (SGLang's HiCache), as last read."""
+        return 0 < self.kv_tokens < self.cache_tokens
+
+    def capacity_forget(self) -> None:
+        """What was read of its capacity is stale (it may have restarted): read it again."""
+        self.kv_tokens = self.cache_tokens = 0
+
     def __post_init__(self) -> None:
         if not self.base_url:
             self.base_url = self.url

@@ -258,7 +258,7 @@ class GatewayRuntime:
                             # It may have restarted: its prefix cache is empty, its capacity
                             # (and data-parallel ranks) new.
                             self.completions.backend_forget(backend.url)
-                            backend.kv_tokens = 0
+                            backend.capacity_forget()
 
     async def _invalidation_listen_loop(self) -> None:
         while True:

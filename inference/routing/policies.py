@@ -212,17 +212,18 @@ class CacheAware:
           coming back it cannot recover (bench/routing with 64k-token
           caches: one backend held 6 requests queued for the whole window
           and served 40 % of prompt tokens from cache, the others 77–88 %).
-          A home with a hierarchical cache (`BackendState.cache_tokens` above
-          its KV) is never counted saturated: its host pool keeps the
-          histories the device evicts and loads them back (bench/routing
-          `--max-total-tokens 64000 --hicache-ratio 1.5`, one run each: 84.3 % hit rate and
-          94.5 % of histories found with the rule, 86.8 % and 100 % without).
           Measured on seed 1, cache_aware alone, alternated runs: 64k
           caches, TTFT p99 528–1,017 ms in 7 runs against 885–1,637 ms in
           8 without, the hit rate unchanged (77.8 against 77.9 % mean);
           96k caches, 87.0–87.2 % in 7 runs, every later turn finding its
           history, against 85.0–87.2 % (two runs lost histories after a
-          cold start crowded one backend); seeds 2 and 3 unchanged;
+          cold start crowded one backend); seeds 2 and 3 unchanged.
+          A home with a hierarchical cache (`BackendState.host_tier`) is
+          never counted saturated: its host pool keeps the histories the
+          device evicts and loads them back (bench/routing
+          `--max-total-tokens 64000 --hicache-ratio 1.5`, one run each:
+          84.3 % hit rate and 94.5 % of histories found with the rule,
+          86.8 % and 100 % without);
        b. a new one goes, when backends hold a long prefix of it (at least
           `min_shared_chars`: a system prompt other conversations share), to
           the least loaded of those holding the longest, if its outstanding +
@@ -437,7 +438,7 @@ class CacheAware:
         has no hierarchical cache: one with a host tier keeps the histories
         its device evicts and loads them back, so a turn gains by staying."""
         return (self.saturated_waiting is not None and backend.waiting >= self.saturated_waiting
-                and backend.kv_usage >= self.saturated_kv_usage and backend.cache_tokens <= backend.kv_tokens)
+                and backend.kv_usage >= self.saturated_kv_usage and not backend.host_tier)
 
     def _relieves(self, backend: BackendState) -> bool:
         """The backend last reported no queue and under `relief_kv_usage` of its KV in use."""
@@ -466,7 +467,7 @@ class CacheAware:
             roomy = [b for b in candidates
                      if b.url not in limits or b.outstanding_chars + footprint <= self.kv_fill * limits[b.url]]
             roomy = roomy or candidates
-        if self.kv_balance_epsilon is None or len(roomy) < 2 or all(b.cache_tokens > b.kv_tokens for b in roomy):
+        if self.kv_balance_epsilon is None or len(roomy) < 2 or all(b.host_tier for b in roomy):
             return roomy, roomy
         total = sum(b.outstanding_chars for b in candidates) + footprint
         mean = total / len(candidates)

@@ -549,6 +549,9 @@ def test_cache_aware_a_saturated_home_with_a_host_tier_keeps_its_conversations(p
     assert policy.pick(pool, later) is not home  # device pool only: it leaves
     home.cache_tokens = 96_000
     assert policy.pick(pool, later) is home
+    # a backend that came back healthy is read again: until then it has no host tier
+    home.capacity_forget()
+    assert not home.host_tier and (home.kv_tokens, home.cache_tokens) == (0, 0)
 
 
 def test_backend_state_counts_requests_and_footprints_together():
