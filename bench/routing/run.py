@@ -567,8 +567,10 @@ def render(results: dict, meta: dict) -> str:
         f"{meta['concurrency']} concurrent conversations")
     out("workload: " + meta["workload"])
     out(f"backends: {meta['simulator']}")
+    host = meta.get("hicache_ratio", 0) or 0
+    host_pool = (f" over a host pool (HiCache) of {round(host * meta['max_total_tokens']):,}" if host else "")
     out(f"cache pressure: one {'rank' if dp_size > 1 else 'backend'}'s KV holds {meta['max_total_tokens']:,} "
-        f"tokens; system prompts alone are "
+        f"tokens{host_pool}; system prompts alone are "
         f"{meta['system_tokens_total']:,} tokens; the active conversations' sequences in the cache-aware window "
         f"average {meta['active_set_tokens']:,} tokens (system prompts counted once)")
     out(f"per target: cold caches, {meta['warmup_s']:.0f} s warm-up + {meta['duration_s']:.0f} s window (wall) = "
@@ -949,7 +951,8 @@ def main() -> int:
         "gateway_processes": args.gateway_processes,
         "gateway": "uvicorn config.asgi:application, routing_policy set per phase in the DB, fresh processes per "
                    f"target, Redis DB {args.redis_db} flushed before each",
-        "router_flags": router_flags, "dp_size": args.dp_size, "versions": versions(), "tree": str(tree),
+        "router_flags": router_flags, "dp_size": args.dp_size, "hicache_ratio": args.hicache_ratio,
+        "versions": versions(), "tree": str(tree),
         "machine": {"cpus": os.cpu_count(), "loadavg_before": loadavg_before, "loadavg_after": os.getloadavg()},
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
