@@ -1321,10 +1321,9 @@ def build_app(*, config: ServerConfig, settings: RuntimeSettings) -> web.Applica
     router.add_post("/v1/chat/completions", generation.chat_completions)
     router.add_post("/v1/completions", generation.completions)
     router.add_post("/v1/embeddings", generation.embeddings)
-    for path in ("/open_session", "/close_session"):
-        handler = generation.open_session if path == "/open_session" else generation.close_session
-        router.add_route("GET", path, handler)
-        router.add_route("POST", path, handler)
+    for method in ("GET", "POST"):
+        router.add_route(method, "/open_session", generation.open_session)
+        router.add_route(method, "/close_session", generation.close_session)
     router.add_post("/encode", generation.encode)
     router.add_put("/encode", generation.encode)
     router.add_get("/v1/models", info.list_models)
