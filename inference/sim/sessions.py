@@ -88,9 +88,6 @@ class Sessions:
         self._sessions: dict[str, Session] = {}
         self._by_rid: dict[str, tuple[Session, SessionNode]] = {}  # requests not yet finished
 
-    def __len__(self) -> int:
-        return len(self._sessions)
-
     def open(self, body: object) -> str:
         if not isinstance(body, dict) or not _is_int(body.get("capacity_of_str_len")):
             raise SessionError("capacity_of_str_len: Input should be a valid integer")
