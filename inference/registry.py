@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 
 from . import errors
+from .pool_health import TrafficWindow
 
 
 @dataclass(slots=True)
@@ -58,6 +59,9 @@ class BackendState:
     # gateway processes too); -1 until read. `outstanding` at that moment.
     running: int = -1
     outstanding_at_report: int = 0
+    # The last minute of what this process sent there, for the operators' view
+    # (pool_health: GATEWAY_POOL_REPORT_SECONDS).
+    traffic: TrafficWindow = field(default_factory=TrafficWindow)
 
     @property
     def host_tier(self) -> bool:

@@ -4,6 +4,7 @@ Started by the ASGI lifespan (or on first use), stopped at shutdown."""
 import asyncio
 import gc
 import logging
+import time
 from pathlib import Path
 
 import orjson
@@ -25,6 +26,7 @@ from .redis_pipe import PipelinedRedis
 from .routing.homes import ConversationHomes
 from .metering import UsageRecorder
 from .models import ServedModel
+from .pool_health import process_name, report_build, report_key
 from .registry import BackendState, ModelRow, Prices, Registry
 from .sglang import backend_capacity, backend_health, backend_loads, session_create
 from .streaming import CompletionService
@@ -156,6 +158,7 @@ class GatewayRuntime:
             loop.create_task(self._invalidation_listen_loop(), name="invalidation-listener"),
             loop.create_task(self._health_check_loop(), name="backend-health"),
             loop.create_task(self._backend_load_loop(), name="backend-load"),
+            loop.create_task(self._pool_report_loop(), name="pool-report"),
         ]
 
     async def stop(self) -> None:
@@ -210,6 +213,31 @@ class GatewayRuntime:
                     self.gate.pump(model)
             except Exception:
                 logger.exception("backend load poll failed")
+
+    async def _pool_report_loop(self) -> None:
+        """This process's view of the pools, to Redis every
+        GATEWAY_POOL_REPORT_SECONDS (pool_health); it expires a few intervals
+        after the process stops reporting, and is deleted when it stops."""
+        interval = settings.GATEWAY_POOL_REPORT_SECONDS
+        if interval <= 0:
+            return
+        key = report_key(settings.GATEWAY_REDIS_NAMESPACE, process_name())
+        ttl = max(10, int(interval * 5))
+        try:
+            while True:
+                report = report_build(self.registry.models(), time.monotonic(), process=process_name(),
+                                      interval=interval)
+                try:
+                    await self.redis.execute("SET", key, report, "EX", ttl)
+                except Exception as error:
+                    logger.debug("pool report not published: %r", error)
+                await asyncio.sleep(interval)
+        except asyncio.CancelledError:
+            try:
+                await self.redis.execute("DEL", key)
+            except Exception:
+                pass
+            raise
 
     async def servers_inspect(self) -> None:
         """GET /server_info of each server whose KV capacity is not yet known:

@@ -651,6 +651,7 @@ class CompletionService:
             except (BackendUnreachable, _BackendFailed, aiohttp.ClientError, asyncio.TimeoutError,
                     StopAsyncIteration) as failure:
                 backend.leave(request.kv_chars, request.choices)
+                backend.traffic.attempt_failed(time.monotonic())
                 if response is not None:
                     response.close()
                 if maybe_running and not isinstance(failure, BackendUnreachable):
@@ -826,6 +827,11 @@ class CompletionService:
         its slot in the admission queue; and its usage is recorded and settled."""
         if backend is not None:
             backend.leave(request.kv_chars, request.choices)
+            backend.traffic.request_end(
+                time.monotonic(), ok=meter.status != "error", prompt_tokens=meter.prompt_tokens,
+                cached_tokens=meter.cached_tokens, completion_tokens=meter.billed_completion_tokens,
+                ttft_ms=(meter.first_token_at - request.started) * 1000
+                if request.stream and meter.first_token_at is not None else None)
         if resolution is not None:
             self._gate.leave(resolution.model)
             if meter.prompt_tokens:

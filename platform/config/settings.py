@@ -153,6 +153,10 @@ GATEWAY_DATA_PARALLEL_RANKS = env_bool("GATEWAY_DATA_PARALLEL_RANKS", True)
 # HiCache: `enable_hierarchical_cache` in /server_info) as holding what its host
 # pool holds too; 0 pictures only its KV pool on the device.
 GATEWAY_HIERARCHICAL_CACHE = env_bool("GATEWAY_HIERARCHICAL_CACHE", True)
+# Each gateway process publishes its view of the backend pools (health, circuit
+# breakers, load, the last minute of traffic) to Redis this often, for
+# `manage.py pool_status` and the admin's backend list (0: not published).
+GATEWAY_POOL_REPORT_SECONDS = env_float("GATEWAY_POOL_REPORT_SECONDS", 2.0)
 # Usage events: each gateway process appends them to a spool file in this folder
 # (fsynced every GATEWAY_USAGE_FLUSH_SECONDS); a shipper process stores them in
 # PostgreSQL ("embedded": the gateway starts it; "off": run

@@ -1,0 +1,172 @@
+"""What operators see of the pools: each gateway process's view of its backends
+(health, circuit breaker, load, the last minute of traffic), published to Redis
+and merged by `manage.py pool_status` and the admin's backend list."""
+import io
+import json
+import os
+import re
+import time
+
+import openai
+import pytest
+from django.contrib.auth import get_user_model
+from django.core.management import call_command
+from django.db import connection
+from django.test import Client
+
+from config.redis import redis_sync
+
+from inference.models import ServedModel
+from inference.pool_health import (BUCKET_SECONDS, TTFT_BOUNDS_MS, WINDOW_SECONDS, TrafficWindow,
+                                   pools_read, reports_merge, ttft_percentile)
+from tests.conftest import gateway_start, pool_running, process_stop
+from tests.inference.sim_control import sim_faults
+
+MODEL = "watched-llm"
+
+
+def test_traffic_window_sums_the_last_minute_and_forgets_what_is_older():
+    window = TrafficWindow()
+    window.request_end(1000.0, ok=True, prompt_tokens=100, cached_tokens=60, completion_tokens=10, ttft_ms=30)
+    window.request_end(1001.0, ok=False, prompt_tokens=50, cached_tokens=0, completion_tokens=5, ttft_ms=None)
+    window.attempt_failed(1002.0)
+    later = 1000.0 + WINDOW_SECONDS - BUCKET_SECONDS
+    window.request_end(later, ok=True, prompt_tokens=10, cached_tokens=10, completion_tokens=1, ttft_ms=5000)
+    totals = window.totals(later)
+    assert {name: totals[name] for name in ("requests", "errors", "failed_attempts", "prompt_tokens",
+                                            "cached_tokens", "completion_tokens")} == {
+        "requests": 3, "errors": 1, "failed_attempts": 1, "prompt_tokens": 160, "cached_tokens": 70,
+        "completion_tokens": 16}
+    assert sum(totals["ttft_ms_buckets"]) == 2
+    # A minute after the first requests only the last one is left.
+    assert window.totals(1000.0 + WINDOW_SECONDS + BUCKET_SECONDS)["requests"] == 1
+    assert window.totals(later + WINDOW_SECONDS + BUCKET_SECONDS)["requests"] == 0
+
+
+def test_ttft_percentiles_are_the_bounds_of_the_histogram_buckets():
+    buckets = [0] * (len(TTFT_BOUNDS_MS) + 1)
+    assert ttft_percentile(buckets, 0.5) is None
+    buckets[1], buckets[3] = 60, 40  # 60 under 50 ms, 40 under 200 ms
+    assert ttft_percentile(buckets, 0.5) == 50
+    assert ttft_percentile(buckets, 0.99) == 200
+    buckets[-1] = 100
+    assert ttft_percentile(buckets, 0.99) == float("inf")
+
+
+def _entry(url, **fields):
+    return {"model": "m", "url": url, "healthy": True, "circuit_open_seconds": 0, "in_flight": 0,
+            "running": -1, "waiting": -1, "kv_usage": -1.0, **fields}
+
+
+def test_reports_of_several_processes_merge_per_backend():
+    old = {"at": 100.0, "backends": [
+        _entry("http://a", in_flight=2, running=9, waiting=3, kv_usage=0.9, requests=5, prompt_tokens=100,
+               cached_tokens=50),
+        _entry("http://c@0", in_flight=1, running=2, kv_usage=0.2, requests=1, kv_tokens=1000),
+        _entry("http://c@1", in_flight=3, running=4, kv_usage=0.4, requests=2, kv_tokens=1000,
+               circuit_open_seconds=1.5)]}
+    new = {"at": 101.0, "backends": [
+        _entry("http://a", healthy=False, in_flight=1, running=4, waiting=0, kv_usage=0.5, requests=3,
+               prompt_tokens=100, cached_tokens=30),
+        _entry("http://c@0", running=1, kv_usage=0.1, kv_tokens=1000),
+        _entry("http://c@1", running=1, kv_usage=0.3, kv_tokens=1000)]}
+    configured = [("m", "http://a", "active"), ("m", "http://b", "draining"), ("m", "http://c", "active")]
+    a, b, c0, c1 = reports_merge([old, new], configured)
+    assert (a.url, a.health, a.processes, a.healthy_in, a.in_flight) == ("http://a", "unhealthy", 2, 1, 3)
+    # The backend's own figures come from the freshest report; traffic adds up.
+    assert (a.running, a.waiting, a.kv_usage) == (4, 0, 0.5)
+    assert (a.requests, a.prompt_tokens, a.cached_tokens, a.hit_rate) == (8, 200, 80, 0.4)
+    assert (b.url, b.health, b.processes) == ("http://b", "not reported", 0)
+    assert (c0.url, c1.url, c1.health, c1.status) == ("http://c@0", "http://c@1", "circuit open", "active")
+    # Folded by server: one row for c, a process counted once, its ranks added up.
+    a, b, c = reports_merge([old, new], configured, ranks=False)
+    assert (c.url, c.processes, c.circuit_open_in, c.health) == ("http://c", 2, 1, "circuit open")
+    assert (c.in_flight, c.requests, c.running, c.kv_tokens, c.kv_usage) == (4, 3, 2, 2000, 0.3)
+
+
+@pytest.fixture(scope="module")
+def watched(live_tmp, django_db_blocker, django_db_setup):
+    with pool_running(live_tmp, django_db_blocker, MODEL, ServedModel.RoutingPolicy.CACHE_AWARE, 2,
+                      "--itl-ms", "5") as sims:
+        gateway = gateway_start(live_tmp, connection.settings_dict["NAME"], GATEWAY_POOL_REPORT_SECONDS="0.2",
+                                GATEWAY_HEALTH_CHECK_SECONDS="0.2", GATEWAY_REGISTRY_REFRESH_SECONDS="0.2")
+        try:
+            yield sims, gateway
+        finally:
+            process_stop(gateway.process)
+
+
+def _rows_wait(predicate, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while True:
+        out = io.StringIO()
+        call_command("pool_status", MODEL, "--json", stdout=out)
+        rows = json.loads(out.getvalue())
+        if predicate(rows) or time.monotonic() > deadline:
+            return rows
+        time.sleep(0.1)
+
+
+def test_pool_status_shows_health_load_and_the_last_minute_of_traffic(watched, make_tenant, settings, request):
+    sims, gateway = watched
+    # Read what the gateway writes: its Redis database, and its namespace (its
+    # database's name, the test database's).
+    settings.REDIS_URL = os.environ["REDIS_URL"]
+    settings.GATEWAY_REDIS_NAMESPACE = connection.settings_dict["NAME"]
+    redis_sync.cache_clear()
+    request.addfinalizer(redis_sync.cache_clear)
+    tk = make_tenant(tier="premium")
+    client = openai.OpenAI(base_url=gateway.base_url, api_key=tk.secret, max_retries=0)
+    # A long shared prompt: cache-aware routing keeps it on one backend, whose
+    # cache serves it from the second request on.
+    messages = [{"role": "system", "content": "You answer questions about the fleet. " * 60},
+                {"role": "user", "content": "How is it?"}]
+    for _ in range(4):
+        chunks = list(client.chat.completions.create(model=MODEL, messages=messages, max_tokens=8, stream=True))
+        assert chunks[-1].choices[0].finish_reason == "length"
+
+    # Once the gateway has polled the backends' loads (every second) too.
+    rows = _rows_wait(lambda rows: sum(r["requests"] for r in rows) == 4 and all(r["running"] >= 0 for r in rows))
+    assert [r["url"] for r in rows] == sorted(s.url for s in sims)
+    assert all(r["health"] == "healthy" and r["processes"] == 1 and r["healthy_in"] == 1 for r in rows), rows
+    served = max(rows, key=lambda r: r["requests"])
+    assert served["requests"] == 4 and served["errors"] == 0
+    assert served["completion_tokens"] == 4 * 8
+    assert served["prompt_tokens"] > 4 * 400
+    # Three of the four found the shared prompt in cache.
+    assert served["cached_tokens"] >= 3 * 400
+    assert served["hit_rate"] == pytest.approx(served["cached_tokens"] / served["prompt_tokens"])
+    assert served["ttft_p50_ms"] is not None and sum(served["ttft_ms_buckets"]) == 4
+    # The backend's own report, polled from GET /v1/loads.
+    assert served["kv_tokens"] > 0 and served["running"] == 0 and served["waiting"] == 0
+
+    # A backend failing its health checks is shown so, by every process that checks it.
+    sick = next(r["url"] for r in rows if r is not served)
+    sick_sim = next(s for s in sims if s.url == sick)
+    with sim_faults(sick_sim, unhealthy=True):
+        rows = _rows_wait(lambda rows: any(r["health"] == "unhealthy" for r in rows))
+        assert {r["url"]: r["health"] for r in rows} == {sick: "unhealthy", served["url"]: "healthy"}
+        assert next(r for r in rows if r["url"] == sick)["healthy_in"] == 0
+
+        text = io.StringIO()
+        call_command("pool_status", MODEL, stdout=text)
+        lines = {line.split()[1]: line for line in text.getvalue().splitlines()[1:] if line.startswith(MODEL)}
+        assert re.search(r"\bunhealthy\s+0/1\b", lines[sick])
+        assert re.search(r"\bhealthy\s+1/1\s+0\s+0\s+0\b", lines[served["url"]])
+
+        # The admin's backend list shows the same, read once for the page.
+        user, _ = get_user_model().objects.get_or_create(
+            username="pool-admin", defaults={"is_staff": True, "is_superuser": True})
+        browser = Client()
+        browser.force_login(user)
+        page = browser.get("/admin/inference/backend/", {"model__id__exact": ServedModel.objects.get(name=MODEL).pk})
+        assert page.status_code == 200
+        html = page.content.decode()
+        assert "unhealthy (0/1 gateways)" in html and "healthy (1/1 gateways)" in html
+        assert f"{served['hit_rate']:.1%}" in html
+
+    # A stopped gateway's report is withdrawn: its view no longer counts.
+    process_stop(gateway.process)
+    rows = _rows_wait(lambda rows: all(r["processes"] == 0 for r in rows))
+    assert {r["health"] for r in rows} == {"not reported"}
+    assert {r.health for r in pools_read(MODEL)} == {"not reported"}
