@@ -29,23 +29,41 @@ _FIGURES = ("requests", "errors", "failed_attempts", "prompt_tokens", "cached_to
 
 
 class TrafficWindow:
-    """The last `WINDOW_SECONDS` of one process's traffic to one backend. Cheap
-    enough for every request's end: a few additions into the current bucket."""
+    """One process's traffic to one backend: the last `WINDOW_SECONDS` (for
+    the operators' view) and everything since the process started (counters
+    for Prometheus). Cheap enough for every request's end: a few additions
+    into the current bucket; a bucket leaving the window is added to the rest."""
 
-    __slots__ = ("_buckets",)
+    __slots__ = ("_buckets", "_past")
 
     def __init__(self) -> None:
-        # [bucket number, requests, errors, failed attempts, prompt, cached, completion, ttft counts]
+        # [bucket number, requests, errors, failed attempts, prompt, cached,
+        #  completion, ttft counts, ttft sum (ms)]
         self._buckets: deque[list] = deque()
+        # What left the window, the same fields (its bucket number unused).
+        self._past = self._bucket_new(0)
+
+    @staticmethod
+    def _bucket_new(number: int) -> list:
+        return [number, 0, 0, 0, 0, 0, 0, [0] * (len(TTFT_BOUNDS_MS) + 1), 0.0]
+
+    @staticmethod
+    def _add(into: list, bucket: list) -> None:
+        for index in range(1, 7):
+            into[index] += bucket[index]
+        counts = into[7]
+        for index, count in enumerate(bucket[7]):
+            counts[index] += count
+        into[8] += bucket[8]
 
     def _bucket(self, now: float) -> list:
         number = int(now // BUCKET_SECONDS)
         buckets = self._buckets
         if not buckets or buckets[-1][0] != number:
-            buckets.append([number, 0, 0, 0, 0, 0, 0, [0] * (len(TTFT_BOUNDS_MS) + 1)])
+            buckets.append(self._bucket_new(number))
             oldest = number - WINDOW_SECONDS // BUCKET_SECONDS + 1
             while buckets[0][0] < oldest:
-                buckets.popleft()
+                self._add(self._past, buckets.popleft())
         return buckets[-1]
 
     def request_end(self, now: float, *, ok: bool, prompt_tokens: int, cached_tokens: int,
@@ -61,24 +79,32 @@ class TrafficWindow:
         bucket[6] += completion_tokens
         if ttft_ms is not None:
             bucket[7][bisect_left(TTFT_BOUNDS_MS, ttft_ms)] += 1
+            bucket[8] += ttft_ms
 
     def attempt_failed(self, now: float) -> None:
         """A request failed here before its first token (and was failed over, or refused)."""
         self._bucket(now)[3] += 1
 
+    @staticmethod
+    def _as_dict(sums: list) -> dict:
+        return {**dict(zip(_FIGURES, sums[1:7])), "ttft_ms_buckets": sums[7], "ttft_ms_sum": round(sums[8], 3)}
+
     def totals(self, now: float) -> dict:
-        """The window's sums: `_FIGURES` and `ttft_ms_buckets`."""
+        """The window's sums: `_FIGURES`, `ttft_ms_buckets` and `ttft_ms_sum`."""
         oldest = int(now // BUCKET_SECONDS) - WINDOW_SECONDS // BUCKET_SECONDS + 1
-        sums = [0] * len(_FIGURES)
-        ttft = [0] * (len(TTFT_BOUNDS_MS) + 1)
+        sums = self._bucket_new(0)
         for bucket in self._buckets:
-            if bucket[0] < oldest:
-                continue
-            for index in range(len(_FIGURES)):
-                sums[index] += bucket[index + 1]
-            for index, count in enumerate(bucket[7]):
-                ttft[index] += count
-        return {**dict(zip(_FIGURES, sums)), "ttft_ms_buckets": ttft}
+            if bucket[0] >= oldest:
+                self._add(sums, bucket)
+        return self._as_dict(sums)
+
+    def cumulative(self) -> dict:
+        """The same sums since the process started."""
+        sums = self._bucket_new(0)
+        self._add(sums, self._past)
+        for bucket in self._buckets:
+            self._add(sums, bucket)
+        return self._as_dict(sums)
 
 
 def ttft_percentile(buckets: list[int], fraction: float) -> float | None:
@@ -125,6 +151,7 @@ def report_build(models, now_monotonic: float, *, process: str, interval: float)
                 "cache_tokens": backend.cache_tokens,
                 "prefix_cache": backend.prefix_cache,
                 **backend.traffic.totals(now_monotonic),
+                "since_start": backend.traffic.cumulative(),
             })
     return orjson.dumps({"process": process, "at": time.time(), "interval": interval, "backends": entries})
 
@@ -274,9 +301,10 @@ def reports_read(client, namespace: str) -> list[dict]:
     return reports
 
 
-def pools_read(model: str | None = None, *, ranks: bool = True) -> list[BackendHealth]:
-    """The pools as the gateway processes see them now, merged; with `model`,
-    its pool only; `ranks` as for `reports_merge`."""
+def _pools_load(model: str | None) -> tuple[list[dict], list[tuple[str, str, str]]]:
+    """The live reports, cut to the configured backends (of `model`, if given:
+    what a process still reports of a backend since removed is left out), and
+    the configured (model, URL, status) rows."""
     from django.conf import settings
 
     from config.redis import redis_sync
@@ -289,7 +317,116 @@ def pools_read(model: str | None = None, *, ranks: bool = True) -> list[BackendH
     configured = [(b.model.name, b.url, b.status) for b in backends]
     known = {(name, url) for name, url, _ in configured}
     reports = reports_read(redis_sync(), settings.GATEWAY_REDIS_NAMESPACE)
-    for report in reports:  # what a process still reports of a backend since removed: not listed
+    for report in reports:
         report["backends"] = [e for e in report.get("backends", ())
                               if (e.get("model"), str(e.get("url", "")).split("@", 1)[0]) in known]
+    return reports, configured
+
+
+def pools_read(model: str | None = None, *, ranks: bool = True) -> list[BackendHealth]:
+    """The pools as the gateway processes see them now, merged; with `model`,
+    its pool only; `ranks` as for `reports_merge`."""
+    reports, configured = _pools_load(model)
     return reports_merge(reports, configured, ranks=ranks)
+
+
+def metrics_read() -> str:
+    """Every pool in Prometheus' text format (`metrics_text`)."""
+    return metrics_text(*_pools_load(None))
+
+
+def _label(value: object) -> str:
+    return str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def _number(value: float) -> str:
+    return repr(float(value)) if isinstance(value, float) else str(value)
+
+
+# Per gateway process. Gauges: (name, help, what of a report's entry).
+_PROCESS_GAUGES = (
+    ("llm_gateway_backend_healthy", "1 while this gateway process's health checks pass on the backend, else 0.",
+     lambda e: int(bool(e.get("healthy")))),
+    ("llm_gateway_backend_circuit_open",
+     "1 while this gateway process's circuit breaker keeps the backend out, else 0.",
+     lambda e: int(e.get("circuit_open_seconds", 0) > 0)),
+    ("llm_gateway_backend_in_flight_requests", "Requests this gateway process has in flight on the backend.",
+     lambda e: int(e.get("in_flight", 0))),
+)
+# Counters since the process started: (name, help, field of the entry's "since_start").
+_PROCESS_COUNTERS = (
+    ("llm_gateway_backend_requests_total",
+     "Requests this gateway process served through the backend, however they ended.", "requests"),
+    ("llm_gateway_backend_request_errors_total",
+     "Of those, requests that failed after the backend took them (mid-stream and the like).", "errors"),
+    ("llm_gateway_backend_failed_attempts_total",
+     "Requests that failed on the backend before their first token (then failed over, or refused).",
+     "failed_attempts"),
+    ("llm_gateway_backend_prompt_tokens_total",
+     "Prompt tokens of the requests this gateway process served through the backend.", "prompt_tokens"),
+    ("llm_gateway_backend_cached_tokens_total",
+     "Of those, prompt tokens the backend's prefix cache served.", "cached_tokens"),
+    ("llm_gateway_backend_completion_tokens_total", "Completion tokens delivered from the backend.",
+     "completion_tokens"),
+)
+# (name, help, field): as the backend itself last reported, from the freshest report.
+_BACKEND_SERIES = (
+    ("llm_gateway_backend_running_requests", "Requests running on the backend, as it last reported.", "running"),
+    ("llm_gateway_backend_waiting_requests", "Requests queued on the backend, as it last reported.", "waiting"),
+    ("llm_gateway_backend_kv_usage_ratio", "Share of the backend's KV cache held by running requests.", "kv_usage"),
+    ("llm_gateway_backend_kv_capacity_tokens", "The backend's KV cache capacity in tokens.", "kv_tokens"),
+    ("llm_gateway_backend_cache_capacity_tokens",
+     "Tokens the backend's prefix cache can serve from (more than its KV with a host tier).", "cache_tokens"),
+)
+
+
+def metrics_text(reports: list[dict], configured: Iterable[tuple[str, str, str]]) -> str:
+    """The pools in Prometheus' text format (0.0.4): per gateway process (label
+    `gateway`) its view and its counters since it started, so that a process
+    that stops ends its series instead of resetting a sum; per backend what it
+    last reported. Only backends in `configured` ((model, URL, status) rows)."""
+    configured = list(configured)
+    known = {(model, url) for model, url, _ in configured}
+    lines = ["# HELP llm_gateway_backend_configured Backends of the model pools; `status` as configured.",
+             "# TYPE llm_gateway_backend_configured gauge"]
+    for model, url, status in sorted(configured):
+        lines.append(f'llm_gateway_backend_configured{{model="{_label(model)}",backend="{_label(url)}",'
+                     f'status="{_label(status)}"}} 1')
+    entries = [(report.get("process", ""), entry) for report in reports for entry in report.get("backends", ())
+               if (entry.get("model"), str(entry.get("url", "")).split("@", 1)[0]) in known
+               and isinstance(entry.get("since_start"), dict)]
+    entries.sort(key=lambda item: (item[1]["model"], item[1]["url"], item[0]))
+    lines += ["# HELP llm_gateway_processes_reporting Gateway processes whose pool reports are live.",
+              "# TYPE llm_gateway_processes_reporting gauge",
+              f"llm_gateway_processes_reporting {len(reports)}"]
+
+    def labels(process: str, entry: dict) -> str:
+        return f'gateway="{_label(process)}",model="{_label(entry["model"])}",backend="{_label(entry["url"])}"'
+
+    series = [(name, "gauge", text, value) for name, text, value in _PROCESS_GAUGES]
+    series += [(name, "counter", text, lambda e, f=field_name: e["since_start"][f])
+               for name, text, field_name in _PROCESS_COUNTERS]
+    for name, kind, text, value in series:
+        lines += [f"# HELP {name} {text}", f"# TYPE {name} {kind}"]
+        lines += [f"{name}{{{labels(process, entry)}}} {_number(value(entry))}" for process, entry in entries]
+    name = "llm_gateway_backend_time_to_first_token_seconds"
+    lines += [f"# HELP {name} Time to the first token of streamed requests, as the client saw it "
+              "(gateway queueing included).", f"# TYPE {name} histogram"]
+    for process, entry in entries:
+        since = entry["since_start"]
+        base = labels(process, entry)
+        seen = 0
+        for bound, count in zip((*TTFT_BOUNDS_MS, None), since["ttft_ms_buckets"]):
+            seen += count
+            le = "+Inf" if bound is None else _number(bound / 1000)
+            lines.append(f'{name}_bucket{{{base},le="{le}"}} {seen}')
+        lines.append(f"{name}_sum{{{base}}} {_number(since['ttft_ms_sum'] / 1000)}")
+        lines.append(f"{name}_count{{{base}}} {seen}")
+    merged = [row for row in reports_merge(reports, configured) if (row.model, row.url.split("@", 1)[0]) in known]
+    for name, text, field_name in _BACKEND_SERIES:
+        lines += [f"# HELP {name} {text}", f"# TYPE {name} gauge"]
+        for row in merged:
+            value = getattr(row, field_name)
+            if row.processes and value >= 0 and (field_name not in ("kv_tokens", "cache_tokens") or value):
+                lines.append(f'{name}{{model="{_label(row.model)}",backend="{_label(row.url)}"}} {_number(value)}')
+    return "\n".join(lines) + "\n"

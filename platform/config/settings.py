@@ -157,6 +157,9 @@ GATEWAY_HIERARCHICAL_CACHE = env_bool("GATEWAY_HIERARCHICAL_CACHE", True)
 # breakers, load, the last minute of traffic) to Redis this often, for
 # `manage.py pool_status` and the admin's backend list (0: not published).
 GATEWAY_POOL_REPORT_SECONDS = env_float("GATEWAY_POOL_REPORT_SECONDS", 2.0)
+# GET /metrics (Prometheus) answers requests from this machine and staff logins;
+# with a token set, also `Authorization: Bearer <token>` (a scraper elsewhere).
+GATEWAY_METRICS_TOKEN = env_str("GATEWAY_METRICS_TOKEN", "")
 # Usage events: each gateway process appends them to a spool file in this folder
 # (fsynced every GATEWAY_USAGE_FLUSH_SECONDS); a shipper process stores them in
 # PostgreSQL ("embedded": the gateway starts it; "off": run

@@ -6,6 +6,7 @@ import json
 import os
 import re
 import time
+import urllib.request
 
 import openai
 import pytest
@@ -13,6 +14,7 @@ from django.contrib.auth import get_user_model
 from django.core.management import call_command
 from django.db import connection
 from django.test import Client
+from prometheus_client.parser import text_string_to_metric_families
 
 from config.redis import redis_sync
 
@@ -107,6 +109,21 @@ def _rows_wait(predicate, timeout=10.0):
         time.sleep(0.1)
 
 
+def _scrape(gateway, **headers):
+    response = urllib.request.urlopen(urllib.request.Request(gateway.url + "/metrics", headers=headers), timeout=5)
+    assert response.headers["Content-Type"].startswith("text/plain; version=0.0.4")
+    return list(text_string_to_metric_families(response.read().decode()))
+
+
+def _sample(families, name, labels):
+    """The value of the one sample of family `name` whose labels include `labels`."""
+    family = next(f for f in families if f.name == name)
+    values = [s.value for s in family.samples
+              if s.name in (name, name + "_total") and labels.items() <= s.labels.items()]
+    assert len(values) == 1, (name, labels, family.samples)
+    return values[0]
+
+
 def test_pool_status_shows_health_load_and_the_last_minute_of_traffic(watched, make_tenant, settings, request):
     sims, gateway = watched
     # Read what the gateway writes: its Redis database, and its namespace (its
@@ -165,8 +182,45 @@ def test_pool_status_shows_health_load_and_the_last_minute_of_traffic(watched, m
         assert "unhealthy (0/1 gateways)" in html and "healthy (1/1 gateways)" in html
         assert f"{served['hit_rate']:.1%}" in html
 
+        # Prometheus reads the same, per gateway process.
+        families = _scrape(gateway)
+        assert _sample(families, "llm_gateway_processes_reporting", {}) == 1
+        by_backend = {url: {"model": MODEL, "backend": url} for url in (sick, served["url"])}
+        assert _sample(families, "llm_gateway_backend_healthy", by_backend[sick]) == 0
+        assert _sample(families, "llm_gateway_backend_healthy", by_backend[served["url"]]) == 1
+        assert _sample(families, "llm_gateway_backend_requests", by_backend[served["url"]]) == 4
+        assert _sample(families, "llm_gateway_backend_cached_tokens", by_backend[served["url"]]) == \
+            served["cached_tokens"]
+        assert _sample(families, "llm_gateway_backend_kv_capacity_tokens", by_backend[served["url"]]) == \
+            served["kv_tokens"]
+        ttft = next(f for f in families if f.name == "llm_gateway_backend_time_to_first_token_seconds")
+        assert ttft.type == "histogram"
+        counts = [s.value for s in ttft.samples if s.name.endswith("_count")
+                  and s.labels["backend"] == served["url"]]
+        assert counts == [4]
+
     # A stopped gateway's report is withdrawn: its view no longer counts.
     process_stop(gateway.process)
     rows = _rows_wait(lambda rows: all(r["processes"] == 0 for r in rows))
     assert {r["health"] for r in rows} == {"not reported"}
     assert {r.health for r in pools_read(MODEL)} == {"not reported"}
+
+
+@pytest.mark.django_db
+def test_metrics_are_for_operators_only(settings):
+    client = Client()
+    settings.GATEWAY_METRICS_TOKEN = ""
+    assert client.get("/metrics").status_code == 200  # from this machine
+    refused = client.get("/metrics", REMOTE_ADDR="203.0.113.5")
+    assert refused.status_code == 403 and refused.json()["error"]["code"] == "forbidden"
+    # With a token, only the token (or a staff login) will do: behind a local
+    # reverse proxy every request would look local.
+    settings.GATEWAY_METRICS_TOKEN = "scrape-secret"
+    assert client.get("/metrics").status_code == 403
+    assert client.get("/metrics", HTTP_AUTHORIZATION="Bearer wrong").status_code == 403
+    scraped = client.get("/metrics", HTTP_AUTHORIZATION="Bearer scrape-secret", REMOTE_ADDR="203.0.113.5")
+    assert scraped.status_code == 200
+    assert "# TYPE llm_gateway_backend_requests_total counter" in scraped.content.decode()
+    staff = get_user_model().objects.create(username="metrics-staff", is_staff=True)
+    client.force_login(staff)
+    assert client.get("/metrics", REMOTE_ADDR="203.0.113.5").status_code == 200
