@@ -13,18 +13,10 @@ from pathlib import Path
 
 import pytest
 
+from tests.environment import TEST_REDIS_ENV
 from tests.inference.sim.sim_process import HEALTH_ARGS, HEALTH_ENV
 
 ROOT = Path(__file__).resolve().parent.parent
-# Redis databases used by the test run (the dev instance uses 0-2).
-TEST_REDIS_ENV = {
-    "REDIS_URL": "redis://127.0.0.1:6379/15",
-    "CELERY_BROKER_URL": "redis://127.0.0.1:6379/14",
-    "CELERY_RESULT_BACKEND": "redis://127.0.0.1:6379/14",
-    "CHANNEL_LAYER_REDIS_URL": "redis://127.0.0.1:6379/13",
-}
-for _name, _value in TEST_REDIS_ENV.items():
-    os.environ.setdefault(_name, _value)
 
 
 def free_port() -> int:

@@ -3,8 +3,8 @@
 and merged by `manage.py pool_status` and the admin's backend list."""
 import io
 import json
-import os
 import re
+import socket
 import time
 import urllib.request
 
@@ -20,7 +20,7 @@ from config.redis import redis_sync
 
 from inference.models import ServedModel
 from inference.pool_health import (BUCKET_SECONDS, TTFT_BOUNDS_MS, WINDOW_SECONDS, TrafficWindow,
-                                   pools_read, reports_merge, ttft_percentile)
+                                   pools_read, reports_merge, reports_read, ttft_percentile)
 from tests.conftest import gateway_start, pool_running, process_stop
 from tests.inference.sim_control import sim_faults
 
@@ -124,14 +124,10 @@ def _sample(families, name, labels):
     return values[0]
 
 
-def test_pool_status_shows_health_load_and_the_last_minute_of_traffic(watched, make_tenant, settings, request):
+def test_pool_status_shows_health_load_and_the_last_minute_of_traffic(watched, make_tenant, settings):
     sims, gateway = watched
-    # Read what the gateway writes: its Redis database, and its namespace (its
-    # database's name, the test database's).
-    settings.REDIS_URL = os.environ["REDIS_URL"]
+    # Read what the gateway writes: its namespace is its database's name, the test database's.
     settings.GATEWAY_REDIS_NAMESPACE = connection.settings_dict["NAME"]
-    redis_sync.cache_clear()
-    request.addfinalizer(redis_sync.cache_clear)
     tk = make_tenant(tier="premium")
     client = openai.OpenAI(base_url=gateway.base_url, api_key=tk.secret, max_retries=0)
     # A long shared prompt: cache-aware routing keeps it on one backend, whose
@@ -145,7 +141,10 @@ def test_pool_status_shows_health_load_and_the_last_minute_of_traffic(watched, m
     # Once the gateway has polled the backends' loads (every second) too.
     rows = _rows_wait(lambda rows: sum(r["requests"] for r in rows) == 4 and all(r["running"] >= 0 for r in rows))
     assert [r["url"] for r in rows] == sorted(s.url for s in sims)
-    assert all(r["health"] == "healthy" and r["processes"] == 1 and r["healthy_in"] == 1 for r in rows), rows
+    # Every live gateway process of the test run routes this model and reports it.
+    gateways = rows[0]["processes"]
+    assert gateways >= 1
+    assert all(r["health"] == "healthy" and r["processes"] == r["healthy_in"] == gateways for r in rows), rows
     served = max(rows, key=lambda r: r["requests"])
     assert served["requests"] == 4 and served["errors"] == 0
     assert served["completion_tokens"] == 4 * 8
@@ -157,19 +156,20 @@ def test_pool_status_shows_health_load_and_the_last_minute_of_traffic(watched, m
     # The backend's own report, polled from GET /v1/loads.
     assert served["kv_tokens"] > 0 and served["running"] == 0 and served["waiting"] == 0
 
-    # A backend failing its health checks is shown so, by every process that checks it.
+    # A backend failing one process's health checks is shown unhealthy, with how many agree.
     sick = next(r["url"] for r in rows if r is not served)
     sick_sim = next(s for s in sims if s.url == sick)
     with sim_faults(sick_sim, unhealthy=True):
         rows = _rows_wait(lambda rows: any(r["health"] == "unhealthy" for r in rows))
         assert {r["url"]: r["health"] for r in rows} == {sick: "unhealthy", served["url"]: "healthy"}
-        assert next(r for r in rows if r["url"] == sick)["healthy_in"] == 0
+        sick_row = next(r for r in rows if r["url"] == sick)
+        assert sick_row["healthy_in"] < sick_row["processes"] == gateways
 
         text = io.StringIO()
         call_command("pool_status", MODEL, stdout=text)
         lines = {line.split()[1]: line for line in text.getvalue().splitlines()[1:] if line.startswith(MODEL)}
-        assert re.search(r"\bunhealthy\s+0/1\b", lines[sick])
-        assert re.search(r"\bhealthy\s+1/1\s+0\s+0\s+0\b", lines[served["url"]])
+        assert re.search(rf"\bunhealthy\s+\d+/{gateways}\b", lines[sick])
+        assert re.search(rf"\bhealthy\s+{gateways}/{gateways}\s+0\s+0\s+0\b", lines[served["url"]])
 
         # The admin's backend list shows the same, read once for the page.
         user, _ = get_user_model().objects.get_or_create(
@@ -179,31 +179,37 @@ def test_pool_status_shows_health_load_and_the_last_minute_of_traffic(watched, m
         page = browser.get("/admin/inference/backend/", {"model__id__exact": ServedModel.objects.get(name=MODEL).pk})
         assert page.status_code == 200
         html = page.content.decode()
-        assert "unhealthy (0/1 gateways)" in html and "healthy (1/1 gateways)" in html
+        assert re.search(rf"\bunhealthy \(\d+/{gateways} gateways\)", html)
+        assert f">healthy ({gateways}/{gateways} gateways)<" in html
         assert f"{served['hit_rate']:.1%}" in html
 
-        # Prometheus reads the same, per gateway process.
+        # Prometheus reads the same, per gateway process: this one's checks failed.
         families = _scrape(gateway)
-        assert _sample(families, "llm_gateway_processes_reporting", {}) == 1
-        by_backend = {url: {"model": MODEL, "backend": url} for url in (sick, served["url"])}
+        assert _sample(families, "llm_gateway_processes_reporting", {}) >= gateways
+        this = f"{socket.gethostname()}:{gateway.process.pid}"
+        by_backend = {url: {"gateway": this, "model": MODEL, "backend": url} for url in (sick, served["url"])}
         assert _sample(families, "llm_gateway_backend_healthy", by_backend[sick]) == 0
         assert _sample(families, "llm_gateway_backend_healthy", by_backend[served["url"]]) == 1
         assert _sample(families, "llm_gateway_backend_requests", by_backend[served["url"]]) == 4
         assert _sample(families, "llm_gateway_backend_cached_tokens", by_backend[served["url"]]) == \
             served["cached_tokens"]
-        assert _sample(families, "llm_gateway_backend_kv_capacity_tokens", by_backend[served["url"]]) == \
-            served["kv_tokens"]
+        # What the backend itself reported, once per backend.
+        assert _sample(families, "llm_gateway_backend_kv_capacity_tokens",
+                       {"model": MODEL, "backend": served["url"]}) == served["kv_tokens"]
         ttft = next(f for f in families if f.name == "llm_gateway_backend_time_to_first_token_seconds")
         assert ttft.type == "histogram"
         counts = [s.value for s in ttft.samples if s.name.endswith("_count")
-                  and s.labels["backend"] == served["url"]]
+                  and s.labels["backend"] == served["url"] and s.labels["gateway"] == this]
         assert counts == [4]
 
-    # A stopped gateway's report is withdrawn: its view no longer counts.
+    # A stopped gateway's report is withdrawn at once: its view and traffic no longer count.
     process_stop(gateway.process)
-    rows = _rows_wait(lambda rows: all(r["processes"] == 0 for r in rows))
-    assert {r["health"] for r in rows} == {"not reported"}
-    assert {r.health for r in pools_read(MODEL)} == {"not reported"}
+    assert this not in {report["process"] for report in
+                        reports_read(redis_sync(), settings.GATEWAY_REDIS_NAMESPACE)}
+    rows = pools_read(MODEL)
+    assert all(r.processes == gateways - 1 and r.requests == 0 for r in rows)
+    if gateways == 1:
+        assert {r.health for r in rows} == {"not reported"}
 
 
 @pytest.mark.django_db
