@@ -138,8 +138,8 @@ def test_pool_status_shows_health_load_and_the_last_minute_of_traffic(watched, m
         chunks = list(client.chat.completions.create(model=MODEL, messages=messages, max_tokens=8, stream=True))
         assert chunks[-1].choices[0].finish_reason == "length"
 
-    # Once the gateway has polled the backends' loads (every second) too.
-    rows = _rows_wait(lambda rows: sum(r["requests"] for r in rows) == 4 and all(r["running"] >= 0 for r in rows))
+    # Once the gateways have polled the backends' loads (every second) since the requests ended.
+    rows = _rows_wait(lambda rows: sum(r["requests"] for r in rows) == 4 and all(r["running"] == 0 for r in rows))
     assert [r["url"] for r in rows] == sorted(s.url for s in sims)
     # Every live gateway process of the test run routes this model and reports it.
     gateways = rows[0]["processes"]
