@@ -130,8 +130,10 @@ def report_key(namespace: str, process: str) -> str:
     return f"{namespace}:pool:{process}"
 
 
-def report_build(models, now_monotonic: float, *, process: str, interval: float) -> bytes:
-    """One process's report: every backend of every model as it sees it."""
+def report_build(models, now_monotonic: float, *, process: str, interval: float,
+                 prefix_touches: int = 0, prefix_touch_misses: int = 0) -> bytes:
+    """One process's report: every backend of every model as it sees it, and
+    the prefix-retention touches it sent since it started (routing.retention)."""
     entries = []
     for model in models:
         for backend in model.backends:
@@ -153,7 +155,8 @@ def report_build(models, now_monotonic: float, *, process: str, interval: float)
                 **backend.traffic.totals(now_monotonic),
                 "since_start": backend.traffic.cumulative(),
             })
-    return orjson.dumps({"process": process, "at": time.time(), "interval": interval, "backends": entries})
+    return orjson.dumps({"process": process, "at": time.time(), "interval": interval, "backends": entries,
+                         "prefix_touches": prefix_touches, "prefix_touch_misses": prefix_touch_misses})
 
 
 @dataclass
@@ -409,6 +412,14 @@ def metrics_text(reports: list[dict], configured: Iterable[tuple[str, str, str]]
     for name, kind, text, value in series:
         lines += [f"# HELP {name} {text}", f"# TYPE {name} {kind}"]
         lines += [f"{name}{{{labels(process, entry)}}} {_number(value(entry))}" for process, entry in entries]
+    for name, field_name, text in (
+            ("llm_gateway_prefix_touches_total", "prefix_touches",
+             "One-token requests this gateway process sent to keep a shared prefix cached (prefix retention)."),
+            ("llm_gateway_prefix_touch_misses_total", "prefix_touch_misses",
+             "Of those, touches that found less than half of the prefix cached.")):
+        lines += [f"# HELP {name} {text}", f"# TYPE {name} counter"]
+        lines += [f'{name}{{gateway="{_label(report.get("process", ""))}"}} {int(report.get(field_name, 0))}'
+                  for report in sorted(reports, key=lambda r: str(r.get("process", "")))]
     name = "llm_gateway_backend_time_to_first_token_seconds"
     lines += [f"# HELP {name} Time to the first token of streamed requests, as the client saw it "
               "(gateway queueing included).", f"# TYPE {name} histogram"]

@@ -134,6 +134,7 @@ class GatewayRuntime:
             failover_backoff_seconds=settings.GATEWAY_FAILOVER_BACKOFF_SECONDS,
             first_chunk_timeout_seconds=settings.GATEWAY_FIRST_CHUNK_TIMEOUT_SECONDS,
             homes=self.homes,
+            prefix_retention_seconds=settings.GATEWAY_PREFIX_RETENTION_SECONDS,
         )
         self._tasks: list[asyncio.Task] = []
         self._inspections: set[asyncio.Task] = set()
@@ -159,6 +160,8 @@ class GatewayRuntime:
             loop.create_task(self._health_check_loop(), name="backend-health"),
             loop.create_task(self._backend_load_loop(), name="backend-load"),
             loop.create_task(self._pool_report_loop(), name="pool-report"),
+            loop.create_task(self.completions.retention_loop(settings.GATEWAY_PREFIX_RETENTION_TICK_SECONDS),
+                             name="prefix-retention"),
         ]
 
     async def stop(self) -> None:
@@ -225,8 +228,11 @@ class GatewayRuntime:
         ttl = max(10, int(interval * 5))
         try:
             while True:
+                retention = self.completions.retention
                 report = report_build(self.registry.models(), time.monotonic(), process=process_name(),
-                                      interval=interval)
+                                      interval=interval,
+                                      prefix_touches=retention.touches if retention else 0,
+                                      prefix_touch_misses=retention.touch_misses if retention else 0)
                 try:
                     await self.redis.execute("SET", key, report, "EX", ttl)
                 except Exception as error:

@@ -34,6 +34,7 @@ from .limits import Admission, Limiter
 from .registry import BackendState, Prices, Resolution
 from .routing import POLICY_NAMES, key_footprint, policy_for, routing_key_build
 from .routing.homes import ConversationHomes
+from .routing.retention import PrefixRetention
 from .chunks import ChunkRewriter, error_message, error_status, sse_batches, usage_counts, usage_object
 from .sglang import BackendUnreachable, backend_abort, backend_post
 
@@ -311,6 +312,20 @@ def completion_tokens_cap(request: CompletionRequest, default_max_tokens: int, *
     return "max_tokens", max(1, min(default_max_tokens, room))
 
 
+def upstream_cache_salt(request: CompletionRequest) -> str | None:
+    """The `cache_salt` a generation request carries upstream: an isolated
+    tenant's id (with the caller's salt, if any); a caller's own salt kept apart
+    from the rest, since it can never name an isolated tenant's namespace (its
+    id, with or without a salt); None: no salt."""
+    salt = request.body.get("cache_salt")
+    if request.principal.cache_isolation:
+        tenant = request.principal.tenant_public_id
+        return f"{tenant}:{salt}" if isinstance(salt, str) and salt else tenant
+    if isinstance(salt, str) and salt:
+        return f"shared:{salt}"
+    return None
+
+
 def _upstream_body(request: CompletionRequest, resolution: Resolution, *, stream: bool,
                    cap: tuple[str | None, int]) -> bytes:
     body = {k: v for k, v in request.body.items() if k not in GATEWAY_OWNED_FIELDS}
@@ -326,14 +341,9 @@ def _upstream_body(request: CompletionRequest, resolution: Resolution, *, stream
         body["rid"] = request.request_id
         return orjson.dumps(body)
     body[cap[0]] = cap[1]
-    salt = body.get("cache_salt")
-    if request.principal.cache_isolation:
-        tenant = request.principal.tenant_public_id
-        body["cache_salt"] = f"{tenant}:{salt}" if isinstance(salt, str) and salt else tenant
-    elif isinstance(salt, str) and salt:
-        # A caller's own salt keeps its requests apart from the rest, but can
-        # never name an isolated tenant's namespace (its id, with or without a salt).
-        body["cache_salt"] = f"shared:{salt}"
+    salt = upstream_cache_salt(request)
+    if salt is not None:
+        body["cache_salt"] = salt
     # SGLang takes one rid per prompt for a batch or parallel sampling (a single
     # string is refused there by older releases); `<rid>_<i>` keeps the
     # request id a prefix of each, for /abort_request.
@@ -494,6 +504,7 @@ class CompletionService:
         failover_backoff_seconds: float = 0.05,
         first_chunk_timeout_seconds: float = 60.0,
         homes: ConversationHomes | None = None,
+        prefix_retention_seconds: float = 0.0,
     ) -> None:
         self._session = session
         self._registry = registry
@@ -509,6 +520,9 @@ class CompletionService:
         self._homes = homes
         # One instance per policy: the cache-aware one keeps a prefix tree per model.
         self._policies = {name: policy_for(name) for name in POLICY_NAMES}
+        # Shared prefixes kept in the backends' caches (routing.retention).
+        self._retention = PrefixRetention(self._policies["cache_aware"], retention_seconds=prefix_retention_seconds) \
+            if prefix_retention_seconds > 0 else None
         self._background: set[asyncio.Task] = set()
 
     def backend_forget(self, url: str) -> None:
@@ -596,6 +610,9 @@ class CompletionService:
             placed = policy.observe(model, backend, key)
             if placed is not None and self._homes is not None and backend.url != home:
                 self._homes.put(model.name, placed, backend.url)
+            if not attempt and self._retention is not None and policy is self._retention.policy \
+                    and request.endpoint == CHAT:
+                self._retention.observe(model, key, lambda: self._touch_fields(request, model))
             backend.enter(request.kv_chars, request.choices)
             response: aiohttp.ClientResponse | None = None
             # Whether the backend may be generating for this request right now.
@@ -673,6 +690,58 @@ class CompletionService:
                 logger.warning("backend %s failed before the first token (attempt %d): %r",
                                backend.url, attempt + 1, failure)
         raise last_error or errors.no_healthy_backend(request.model_name)
+
+    @staticmethod
+    def _touch_fields(request: CompletionRequest, model) -> dict:
+        """What of the request's upstream body decides which cached prefixes it matches."""
+        fields = {name: request.body[name] for name in ("messages", "tools", "extra_key", "chat_template_kwargs")
+                  if name in request.body}
+        fields["model"] = model.upstream_name
+        salt = upstream_cache_salt(request)
+        if salt is not None:
+            fields["cache_salt"] = salt
+        if model.tier_priorities is not None:  # the lowest: a touch never goes before a customer
+            fields["priority"] = min(model.tier_priorities.values(), default=0)
+        return fields
+
+    @property
+    def retention(self) -> PrefixRetention | None:
+        return self._retention
+
+    async def retention_loop(self, interval: float) -> None:
+        """Touches the shared prefixes due for it (routing.retention) every `interval` seconds."""
+        retention = self._retention
+        if retention is None:
+            return
+        while True:
+            await asyncio.sleep(interval)
+            now = time.monotonic()
+            for model in self._registry.models():
+                if model.routing_policy != retention.policy.name:
+                    continue
+                for backend, head in retention.due(model, now):
+                    head.touching.add(backend.url)
+                    task = asyncio.get_running_loop().create_task(self._touch(model, backend, head))
+                    self._background.add(task)
+                    task.add_done_callback(self._background.discard)
+
+    async def _touch(self, model, backend: BackendState, head) -> None:
+        try:
+            response = await backend_post(self._session, backend, "/v1/chat/completions",
+                                          self._retention.body(head))
+            try:
+                raw = await response.read()
+            finally:
+                response.release()
+            if response.status != 200:
+                logger.debug("prefix touch on %s: HTTP %s", backend.url, response.status)
+                return
+            prompt, _, cached, _ = usage_counts(orjson.loads(raw).get("usage") or {})
+            self._retention.touched(model, backend, head, prompt_tokens=prompt, cached_tokens=cached)
+        except Exception as error:  # a touch is best effort: the next tick may try again
+            logger.debug("prefix touch on %s failed: %r", backend.url, error)
+        finally:
+            head.touching.discard(backend.url)
 
     def _abort_on_backend(self, backend: BackendState, rid: str) -> None:
         task = asyncio.get_running_loop().create_task(backend_abort(self._session, backend, rid))

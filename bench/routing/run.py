@@ -14,8 +14,10 @@ again on further workload seeds (--more-seeds), so that every goal is also
 judged on more than one sample. With --dp-size N each simulator runs N
 data-parallel ranks (a cache each): the gateway routes to each rank, sgl-router
 runs with --dp-aware, and the target cache_aware_dp_unseen shows the gateway
-routing to each server as one backend (GATEWAY_DATA_PARALLEL_RANKS=0). Prints the
-tables and writes bench/results/routing.json. Everything started here is
+routing to each server as one backend (GATEWAY_DATA_PARALLEL_RANKS=0). The target
+cache_aware_no_retention, run only when named, is cache_aware without prefix
+retention (GATEWAY_PREFIX_RETENTION_SECONDS=0); the gateway's touches in each
+window are printed. Prints the tables and writes bench/results/routing.json. Everything started here is
 stopped on exit, Ctrl-C or error.
 
 Usage: bench/run.sh routing [--seed N] [--more-seeds N,M] [--duration S] [--warmup S] [--concurrency N] ...
@@ -63,6 +65,9 @@ TARGETS = {
     "cache_aware_4p_local": ("cache_aware, 4 processes, no homes", "gateway", "cache_aware", 4,
                              {"GATEWAY_ROUTING_SHARED_HOMES": "0"}),
     "sgl_router": ("sgl-router cache_aware", "router", None, 0, {}),
+    # Not run unless asked for: cache_aware without prefix retention.
+    "cache_aware_no_retention": ("cache_aware, no prefix retention", "gateway", "cache_aware", 1,
+                                 {"GATEWAY_PREFIX_RETENTION_SECONDS": "0"}),
     # Only with --dp-size > 1 (not run unless asked for): each server one backend.
     "cache_aware_dp_unseen": ("cache_aware, ranks unseen", "gateway", "cache_aware", 1,
                               {"GATEWAY_DATA_PARALLEL_RANKS": "0"}),
@@ -70,10 +75,11 @@ TARGETS = {
     "cache_aware_host_unseen": ("cache_aware, host pools unseen", "gateway", "cache_aware", 1,
                                 {"GATEWAY_HIERARCHICAL_CACHE": "0"}),
 }
-DEFAULT_TARGETS = [name for name in TARGETS if name not in ("cache_aware_dp_unseen", "cache_aware_host_unseen")]
+DEFAULT_TARGETS = [name for name in TARGETS
+                   if name not in ("cache_aware_dp_unseen", "cache_aware_host_unseen", "cache_aware_no_retention")]
 # Targets run again on each of --more-seeds: every goal compares cache_aware with one
 # of the others, and one seed is one draw of the workload.
-SEED_TARGETS = ("round_robin", "least_outstanding", "cache_aware", "sgl_router")
+SEED_TARGETS = ("round_robin", "least_outstanding", "cache_aware", "sgl_router", "cache_aware_no_retention")
 ROUTER_FLAGS = ["--policy", "cache_aware", "--log-level", "warn", "--health-check-interval-secs", "3600"]
 
 
@@ -98,6 +104,20 @@ def redis_flush(url: str) -> None:
         client.flushdb()
     finally:
         client.close()
+
+
+def gateway_touches(ports: list[int]) -> int:
+    """Prefix-retention touches the gateway processes on `ports` have sent
+    (`llm_gateway_prefix_touches_total` of their /metrics, summed)."""
+    total = 0
+    for port in ports:
+        status, body = http("GET", f"http://{HOST}:{port}/metrics")
+        if status != 200:
+            continue
+        for line in body.decode().splitlines():
+            if line.startswith("llm_gateway_prefix_touches_total{"):
+                total += int(float(line.rsplit(" ", 1)[1]))
+    return total
 
 
 def sim_stats(urls: list[str]) -> list[dict]:
@@ -628,6 +648,11 @@ def render(results: dict, meta: dict) -> str:
             shown = ", ".join("first" if g is None else f"{g / meta['time_scale']:.1f}" for g in gaps[:12])
             out(f"  {row['label']}: first-turn misses, simulated s since the tenant's previous request ended "
                 f"(first: none before): {shown}{' ...' if len(gaps) > 12 else ''}")
+    touched = [row for row in results["targets"].values() if row.get("prefix_touches") is not None]
+    if touched:
+        out("prefix retention (one-token requests keeping a shared system prompt cached, inference/routing/"
+            "retention.py), in the window: " + "; ".join(
+                f"{row['label']} {row['prefix_touches']} (beside {row['requests_completed']} requests)" for row in touched))
     out("")
     out(f"{'by backend (seed ' + str(meta['workload_spec']['seed']) + ')':<34} "
         "requests / hit rate / evicted tokens / running / queued (mean, max, share of time) / KV used (mean, max)")
@@ -872,9 +897,14 @@ def main() -> int:
 
             sampler = BackendSampler(sim_urls)
 
+            touches: dict[str, int] = {}
+
             async def on_window(tag: str) -> None:
                 cpu[tag] = {"wall": time.perf_counter(), **{k: proc_cpu_seconds(v) for k, v in pids.items()}}
                 snaps[tag] = await asyncio.get_running_loop().run_in_executor(executor, sim_stats, sim_urls)
+                if kind == "gateway":
+                    touches[tag] = await asyncio.get_running_loop().run_in_executor(
+                        executor, gateway_touches, target_ports)
                 if tag == "start":
                     sampler.start()
                 else:
@@ -894,6 +924,9 @@ def main() -> int:
             for backend, sampled in zip(row["sim"]["per_backend"], sampler.summary()):
                 backend.update(sampled)
             row["oracle"] = oracle(records, tokens, t0, t1)
+            if touches:
+                # Gateway processes publish their counters every 2 s: the window's, give or take that.
+                row["prefix_touches"] = touches["end"] - touches["start"]
             wall = cpu["end"]["wall"] - cpu["start"]["wall"]
             row["cpu_percent"] = {
                 "simulators": 100 * sum(cpu["end"][k] - cpu["start"][k] for k in pids if k.startswith("sim")) / wall,

@@ -27,13 +27,15 @@ Invariants:
 - per backend, `_lru[b]` orders b's nodes least recently used first, and a
   node always comes after all of its descendants held by b (insert touches the
   path deepest first). Hence the first entry is always one of b's leaves and
-  LRU eviction never cuts a path in the middle.
+  LRU eviction never cuts a path in the middle. Each entry's value is the
+  monotonic time of the node's last insert for b.
 
 Not thread-safe: it lives on one event loop, like the rest of the routing state.
 """
 from __future__ import annotations
 
 import re
+import time
 from collections import OrderedDict
 from collections.abc import Iterable
 
@@ -101,10 +103,13 @@ class PrefixTree:
                     matched[backend] = end_depth * size
         return depth * size, matched
 
-    def insert(self, key: str | list[int], backend: str) -> int:
-        """Marks the key's blocks as cached on `backend`, most recently used.
-        Returns the characters newly attributed to it."""
+    def insert(self, key: str | list[int], backend: str, now: float | None = None) -> int:
+        """Marks the key's blocks as cached on `backend`, most recently used
+        (at monotonic time `now`, default the current one). Returns the
+        characters newly attributed to it."""
         blocks = self.blocks(key) if isinstance(key, str) else key
+        if now is None:
+            now = time.monotonic()
         bit = self._bits.get(backend)
         if bit is None:
             bit = self._free_bits.pop() if self._free_bits else 1 << len(self._bits)
@@ -130,8 +135,8 @@ class PrefixTree:
                 lru.move_to_end(node)
             else:
                 node.mask |= bit
-                lru[node] = None
                 added += 1
+            lru[node] = now
         added *= self.block_chars
         self._chars[backend] += added
         return added
@@ -162,6 +167,29 @@ class PrefixTree:
         for node in lru:
             self._release(node, bit)
         self._free_bits.append(bit)
+
+    def last_use(self, key: str | list[int], backend: str) -> float | None:
+        """When `backend` was last pictured using the whole of `key`'s blocks
+        (the monotonic time of their deepest node's last insert), or None when
+        it does not hold them all."""
+        blocks = self.blocks(key) if isinstance(key, str) else key
+        bit = self._bits.get(backend)
+        if bit is None or not blocks:
+            return None
+        node = self._root
+        for block in blocks:
+            children = node.children
+            node = children.get(block) if children is not None else None
+            if node is None or not node.mask & bit:
+                return None
+        return self._lru[backend].get(node)
+
+    def oldest_use(self, backend: str) -> float | None:
+        """The time of `backend`'s least recently used node: what it would evict next."""
+        lru = self._lru.get(backend)
+        if not lru:
+            return None
+        return next(iter(lru.values()))
 
     def chars(self, backend: str) -> int:
         return self._chars.get(backend, 0)

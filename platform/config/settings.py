@@ -160,6 +160,12 @@ GATEWAY_POOL_REPORT_SECONDS = env_float("GATEWAY_POOL_REPORT_SECONDS", 2.0)
 # GET /metrics (Prometheus) answers requests from this machine and staff logins;
 # with a token set, also `Authorization: Bearer <token>` (a scraper elsewhere).
 GATEWAY_METRICS_TOKEN = env_str("GATEWAY_METRICS_TOKEN", "")
+# Prefix retention (inference/routing/retention.py): a prefix several conversations
+# of a cache-aware pool started with (a tenant's system prompt) is kept in its
+# backend's cache for this many seconds after its last use, by a one-token request
+# when the backend would evict it next; checked every TICK seconds (0: off).
+GATEWAY_PREFIX_RETENTION_SECONDS = env_float("GATEWAY_PREFIX_RETENTION_SECONDS", 300.0)
+GATEWAY_PREFIX_RETENTION_TICK_SECONDS = env_float("GATEWAY_PREFIX_RETENTION_TICK_SECONDS", 0.5)
 # Usage events: each gateway process appends them to a spool file in this folder
 # (fsynced every GATEWAY_USAGE_FLUSH_SECONDS); a shipper process stores them in
 # PostgreSQL ("embedded": the gateway starts it; "off": run
