@@ -80,7 +80,7 @@ class PrefixRetention:
         self.max_kv_usage = max_kv_usage
         self.max_heads = max_heads
         # Per model: the head's block hashes → Head, least recently used first.
-        self._heads: dict[str, OrderedDict[str, Head]] = {}
+        self._heads: dict[str, OrderedDict[tuple[int, ...], Head]] = {}
         self.touches = self.touch_misses = 0
 
     def observe(self, model: ModelEntry, key: str, upstream_fields) -> None:
