@@ -224,12 +224,13 @@ class GatewayRuntime:
         interval = settings.GATEWAY_POOL_REPORT_SECONDS
         if interval <= 0:
             return
-        key = report_key(settings.GATEWAY_REDIS_NAMESPACE, process_name())
+        process = process_name()
+        key = report_key(settings.GATEWAY_REDIS_NAMESPACE, process)
         ttl = max(10, int(interval * 5))
         try:
             while True:
                 retention = self.completions.retention
-                report = report_build(self.registry.models(), time.monotonic(), process=process_name(),
+                report = report_build(self.registry.models(), time.monotonic(), process=process,
                                       interval=interval,
                                       prefix_touches=retention.touches if retention else 0,
                                       prefix_touch_misses=retention.touch_misses if retention else 0)
