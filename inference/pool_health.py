@@ -383,21 +383,19 @@ _BACKEND_SERIES = (
 )
 
 
-def metrics_text(reports: list[dict], configured: Iterable[tuple[str, str, str]]) -> str:
+def metrics_text(reports: list[dict], configured: list[tuple[str, str, str]]) -> str:
     """The pools in Prometheus' text format (0.0.4): per gateway process (label
     `gateway`) its view and its counters since it started, so that a process
     that stops ends its series instead of resetting a sum; per backend what it
-    last reported. Only backends in `configured` ((model, URL, status) rows)."""
-    configured = list(configured)
-    known = {(model, url) for model, url, _ in configured}
+    last reported. `reports` cut to the backends in `configured` ((model, URL,
+    status) rows), as `_pools_load` gives them."""
     lines = ["# HELP llm_gateway_backend_configured Backends of the model pools; `status` as configured.",
              "# TYPE llm_gateway_backend_configured gauge"]
     for model, url, status in sorted(configured):
         lines.append(f'llm_gateway_backend_configured{{model="{_label(model)}",backend="{_label(url)}",'
                      f'status="{_label(status)}"}} 1')
     entries = [(report.get("process", ""), entry) for report in reports for entry in report.get("backends", ())
-               if (entry.get("model"), str(entry.get("url", "")).split("@", 1)[0]) in known
-               and isinstance(entry.get("since_start"), dict)]
+               if isinstance(entry.get("since_start"), dict)]
     entries.sort(key=lambda item: (item[1]["model"], item[1]["url"], item[0]))
     lines += ["# HELP llm_gateway_processes_reporting Gateway processes whose pool reports are live.",
               "# TYPE llm_gateway_processes_reporting gauge",
@@ -433,7 +431,7 @@ def metrics_text(reports: list[dict], configured: Iterable[tuple[str, str, str]]
             lines.append(f'{name}_bucket{{{base},le="{le}"}} {seen}')
         lines.append(f"{name}_sum{{{base}}} {_number(since['ttft_ms_sum'] / 1000)}")
         lines.append(f"{name}_count{{{base}}} {seen}")
-    merged = [row for row in reports_merge(reports, configured) if (row.model, row.url.split("@", 1)[0]) in known]
+    merged = reports_merge(reports, configured)
     for name, text, field_name in _BACKEND_SERIES:
         lines += [f"# HELP {name} {text}", f"# TYPE {name} gauge"]
         for row in merged:
